@@ -1,0 +1,166 @@
+"""Model configurations built in code: the real SD-family UNets, and tiny seeded ones for tests.
+
+The full configs are those of the public base models (their ``unet/config.json``), so a ControlNet built on
+them has exactly the released shapes (SD1.5: 361.28M parameters). The tiny ones keep each family's
+distinguishing features (SD2: linear projections and per-block head dims; SDXL: text_time addition
+embedding and several transformer layers per block) at a size a CPU test runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+
+_SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+_SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+
+# runwayml/stable-diffusion-v1-5 unet/config.json
+SD15_UNET: dict[str, Any] = dict(
+    sample_size=64, in_channels=4, out_channels=4, down_block_types=_SD_DOWN, up_block_types=_SD_UP,
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+    attention_head_dim=8, norm_num_groups=32,
+)
+# stabilityai/stable-diffusion-2-1 unet/config.json
+SD21_UNET: dict[str, Any] = dict(
+    SD15_UNET, sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
+)
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+SDXL_UNET: dict[str, Any] = dict(
+    sample_size=128, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+)
+
+TINY_SD1_UNET: dict[str, Any] = dict(
+    sample_size=8, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+    norm_num_groups=8,
+)
+TINY_SD2_UNET: dict[str, Any] = dict(
+    TINY_SD1_UNET, cross_attention_dim=48, attention_head_dim=(2, 4), use_linear_projection=True,
+)
+TINY_SDXL_TEXT_EMBED_DIM = 32  # pooled text embedding width of the tiny SDXL config
+TINY_SDXL_TIME_EMBED_DIM = 8
+TINY_SDXL_UNET: dict[str, Any] = dict(
+    sample_size=8, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64, transformer_layers_per_block=(1, 2),
+    attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=TINY_SDXL_TIME_EMBED_DIM,
+    # SDXL's time_ids are 6 numbers (original size, crop top-left, target size), each embedded separately.
+    projection_class_embeddings_input_dim=TINY_SDXL_TEXT_EMBED_DIM + 6 * TINY_SDXL_TIME_EMBED_DIM,
+    norm_num_groups=8,
+)
+
+_UNETS = {
+    ("sd1", "full"): SD15_UNET, ("sd2", "full"): SD21_UNET, ("sdxl", "full"): SDXL_UNET,
+    ("sd1", "tiny"): TINY_SD1_UNET, ("sd2", "tiny"): TINY_SD2_UNET, ("sdxl", "tiny"): TINY_SDXL_UNET,
+}
+
+
+def unet_config(family: str, size: str = "tiny") -> dict[str, Any]:
+    """The UNet2DConditionModel config of ``family`` ("sd1", "sd2", "sdxl") at ``size`` ("full" or "tiny")."""
+    try:
+        return dict(_UNETS[(family, size)])
+    except KeyError:
+        raise ValueError(f"unknown family/size {family!r}/{size!r}; families {FAMILIES}, sizes ('full', 'tiny')") from None
+
+
+def build_unet(family: str, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A UNet2DConditionModel with seeded random weights (no download)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config(family, size)).eval()
+    return unet if dtype == torch.float32 else unet.to(dtype)
+
+
+def sdxl_added_cond_kwargs(unet_cfg: dict[str, Any], batch: int, height: int, width: int,
+                           seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random pooled text embeddings and real size/crop time ids for an SDXL-family UNet config."""
+    text_dim = unet_cfg["projection_class_embeddings_input_dim"] - 6 * unet_cfg["addition_time_embed_dim"]
+    g = torch.Generator().manual_seed(seed)
+    time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(batch, 1)
+    return {"text_embeds": torch.randn(batch, text_dim, generator=g), "time_ids": time_ids}
+
+
+# --------------------------------------------------------------------------- tiny VAE / text encoder / tokenizer
+
+TINY_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64,
+)  # 3 downsamplers: 8x, as SD's VAE
+
+
+def build_vae(config: dict[str, Any] | None = None, seed: int = 0):
+    """An AutoencoderKL with seeded random weights (8x downsampling, 4 latent channels by default)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**(config or TINY_VAE)).eval()
+
+
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def build_tokenizer(words: list[str], max_length: int = 16):
+    """A CLIPTokenizer (CLIP's byte-level BPE conventions) whose vocabulary is built from ``words``.
+
+    Every lowercase letter and digit is a token (so any text tokenizes) and each word of ``words`` gets
+    merges that build it into one token when nothing else interferes. No file is downloaded.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+
+    def add(token: str) -> None:
+        vocab.setdefault(token, len(vocab))
+
+    for tok in SPECIAL_TOKENS:
+        add(tok)
+    for ch in "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-":
+        add(ch)
+        add(ch + "</w>")
+    merges: list[tuple[str, str]] = []
+    for word in sorted({w.lower() for w in words}):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            rule = (merged, piece)
+            if rule not in merges:
+                merges.append(rule)
+            merged = merged + piece
+            add(merged)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return tok
+
+
+def build_text_encoder(vocab_size: int, hidden_size: int = 32, layers: int = 2, heads: int = 2,
+                       max_positions: int = 16, projection_dim: int | None = None, seed: int = 0):
+    """A CLIPTextModel (or CLIPTextModelWithProjection when ``projection_dim`` is set), seeded weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=hidden_size * 4,
+        num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_positions,
+        projection_dim=projection_dim or hidden_size, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    torch.manual_seed(seed)
+    model = CLIPTextModelWithProjection(cfg) if projection_dim else CLIPTextModel(cfg)
+    return model.eval()
+
+
+def save_json(path: str | Path, data: dict[str, Any]) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=list))

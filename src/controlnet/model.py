@@ -1,0 +1,548 @@
+"""The ControlNet: a trainable copy of a locked SD-family UNet encoder plus zero convolutions.
+
+Zhang, Rao, Agrawala, "Adding Conditional Control to Text-to-Image Diffusion Models" (ICCV 2023), Sec. 3:
+for a locked block F(x; Θ) the ControlNet computes
+
+    y_c = F(x; Θ) + Z(F(x + Z(c; Θz1); Θc); Θz2)
+
+where Θc is a trainable copy of Θ and Z are 1x1 convolutions whose weight and bias start at zero, so at
+initialisation y_c == y exactly. For a UNet the "copy" is the encoder (conv_in, time embedding, down blocks,
+mid block); its skip activations go through one zero conv each and are *added* to the locked UNet's skip
+connections (``down_block_additional_residuals`` / ``mid_block_additional_residual`` in diffusers).
+
+Module attribute names follow diffusers' ``ControlNetModel`` (``controlnet_cond_embedding``,
+``controlnet_down_blocks``, ``controlnet_mid_block``, ...) so state dicts move between the two unconverted.
+The building blocks themselves (down blocks, mid block, time embedding) come from diffusers, the field's
+library for the base models.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, UNetMidBlock2DCrossAttn, get_down_block
+
+from controlnet.errors import UserError
+
+# Guess mode ("CFG resolution weighting") scales residual i of N by 0.825**(N-1-i); the mid residual gets 1.0.
+# Source: lllyasviel/ControlNet, gradio_*2image.py: `[strength * (0.825 ** float(12 - i)) for i in range(13)]`.
+GUESS_MODE_BASE = 0.825
+
+# Hint encoder channels of every released checkpoint (cldm.py `input_hint_block`, diffusers
+# `conditioning_embedding_out_channels`): 16 → 32 → 96 → 256, one stride-2 conv between consecutive widths.
+RELEASED_HINT_CHANNELS = (16, 32, 96, 256)
+# The paper's text (Sec. 3.2): "four convolution layers with 4x4 kernels ... channels are 16, 32, 64, 128".
+PAPER_HINT_CHANNELS = (16, 32, 64, 128)
+HINT_ENCODERS = ("released", "paper")
+
+
+def guess_mode_scales(num_residuals: int, strength: float = 1.0) -> list[float]:
+    """Per-residual scales of the original guess mode: residual i of N gets strength * 0.825**(N-1-i).
+
+    ``num_residuals`` counts the down residuals *and* the mid residual (13 for SD1.5), so the mid residual
+    (the last) gets ``strength``. Source: lllyasviel/ControlNet gradio demos (``0.825 ** float(12 - i)``).
+    """
+    if num_residuals < 1:
+        raise ValueError(f"num_residuals must be >= 1, got {num_residuals}")
+    return [strength * GUESS_MODE_BASE ** float(num_residuals - 1 - i) for i in range(num_residuals)]
+
+
+@dataclass
+class ControlNetConfig:
+    """Everything needed to build a ControlNet; field names match diffusers' ControlNetModel config.json.
+
+    Build one with ``ControlNetConfig.from_unet_config(unet.config)`` or from a saved config.json with
+    ``ControlNetConfig.from_dict``. ``hint_encoder`` is ours: "released" (every published checkpoint) or "paper".
+    """
+
+    in_channels: int = 4
+    conditioning_channels: int = 3
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple[str, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    only_cross_attention: bool | tuple[bool, ...] = False
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 768
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    attention_head_dim: int | tuple[int, ...] = 8
+    num_attention_heads: int | tuple[int, ...] | None = None
+    use_linear_projection: bool = False
+    class_embed_type: str | None = None
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    num_class_embeds: int | None = None
+    upcast_attention: bool = False
+    resnet_time_scale_shift: str = "default"
+    projection_class_embeddings_input_dim: int | None = None
+    controlnet_conditioning_channel_order: str = "rgb"
+    conditioning_embedding_out_channels: tuple[int, ...] = RELEASED_HINT_CHANNELS
+    global_pool_conditions: bool = False
+    hint_encoder: str = "released"
+
+    def __post_init__(self) -> None:
+        for name in ("down_block_types", "block_out_channels", "conditioning_embedding_out_channels"):
+            setattr(self, name, tuple(getattr(self, name)))
+        for name in ("only_cross_attention", "transformer_layers_per_block", "attention_head_dim", "num_attention_heads"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, tuple(value))
+        if len(self.block_out_channels) != len(self.down_block_types):
+            raise ValueError(
+                f"block_out_channels {self.block_out_channels} and down_block_types {self.down_block_types} "
+                "must have the same length"
+            )
+        if self.hint_encoder not in HINT_ENCODERS:
+            raise ValueError(f"hint_encoder must be one of {HINT_ENCODERS}, got {self.hint_encoder!r}")
+        if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
+            raise ValueError(
+                f"controlnet_conditioning_channel_order must be 'rgb' or 'bgr', "
+                f"got {self.controlnet_conditioning_channel_order!r}"
+            )
+        if self.mid_block_type not in ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D"):
+            raise ValueError(f"unsupported mid_block_type {self.mid_block_type!r}")
+
+    @property
+    def num_residuals(self) -> int:
+        """Number of residuals the ControlNet outputs: one per skip connection of the base, plus the mid block."""
+        per_block = self.layers_per_block
+        downsamplers = len(self.block_out_channels) - 1
+        return 1 + per_block * len(self.block_out_channels) + downsamplers + 1
+
+    @classmethod
+    def from_unet_config(cls, unet_config: Any, **overrides: Any) -> "ControlNetConfig":
+        """The ControlNet config that copies a diffusers ``UNet2DConditionModel`` config."""
+        src = dict(unet_config)
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: src[k] for k in names if k in src and src[k] is not None or (k in src and k in _NULLABLE)}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "ControlNetConfig":
+        """Build from a config.json dict (ours or diffusers'); keys we do not know are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown_required = {"encoder_hid_dim", "encoder_hid_dim_type"} & {k for k, v in config.items() if v}
+        if unknown_required:
+            raise UserError(f"unsupported ControlNet config options {sorted(unknown_required)}")
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A diffusers-compatible config dict (``_class_name`` ControlNetModel)."""
+        out: dict[str, Any] = {"_class_name": "ControlNetModel"}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# Config keys that may legitimately be None in a UNet config and should be copied as such.
+_NULLABLE = {
+    "num_attention_heads",
+    "class_embed_type",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "num_class_embeds",
+    "projection_class_embeddings_input_dim",
+    "mid_block_type",
+}
+
+
+def _zero_conv(channels: int) -> nn.Conv2d:
+    """A 1x1 convolution with weight and bias exactly zero (the paper's Z(·; Θz))."""
+    conv = nn.Conv2d(channels, channels, kernel_size=1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def _num_stride2(vae_scale_factor: int) -> int:
+    steps = vae_scale_factor.bit_length() - 1
+    if vae_scale_factor < 1 or 2**steps != vae_scale_factor:
+        raise ValueError(f"vae_scale_factor must be a power of two, got {vae_scale_factor}")
+    return steps
+
+
+class HintEncoder(nn.Module):
+    """The released hint encoder E(c): image-space condition (B, 3, H, W) → (B, C0, H/s, W/s).
+
+    Layout of every released checkpoint (cldm.py ``input_hint_block``, diffusers
+    ``ControlNetConditioningEmbedding``): conv 3→c0, then for each consecutive pair (a, b) of ``channels`` a
+    3x3 conv a→a and a stride-2 3x3 conv a→b, SiLU after each; then a zero-initialised 3x3 conv to C0. So
+    ``len(channels) - 1`` stride-2 convs: 3 for (16, 32, 96, 256), matching the VAE's 8x downsampling.
+    """
+
+    def __init__(self, out_channels: int, conditioning_channels: int = 3, channels: Sequence[int] = RELEASED_HINT_CHANNELS):
+        super().__init__()
+        self.conv_in = nn.Conv2d(conditioning_channels, channels[0], kernel_size=3, padding=1)
+        self.blocks = nn.ModuleList()
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            self.blocks.append(nn.Conv2d(c_in, c_in, kernel_size=3, padding=1))
+            self.blocks.append(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, stride=2))
+        self.conv_out = nn.Conv2d(channels[-1], out_channels, kernel_size=3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, hint: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.conv_in(hint))
+        for conv in self.blocks:
+            h = F.silu(conv(h))
+        return self.conv_out(h)
+
+
+class PaperHintEncoder(nn.Module):
+    """The hint encoder as the paper's text describes it (Sec. 3.2), an option for new training runs.
+
+    "Four convolution layers with 4x4 kernels and 2x2 strides (activated by ReLU, channels are 16, 32, 64,
+    128, initialised with Gaussian weights, trained jointly with the full model)". Four stride-2 convs would
+    downsample 16x, not the VAE's 8x (512 → 64), so only the last log2(vae_scale_factor) convs use stride 2
+    and the first ones stride 1 (4x4 kernels with asymmetric padding keep the size). The encoder's output
+    enters through a zero 1x1 conv, the paper's Z(c; Θz1), so the model still starts as the locked base.
+    """
+
+    GAUSSIAN_STD = 0.02  # the paper says "Gaussian weights" without a value; 0.02 is the usual choice.
+
+    def __init__(self, out_channels: int, conditioning_channels: int = 3, channels: Sequence[int] = PAPER_HINT_CHANNELS, vae_scale_factor: int = 8):
+        super().__init__()
+        num_down = _num_stride2(vae_scale_factor)
+        if num_down > len(channels):
+            raise ValueError(f"the paper's hint encoder has {len(channels)} convs; cannot downsample {vae_scale_factor}x")
+        self.stride2 = [i >= len(channels) - num_down for i in range(len(channels))]
+        layers = []
+        c_in = conditioning_channels
+        for c_out, s2 in zip(channels, self.stride2):
+            conv = nn.Conv2d(c_in, c_out, kernel_size=4, stride=2 if s2 else 1, padding=1 if s2 else 0)
+            nn.init.normal_(conv.weight, std=self.GAUSSIAN_STD)
+            nn.init.zeros_(conv.bias)
+            layers.append(conv)
+            c_in = c_out
+        self.convs = nn.ModuleList(layers)
+        self.conv_out = nn.Conv2d(c_in, out_channels, kernel_size=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, hint: torch.Tensor) -> torch.Tensor:
+        h = hint
+        for conv, s2 in zip(self.convs, self.stride2):
+            if not s2:
+                h = F.pad(h, (1, 2, 1, 2))  # a 4x4 kernel at stride 1 needs 3 pixels of padding in total
+            h = F.relu(conv(h))
+        return self.conv_out(h)
+
+
+@dataclass
+class ControlNetOutput:
+    """Residuals for the locked UNet, in encoder order.
+
+    ``down_residuals`` go to ``down_block_additional_residuals`` (one per skip connection) and
+    ``mid_residual`` to ``mid_block_additional_residual``.
+    """
+
+    down_residuals: tuple[torch.Tensor, ...]
+    mid_residual: torch.Tensor
+
+    def __add__(self, other: "ControlNetOutput") -> "ControlNetOutput":
+        """Composition of several ControlNets: their residuals add (DESIGN.md, no other weighting)."""
+        return ControlNetOutput(
+            tuple(a + b for a, b in zip(self.down_residuals, other.down_residuals)),
+            self.mid_residual + other.mid_residual,
+        )
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for a diffusers ``UNet2DConditionModel`` call."""
+        return {
+            "down_block_additional_residuals": self.down_residuals,
+            "mid_block_additional_residual": self.mid_residual,
+        }
+
+
+class ControlNet(nn.Module):
+    """A ControlNet for an SD-family UNet (SD1.x, SD2.x, SDXL).
+
+    Build a new one with :meth:`from_unet` (a copy of the base's encoder, zero convs at zero), or load one with
+    ``controlnet.load_controlnet``. Call it like the base's encoder and feed the output to the locked UNet::
+
+        cn = ControlNet.from_unet(unet)
+        res = cn(latents, t, text_emb, hint)               # hint: (B, 3, 8h, 8w) in [0, 1]
+        eps = unet(latents, t, text_emb, **res.unet_kwargs()).sample
+    """
+
+    def __init__(self, config: ControlNetConfig, vae_scale_factor: int | None = None):
+        super().__init__()
+        self.config = config
+        c = config
+        n_blocks = len(c.block_out_channels)
+        heads = c.num_attention_heads or c.attention_head_dim  # diffusers' historical naming (see its UNet)
+        heads = (heads,) * n_blocks if isinstance(heads, int) else tuple(heads)
+        head_dim = c.attention_head_dim
+        head_dim = (head_dim,) * n_blocks if isinstance(head_dim, int) else tuple(head_dim)
+        cross_only = c.only_cross_attention
+        cross_only = (cross_only,) * n_blocks if isinstance(cross_only, bool) else tuple(cross_only)
+        layers = c.transformer_layers_per_block
+        layers = (layers,) * n_blocks if isinstance(layers, int) else tuple(layers)
+
+        # Time embedding (copied from the base): sinusoidal projection then a 2-layer MLP.
+        c0 = c.block_out_channels[0]
+        time_embed_dim = c0 * 4
+        self.time_proj = Timesteps(c0, c.flip_sin_to_cos, c.freq_shift)
+        self.time_embedding = TimestepEmbedding(c0, time_embed_dim, act_fn=c.act_fn)
+        if c.class_embed_type is None and c.num_class_embeds is not None:
+            self.class_embedding = nn.Embedding(c.num_class_embeds, time_embed_dim)
+        elif c.class_embed_type == "timestep":
+            self.class_embedding = TimestepEmbedding(c0, time_embed_dim)
+        elif c.class_embed_type == "projection":
+            self.class_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, time_embed_dim)
+        elif c.class_embed_type is None:
+            self.class_embedding = None
+        else:
+            raise ValueError(f"unsupported class_embed_type {c.class_embed_type!r}")
+        if c.addition_embed_type == "text_time":  # SDXL: pooled text embedding + size/crop time ids
+            self.add_time_proj = Timesteps(c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, time_embed_dim)
+        elif c.addition_embed_type is not None:
+            raise ValueError(f"unsupported addition_embed_type {c.addition_embed_type!r}")
+
+        # The hint encoder E(c) and the copied conv_in; their outputs are added.
+        self.conv_in = nn.Conv2d(c.in_channels, c0, kernel_size=3, padding=1)
+        if c.hint_encoder == "released":
+            self.controlnet_cond_embedding: nn.Module = HintEncoder(c0, c.conditioning_channels, c.conditioning_embedding_out_channels)
+        else:
+            self.controlnet_cond_embedding = PaperHintEncoder(
+                c0, c.conditioning_channels, c.conditioning_embedding_out_channels, vae_scale_factor or 8
+            )
+
+        # The trainable copy of the encoder, and one zero conv per skip connection.
+        self.down_blocks = nn.ModuleList()
+        self.controlnet_down_blocks = nn.ModuleList([_zero_conv(c0)])
+        out_ch = c0
+        for i, block_type in enumerate(c.down_block_types):
+            in_ch, out_ch = out_ch, c.block_out_channels[i]
+            is_final = i == n_blocks - 1
+            self.down_blocks.append(
+                get_down_block(
+                    block_type,
+                    num_layers=c.layers_per_block,
+                    transformer_layers_per_block=layers[i],
+                    in_channels=in_ch,
+                    out_channels=out_ch,
+                    temb_channels=time_embed_dim,
+                    add_downsample=not is_final,
+                    resnet_eps=c.norm_eps,
+                    resnet_act_fn=c.act_fn,
+                    resnet_groups=c.norm_num_groups,
+                    cross_attention_dim=c.cross_attention_dim,
+                    num_attention_heads=heads[i],
+                    attention_head_dim=head_dim[i] if head_dim[i] is not None else out_ch,
+                    downsample_padding=c.downsample_padding,
+                    use_linear_projection=c.use_linear_projection,
+                    only_cross_attention=cross_only[i],
+                    upcast_attention=c.upcast_attention,
+                    resnet_time_scale_shift=c.resnet_time_scale_shift,
+                )
+            )
+            for _ in range(c.layers_per_block + (0 if is_final else 1)):
+                self.controlnet_down_blocks.append(_zero_conv(out_ch))
+
+        mid_ch = c.block_out_channels[-1]
+        if c.mid_block_type == "UNetMidBlock2DCrossAttn":
+            self.mid_block: nn.Module = UNetMidBlock2DCrossAttn(
+                transformer_layers_per_block=layers[-1],
+                in_channels=mid_ch,
+                temb_channels=time_embed_dim,
+                resnet_eps=c.norm_eps,
+                resnet_act_fn=c.act_fn,
+                output_scale_factor=c.mid_block_scale_factor,
+                resnet_time_scale_shift=c.resnet_time_scale_shift,
+                cross_attention_dim=c.cross_attention_dim,
+                num_attention_heads=heads[-1],
+                resnet_groups=c.norm_num_groups,
+                use_linear_projection=c.use_linear_projection,
+                upcast_attention=c.upcast_attention,
+            )
+        else:
+            self.mid_block = UNetMidBlock2D(
+                in_channels=mid_ch,
+                temb_channels=time_embed_dim,
+                num_layers=0,
+                resnet_eps=c.norm_eps,
+                resnet_act_fn=c.act_fn,
+                output_scale_factor=c.mid_block_scale_factor,
+                resnet_groups=c.norm_num_groups,
+                resnet_time_scale_shift=c.resnet_time_scale_shift,
+                add_attention=False,
+            )
+        self.controlnet_mid_block = _zero_conv(mid_ch)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_unet(
+        cls,
+        unet: nn.Module,
+        conditioning_channels: int = 3,
+        hint_encoder: str = "released",
+        vae_scale_factor: int = 8,
+        global_pool_conditions: bool = False,
+        load_weights_from_unet: bool = True,
+    ) -> "ControlNet":
+        """A new ControlNet whose encoder is a copy, with weights, of a diffusers ``UNet2DConditionModel``'s.
+
+        The hint encoder has log2(``vae_scale_factor``) stride-2 convs so conditions are given at image
+        resolution. Zero convs (and the hint encoder's last conv) start at exactly zero, so the augmented UNet's
+        output equals the base's bit for bit until training moves them.
+        """
+        n_down = _num_stride2(vae_scale_factor)
+        if hint_encoder == "released":
+            # 8x: (16, 32, 96, 256) as released; other factors keep the released widths, one per stride-2 conv.
+            channels = RELEASED_HINT_CHANNELS[: n_down + 1] if n_down <= 3 else RELEASED_HINT_CHANNELS + (256,) * (n_down - 3)
+        elif hint_encoder == "paper":
+            channels = PAPER_HINT_CHANNELS
+        else:
+            raise ValueError(f"hint_encoder must be one of {HINT_ENCODERS}, got {hint_encoder!r}")
+        config = ControlNetConfig.from_unet_config(
+            unet.config,
+            conditioning_channels=conditioning_channels,
+            conditioning_embedding_out_channels=channels,
+            hint_encoder=hint_encoder,
+            global_pool_conditions=global_pool_conditions,
+        )
+        cn = cls(config, vae_scale_factor=vae_scale_factor)
+        if load_weights_from_unet:
+            for name in ("conv_in", "time_proj", "time_embedding", "class_embedding", "add_time_proj", "add_embedding", "down_blocks", "mid_block"):
+                src = getattr(unet, name, None)
+                if src is not None and getattr(cn, name, None) is not None:
+                    setattr(cn, name, copy.deepcopy(src))
+        return cn.to(dtype=next(unet.parameters()).dtype)
+
+    # ------------------------------------------------------------------ forward
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    def encode_hint(self, hint: torch.Tensor) -> torch.Tensor:
+        """E(c): condition image (B, 3, H, W) in [0, 1] → features (B, C0, H/8, W/8).
+
+        Independent of the timestep: a sampler computes it once per generation and passes it as
+        ``hint_embedding``.
+        """
+        if self.config.controlnet_conditioning_channel_order == "bgr":
+            hint = torch.flip(hint, dims=[1])
+        return self.controlnet_cond_embedding(hint.to(self.dtype))
+
+    def time_embed(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+                   encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict[str, torch.Tensor] | None,
+                   class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The copied time (+ class / SDXL addition) embedding, (B, 4*C0)."""
+        t = timestep if torch.is_tensor(timestep) else torch.tensor([timestep], device=sample.device)
+        t = t.reshape(-1).to(sample.device).expand(sample.shape[0])
+        emb = self.time_embedding(self.time_proj(t).to(dtype=sample.dtype))
+        if self.class_embedding is not None:
+            if class_labels is None:
+                raise ValueError("this ControlNet needs class_labels (class_embed_type is set)")
+            if self.config.class_embed_type == "timestep":
+                class_labels = self.time_proj(class_labels)
+            emb = emb + self.class_embedding(class_labels).to(dtype=emb.dtype)
+        if self.config.addition_embed_type == "text_time":
+            if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
+                raise ValueError("an SDXL ControlNet needs added_cond_kwargs with 'text_embeds' and 'time_ids'")
+            text_embeds = added_cond_kwargs["text_embeds"]
+            time_embeds = self.add_time_proj(added_cond_kwargs["time_ids"].flatten()).reshape(text_embeds.shape[0], -1)
+            emb = emb + self.add_embedding(torch.cat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
+        return emb
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        hint: torch.Tensor | None = None,
+        conditioning_scale: float | Sequence[float] = 1.0,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        hint_embedding: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> ControlNetOutput:
+        """Residuals for the locked UNet.
+
+        Args:
+            sample: noisy latents (B, 4, h, w).
+            timestep: scalar or (B,) diffusion timesteps.
+            encoder_hidden_states: text embeddings (B, L, D).
+            hint: condition image (B, 3, 8h, 8w) in [0, 1]; or pass ``hint_embedding`` from :meth:`encode_hint`.
+            conditioning_scale: one float, or one value per residual (``num_residuals``: down residuals then mid),
+                e.g. :func:`guess_mode_scales`.
+            added_cond_kwargs: SDXL's ``text_embeds`` and ``time_ids``.
+        """
+        if hint_embedding is None:
+            if hint is None:
+                raise ValueError("pass either hint or hint_embedding")
+            hint_embedding = self.encode_hint(hint)
+        emb = self.time_embed(sample, timestep, encoder_hidden_states, added_cond_kwargs, class_labels)
+
+        h = self.conv_in(sample) + hint_embedding  # (B, C0, h, w): x + Z(c)
+        skips = [h]
+        for block in self.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                h, res = block(hidden_states=h, temb=emb)
+            skips.extend(res)
+        if getattr(self.mid_block, "has_cross_attention", False):
+            h = self.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            h = self.mid_block(h, emb)
+
+        down = [zero_conv(s) for zero_conv, s in zip(self.controlnet_down_blocks, skips)]
+        mid = self.controlnet_mid_block(h)
+
+        n = len(down) + 1
+        if isinstance(conditioning_scale, (int, float)):
+            scales = [float(conditioning_scale)] * n
+        else:
+            scales = [float(s) for s in conditioning_scale]
+            if len(scales) != n:
+                raise ValueError(f"conditioning_scale has {len(scales)} values; this ControlNet has {n} residuals")
+        if any(s != 1.0 for s in scales):
+            down = [r * s for r, s in zip(down, scales)]
+            mid = mid * scales[-1]
+        if self.config.global_pool_conditions:  # ControlNet 1.1 shuffle: residuals averaged over H, W
+            down = [r.mean(dim=(2, 3), keepdim=True) for r in down]
+            mid = mid.mean(dim=(2, 3), keepdim=True)
+        return ControlNetOutput(tuple(down), mid)
+
+    @property
+    def num_residuals(self) -> int:
+        return len(self.controlnet_down_blocks) + 1
+
+    def zero_convs(self) -> list[nn.Conv2d]:
+        """The zero 1x1 convs (down then mid), e.g. to check they start at zero or to inspect their growth."""
+        return [*self.controlnet_down_blocks, self.controlnet_mid_block]
+
+    def save_pretrained(self, directory: str, safe_dtype: torch.dtype | None = None) -> None:
+        """Write config.json + diffusion_pytorch_model.safetensors, diffusers' ControlNet layout, atomically."""
+        from controlnet.checkpoints import save_controlnet
+
+        save_controlnet(self, directory, format="diffusers", dtype=safe_dtype)
