@@ -1,0 +1,52 @@
+"""The embedded default model and the bundled ControlNets, shipped inside the package (no network).
+
+Layout under ``controlnet/assets/``::
+
+    tiny-sd/                  a diffusers Stable Diffusion 1.x folder (model_index.json, unet/, vae/,
+                              text_encoder/, tokenizer/, scheduler/) trained here on synthetic fill data
+    controlnets/<name>/       bundled ControlNets in the native (diffusers) layout, e.g. controlnets/fill/
+
+``scripts/train_embedded.py`` makes them; ``src/controlnet/assets/README.md`` has the recipe and timings.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from controlnet.errors import UserError
+
+BASE_NAME = "tiny-sd"
+
+
+def assets_dir() -> Path:
+    """The package's assets folder."""
+    return Path(str(resources.files("controlnet") / "assets"))
+
+
+def default_base_dir() -> Path:
+    """The embedded tiny SD-layout base model (a diffusers folder)."""
+    path = assets_dir() / BASE_NAME
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"the embedded base model is missing from {path}; reinstall the package or pass --base PATH")
+    return path
+
+
+def bundled_controlnets() -> dict[str, Path]:
+    """Names of the bundled ControlNets and their folders."""
+    root = assets_dir() / "controlnets"
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file()}
+
+
+def resolve_controlnet(name_or_path: str) -> Path:
+    """A bundled ControlNet name (e.g. "fill") or a path, as a path; a one-line error if neither exists."""
+    bundled = bundled_controlnets()
+    if name_or_path in bundled:
+        return bundled[name_or_path]
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    names = ", ".join(bundled) or "none"
+    raise UserError(f"no ControlNet named or at {name_or_path!r} (bundled: {names}); pass a bundled name or an existing path")
