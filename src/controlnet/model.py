@@ -99,6 +99,9 @@ class ControlNetConfig:
     conditioning_embedding_out_channels: tuple[int, ...] = RELEASED_HINT_CHANNELS
     global_pool_conditions: bool = False
     hint_encoder: str = "released"
+    # The base VAE's downsampling. The "paper" hint encoder's stride-2 convs follow it (its weight shapes do not
+    # tell); the released encoder's follow ``conditioning_embedding_out_channels``. Ours: diffusers ignores it.
+    vae_scale_factor: int = 8
 
     def __post_init__(self) -> None:
         for name in ("down_block_types", "block_out_channels", "conditioning_embedding_out_channels"):
@@ -331,7 +334,7 @@ class ControlNet(nn.Module):
             self.controlnet_cond_embedding: nn.Module = HintEncoder(c0, c.conditioning_channels, c.conditioning_embedding_out_channels)
         else:
             self.controlnet_cond_embedding = PaperHintEncoder(
-                c0, c.conditioning_channels, c.conditioning_embedding_out_channels, vae_scale_factor or 8
+                c0, c.conditioning_channels, c.conditioning_embedding_out_channels, vae_scale_factor or c.vae_scale_factor
             )
 
         # The trainable copy of the encoder, and one zero conv per skip connection.
@@ -428,6 +431,7 @@ class ControlNet(nn.Module):
             conditioning_embedding_out_channels=channels,
             hint_encoder=hint_encoder,
             global_pool_conditions=global_pool_conditions,
+            vae_scale_factor=vae_scale_factor,
         )
         cn = cls(config, vae_scale_factor=vae_scale_factor)
         if load_weights_from_unet:
@@ -435,6 +439,8 @@ class ControlNet(nn.Module):
                 src = getattr(unet, name, None)
                 if src is not None and getattr(cn, name, None) is not None:
                     setattr(cn, name, copy.deepcopy(src))
+        # The copy is trainable even when the base was frozen first (deepcopy keeps requires_grad=False).
+        cn.requires_grad_(True)
         return cn.to(dtype=next(unet.parameters()).dtype)
 
     # ------------------------------------------------------------------ forward

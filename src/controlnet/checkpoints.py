@@ -1,0 +1,678 @@
+"""ControlNet checkpoint files: the original releases' layout, diffusers' layout, safe loading, family detection.
+
+Two layouts exist for the same tensors:
+
+* original (lllyasviel/ControlNet ``cldm.py``): ``control_model.input_blocks.*``, ``input_hint_block.*``,
+  ``zero_convs.*``, ``middle_block_out.*`` in ``.pth`` / ``.ckpt`` / ``.safetensors`` files, sometimes without the
+  ``control_model.`` prefix, sometimes inside a whole ControlLDM state dict (with ``model.diffusion_model.*``);
+* diffusers (``ControlNetModel``): a folder with ``config.json`` + ``diffusion_pytorch_model.safetensors``. Our
+  :class:`~controlnet.model.ControlNet` uses these module names, so this is our native layout.
+
+Converting between them is a renaming of module prefixes (no tensor is reshaped). Original files carry no config:
+it is inferred from the tensor shapes plus the family's defaults for what shapes cannot tell (attention heads).
+Pickles are only read with ``torch.load(weights_only=True)``: a file that tries to run code is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from controlnet.errors import UserError
+from controlnet.fileio import atomic_path
+from controlnet.model import ControlNet, ControlNetConfig
+
+FAMILIES = ("sd1", "sd2", "sdxl")
+# Text-encoder context width of each family's base: CLIP ViT-L/14 (SD1.x), OpenCLIP ViT-H/14 (SD2.x),
+# CLIP ViT-L + OpenCLIP ViT-bigG concatenated (SDXL). Their unet/config.json `cross_attention_dim`.
+CONTEXT_DIMS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
+# Attention heads cannot be read from weight shapes. SD1.x: 8 heads per layer (v1-inference.yaml `num_heads: 8`,
+# diffusers `attention_head_dim: 8`); SD2.x and SDXL: 64-channel heads (v2-inference.yaml and sd_xl_base.yaml
+# `num_head_channels: 64`, diffusers `attention_head_dim: [5, 10, 20, 20]` / `[5, 10, 20]`).
+SD1_NUM_HEADS = 8
+SD2_HEAD_CHANNELS = 64
+# SDXL embeds each of its 6 time ids (original size, crop top-left, target size) with 256 sinusoidal channels
+# (sd_xl_base.yaml, diffusers `addition_time_embed_dim: 256`); the pooled text embedding is the rest of the
+# addition embedding's input (2816 = 1280 + 6 * 256).
+SDXL_TIME_EMBED_DIM = 256
+SDXL_NUM_TIME_IDS = 6
+# ControlNet 1.1's shuffle model is the only release with global average pooling
+# (control_v11e_sd15_shuffle.yaml `global_average_pooling: True`); its files are named "*shuffle*".
+GLOBAL_POOL_NAME_HINT = "shuffle"
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# Weight files of a diffusers folder, in order of preference.
+DIFFUSERS_WEIGHT_NAMES = (WEIGHTS_NAME, "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin")
+ORIGINAL_PREFIX = "control_model."
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+FORMATS = ("diffusers", "original")
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+    "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+# Original ResBlock (ldm openaimodel.py) sub-modules → diffusers ResnetBlock2D names.
+_RESNET_RENAMES = (
+    ("in_layers.0", "norm1"),
+    ("in_layers.2", "conv1"),
+    ("emb_layers.1", "time_emb_proj"),
+    ("out_layers.0", "norm2"),
+    ("out_layers.3", "conv2"),
+    ("skip_connection", "conv_shortcut"),
+)
+
+StateDict = dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------- small helpers
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"fp16"``/``"bf16"``/``"fp32"`` (or a torch dtype, or None) as a torch dtype."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise UserError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16") from None
+
+
+def _first_sentence(err: BaseException) -> str:
+    """The gist of a library's error message: its first line, cut after the first sentence."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text.split(". ")[0]
+
+
+def _examples(items: Iterable[str], limit: int = 3) -> str:
+    items = sorted(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+# --------------------------------------------------------------------------------------------- key layouts
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the key renaming depends on: the encoder's block structure and the hint encoder's length."""
+
+    num_blocks: int
+    layers_per_block: int
+    num_hint_convs: int
+
+    @classmethod
+    def from_config(cls, config: ControlNetConfig) -> "_Layout":
+        # conv_in, then (a→a, a→b stride 2) per consecutive pair of widths, then conv_out.
+        hint_convs = 2 * len(config.conditioning_embedding_out_channels)
+        return cls(len(config.block_out_channels), config.layers_per_block, hint_convs)
+
+    @classmethod
+    def from_original(cls, sd: Mapping[str, Any], name: str) -> "_Layout":
+        inputs = {int(m.group(1)) for k in sd if (m := re.match(r"input_blocks\.(\d+)\.", k))}
+        downs = sorted({int(m.group(1)) for k in sd if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.", k))})
+        hints = {int(m.group(1)) for k in sd if (m := re.match(r"input_hint_block\.(\d+)\.", k))}
+        if not inputs or not hints:
+            raise UserError(f"{name}: no input_blocks.* or input_hint_block.* keys; not a ControlNet in the original layout")
+        num_blocks = len(downs) + 1
+        # input_blocks: conv_in, then per level `layers_per_block` res(+attn) blocks and a downsampler (not the last).
+        layers, rest = divmod(max(inputs) - len(downs), num_blocks)
+        expected_downs = [(i + 1) * (layers + 1) for i in range(num_blocks - 1)]
+        if rest or layers < 1 or downs != expected_downs:
+            raise UserError(f"{name}: input_blocks 0..{max(inputs)} with downsamplers at {downs} is not a layout we know")
+        return cls(num_blocks, layers, len(hints))
+
+    @classmethod
+    def from_diffusers(cls, sd: Mapping[str, Any], name: str) -> "_Layout":
+        blocks = {int(m.group(1)) for k in sd if (m := re.match(r"down_blocks\.(\d+)\.", k))}
+        layers = {int(m.group(1)) for k in sd if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k))}
+        hint_blocks = {int(m.group(1)) for k in sd if (m := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.", k))}
+        if not blocks or not layers:
+            raise UserError(f"{name}: no down_blocks.* keys; not a ControlNet in the diffusers layout")
+        return cls(len(blocks), len(layers), len(hint_blocks) + 2)
+
+
+def _module_map(layout: _Layout) -> dict[str, str]:
+    """Original module path → diffusers module path, for every module a ControlNet of ``layout`` may have."""
+    m = {
+        "time_embed.0": "time_embedding.linear_1",
+        "time_embed.2": "time_embedding.linear_2",
+        "label_emb.0.0": "add_embedding.linear_1",  # SDXL (sgm `label_emb` = diffusers text_time add_embedding)
+        "label_emb.0.2": "add_embedding.linear_2",
+        "input_blocks.0.0": "conv_in",
+        "zero_convs.0.0": "controlnet_down_blocks.0",
+        "middle_block_out.0": "controlnet_mid_block",
+        "middle_block.1": "mid_block.attentions.0",
+    }
+
+    def resnet(original: str, diffusers: str) -> None:
+        for a, b in _RESNET_RENAMES:
+            m[f"{original}.{a}"] = f"{diffusers}.{b}"
+
+    n = 1  # index of input_blocks / zero_convs: one per skip connection
+    for i in range(layout.num_blocks):
+        for j in range(layout.layers_per_block):
+            resnet(f"input_blocks.{n}.0", f"down_blocks.{i}.resnets.{j}")
+            m[f"input_blocks.{n}.1"] = f"down_blocks.{i}.attentions.{j}"
+            m[f"zero_convs.{n}.0"] = f"controlnet_down_blocks.{n}"
+            n += 1
+        if i < layout.num_blocks - 1:
+            m[f"input_blocks.{n}.0.op"] = f"down_blocks.{i}.downsamplers.0.conv"
+            m[f"zero_convs.{n}.0"] = f"controlnet_down_blocks.{n}"
+            n += 1
+    resnet("middle_block.0", "mid_block.resnets.0")
+    resnet("middle_block.2", "mid_block.resnets.1")
+    # input_hint_block = Sequential(conv, SiLU, conv, SiLU, ..., zero conv): convs at even indices.
+    m["input_hint_block.0"] = "controlnet_cond_embedding.conv_in"
+    for k in range(1, layout.num_hint_convs - 1):
+        m[f"input_hint_block.{2 * k}"] = f"controlnet_cond_embedding.blocks.{k - 1}"
+    m[f"input_hint_block.{2 * (layout.num_hint_convs - 1)}"] = "controlnet_cond_embedding.conv_out"
+    return m
+
+
+def _rename(key: str, mapping: Mapping[str, str]) -> str | None:
+    """Rename ``key`` by the longest module prefix found in ``mapping``; None if no prefix matches."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in mapping:
+            return ".".join([mapping[prefix], *parts[cut:]])
+    return None
+
+
+def original_to_diffusers(state_dict: Mapping[str, torch.Tensor], name: str = "state dict") -> StateDict:
+    """Rename an original-layout ControlNet state dict (without the ``control_model.`` prefix) to diffusers'."""
+    mapping = _module_map(_Layout.from_original(state_dict, name))
+    out: StateDict = {}
+    unknown = []
+    for key, value in state_dict.items():
+        new = _rename(key, mapping)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise UserError(f"{name}: {len(unknown)} unexpected keys for a ControlNet: {_examples(unknown)}")
+    return out
+
+
+def diffusers_to_original(state_dict: Mapping[str, torch.Tensor], name: str = "state dict") -> StateDict:
+    """Rename a diffusers-layout ControlNet state dict to the original layout (without ``control_model.``)."""
+    mapping = {v: k for k, v in _module_map(_Layout.from_diffusers(state_dict, name)).items()}
+    out: StateDict = {}
+    unknown = []
+    for key, value in state_dict.items():
+        new = _rename(key, mapping)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise UserError(f"{name}: {len(unknown)} keys have no original-layout name: {_examples(unknown)}")
+    return out
+
+
+def original_state_dict(controlnet: ControlNet, dtype: str | torch.dtype | None = None) -> StateDict:
+    """The ControlNet's weights in the original layout, ``control_model.*`` keys (as the released .pth files)."""
+    if controlnet.config.hint_encoder != "released":
+        raise UserError(
+            f"the original layout has no place for the {controlnet.config.hint_encoder!r} hint encoder; "
+            "save it in the diffusers layout instead"
+        )
+    dtype = parse_dtype(dtype)
+    sd = {k: v.detach() if dtype is None else v.detach().to(dtype) for k, v in controlnet.state_dict().items()}
+    return {ORIGINAL_PREFIX + k: v for k, v in diffusers_to_original(sd, "ControlNet").items()}
+
+
+# --------------------------------------------------------------------------------------------- families
+
+
+def _family_from_config(cfg: Mapping[str, Any]) -> str:
+    if cfg.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    cross = cfg.get("cross_attention_dim")
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    if cross == CONTEXT_DIMS["sd1"]:
+        return "sd1"
+    if cross == CONTEXT_DIMS["sd2"]:
+        return "sd2"
+    # Other widths (custom or tiny models): SD2.x introduced linear projections in the transformers.
+    return "sd2" if cfg.get("use_linear_projection") else "sd1"
+
+
+def _shape_facts(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """What a diffusers-layout state dict tells about family: context width, linear proj_in, SDXL embedding."""
+    cross = next((v.shape[1] for k, v in sd.items() if k.endswith("attn2.to_k.weight")), None)
+    proj = next((v for k, v in sd.items() if k.endswith("proj_in.weight")), None)
+    return {
+        "cross_attention_dim": cross,
+        "use_linear_projection": proj is not None and proj.ndim == 2,
+        "addition_embed_type": "text_time" if "add_embedding.linear_1.weight" in sd else None,
+    }
+
+
+def _normalize_state_dict(sd: Mapping[str, Any], name: str) -> tuple[str, StateDict]:
+    """("original" | "diffusers", the ControlNet's tensors) from any state dict a user may have."""
+    if any(k.startswith(ORIGINAL_PREFIX) for k in sd):
+        # control_v11*.pth, or a whole ControlLDM (model.diffusion_model.*, first_stage_model.*, ...): the control model only.
+        sd = {k[len(ORIGINAL_PREFIX):]: v for k, v in sd.items() if k.startswith(ORIGINAL_PREFIX)}
+        layout = "original"
+    elif any(k.startswith(("input_hint_block.", "zero_convs.", "middle_block_out.")) for k in sd):
+        layout = "original"
+    elif any(k.startswith(("controlnet_cond_embedding.", "controlnet_down_blocks.")) for k in sd):
+        layout = "diffusers"
+    elif any(k.startswith("model.diffusion_model.") for k in sd):
+        raise UserError(f"{name} is a Stable Diffusion checkpoint without a ControlNet (no control_model.* keys)")
+    else:
+        raise UserError(
+            f"{name} is not a ControlNet checkpoint we know (expected control_model.*/input_hint_block.* or "
+            f"controlnet_cond_embedding.* keys; found e.g. {_examples(list(sd)[:50])})"
+        )
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UserError(f"{name}: entries that are not tensors: {_examples(bad)}")
+    return layout, dict(sd)
+
+
+def detect_family(obj: Any) -> str:
+    """"sd1", "sd2" or "sdxl" for a ControlNet, a diffusers UNet/ControlNetModel, a config, or a state dict.
+
+    SDXL has the text_time addition embedding; SD1.x and SD2.x differ in context width (768 vs 1024) and, for
+    other widths, in the transformers' projections (SD2.x: linear).
+    """
+    if isinstance(obj, ControlNetConfig):
+        return _family_from_config(obj.to_dict())
+    config = getattr(obj, "config", None)
+    if config is not None and not isinstance(obj, Mapping):
+        return detect_family(config)
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            layout, sd = _normalize_state_dict(obj, "state dict")
+            if layout == "original":
+                sd = original_to_diffusers(sd)
+            return _family_from_config(_shape_facts(sd))
+        return _family_from_config(obj)
+    raise TypeError(f"detect_family expects a model, a config or a state dict, got {type(obj).__name__}")
+
+
+def _config_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, ControlNetConfig):
+        return obj.to_dict()
+    config = getattr(obj, "config", obj)
+    if isinstance(config, ControlNetConfig):
+        return config.to_dict()
+    return dict(config)
+
+
+def check_compatible(controlnet: Any, unet: Any) -> None:
+    """Raise :class:`UserError` unless ``controlnet``'s residuals fit ``unet`` (models or their configs).
+
+    A ControlNet is a copy of one base's encoder: its family (context width), block widths and layers per block
+    must be the base's, or its residuals do not fit the base's skip connections.
+    """
+    cn, base = _config_dict(controlnet), _config_dict(unet)
+    fam_cn, fam_base = detect_family(cn), detect_family(base)
+    cross_cn, cross_base = cn.get("cross_attention_dim"), base.get("cross_attention_dim")
+    if fam_cn != fam_base or cross_cn != cross_base:
+        raise UserError(
+            f"this ControlNet is for {fam_cn} (context dim {cross_cn}) but the base model is {fam_base} "
+            f"(context dim {cross_base}); use a ControlNet made for {fam_base}, or a {fam_cn} base model"
+        )
+    blocks_cn, blocks_base = tuple(cn.get("block_out_channels", ())), tuple(base.get("block_out_channels", ()))
+    layers_cn, layers_base = cn.get("layers_per_block"), base.get("layers_per_block")
+    if blocks_cn != blocks_base or layers_cn != layers_base:
+        raise UserError(
+            f"this ControlNet ({fam_cn}, block channels {list(blocks_cn)}, {layers_cn} layers per block) does not "
+            f"fit the base UNet ({fam_base}, block channels {list(blocks_base)}, {layers_base} layers per block); "
+            "use a ControlNet made from this base"
+        )
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor], name: str = "state dict") -> ControlNetConfig:
+    """The ControlNet config of a diffusers-layout state dict, from its shapes and its family's defaults.
+
+    Shapes give the widths, depths, context width, projections, SDXL embedding and hint encoder; the number of
+    attention heads comes from the family (SD1.x: 8 heads; SD2.x/SDXL: 64-channel heads).
+    """
+    sd = state_dict
+    layout = _Layout.from_diffusers(sd, name)
+    try:
+        blocks = tuple(sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(layout.num_blocks))
+        in_channels = sd["conv_in.weight"].shape[1]
+        hint = ["controlnet_cond_embedding.conv_in.weight"] + [
+            f"controlnet_cond_embedding.blocks.{2 * k + 1}.weight" for k in range((layout.num_hint_convs - 2) // 2)
+        ]
+        hint_channels = tuple(sd[k].shape[0] for k in hint)
+        conditioning_channels = sd[hint[0]].shape[1]
+    except KeyError as err:
+        raise UserError(f"{name}: missing {err.args[0]}; the file is incomplete or not a ControlNet") from None
+    if any(k.startswith("class_embedding.") for k in sd):
+        raise UserError(f"{name} has a class embedding, which shapes cannot describe; pass its config.json (config=...)")
+
+    def depth(prefix: str) -> int:
+        return len({m.group(1) for k in sd if (m := re.match(re.escape(prefix) + r"transformer_blocks\.(\d+)\.", k))})
+
+    has_attn = [any(k.startswith(f"down_blocks.{i}.attentions.") for k in sd) for i in range(layout.num_blocks)]
+    mid_attn = any(k.startswith("mid_block.attentions.") for k in sd)
+    mid_depth = depth("mid_block.attentions.0.") if mid_attn else 1
+    # Blocks without attention have no depth of their own; the last block's depth is the mid block's (diffusers).
+    depths = [depth(f"down_blocks.{i}.attentions.0.") if a else 1 for i, a in enumerate(has_attn)]
+    if not has_attn[-1]:
+        depths[-1] = mid_depth
+    if has_attn[-1] and depths[-1] != mid_depth:
+        raise UserError(f"{name}: the mid block has {mid_depth} transformer layers but the last block {depths[-1]}; pass config=")
+
+    facts = _shape_facts(sd)
+    family = _family_from_config(facts)
+    if family == "sd1":
+        heads: int | tuple[int, ...] = SD1_NUM_HEADS
+    else:
+        if any(c % SD2_HEAD_CHANNELS for c in blocks):
+            raise UserError(
+                f"{name}: cannot infer the attention heads ({family} uses {SD2_HEAD_CHANNELS}-channel heads but "
+                f"block channels are {list(blocks)}); pass its config (config=... / --config)"
+            )
+        heads = tuple(c // SD2_HEAD_CHANNELS for c in blocks)
+    kwargs: dict[str, Any] = dict(
+        in_channels=in_channels,
+        conditioning_channels=conditioning_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn),
+        mid_block_type="UNetMidBlock2DCrossAttn" if mid_attn else "UNetMidBlock2D",
+        block_out_channels=blocks,
+        layers_per_block=layout.layers_per_block,
+        transformer_layers_per_block=depths[0] if len(set(depths)) == 1 else tuple(depths),
+        attention_head_dim=heads,
+        use_linear_projection=facts["use_linear_projection"],
+        conditioning_embedding_out_channels=hint_channels,
+        vae_scale_factor=2 ** (len(hint_channels) - 1),
+    )
+    if facts["cross_attention_dim"] is not None:
+        kwargs["cross_attention_dim"] = facts["cross_attention_dim"]
+    if facts["addition_embed_type"]:
+        adm_in = sd["add_embedding.linear_1.weight"].shape[1]
+        if adm_in <= SDXL_NUM_TIME_IDS * SDXL_TIME_EMBED_DIM:
+            raise UserError(f"{name}: cannot infer SDXL's addition_time_embed_dim from width {adm_in}; pass config=")
+        kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+                      projection_class_embeddings_input_dim=adm_in)
+    return ControlNetConfig(**kwargs)
+
+
+def _as_config(config: ControlNetConfig | Mapping[str, Any] | str | Path) -> ControlNetConfig:
+    """A ControlNetConfig from itself, a dict, a config.json path or a folder holding one.
+
+    A dict with a "controlnet" entry (the fixtures' diffusers_config.json) uses that entry.
+    """
+    if isinstance(config, ControlNetConfig):
+        return config
+    source = "config"
+    if isinstance(config, (str, Path)):
+        path = Path(config).expanduser()
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        source = str(path)
+        try:
+            config = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"{path} is not a readable JSON config: {err}") from None
+    if not isinstance(config, Mapping):
+        raise UserError(f"{source}: expected a JSON object, got {type(config).__name__}")
+    if isinstance(config.get("controlnet"), Mapping):
+        config = config["controlnet"]
+    class_name = config.get("_class_name")
+    if class_name not in (None, "ControlNetModel"):
+        raise UserError(f"{source} describes a {class_name}, not a ControlNetModel")
+    try:
+        return ControlNetConfig.from_dict(dict(config))
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{source}: invalid ControlNet config: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------- reading files
+
+
+def _read_safetensors(path: Path, want: str | None = None) -> dict[str, Any]:
+    """Tensors of a .safetensors file; with ``want``, only the keys under that prefix when there are any."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            if want and any(k.startswith(want) for k in keys):
+                keys = [k for k in keys if k.startswith(want)]
+            return {k: f.get_tensor(k) for k in keys}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise UserError(f"{path} is not a valid .safetensors file (truncated or corrupt?): {_first_sentence(err)}") from None
+
+
+def _read_pickle(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: plain tensors and containers only; a file that runs code is refused."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "Weights only load failed" in text:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            what = found.group(1) if found else "objects that are not tensors"
+            raise UserError(
+                f"{path} was refused: unpickling it would run code or build objects ({what}); only tensor files are "
+                "loaded (torch.load weights_only=True); if you trust its source, re-save its tensors as .safetensors"
+            ) from None
+        raise UserError(f"{path} is not a valid PyTorch file (corrupt?): {_first_sentence(err)}") from None
+    except Exception as err:  # torch raises RuntimeError/EOFError/ValueError/... for damaged zip or pickle data
+        raise UserError(f"{path} is not a valid PyTorch file (truncated or corrupt?): {_first_sentence(err)}") from None
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """The raw key → tensor mapping of a single checkpoint file (format sniffed from its first bytes)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    if len(head) < 9:
+        raise UserError(f"{path} is empty or truncated ({len(head)} bytes)")
+    if head[8:9] == b"{":  # safetensors: 8-byte little-endian header length, then the JSON header
+        return _read_safetensors(path, want=ORIGINAL_PREFIX)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save zip archive, or a legacy pickle
+        obj = _read_pickle(path)
+        while isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):  # Lightning .ckpt nesting
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping):
+            raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        return dict(obj)
+    raise UserError(f"{path} is neither a .safetensors nor a PyTorch (.pth/.ckpt) file")
+
+
+def _diffusers_weights(folder: Path) -> Path:
+    for name in DIFFUSERS_WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    raise UserError(f"{folder} has no {' / '.join(DIFFUSERS_WEIGHT_NAMES)}; is it a diffusers ControlNet folder?")
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def controlnet_from_state_dict(
+    state_dict: Mapping[str, Any],
+    config: ControlNetConfig | Mapping[str, Any] | str | Path | None = None,
+    name: str = "state dict",
+    global_pool_conditions: bool | None = None,
+) -> ControlNet:
+    """A ControlNet holding the tensors of ``state_dict`` (either layout; the tensors are used as they are).
+
+    Without ``config`` it is inferred from the shapes (:func:`infer_config`); ``global_pool_conditions``, when
+    given, overrides the config's. Keys and shapes must match the
+    config exactly; anything missing, extra or mis-shaped is a :class:`UserError` naming ``name``.
+    """
+    layout, sd = _normalize_state_dict(state_dict, name)
+    original = layout == "original"
+    if original:
+        sd = original_to_diffusers(sd, name)
+    cfg = _as_config(config) if config is not None else infer_config(sd, name)
+    if global_pool_conditions is not None:
+        cfg = dataclasses.replace(cfg, global_pool_conditions=global_pool_conditions)
+
+    with torch.device("meta"):  # no random init: every tensor comes from the file
+        cn = ControlNet(cfg)
+    expected = {k: tuple(v.shape) for k, v in cn.state_dict().items()}
+    to_file = _file_names(cfg) if original else {}
+
+    def file_key(k: str) -> str:
+        return to_file.get(k, k)
+
+    missing = [file_key(k) for k in expected if k not in sd]
+    unexpected = [file_key(k) for k in sd if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_examples(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_examples(unexpected)})")
+        raise UserError(f"{name} does not match the ControlNet config: {'; '.join(parts)}")
+    wrong = [f"{file_key(k)} {list(v.shape)} != {list(expected[k])}" for k, v in sd.items() if tuple(v.shape) != expected[k]]
+    if wrong:
+        raise UserError(f"{name}: {len(wrong)} tensors have the wrong shape for the config, e.g. {_examples(wrong, 2)}")
+    floating = [file_key(k) for k, v in sd.items() if not v.is_floating_point()]
+    if floating:
+        raise UserError(f"{name}: tensors that are not floating point: {_examples(floating)}")
+    cn.load_state_dict(sd, strict=True, assign=True)
+    return cn
+
+
+def _file_names(cfg: ControlNetConfig) -> dict[str, str]:
+    """Our (diffusers) key → the original layout's key with ``control_model.``, for error messages."""
+    mapping = {v: k for k, v in _module_map(_Layout.from_config(cfg)).items()}
+    with torch.device("meta"):
+        keys = ControlNet(cfg).state_dict().keys()
+    return {k: ORIGINAL_PREFIX + (_rename(k, mapping) or k) for k in keys}
+
+
+def load_controlnet(
+    path: str | Path,
+    config: ControlNetConfig | Mapping[str, Any] | str | Path | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> ControlNet:
+    """Load a ControlNet from a diffusers folder or a single file, in eval mode.
+
+    ``path``: a diffusers folder (config.json + diffusion_pytorch_model.safetensors, or .bin), a single file in the
+    original layout (``.pth``/``.ckpt``/``.safetensors``; ``control_model.*`` keys, bare keys, or a whole ControlLDM
+    state dict), a single diffusers-layout ``.safetensors``, or the name of a bundled ControlNet.
+    ``config``: overrides the folder's config.json or the config inferred from shapes (a ControlNetConfig, a dict,
+    or a path to a config.json; a "controlnet" entry in it is used). ``dtype``: default float32.
+    Pickles are read with ``weights_only=True``; bad files raise a one-line :class:`UserError`.
+    """
+    from controlnet.embedded import resolve_controlnet
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        path = resolve_controlnet(str(path))
+    name = str(path)
+    pool = None
+    if path.is_dir():
+        if config is None:
+            if not (path / CONFIG_NAME).is_file():
+                raise UserError(f"{path} has no {CONFIG_NAME}; pass a diffusers ControlNet folder or a checkpoint file")
+            config = path / CONFIG_NAME
+        weights = _diffusers_weights(path)
+        name = str(weights)
+        raw = _read_safetensors(weights) if weights.suffix == ".safetensors" else _read_file(weights)
+    else:
+        raw = _read_file(path)
+        if config is None:
+            layout, _ = _normalize_state_dict(raw, name)
+            beside = path.parent / CONFIG_NAME
+            if layout == "diffusers" and beside.is_file():  # e.g. a folder's diffusion_pytorch_model.safetensors
+                config = beside
+            elif layout == "original" and GLOBAL_POOL_NAME_HINT in path.stem.lower():
+                pool = True  # original files carry no config; ControlNet 1.1 shuffle pools (see the constant)
+    cn = controlnet_from_state_dict(raw, config, name, global_pool_conditions=pool)
+    return cn.to(device=device, dtype=parse_dtype(dtype) or torch.float32).eval()
+
+
+# --------------------------------------------------------------------------------------------- saving
+
+
+def save_controlnet(
+    controlnet: ControlNet,
+    path: str | Path,
+    format: str = "diffusers",
+    dtype: str | torch.dtype | None = None,
+) -> Path:
+    """Write ``controlnet`` atomically and return the path written.
+
+    ``format="diffusers"``: a folder with config.json + diffusion_pytorch_model.safetensors, loadable by diffusers'
+    ``ControlNetModel.from_pretrained`` (keys it does not know, like ``hint_encoder``, are ignored there).
+    ``format="original"``: one file with the released checkpoints' ``control_model.*`` keys, ``.safetensors`` or
+    ``.pth`` by the suffix of ``path``. ``dtype``: cast on the way out (default: the model's).
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path).expanduser()
+    dtype = parse_dtype(dtype)
+    if format == "diffusers":
+        if path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
+            raise UserError(f"{path}: the diffusers layout is a folder; give a folder name, or use format 'original' for a single file")
+        if path.exists() and (not path.is_dir() or _foreign_files(path)):
+            raise UserError(
+                f"{path} exists and is not a ControlNet folder ({_examples(_foreign_files(path)) if path.is_dir() else 'a file'}); "
+                "choose a new folder name"
+            )
+        sd = {k: _for_file(v, dtype) for k, v in controlnet.state_dict().items()}
+        config = controlnet.config.to_dict()
+        config["_diffusers_version"] = _diffusers_version()
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        return path
+    if format == "original":
+        if path.is_dir():
+            raise UserError(f"{path} is a folder; the original layout is one file (.safetensors or .pth)")
+        suffix = path.suffix.lower()
+        if suffix not in (".safetensors", *PICKLE_SUFFIXES):
+            raise UserError(f"{path}: the original layout is written as .safetensors or .pth; got suffix {suffix or '(none)'!r}")
+        sd = {k: _for_file(v, dtype) for k, v in original_state_dict(controlnet).items()}
+        with atomic_path(path) as tmp:
+            if suffix == ".safetensors":
+                save_file(sd, str(tmp), metadata={"format": "pt"})
+            else:
+                torch.save(sd, tmp)
+        return path
+    raise UserError(f"unknown checkpoint format {format!r}; use one of {', '.join(FORMATS)}")
+
+
+def _for_file(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    t = t.detach().to("cpu")
+    return (t if dtype is None else t.to(dtype)).contiguous()
+
+
+def _foreign_files(folder: Path) -> list[str]:
+    """Files in ``folder`` that a diffusers ControlNet folder would not hold (we refuse to replace those)."""
+    ours = {CONFIG_NAME, *DIFFUSERS_WEIGHT_NAMES}
+    return [p.name for p in folder.iterdir() if p.name not in ours]
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__

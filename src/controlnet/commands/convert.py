@@ -1,0 +1,46 @@
+"""``controlnet convert SRC DST --to original|diffusers``: move a ControlNet between checkpoint layouts.
+
+SRC is anything :func:`controlnet.checkpoints.load_controlnet` reads (a diffusers folder, an original
+``control_*.pth`` / ``.safetensors``, a whole ControlLDM checkpoint, a bundled name); DST is a folder
+(``--to diffusers``) or a ``.safetensors`` / ``.pth`` file (``--to original``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from controlnet.checkpoints import FORMATS, PICKLE_SUFFIXES, load_controlnet, save_controlnet
+from controlnet.errors import UserError
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``convert`` sub-command."""
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a ControlNet checkpoint between the original and the diffusers layout",
+        description="Convert a ControlNet checkpoint between the original layout (control_model.* keys, "
+        ".pth/.safetensors) and the diffusers layout (folder with config.json).",
+    )
+    parser.add_argument("src", metavar="SRC", help="checkpoint file, diffusers folder, or bundled ControlNet name")
+    parser.add_argument("dst", metavar="DST", help="output folder (--to diffusers) or .safetensors/.pth file (--to original)")
+    parser.add_argument("--to", required=True, choices=FORMATS, help="layout to write")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast the weights (default: fp32)")
+    parser.add_argument(
+        "--config", default=None, metavar="JSON",
+        help="ControlNet config.json (or a JSON with a 'controlnet' entry) for files whose shapes do not tell "
+        "everything, e.g. non-standard attention heads",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load SRC, write DST in the ``--to`` layout, print one summary line."""
+    if args.to == "diffusers" and args.dst.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
+        raise UserError(f"{args.dst}: --to diffusers writes a folder; give a folder name (or use --to original)")
+    cn = load_controlnet(args.src, config=args.config)
+    out = save_controlnet(cn, args.dst, format=args.to, dtype=args.dtype)
+    params = sum(p.numel() for p in cn.parameters())
+    print(f"wrote {out} ({args.to} layout, {params / 1e6:.2f}M parameters, {args.dtype or 'fp32'})")
+    return 0

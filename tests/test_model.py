@@ -1,0 +1,182 @@
+"""The ControlNet model on tiny seeded SD1.x / SD2.x / SDXL UNets: zero-init identity, gradients, training step."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from controlnet.configs import FAMILIES, SD15_UNET, build_unet, sdxl_added_cond_kwargs
+from controlnet.model import ControlNet, guess_mode_scales
+
+LATENT = 8  # latent side; the hint is 8x larger (three stride-2 convs, as SD's VAE)
+
+
+def make_inputs(unet, seed: int = 0, batch: int = 2) -> dict:
+    """Random latents, timesteps, context, hint (and SDXL's added conditions) for a tiny UNet."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = unet.config
+    inputs = {
+        "sample": torch.randn(batch, cfg.in_channels, LATENT, LATENT, generator=g),
+        "timestep": torch.tensor([10, 700])[:batch],
+        "encoder_hidden_states": torch.randn(batch, 5, cfg.cross_attention_dim, generator=g),
+        "hint": torch.rand(batch, 3, 8 * LATENT, 8 * LATENT, generator=g),
+        "added_cond_kwargs": None,
+    }
+    if cfg.addition_embed_type == "text_time":
+        inputs["added_cond_kwargs"] = sdxl_added_cond_kwargs(dict(cfg), batch, 8 * LATENT, 8 * LATENT, seed=seed)
+    return inputs
+
+
+def run_unet(unet, inputs: dict, residuals=None) -> torch.Tensor:
+    kwargs = residuals.unet_kwargs() if residuals is not None else {}
+    return unet(
+        inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"],
+        added_cond_kwargs=inputs["added_cond_kwargs"], **kwargs,
+    ).sample
+
+
+def run_controlnet(cn: ControlNet, inputs: dict, **kwargs):
+    return cn(
+        inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], inputs["hint"],
+        added_cond_kwargs=inputs["added_cond_kwargs"], **kwargs,
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_init_identity(family):
+    """After from_unet the augmented UNet's output is the base's, bit for bit (the paper's Eq. 2 at init)."""
+    unet = build_unet(family, seed=1).requires_grad_(False)
+    cn = ControlNet.from_unet(unet)
+    inputs = make_inputs(unet)
+    with torch.no_grad():
+        base = run_unet(unet, inputs)
+        out = run_controlnet(cn, inputs)
+        controlled = run_unet(unet, inputs, out)
+    assert torch.equal(base, controlled)
+    assert len(out.down_residuals) + 1 == cn.num_residuals == cn.config.num_residuals
+    for conv in [*cn.zero_convs(), cn.controlnet_cond_embedding.conv_out]:
+        assert not conv.weight.any() and not conv.bias.any()
+    # The copy holds the base's weights in tensors of its own.
+    for name in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
+        ours, theirs = getattr(cn, name).state_dict(), getattr(unet, name).state_dict()
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), f"{name}.{key}"
+            assert ours[key].data_ptr() != theirs[key].data_ptr(), f"{name}.{key} shares memory with the base"
+    if family == "sdxl":
+        assert torch.equal(cn.add_embedding.linear_1.weight, unet.add_embedding.linear_1.weight)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_convs_get_gradients_on_first_backward(family):
+    """Zero convs start at zero but their inputs are not zero, so the first backward gives them gradients."""
+    unet = build_unet(family, seed=2).requires_grad_(False)
+    cn = ControlNet.from_unet(unet)
+    inputs = make_inputs(unet, seed=3)
+    target = torch.randn_like(inputs["sample"])
+    loss = torch.nn.functional.mse_loss(run_unet(unet, inputs, run_controlnet(cn, inputs)), target)
+    loss.backward()
+    for i, conv in enumerate(cn.zero_convs()):
+        assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0, f"zero conv {i} weight"
+        assert conv.bias.grad is not None and conv.bias.grad.abs().sum() > 0, f"zero conv {i} bias"
+    assert all(p.grad is None for p in unet.parameters())
+
+
+def test_optimizer_steps_change_the_copy_and_never_the_locked_unet():
+    unet = build_unet("sd1", seed=4).requires_grad_(False)
+    locked = {k: v.clone() for k, v in unet.state_dict().items()}
+    cn = ControlNet.from_unet(unet).train()
+    copy_before = {k: v.clone() for k, v in cn.down_blocks.state_dict().items()}
+    opt = torch.optim.AdamW(cn.parameters(), lr=1e-3, weight_decay=0.0)
+    inputs = make_inputs(unet, seed=5)
+    target = torch.randn_like(inputs["sample"])
+
+    def step() -> None:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(run_unet(unet, inputs, run_controlnet(cn, inputs)), target).backward()
+        opt.step()
+
+    step()  # first step: only the zero convs have gradients (everything behind them is multiplied by 0)
+    assert all(conv.weight.any() for conv in cn.zero_convs())
+    step()  # second step: gradients now reach the trainable copy through the non-zero zero convs
+    changed = [k for k, v in cn.down_blocks.state_dict().items() if not torch.equal(v, copy_before[k])]
+    assert len(changed) > 0.9 * len(copy_before), f"only {len(changed)}/{len(copy_before)} copy tensors changed"
+    for key, value in unet.state_dict().items():
+        assert torch.equal(value, locked[key]), f"locked UNet weight {key} changed"
+    assert all(p.grad is None for p in unet.parameters())
+
+
+def test_guess_mode_scales_match_original():
+    """0.825**(N-1-i) (lllyasviel/ControlNet gradio demos); the fixture records the original's 7 values."""
+    import json
+
+    from test_fixtures import FIXTURES  # the original implementation's numbers
+
+    expected = json.loads((FIXTURES / "tiny_sd15" / "original_config.json").read_text())["guess_mode_scales"]
+    assert guess_mode_scales(7) == pytest.approx(expected, abs=1e-15)
+    scales = guess_mode_scales(13, strength=0.5)
+    assert scales[-1] == 0.5 and scales[0] == pytest.approx(0.5 * 0.825**12)
+
+
+def test_conditioning_scale_per_residual_and_global_pooling():
+    unet = build_unet("sd1", seed=6)
+    cn = ControlNet.from_unet(unet)
+    torch.manual_seed(0)
+    for conv in cn.zero_convs():
+        torch.nn.init.normal_(conv.weight, std=0.1)
+    inputs = make_inputs(unet, seed=7)
+    scales = [0.1 * (i + 1) for i in range(cn.num_residuals)]
+    with torch.no_grad():
+        plain = run_controlnet(cn, inputs)
+        scaled = run_controlnet(cn, inputs, conditioning_scale=scales)
+        pooled_cn = copy.deepcopy(cn)
+        pooled_cn.config = dataclasses.replace(cn.config, global_pool_conditions=True)
+        pooled = run_controlnet(pooled_cn, inputs)
+        hint_emb = cn.encode_hint(inputs["hint"])
+        cached = cn(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], hint_embedding=hint_emb)
+    for r, s, p in zip([*plain.down_residuals, plain.mid_residual], scales, [*scaled.down_residuals, scaled.mid_residual]):
+        assert torch.equal(r * s, p)
+    for r, p in zip([*plain.down_residuals, plain.mid_residual], [*pooled.down_residuals, pooled.mid_residual]):
+        assert p.shape == (*r.shape[:2], 1, 1)
+        assert torch.equal(r.mean(dim=(2, 3), keepdim=True), p)
+    for a, b in zip([*plain.down_residuals, plain.mid_residual], [*cached.down_residuals, cached.mid_residual]):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="residuals"):
+        run_controlnet(cn, inputs, conditioning_scale=[1.0, 2.0])
+
+
+@pytest.mark.parametrize(
+    ("hint_encoder", "vae_scale_factor", "channels"),
+    [("released", 8, (16, 32, 96, 256)), ("released", 4, (16, 32, 96)), ("paper", 8, (16, 32, 64, 128)), ("paper", 4, (16, 32, 64, 128))],
+)
+def test_hint_encoder_downsamples_like_the_vae(hint_encoder, vae_scale_factor, channels):
+    unet = build_unet("sd1", seed=8)
+    cn = ControlNet.from_unet(unet, hint_encoder=hint_encoder, vae_scale_factor=vae_scale_factor)
+    assert cn.config.conditioning_embedding_out_channels == channels
+    assert cn.config.vae_scale_factor == vae_scale_factor
+    hint = torch.rand(1, 3, 64, 64)
+    emb = cn.encode_hint(hint)
+    assert emb.shape == (1, unet.config.block_out_channels[0], 64 // vae_scale_factor, 64 // vae_scale_factor)
+    assert not emb.any()  # its last conv is a zero conv: the model starts as the base
+    if hint_encoder == "paper":
+        convs = cn.controlnet_cond_embedding.convs
+        assert [c.kernel_size for c in convs] == [(4, 4)] * 4
+        assert sum(c.stride == (2, 2) for c in convs) == vae_scale_factor.bit_length() - 1
+        assert all(c.weight.std() > 0 for c in convs)  # Gaussian-initialised, trained jointly
+
+
+def test_full_sd15_parameter_count():
+    """from_unet on the full SD1.5 config has the releases' 361.28M parameters (built on the meta device)."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        cn = ControlNet.from_unet(unet)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(cn) == 361_279_120  # original_controlnet_keys.json "sd15": 361.28M
+    assert round(count(cn.controlnet_cond_embedding) / 1e6, 2) == 1.09  # DESIGN.md: hint encoder 1.09M
+    assert round(sum(count(c) for c in cn.zero_convs()) / 1e6, 1) == 11.5  # DESIGN.md: zero convs 11.5M
+    assert cn.num_residuals == 13
