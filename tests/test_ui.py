@@ -1,0 +1,412 @@
+"""The web UI (``controlnet ui``): the page's callbacks without a browser, and one end-to-end run in headless Chromium.
+
+The fast tests drive :class:`controlnet.ui.UiBackend` directly, with a recording stand-in pipeline (exact
+checks of what the page passes on) and with the real pipeline on a tiny seeded SD-layout model built here.
+The browser test serves the page on a free local port, uploads a condition image to unit 1 with Playwright,
+presses Generate and waits for the gallery image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from controlnet import ui
+from controlnet.errors import UserError
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package (.ci/run installs it); never a downloaded browser
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+TINY_SIZE = 64  # tiny UNet sample_size 8 x VAE factor 8
+# Set CONTROLNET_UI_SCREENSHOT=docs/ui.png to also copy the screenshot there (the README's picture).
+SCREENSHOT_COPY_ENV = "CONTROLNET_UI_SCREENSHOT"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class RecordingPipeline:
+    """Stands in for controlnet.pipeline.Pipeline: records the call, returns solid images of the asked size."""
+
+    native_size = TINY_SIZE
+
+    def __init__(self, error: Exception | None = None):
+        self.calls: list[dict] = []
+        self.error = error
+
+    def __call__(self, *, controls, callback=None, progress=True, **kwargs):
+        self.calls.append(dict(kwargs, controls=controls, progress=progress))
+        if self.error is not None:
+            raise self.error
+        for step in range(kwargs["steps"]):
+            if callback is not None:
+                callback(step, 999 - step, None)  # (i, t, latents), as the pipeline calls it
+        (w, h), n, seed = kwargs["size"], kwargs["num_images"], kwargs["seed"]
+        images = [Image.new("RGB", (w, h), (10 * k, 20, 30)) for k in range(n)]
+        conditions = [Image.new("RGB", (w, h), (255, 255, 255)) for _ in controls]
+        settings = {"prompt": kwargs["prompt"], "seed": seed, "seeds": [seed + k for k in range(n)],
+                    "steps": kwargs["steps"], "size": f"{w}x{h}"}
+        return SimpleNamespace(images=images, conditions=conditions, seed=seed, settings=settings)
+
+
+def request(**overrides) -> ui.GenerateRequest:
+    units = overrides.pop("units", [ui.UnitInput() for _ in range(ui.MAX_UNITS)])
+    fields = dict(prompt="a red circle", negative_prompt="", steps=3, guidance=9.0, scheduler="ddim", seed=7,
+                  width=TINY_SIZE, height=TINY_SIZE, num_images=1, guess_mode=False)
+    fields.update(overrides)
+    return ui.GenerateRequest(**fields, units=units)
+
+
+def circle_image(size: int = TINY_SIZE) -> Image.Image:
+    """A white disk on black: the fill dataset's kind of condition."""
+    yy, xx = np.mgrid[:size, :size]
+    disk = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2
+    return Image.fromarray(np.repeat((disk * 255).astype(np.uint8)[..., None], 3, axis=2))
+
+
+def build_tiny_base(root: Path) -> tuple[Path, Path]:
+    """A tiny seeded SD1-layout diffusers folder and a ControlNet for it (zero convs: a no-op control)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from controlnet.configs import TINY_SD1_UNET, build_text_encoder, build_tokenizer, build_unet, build_vae
+    from controlnet.model import ControlNet
+
+    unet = build_unet("sd1", "tiny", seed=0)
+    tokenizer = build_tokenizer(["red", "circle", "blue", "square"])
+    text_encoder = build_text_encoder(len(tokenizer), hidden_size=TINY_SD1_UNET["cross_attention_dim"])
+    # SD1.x's scheduler config (runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=build_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    base = root / "tiny-base"
+    pipe.save_pretrained(base)
+    controlnet = root / "tiny-controlnet"
+    ControlNet.from_unet(unet).save_pretrained(str(controlnet))
+    return base, controlnet
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
+    return build_tiny_base(tmp_path_factory.mktemp("ui-models"))
+
+
+@pytest.fixture(scope="module")
+def tiny_backend(tiny_models, tmp_path_factory) -> ui.UiBackend:
+    base, _ = tiny_models
+    return ui.create_backend(ui.UiConfig(base=str(base), output_dir=str(tmp_path_factory.mktemp("ui-out"))))
+
+
+# --------------------------------------------------------------------------- page values
+
+
+def test_request_from_values_follows_widget_order():
+    glob = ["p", "n", 5, 7.5, "ddim", 3, 64, 128, 2, True]
+    unit = [True, "fill", "/x.safetensors", "IMG", "canny", "low=1", 0.5, 0.1, 0.9]
+    values = glob + unit + [False] + [None] * 8 + [False] + [None] * 8
+    req = ui.request_from_values(values, num_units=3)
+    assert (req.prompt, req.negative_prompt, req.steps, req.guidance, req.scheduler, req.seed) == ("p", "n", 5, 7.5, "ddim", 3)
+    assert (req.width, req.height, req.num_images, req.guess_mode) == (64, 128, 2, True)
+    assert req.units[0] == ui.UnitInput(*unit)
+    assert [u.enabled for u in req.units] == [True, False, False]
+    with pytest.raises(ValueError):
+        ui.request_from_values(values[:-1], num_units=3)
+
+
+def test_parse_params_known_answers():
+    assert ui.parse_params("") == {}
+    assert ui.parse_params("low=100, high=200.5; safe=true, mode=fast") == {
+        "low": 100, "high": 200.5, "safe": True, "mode": "fast"}
+    with pytest.raises(UserError, match="key=value"):
+        ui.parse_params("low 100")
+
+
+# --------------------------------------------------------------------------- generate callback (stand-in pipeline)
+
+
+def test_generate_replaces_random_seed_and_shows_it(tmp_path):
+    pipe = RecordingPipeline()
+    backend = ui.UiBackend(pipe, tmp_path)
+    steps_seen = []
+    outcome = backend.generate(request(seed=-1, num_images=2), progress=lambda frac, desc: steps_seen.append(frac))
+    assert outcome.ok, outcome.status
+    used = pipe.calls[0]["seed"]
+    assert isinstance(used, int) and 0 <= used <= ui.SEED_MAX
+    assert outcome.seed == used and f"seed {used}" in outcome.status
+    assert pipe.calls[0]["size"] == (TINY_SIZE, TINY_SIZE) and pipe.calls[0]["controls"] == []
+    assert steps_seen[0] == 0.0 and steps_seen[-1] == 1.0 and len(steps_seen) == 1 + 3
+    assert pipe.calls[0]["progress"] is False  # no tqdm bar on the server's stderr: the page shows progress
+    assert len(outcome.files) == 2 and [p for p, _ in outcome.images] == outcome.files
+    assert [caption for _, caption in outcome.images] == [f"seed {used}", f"seed {used + 1}"]
+    for k, path in enumerate(outcome.files):
+        with Image.open(path) as img:
+            assert img.size == (TINY_SIZE, TINY_SIZE)
+            assert img.text["seed"] == str(used + k)  # image k is made with seed + k
+            assert img.text["prompt"] == "a red circle" and img.text["steps"] == "3"
+            assert json.loads(img.text["settings"])["seed"] == used + k
+    # A fixed seed is passed through unchanged.
+    assert backend.generate(request(seed=1234)).seed == 1234 and pipe.calls[-1]["seed"] == 1234
+
+
+@pytest.mark.parametrize("error, expected", [
+    (UserError("control_sd21_canny.pth is an SD2 ControlNet but the base is SD1; pick a matching pair"),
+     "Error: control_sd21_canny.pth is an SD2 ControlNet"),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied\n(1x2 and 3x4)"),
+     "Error: RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x2 and 3x4) (details in the server log)"),
+])
+def test_generate_errors_become_one_line_messages(tmp_path, error, expected):
+    outcome = ui.UiBackend(RecordingPipeline(error=error), tmp_path).generate(request())
+    assert not outcome.ok and outcome.images == [] and outcome.files == []
+    assert outcome.status.startswith(expected) and "\n" not in outcome.status and "Traceback" not in outcome.status
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(seed=-5), "seed must be -1 (random)"),
+    (dict(seed="abc"), "seed must be a whole number"),
+    (dict(width=100), "multiples of 8"),
+    (dict(units=[ui.UnitInput(enabled=True, model="fill", image=None)]), "ControlNet unit 1: no input image"),
+    (dict(units=[ui.UnitInput(), ui.UnitInput(enabled=True, model=None, image=circle_image())]),
+     "ControlNet unit 2: choose a ControlNet model"),
+    (dict(units=[ui.UnitInput(enabled=True, model="fill", image=circle_image(), start=0.8, end=0.2)]),
+     "ControlNet unit 1: ControlNet start 0.8 is after end 0.2"),
+    (dict(units=[ui.UnitInput(enabled=True, model="fill", image=circle_image(), annotator_params="x")]),
+     "annotator parameters: cannot read 'x'"),
+])
+def test_bad_page_values_are_messages_and_nothing_runs(tmp_path, overrides, message):
+    pipe = RecordingPipeline()
+    outcome = ui.UiBackend(pipe, tmp_path).generate(request(**overrides))
+    assert not outcome.ok and message in outcome.status and pipe.calls == []
+
+
+def test_enabled_units_become_control_units(tmp_path):
+    from controlnet.pipeline import ControlUnit
+
+    pipe = RecordingPipeline()
+    img = circle_image()
+    units = [ui.UnitInput(True, "fill", "", img, "none", "", 0.5, 0.1, 0.9),
+             ui.UnitInput(False, "fill", "", img),
+             ui.UnitInput(True, "fill", " /models/cn.safetensors ", img, "canny", "low=10, high=20", 1.5, 0.0, 1.0)]
+    outcome = ui.UiBackend(pipe, tmp_path).generate(request(units=units, guess_mode=True))
+    assert outcome.ok and sorted(outcome.conditions) == [0, 2]  # conditions map back to their units
+    first, third = pipe.calls[0]["controls"]
+    assert isinstance(first, ControlUnit) and pipe.calls[0]["guess_mode"] is True
+    assert (first.controlnet, first.annotator, first.strength, first.start, first.end) == ("fill", None, 0.5, 0.1, 0.9)
+    assert first.image is img
+    assert (third.controlnet, third.annotator, third.annotator_params, third.strength) == (
+        "/models/cn.safetensors", "canny", {"low": 10, "high": 20}, 1.5)
+
+
+def test_preview_without_annotator_is_the_image_and_errors_are_messages(tmp_path):
+    backend = ui.UiBackend(RecordingPipeline(), tmp_path)
+    img = circle_image()
+    cond, status = backend.preview(ui.UnitInput(image=img), TINY_SIZE, TINY_SIZE)
+    np.testing.assert_array_equal(cond, np.asarray(img))
+    assert "No annotator" in status
+    # Resized as the pipeline resizes: cover, then centre-crop (a 64x64 disk → the middle 64x32 band of 64x64).
+    cond, _ = backend.preview(ui.UnitInput(image=img), TINY_SIZE, TINY_SIZE // 2)
+    np.testing.assert_array_equal(cond, np.asarray(img)[TINY_SIZE // 4 : 3 * TINY_SIZE // 4])
+    cond, status = backend.preview(ui.UnitInput(image=None), TINY_SIZE, TINY_SIZE)
+    assert cond is None and status.startswith("Error: no input image")
+
+
+def test_preview_runs_the_annotator_on_the_resized_image(tmp_path):
+    from controlnet import annotators
+
+    backend = ui.UiBackend(RecordingPipeline(), tmp_path)
+    img = circle_image(96)  # resized to 64x64 first, as the pipeline does before annotating
+    cond, status = backend.preview(ui.UnitInput(image=img, annotator="canny", annotator_params="low_threshold=50"), 64, 64)
+    from controlnet.pipeline import resize_cover
+
+    expected = annotators.get("canny")(resize_cover(np.asarray(img), 64, 64), low_threshold=50)
+    np.testing.assert_array_equal(cond, expected)
+    assert cond.max() == 255 and "canny" in status
+    _, status = backend.preview(ui.UnitInput(image=img, annotator="canny", annotator_params="bogus=1"), 64, 64)
+    assert status.startswith("Error: canny: unknown parameter 'bogus'")
+
+
+def test_annotator_choices_and_help():
+    choices = ui.UiBackend.annotator_choices()
+    assert choices[0] == ui.NO_ANNOTATOR and "canny" in choices and len(set(choices)) == len(choices)
+    placeholder, info = ui.UiBackend.annotator_help("canny")
+    assert placeholder.startswith("low_threshold=") and "high_threshold=" in placeholder and "Canny" in info
+    assert ui.UiBackend.annotator_help(ui.NO_ANNOTATOR)[0] == ""
+
+
+def test_embedded_examples_are_the_demo_fill_conditions(tmp_path):
+    from controlnet import demo
+    from controlnet.embedded import bundled_controlnets
+
+    examples = ui.embedded_examples(tmp_path)
+    if demo.FILL_CONTROLNET not in bundled_controlnets():
+        assert examples == []
+        return
+    assert [ex.prompt for ex in examples] == [s.prompt for s in demo.DEMO_SAMPLES[:3]]
+    for ex, sample in zip(examples, demo.DEMO_SAMPLES):
+        assert (ex.controlnet, ex.guidance) == ("fill", demo.DEMO_GUIDANCE)
+        np.testing.assert_array_equal(np.asarray(Image.open(ex.image).convert("RGB")), sample.condition)
+
+
+# --------------------------------------------------------------------------- CLI plumbing
+
+
+def test_cli_defaults_bind_localhost():
+    from controlnet.commands.ui import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["ui"])
+    assert (args.base, args.host, args.port) == (None, "127.0.0.1", 7860)
+    args = parser.parse_args(["ui", "--base", "/m", "--host", "0.0.0.0", "--port", "9000"])
+    assert (args.base, args.host, args.port) == ("/m", "0.0.0.0", 9000)
+
+
+def test_missing_gradio_is_a_one_line_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # makes `import gradio` raise ImportError
+    with pytest.raises(UserError, match=r"pip install 'controlnet\[ui\]'"):
+        ui.import_gradio()
+
+
+# --------------------------------------------------------------------------- the real pipeline, tiny model
+
+
+def test_generate_with_real_pipeline_on_tiny_model(tiny_backend, tiny_models):
+    _, controlnet = tiny_models
+    unit = ui.UnitInput(True, None, str(controlnet), circle_image(), ui.NO_ANNOTATOR, "", 1.0, 0.0, 1.0)
+    fractions = []
+    outcome = tiny_backend.generate(request(seed=-1, steps=2, num_images=2, units=[unit]),
+                                    progress=lambda frac, desc: fractions.append(frac))
+    assert outcome.ok, outcome.status
+    assert fractions == [0.0, 0.5, 1.0]  # the pipeline's per-step callback drives the page's progress bar
+    assert len(outcome.files) == 2 and outcome.seed is not None and f"seed {outcome.seed}" in outcome.status
+    for k, path in enumerate(outcome.files):
+        with Image.open(path) as img:
+            assert img.size == (TINY_SIZE, TINY_SIZE) and img.text["seed"] == str(outcome.seed + k)
+    assert [c.size for c in outcome.conditions.values()] == [(TINY_SIZE, TINY_SIZE)]
+
+
+def test_wrong_controlnet_file_is_a_message(tiny_backend, tmp_path):
+    bogus = tmp_path / "not-a-controlnet.safetensors"
+    bogus.write_bytes(b"this is not a checkpoint")
+    unit = ui.UnitInput(True, None, str(bogus), circle_image(), ui.NO_ANNOTATOR, "", 1.0, 0.0, 1.0)
+    outcome = tiny_backend.generate(request(steps=1, units=[unit]))
+    assert not outcome.ok and outcome.status.startswith("Error: ") and "not-a-controlnet" in outcome.status
+    assert "Traceback" not in outcome.status and "details in the server log" not in outcome.status  # a UserError
+
+
+# --------------------------------------------------------------------------- the browser
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served_page(config: ui.UiConfig, sync_api):
+    """The UI served on ``config`` (a free port is picked) and a headless Chromium page open on it."""
+    config = dataclasses.replace(config, port=_free_port())
+    app = ui.launch(config, block=False, quiet=True)
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                page.goto(f"http://127.0.0.1:{config.port}/")
+                yield page
+            finally:
+                browser.close()
+    finally:
+        app.close()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_page_generates_in_headless_chromium(tiny_models, tmp_path, monkeypatch):
+    if not CHROMIUM.exists():
+        pytest.skip(f"Chromium is not installed at {CHROMIUM} (Debian: apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install playwright)")
+    base, controlnet = tiny_models
+    condition = tmp_path / "condition.png"
+    circle_image().save(condition)
+    bogus = tmp_path / "not-a-controlnet.safetensors"
+    bogus.write_bytes(b"this is not a checkpoint")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # uploads and cached files stay in tmp_path
+    config = ui.UiConfig(base=str(base), output_dir=str(tmp_path / "outputs"))
+    with served_page(config, sync_api) as page:
+        page.fill("#prompt textarea", "a red circle")
+        page.set_input_files("#unit1-image input[type=file]", str(condition))
+        page.wait_for_selector("#unit1-image img", timeout=20_000)
+        sync_api.expect(page.locator("#unit1-enable input")).to_be_checked()  # the upload enabled unit 1
+        page.fill("#steps input[type=number]", "2")
+        # A file that is not a ControlNet: one line in the status box, no image.
+        page.fill("#unit1-model-path textarea, #unit1-model-path input", str(bogus))
+        page.click("#generate")
+        status = page.locator("#status textarea")
+        sync_api.expect(status).to_have_value(re.compile("^Error: "), timeout=40_000)
+        assert bogus.name in status.input_value() and "Traceback" not in page.content()
+        assert page.locator("#gallery img").count() == 0
+        # The right file: an image of the model's size in the gallery, the seed used shown.
+        page.fill("#unit1-model-path textarea, #unit1-model-path input", str(controlnet))
+        page.click("#generate")
+        page.wait_for_selector("#gallery img", timeout=40_000)
+        sync_api.expect(status).to_have_value(re.compile("^Done: 1 image"), timeout=10_000)
+        status = status.input_value()
+        size = page.eval_on_selector("#gallery img", "img => [img.naturalWidth, img.naturalHeight]")
+        assert size == [TINY_SIZE, TINY_SIZE]
+        seed_used = int(page.input_value("#seed-used input"))
+        assert f"seed {seed_used}" in status and seed_used >= 0
+        shot = tmp_path / "ui.png"
+        page.screenshot(path=str(shot), full_page=True)
+    saved = sorted((tmp_path / "outputs").glob("*.png"))
+    assert len(saved) == 1
+    with Image.open(saved[0]) as img:
+        assert img.size == (TINY_SIZE, TINY_SIZE) and img.text["seed"] == str(seed_used)
+        assert (img.text["prompt"], img.text["steps"]) == ("a red circle", "2")  # the page's values reached the pipeline
+        assert json.loads(img.text["controlnets"])[0]["controlnet"] == str(controlnet)
+    assert shot.stat().st_size > 0
+    if os.environ.get(SCREENSHOT_COPY_ENV):
+        shutil.copyfile(shot, os.environ[SCREENSHOT_COPY_ENV])
+
+
+def save_docs_screenshot(path: Path) -> None:
+    """The README's picture: the page on the embedded model, example 1 (a fill condition) generated.
+
+    ``python tests/test_ui.py docs/ui.png`` (needs the embedded model, Chromium and playwright).
+    """
+    from playwright import sync_api
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["GRADIO_TEMP_DIR"] = str(Path(tmp) / "gradio")
+        with served_page(ui.UiConfig(base=None, output_dir=tmp), sync_api) as page:
+            page.locator("#examples tbody tr").first.click()
+            sync_api.expect(page.locator("#unit1-enable input")).to_be_checked()
+            page.fill("#seed input", "0")
+            page.click("#generate")
+            page.wait_for_selector("#gallery img", timeout=120_000)
+            sync_api.expect(page.locator("#status textarea")).to_have_value(re.compile("^Done"), timeout=10_000)
+            shot = Path(tmp) / "ui.png"
+            page.screenshot(path=str(shot), full_page=True)
+        with Image.open(shot) as img:  # 256 colours: a third of the bytes, no visible change for a UI
+            img.convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    save_docs_screenshot(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/ui.png"))
