@@ -9,7 +9,7 @@ Every annotator is a callable ``annotator(image, **params) -> (H, W, 3) uint8`` 
     annotators.REGISTRY["canny"].params   # declared parameters with their defaults
 
 The built-in ones need no weights. A model-based detector (HED, MiDaS, OpenPose, ...) is added with
-:func:`register`, taking its local weights file as a ``Path`` parameter (see docs/sections/annotators.md).
+:func:`register`, taking its local weights file as a ``Path`` parameter (see the README).
 """
 
 from __future__ import annotations

@@ -1,0 +1,56 @@
+"""Measure the embedded model against the issue's targets on 64 held-out random conditions, 20 steps.
+
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/evaluate_demo.py [--n 64] [--steps 20] [--out docs/evaluation.json]
+
+Targets: mean IoU >= 0.80 with the fill ControlNet and <= 0.35 without it; circle colour accuracy >= 0.90 with
+the ControlNet. The conditions come from a seed (controlnet.demo.EVAL_SEED) that no training run uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from controlnet.demo import DEMO_GUIDANCE, EVAL_SEED, compare, held_out_samples, load_pipeline, make_grid, save_image
+from controlnet.fileio import atomic_write_text
+
+TARGETS = {"iou_with_controlnet": (">=", 0.80), "iou_without_controlnet": ("<=", 0.35),
+           "colour_accuracy_with_controlnet": (">=", 0.90)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=DEMO_GUIDANCE)
+    ap.add_argument("--seed", type=int, default=EVAL_SEED)
+    ap.add_argument("--out", type=Path, default=Path("docs/evaluation.json"))
+    ap.add_argument("--grid", type=Path, default=None, help="also write a grid of the first 8 (PNG)")
+    args = ap.parse_args()
+
+    start = time.perf_counter()
+    pipe = load_pipeline()
+    samples = held_out_samples(args.n, args.seed)
+    result = compare(pipe, samples, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    summary = result.summary()
+    checks = {}
+    for key, (op, bound) in TARGETS.items():
+        value = summary[key]
+        checks[key] = {"value": round(value, 4), "target": f"{op} {bound}",
+                       "met": value >= bound if op == ">=" else value <= bound}
+    report = {"n": args.n, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+              "seconds": round(time.perf_counter() - start, 1), "targets": checks,
+              **{k: round(v, 4) for k, v in summary.items() if k != "n"}}
+    atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+    if args.grid:
+        result.samples, result.base_images, result.control_images = (
+            result.samples[:8], result.base_images[:8], result.control_images[:8])
+        result.iou_base, result.iou_control = result.iou_base[:8], result.iou_control[:8]
+        save_image(args.grid, make_grid(result))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""Train the embedded tiny SD-layout base model on synthetic fill data (target image + prompt only).
+
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/train_embedded.py --work outputs/train_base --out src/controlnet/assets/tiny-sd
+
+Stages (each resumes from ``--work`` if interrupted; the final folder is written atomically):
+
+1. VAE (AutoencoderKL, 8x downsampling, 4 latent channels) on random fill targets: MSE + a small KL term.
+   Its ``scaling_factor`` is set to 1 / std of the latents of a held set, as SD's 0.18215 was.
+2. Encode a fixed set of targets to latents once (the VAE is frozen from here on).
+3. UNet2DConditionModel + CLIPTextModel jointly, epsilon prediction on the SD1.5 noise schedule, with 10% empty
+   prompts so classifier-free guidance works. An EMA of both is what ships.
+
+The base never sees a condition: it learns to draw "a <colour> circle with <colour> background" somewhere.
+Weights are saved in fp16 in the diffusers StableDiffusionPipeline layout. bf16 autocast on CPU throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from controlnet.configs import build_text_encoder, build_tokenizer, build_vae
+from controlnet.data.fill import COLOURS, random_condition
+from controlnet.fileio import atomic_path, atomic_write_text
+
+IMAGE_SIZE = 128
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=4, sample_size=IMAGE_SIZE,
+)  # 3 downsamplers: 8x as SD's VAE, so 128 px images have 16x16 latents. Few GroupNorm groups (4+ channels
+# each): a flat-colour image normalised in groups of 2 channels loses its colour, and learning stalls.
+# The posterior's log-variance starts at this value (std 0.05) rather than 0, so sampled latents are readable
+# from the first step; a small KL term keeps it near there.
+VAE_INIT_LOGVAR = -6.0
+UNET_CONFIG = dict(
+    sample_size=IMAGE_SIZE // 8, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=64, attention_head_dim=4,
+    norm_num_groups=8,
+)
+TEXT_HIDDEN, TEXT_LAYERS, TEXT_HEADS, MAX_TOKENS = 64, 2, 4, 16
+# SD1.5's scheduler/scheduler_config.json (scaled_linear betas 0.00085..0.012, 1000 steps, epsilon).
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+)
+VOCABULARY = sorted(set(COLOURS) | {"circle", "with", "background"})
+EMPTY_PROMPT_RATE = 0.1  # classifier-free guidance needs an unconditional model
+KL_WEIGHT = 1e-6  # SD's autoencoder kl_weight (on the summed KL)
+
+
+def sample_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
+    """(n, 3, H, W) targets in [-1, 1] and their prompts."""
+    samples = [random_condition(rng, IMAGE_SIZE) for _ in range(n)]
+    x = torch.from_numpy(np.stack([s.target for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, [s.prompt for s in samples]
+
+
+def log(path: Path, **row) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def train_vae(args, work: Path) -> "torch.nn.Module":
+    """Phase 1: whole 128 px images; phase 2: random ``--vae-crop`` px crops (4x cheaper per image, the same
+    convolutions; flat-colour areas dominate, which is what the colours need)."""
+    ckpt = work / "vae.pt"
+    vae = build_vae(VAE_CONFIG, seed=args.seed).train()
+    with torch.no_grad():  # conv_out gives (mean, logvar) x latent channels
+        vae.encoder.conv_out.bias[VAE_CONFIG["latent_channels"]:] = VAE_INIT_LOGVAR
+    state = {"phase": "full", "steps": 0, "seconds": 0.0, "full_steps": 0, "full_seconds": 0.0}
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        vae.load_state_dict(state["model"])
+        if state["done"]:
+            return vae.eval()
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed + 1 + state["steps"])
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    for phase, max_steps, minutes in (("full", args.vae_steps, args.vae_minutes),
+                                      ("crop", args.vae_crop_steps, args.vae_crop_minutes)):
+        if phase == "full" and state["phase"] == "crop":
+            continue
+        t0 = time.time() - (state["seconds"] if state["phase"] == phase else 0.0)
+        step = state["steps"] if state["phase"] == phase else 0
+        while step < max_steps and time.time() - t0 < minutes * 60:
+            x, _ = sample_batch(rng, args.vae_batch)
+            if phase == "crop":
+                c = args.vae_crop
+                offsets = rng.integers(0, IMAGE_SIZE - c + 1, size=(len(x), 2))
+                x = torch.stack([img[:, i:i + c, j:j + c] for img, (i, j) in zip(x, offsets)])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                post = vae.encode(x).latent_dist
+                rec = vae.decode(post.sample()).sample
+            mse = F.mse_loss(rec.float(), x)
+            kl = post.kl().float().mean()
+            loss = mse + KL_WEIGHT * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % 50 == 0:
+                log(work / "log.jsonl", stage=f"vae-{phase}", step=step, mse=round(mse.item(), 5),
+                    kl=round(kl.item(), 1), seconds=round(time.time() - t0, 1))
+            if step % 100 == 0:
+                state.update(model=vae.state_dict(), done=False, phase=phase, steps=step, seconds=time.time() - t0)
+                torch.save(state, ckpt)
+        if phase == "full":
+            state.update(full_steps=step, full_seconds=time.time() - t0)
+        state.update(phase=phase, steps=step, seconds=time.time() - t0)
+        if phase == "full":
+            state.update(phase="crop", steps=0, seconds=0.0)
+    vae.eval()
+    state.update(model=vae.state_dict(), done=True)
+    torch.save(state, ckpt)
+    return vae
+
+
+@torch.no_grad()
+def encode_set(vae, n: int, seed: int, work: Path) -> tuple[torch.Tensor, list[str]]:
+    cache = work / "latents.pt"
+    if cache.exists():
+        d = torch.load(cache, weights_only=True)
+        return d["latents"], json.loads((work / "prompts.json").read_text())
+    rng = np.random.default_rng(seed)
+    lats, prompts = [], []
+    for i in range(0, n, 250):
+        x, p = sample_batch(rng, min(250, n - i))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lats.append(vae.encode(x).latent_dist.mean.float())
+        prompts += p
+    latents = torch.cat(lats)  # (N, 4, 16, 16), unscaled
+    torch.save({"latents": latents}, cache)
+    (work / "prompts.json").write_text(json.dumps(prompts))
+    return latents, prompts
+
+
+def train_unet(args, work: Path, latents: torch.Tensor, prompts: list[str], tokenizer):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(args.seed)
+    unet = UNet2DConditionModel(**UNET_CONFIG).train()
+    text = build_text_encoder(len(tokenizer), TEXT_HIDDEN, TEXT_LAYERS, TEXT_HEADS, MAX_TOKENS, seed=args.seed).train()
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.0)
+    step, seconds = 0, 0.0
+    ckpt = work / "unet.pt"
+    if ckpt.exists():
+        s = torch.load(ckpt, weights_only=True)
+        unet.load_state_dict(s["unet"]); text.load_state_dict(s["text"])
+        ema_unet.load_state_dict(s["ema_unet"]); ema_text.load_state_dict(s["ema_text"])
+        opt.load_state_dict(s["opt"]); step, seconds = s["step"], s["seconds"]
+        if s.get("done"):
+            return ema_unet, ema_text, s
+    sched = DDPMScheduler.from_config(SCHEDULER_CONFIG)  # ignores DDIM-only keys
+    ids_all = tokenizer(prompts + [""], padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                        return_tensors="pt").input_ids
+    empty_ids, ids_all = ids_all[-1], ids_all[:-1]
+    g = torch.Generator().manual_seed(args.seed + step)
+    t0 = time.time() - seconds
+    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
+    while step < args.unet_steps and time.time() - t0 < args.unet_minutes * 60:
+        idx = torch.randint(0, len(latents), (args.unet_batch,), generator=g)
+        z0 = latents[idx] * args.scaling_factor  # (B, 4, 16, 16)
+        ids = ids_all[idx].clone()
+        drop = torch.rand(args.unet_batch, generator=g) < EMPTY_PROMPT_RATE
+        ids[drop] = empty_ids
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (args.unet_batch,), generator=g)
+        zt = sched.add_noise(z0, noise, t)
+        warm = min(1.0, (step + 1) / args.warmup)
+        for group in opt.param_groups:
+            group["lr"] = args.unet_lr * warm
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            emb = text(ids).last_hidden_state
+            pred = unet(zt, t, emb).sample
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema_params, params):
+                pe.lerp_(p, 1 - decay)
+        if step % 50 == 0:
+            log(work / "log.jsonl", stage="unet", step=step, loss=round(loss.item(), 5),
+                seconds=round(time.time() - t0, 1))
+        if step % 500 == 0:
+            _save_unet(ckpt, unet, text, ema_unet, ema_text, opt, step, time.time() - t0, False)
+    state = _save_unet(ckpt, unet, text, ema_unet, ema_text, opt, step, time.time() - t0, True)
+    return ema_unet, ema_text, state
+
+
+def _save_unet(path, unet, text, ema_unet, ema_text, opt, step, seconds, done):
+    state = {"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
+             "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "step": step, "seconds": seconds,
+             "done": done}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return state
+
+
+def save_pipeline(out: Path, vae, text, unet, tokenizer) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae).half(), text_encoder=copy.deepcopy(text).half(), tokenizer=tokenizer,
+        unet=copy.deepcopy(unet).half(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    with atomic_path(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for f in tmp.rglob("*"):  # package data must be readable by every user
+            f.chmod(0o755 if f.is_dir() else 0o644)
+        tmp.chmod(0o755)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("outputs/train_base"))
+    ap.add_argument("--out", type=Path, default=Path("src/controlnet/assets/tiny-sd"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vae-steps", type=int, default=3000)
+    ap.add_argument("--vae-minutes", type=float, default=9.0)
+    ap.add_argument("--vae-batch", type=int, default=8)
+    ap.add_argument("--vae-lr", type=float, default=3e-4)
+    ap.add_argument("--vae-crop", type=int, default=64)
+    ap.add_argument("--vae-crop-steps", type=int, default=3000)
+    ap.add_argument("--vae-crop-minutes", type=float, default=6.0)
+    ap.add_argument("--latent-set", type=int, default=16000)
+    ap.add_argument("--unet-steps", type=int, default=6000)
+    ap.add_argument("--unet-minutes", type=float, default=25.0)
+    ap.add_argument("--unet-batch", type=int, default=64)
+    ap.add_argument("--unet-lr", type=float, default=5e-4)
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--ema", type=float, default=0.999)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    t_start = time.time()
+    vae = train_vae(args, args.work)
+    vae_state = torch.load(args.work / "vae.pt", weights_only=True)
+    latents, prompts = encode_set(vae, args.latent_set, args.seed + 2, args.work)
+    args.scaling_factor = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=args.scaling_factor)
+    log(args.work / "log.jsonl", stage="latents", n=len(latents), std=float(latents.std()),
+        scaling_factor=args.scaling_factor)
+
+    tokenizer = build_tokenizer(VOCABULARY, max_length=MAX_TOKENS)
+    unet, text, state = train_unet(args, args.work, latents, prompts, tokenizer)
+    save_pipeline(args.out, vae, text, unet, tokenizer)
+    summary = {
+        "seed": args.seed, "vae_full_steps": vae_state["full_steps"], "vae_crop_steps": vae_state["steps"],
+        "vae_batch": args.vae_batch, "vae_seconds": round(vae_state["full_seconds"] + vae_state["seconds"], 1), "latent_set": len(latents),
+        "scaling_factor": args.scaling_factor, "unet_steps": state["step"], "unet_batch": args.unet_batch,
+        "unet_seconds": round(state["seconds"], 1), "unet_lr": args.unet_lr, "ema": args.ema,
+        "total_seconds_this_run": round(time.time() - t_start, 1),
+        "params": {"unet": sum(p.numel() for p in unet.parameters()),
+                   "text_encoder": sum(p.numel() for p in text.parameters()),
+                   "vae": sum(p.numel() for p in vae.parameters())},
+    }
+    atomic_write_text(args.work / "summary.json", json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""``controlnet data``: make training data sets.
+
+    controlnet data fill OUT --n 50000 --size 128 --seed 0     # the fill50k layout, synthetic circles
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``data`` command and its sub-commands."""
+    parser = subparsers.add_parser("data", help="make training data sets (synthetic fill circles)",
+                                   description="Make training data sets.")
+    kinds = parser.add_subparsers(dest="kind", metavar="KIND")
+    kinds.required = True
+    fill = kinds.add_parser(
+        "fill", help="synthetic circles in the fill50k layout (prompt.json, source/, target/)",
+        description="Write N circles: source/i.png a white outline on black, target/i.png the circle filled "
+                    "with one colour on a background of another, prompt.json '<colour> circle with <colour> "
+                    "background'.",
+    )
+    fill.add_argument("out", type=Path, help="new folder to write")
+    fill.add_argument("--n", type=int, default=50000, help="number of samples (default: 50000)")
+    fill.add_argument("--size", type=int, default=128, help="image side in px (default: 128)")
+    fill.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    fill.set_defaults(func=run_fill)
+
+
+def run_fill(args: argparse.Namespace) -> int:
+    from controlnet.data.fill import make_fill_dataset
+
+    out = make_fill_dataset(args.out, args.n, size=args.size, seed=args.seed)
+    print(f"wrote {args.n} fill samples to {out}")
+    return 0

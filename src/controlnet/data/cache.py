@@ -1,0 +1,168 @@
+"""On-disk caches of what the locked models compute from the training data: VAE latents, text embeddings and
+conditions at the training resolution.
+
+The paper's recipe keeps the VAE and the text encoder locked, so their outputs for a given image or prompt never
+change during training. Computing them once lets a training step run only the UNet and the ControlNet (see
+``benchmarks/training.py`` for what that saves).
+
+**Keys.** Every entry's file name is a SHA-256 over
+
+* the *content*: the bytes of the image file (never its path or modification time), or the prompt's text;
+* the *model identity*: a digest of the VAE's (or the text encoders' and tokenizers') weights and configs,
+  :func:`module_digest` / :func:`tokenizer_digest`;
+* the *preprocessing*: the resolution, the horizontal flip, the annotator's name and parameters, and
+  :data:`CACHE_VERSION`.
+
+Change any of these and the key changes, so the entry is recomputed; a stale entry is simply never read again
+(delete the cache folder to reclaim its space). Entries are written atomically (temporary file + rename), so a
+killed run leaves no half-written entry and the processes of a distributed run may fill one cache together.
+
+**Layout** (``xx`` = the key's first two hex digits, to keep folders small)::
+
+    CACHE/latents/xx/KEY.safetensors     {"params": (2C, h, w)} the VAE's latent distribution (mean and
+                                         log-variance: diffusers' DiagonalGaussianDistribution.parameters);
+                                         a training step samples it, as the original's encode_first_stage does
+    CACHE/text/xx/KEY.safetensors        {"hidden": (L, D)} and, for SDXL, {"pooled": (D2,)}
+    CACHE/conditions/xx/KEY.png          the condition at the training resolution, RGB uint8
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Collection, Iterable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from controlnet.fileio import atomic_path, atomic_write_bytes
+
+# Bump when the meaning of an entry changes (preprocessing, stored fields): every old entry is then ignored.
+CACHE_VERSION = 1
+
+KINDS = {"latents": ".safetensors", "text": ".safetensors", "conditions": ".png"}
+
+# Bytes read at a time when hashing files.
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (its content hash). Raises OSError if it cannot be read."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def entry_key(*parts: Any) -> str:
+    """The cache key of an entry: SHA-256 over :data:`CACHE_VERSION` and ``parts`` (JSON-encoded)."""
+    payload = json.dumps([CACHE_VERSION, *parts], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def module_digest(*modules: torch.nn.Module | None, exclude: Collection[str] = ()) -> str:
+    """A digest of the weights (names, dtypes, shapes, bytes) and configs of ``modules``: a model's identity.
+
+    Hashes the tensors themselves, so the same weights loaded from .bin, .safetensors or fp16 files cast to the
+    same dtype give the same digest, and any changed weight gives another. State-dict entries named in
+    ``exclude`` are left out.
+    """
+    exclude = set(exclude)
+    digest = hashlib.sha256()
+    for module in modules:
+        if module is None:
+            digest.update(b"<none>")
+            continue
+        config = getattr(module, "config", None)
+        if config is not None:
+            as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            as_dict = {k: v for k, v in as_dict.items() if not k.startswith("_")}  # e.g. _name_or_path
+            digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode("utf-8"))
+        for name, tensor in module.state_dict().items():
+            if name in exclude:
+                continue
+            t = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode("utf-8"))
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_digest(*tokenizers: Any) -> str:
+    """A digest of tokenizers' vocabularies, maximum lengths and classes."""
+    digest = hashlib.sha256()
+    for tok in tokenizers:
+        if tok is None:
+            digest.update(b"<none>")
+            continue
+        digest.update(type(tok).__name__.encode("utf-8"))
+        digest.update(str(getattr(tok, "model_max_length", "")).encode("utf-8"))
+        digest.update(json.dumps(tok.get_vocab(), sort_keys=True).encode("utf-8"))
+    return digest.hexdigest()
+
+
+@dataclass
+class CacheStats:
+    """What a preparation pass found in the cache and what it had to compute (summed over processes)."""
+
+    latents_encoded: int = 0  # VAE encodings computed (one per image and flip)
+    latents_cached: int = 0
+    prompts_encoded: int = 0  # text encoder calls (one per distinct prompt, incl. the empty one)
+    prompts_cached: int = 0
+    conditions_made: int = 0  # conditions resized (or annotated) and stored
+    conditions_cached: int = 0
+
+    def __add__(self, other: "CacheStats") -> "CacheStats":
+        return CacheStats(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def total(cls, parts: Iterable["CacheStats"]) -> "CacheStats":
+        out = cls()
+        for part in parts:
+            out = out + part
+        return out
+
+
+class CacheStore:
+    """The cache folder: one file per entry, addressed by kind ("latents", "text", "conditions") and key."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, kind: str, key: str) -> Path:
+        if kind not in KINDS:
+            raise ValueError(f"unknown cache kind {kind!r}; one of {sorted(KINDS)}")
+        return self.root / kind / key[:2] / f"{key}{KINDS[kind]}"
+
+    def has(self, kind: str, key: str) -> bool:
+        return self.path(kind, key).is_file()
+
+    def save_tensors(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Store float tensors (on CPU, contiguous) under ``kind``/``key``, atomically."""
+        from safetensors.torch import save
+
+        data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        atomic_write_bytes(self.path(kind, key), save(data))
+
+    def load_tensors(self, kind: str, key: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path(kind, key)))
+
+    def save_condition(self, key: str, image: np.ndarray) -> None:
+        """Store a ``(H, W, 3)`` uint8 condition as a PNG, atomically."""
+        with atomic_path(self.path("conditions", key)) as tmp:
+            Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
+
+    def load_condition(self, key: str) -> np.ndarray:
+        """The stored condition, ``(H, W, 3)`` uint8."""
+        with open(self.path("conditions", key), "rb") as f:
+            data = f.read()
+        return np.array(Image.open(io.BytesIO(data)).convert("RGB"))  # writable (torch.from_numpy)

@@ -1,0 +1,416 @@
+"""The inference pipeline on tiny seeded models: our sampling loop against diffusers' pipelines (the oracle),
+composition, step ranges, guess mode, determinism, and the helpers (resize rule, sizes, dtypes, metadata)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from controlnet.configs import (
+    TINY_SDXL_TEXT_EMBED_DIM,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+)
+from controlnet.errors import UserError
+from controlnet.model import ControlNet
+from controlnet.pipeline import (
+    SCHEDULERS,
+    ControlUnit,
+    condition_to_pil,
+    Pipeline,
+    default_dtype,
+    make_scheduler,
+    png_metadata,
+    resize_cover,
+    resolve_dtype,
+    round_size,
+    to_condition_array,
+)
+
+WORDS = ["red", "circle", "blue", "square", "ugly"]
+PROMPT, NEGATIVE = "red circle", "ugly"
+WIDTH, HEIGHT = 64, 48  # non-square catches (H, W) mix-ups; latents (B, 4, 6, 8)
+STEPS = 4
+
+# Stable Diffusion's training schedule (runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json).
+SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def _trained_like(cn: ControlNet, seed: int) -> ControlNet:
+    """Give every parameter (zero convs included) a seeded non-zero perturbation, so control changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in cn.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return cn.eval()
+
+
+def _components(family: str = "sd1", prediction_type: str = "epsilon") -> dict:
+    from diffusers import DDIMScheduler
+
+    tok = build_tokenizer(WORDS)
+    if family == "sdxl":
+        tok2 = build_tokenizer(WORDS)
+        extra = dict(
+            text_encoder_2=build_text_encoder(len(tok2.get_vocab()), projection_dim=TINY_SDXL_TEXT_EMBED_DIM, seed=2),
+            tokenizer_2=tok2,
+        )
+        hidden = 32  # two encoders of 32 → the tiny SDXL UNet's 64-wide context
+    else:
+        extra = {}
+        hidden = build_unet(family).config.cross_attention_dim
+    return dict(
+        unet=build_unet(family, seed=1),
+        vae=build_vae(seed=3),
+        text_encoder=build_text_encoder(len(tok.get_vocab()), hidden_size=hidden, seed=4),
+        tokenizer=tok,
+        scheduler=DDIMScheduler(**SD_SCHEDULE, prediction_type=prediction_type),
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    comps = _components("sd1")
+    pipe = Pipeline(**comps, dtype="fp32", device="cpu")
+    cns = [_trained_like(ControlNet.from_unet(comps["unet"]), seed) for seed in (10, 11)]
+    return pipe, comps, cns
+
+
+def _condition(seed: int, width: int = WIDTH, height: int = HEIGHT) -> Image.Image:
+    rng = np.random.RandomState(seed)
+    return Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _noise(seed: int = 0, batch: int = 1) -> torch.Tensor:
+    return torch.randn((batch, 4, HEIGHT // 8, WIDTH // 8), generator=torch.Generator().manual_seed(seed))
+
+
+def _to_diffusers(cn: ControlNet):
+    """diffusers' ControlNetModel with our weights: same config fields and key layout, loaded strictly."""
+    from diffusers import ControlNetModel
+
+    config = {k: v for k, v in cn.config.to_dict().items() if k not in ("_class_name", "hint_encoder")}
+    model = ControlNetModel.from_config(config)
+    model.load_state_dict(cn.state_dict(), strict=True)
+    return model.eval()
+
+
+def _ours(pipe, cns, images, scales=None, **kw):
+    units = [ControlUnit(cn, im, strength=s, residual_scales=rs)
+             for cn, im, s, rs in zip(cns, images, kw.pop("strengths", [1.0] * len(cns)), scales or [None] * len(cns))]
+    return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, controls=units, steps=STEPS, size=(WIDTH, HEIGHT),
+                progress=False, output_type="latent", **kw)
+
+
+# --------------------------------------------------------------------------- oracle: diffusers' pipelines
+
+
+@pytest.mark.parametrize("n_controlnets,guess_mode,scheduler", [
+    (1, False, "ddim"), (1, True, "ddim"), (2, False, "ddim"), (2, True, "ddim"), (1, False, "dpmpp_2m_karras"),
+])
+def test_matches_diffusers_controlnet_pipeline(sd1, n_controlnets, guess_mode, scheduler):
+    from diffusers import StableDiffusionControlNetPipeline
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    pipe, comps, cns = sd1
+    cns = cns[:n_controlnets]
+    images = [_condition(20 + k) for k in range(n_controlnets)]
+    strengths = [0.8, 1.3][:n_controlnets]
+    d_cn = [_to_diffusers(cn) for cn in cns]
+    oracle = StableDiffusionControlNetPipeline(
+        vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"], unet=comps["unet"],
+        controlnet=d_cn[0] if n_controlnets == 1 else MultiControlNetModel(d_cn),
+        scheduler=make_scheduler(scheduler, comps["scheduler"].config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    oracle.set_progress_bar_config(disable=True)
+    noise = _noise(5)
+    expected = oracle(
+        PROMPT, negative_prompt=NEGATIVE, image=images[0] if n_controlnets == 1 else images,
+        num_inference_steps=STEPS, guidance_scale=7.5, latents=noise.clone(), output_type="latent",
+        controlnet_conditioning_scale=strengths[0] if n_controlnets == 1 else strengths, guess_mode=guess_mode,
+        height=HEIGHT, width=WIDTH,
+    ).images
+    # diffusers' guess mode scales residual j of N by logspace(-1, 0, N)[j]; pass those scales to ours.
+    scales = [torch.logspace(-1, 0, cn.num_residuals).tolist() for cn in cns] if guess_mode else None
+    ours = _ours(pipe, cns, images, scales=scales, strengths=strengths, guidance=7.5, latents=noise.clone(),
+                 scheduler=scheduler, guess_mode=guess_mode)
+    torch.testing.assert_close(ours.latents, expected, atol=1e-4, rtol=0)
+    plain = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, steps=STEPS, size=(WIDTH, HEIGHT), guidance=7.5,
+                 latents=noise.clone(), progress=False, output_type="latent", scheduler=scheduler)
+    assert (ours.latents - plain.latents).abs().max() > 1e-2  # the ControlNets do change the result
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_matches_diffusers_sd2_vpred_and_sdxl(family):
+    """SD2 with v-prediction (the scheduler's prediction_type) and SDXL (two text encoders, added_cond_kwargs)."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+    comps = _components(family, prediction_type="v_prediction" if family == "sd2" else "epsilon")
+    cn = _trained_like(ControlNet.from_unet(comps["unet"]), 12)
+    pipe = Pipeline(**comps, dtype="fp32", device="cpu")
+    image, noise = _condition(30), _noise(6, batch=2)
+    if family == "sdxl":
+        oracle = StableDiffusionXLControlNetPipeline(**comps, controlnet=_to_diffusers(cn), add_watermarker=False)
+        kwargs = {}  # our empty negative prompt = diffusers' None → zeros (force_zeros_for_empty_prompt)
+    else:
+        oracle = StableDiffusionControlNetPipeline(**comps, controlnet=_to_diffusers(cn), safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+        kwargs = {"negative_prompt": NEGATIVE}
+    oracle.set_progress_bar_config(disable=True)
+    expected = oracle(PROMPT, image=image, num_inference_steps=STEPS, guidance_scale=5.0, latents=noise.clone(),
+                      output_type="latent", height=HEIGHT, width=WIDTH, num_images_per_prompt=2, **kwargs).images
+    ours = pipe(prompt=PROMPT, controls=[ControlUnit(cn, image)], steps=STEPS, guidance=5.0, latents=noise.clone(),
+                size=(WIDTH, HEIGHT), num_images=2, progress=False, output_type="latent", **kwargs)
+    torch.testing.assert_close(ours.latents, expected, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- the loop's rules
+
+
+def _hooks(module, calls: list, outputs: list | None = None):
+    def hook(mod, args, kwargs, out):
+        calls.append(kwargs.get("sample", args[0] if args else None))
+        if outputs is not None:
+            outputs.append(out)
+    return module.register_forward_hook(hook, with_kwargs=True)
+
+
+def test_two_controlnets_add_their_residuals(sd1):
+    pipe, _, cns = sd1
+    calls, outs = [[], []], [[], []]
+    received = []
+    handles = [_hooks(cn, c, o) for cn, c, o in zip(cns, calls, outs)]
+    handles.append(pipe.unet.register_forward_pre_hook(lambda m, a, kw: received.append(kw), with_kwargs=True))
+    try:
+        _ours(pipe, cns, [_condition(1), _condition(2)], strengths=[0.7, 1.2])
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(outs[0]) == len(outs[1]) == len(received) == STEPS
+    for a, b, kw in zip(outs[0], outs[1], received):
+        for ra, rb, got in zip(a.down_residuals, b.down_residuals, kw["down_block_additional_residuals"]):
+            assert torch.equal(got, ra + rb)
+        assert torch.equal(kw["mid_block_additional_residual"], a.mid_residual + b.mid_residual)
+    # Exact identity: two copies at strength 0.5 each are one at strength 1.0 (x/2 + x/2 == x in floating point).
+    cn, image = cns[0], _condition(3)
+    half = _ours(pipe, [cn, cn], [image, image], strengths=[0.5, 0.5])
+    full = _ours(pipe, [cn], [image], strengths=[1.0])
+    assert torch.equal(half.latents, full.latents)
+
+
+@pytest.mark.parametrize("unit_kwargs", [dict(end=0.0), dict(strength=0.0), dict(start=1.0)])
+def test_inactive_unit_gives_exactly_the_uncontrolled_image(sd1, unit_kwargs):
+    pipe, _, cns = sd1
+    calls: list = []
+    handles = [_hooks(cns[0], calls), _hooks(cns[0].controlnet_cond_embedding, calls)]
+    try:
+        controlled = pipe(PROMPT, controls=[ControlUnit(cns[0], _condition(1), **unit_kwargs)], steps=STEPS,
+                          size=(WIDTH, HEIGHT), progress=False, output_type="np")
+    finally:
+        for h in handles:
+            h.remove()
+    plain = pipe(PROMPT, steps=STEPS, size=(WIDTH, HEIGHT), progress=False, output_type="np")
+    assert calls == []  # neither the ControlNet nor its hint encoder ran
+    assert torch.equal(controlled.latents, plain.latents)
+    assert np.array_equal(controlled.images[0], plain.images[0])
+
+
+def test_unit_runs_only_inside_its_step_range_and_hint_is_encoded_once(sd1):
+    pipe, _, cns = sd1
+    calls, hint_calls = [], []
+    handles = [_hooks(cns[0], calls), _hooks(cns[0].controlnet_cond_embedding, hint_calls)]
+    try:
+        # 10 steps, [0.3, 0.6]: steps i with 0.3 <= i/10 and (i+1)/10 <= 0.6 → i = 3, 4, 5.
+        pipe(PROMPT, controls=[ControlUnit(cns[0], _condition(1), start=0.3, end=0.6)], steps=10,
+             size=(WIDTH, HEIGHT), progress=False, output_type="latent")
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(calls) == 3
+    assert len(hint_calls) == 1
+    unit = ControlUnit(cns[0], _condition(1), start=0.3, end=0.6)
+    assert [i for i in range(10) if unit.active(i, 10)] == [3, 4, 5]
+
+
+def test_guess_mode_controls_the_conditional_branch_only(sd1):
+    pipe, _, cns = sd1
+    calls, received = [], []
+    handles = [_hooks(cns[0], calls),
+               pipe.unet.register_forward_pre_hook(lambda m, a, kw: received.append(kw), with_kwargs=True)]
+    try:
+        _ours(pipe, cns[:1], [_condition(1)], guess_mode=True, num_images=2)
+    finally:
+        for h in handles:
+            h.remove()
+    assert [x.shape[0] for x in calls] == [2] * STEPS  # the ControlNet saw the 2 conditional rows only
+    for kw in received:
+        residuals = [*kw["down_block_additional_residuals"], kw["mid_block_additional_residual"]]
+        assert all(r.shape[0] == 4 and not r[:2].any() and r[2:].abs().sum() > 0 for r in residuals)
+
+
+def test_guess_mode_default_scales_are_the_originals(sd1):
+    """Without explicit scales, guess mode is exactly ControlNet residual_scales 0.825**(N-1-j)."""
+    pipe, _, cns = sd1
+    n = cns[0].num_residuals
+    default = _ours(pipe, cns[:1], [_condition(1)], guess_mode=True, strengths=[0.9])
+    explicit = _ours(pipe, cns[:1], [_condition(1)], guess_mode=True, strengths=[0.9],
+                     scales=[[0.825 ** float(n - 1 - j) for j in range(n)]])
+    torch.testing.assert_close(default.latents, explicit.latents, atol=1e-6, rtol=0)
+
+
+def test_same_seed_same_pixels_and_seed_k_is_image_k(sd1):
+    pipe, _, cns = sd1
+    kw = dict(controls=[ControlUnit(cns[0], _condition(1))], steps=STEPS, size=(WIDTH, HEIGHT), progress=False,
+              output_type="np", scheduler="euler_a", eta=0.0)
+    a = pipe(PROMPT, seed=7, num_images=2, **kw)
+    b = pipe(PROMPT, seed=7, num_images=2, **kw)
+    c = pipe(PROMPT, seed=8, num_images=1, **kw)
+    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images))
+    assert not np.array_equal(a.images[0], a.images[1])
+    # image 1 of seed 7 used seed 8: same noise as image 0 of seed 8 (pixels equal up to batch-size arithmetic)
+    assert np.abs(a.images[1].astype(int) - c.images[0].astype(int)).max() <= 1
+    assert a.settings["seeds"] == [7, 8] and a.seed == 7
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_scheduler_runs(sd1, name):
+    pipe, _, cns = sd1
+    out = pipe(PROMPT, controls=[ControlUnit(cns[0], _condition(1))], steps=3, size=(WIDTH, HEIGHT),
+               scheduler=name, progress=False, output_type="pil", eta=0.3)
+    assert out.images[0].size == (WIDTH, HEIGHT) and torch.isfinite(out.latents).all()
+
+
+def test_result_settings_conditions_and_callback(sd1):
+    pipe, _, cns = sd1
+    seen = []
+    out = pipe(PROMPT, controls=[ControlUnit(cns[0], _condition(1, 128, 64), strength=0.5, start=0.25)],
+               steps=STEPS, size=None, progress=False, callback=lambda i, t, x: seen.append(i))
+    # size None: the condition's aspect ratio (2:1) with the short side at the native size (8 * 8 = 64)
+    assert out.images[0].size == (128, 64) and out.conditions[0].size == (128, 64)
+    assert seen == list(range(STEPS))
+    s = out.settings
+    assert (s["prompt"], s["steps"], s["scheduler"], s["size"], s["guidance"]) == (PROMPT, STEPS, "ddim", "128x64", 9.0)
+    assert s["controlnets"][0]["strength"] == 0.5 and s["controlnets"][0]["start"] == 0.25
+
+
+def test_conditions_are_resized_by_cover_then_centre_crop(sd1):
+    pipe, _, cns = sd1
+    # A 32x32 image with a white left half; output 64x48: scale 2 → 64x64, crop rows 8..56; left half stays white.
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, :16] = 255
+    out = pipe(PROMPT, controls=[ControlUnit(cns[0], img)], steps=1, size=(WIDTH, HEIGHT), progress=False)
+    cond = np.asarray(out.conditions[0])
+    assert cond.shape == (HEIGHT, WIDTH, 3)
+    assert (cond[:, :24] > 235).all() and (cond[:, 40:] < 20).all()  # Lanczos rings a little at the edge
+
+
+def test_annotator_runs_first(sd1, tmp_path):
+    """A picture annotator runs on the resized image; a depth annotator on the raw file, then it is resized."""
+    from controlnet import annotators
+
+    pipe, _, cns = sd1
+    img = np.asarray(_condition(1, 32, 24))  # half the output size: resized first, then inverted
+    out = pipe(PROMPT, controls=[ControlUnit(cns[0], img, annotator="invert")], steps=1, size=(WIDTH, HEIGHT),
+               progress=False, output_type="latent")
+    resized = np.asarray(condition_to_pil(resize_cover(img.astype(np.float32) / 255, WIDTH, HEIGHT)))
+    assert np.array_equal(np.asarray(out.conditions[0]), 255 - resized)
+    assert out.settings["controlnets"][0]["annotator"] == "invert"
+
+    depth = np.linspace(0, 60000, WIDTH * HEIGHT, dtype=np.uint16).reshape(HEIGHT, WIDTH)  # 16-bit, raw values
+    Image.fromarray(depth).save(tmp_path / "depth.png")
+    out = pipe(PROMPT, controls=[ControlUnit(cns[0], tmp_path / "depth.png", annotator="depth",
+                                             annotator_params={"near": "small"})],
+               steps=1, size=(WIDTH, HEIGHT), progress=False, output_type="latent")
+    expected = annotators.get("depth")(tmp_path / "depth.png", near="small")
+    assert np.array_equal(np.asarray(out.conditions[0]), expected)
+
+
+# --------------------------------------------------------------------------- validation and helpers
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(strength=-0.1), "strength"), (dict(start=-0.5), "start"), (dict(end=1.5), "end"),
+    (dict(start=0.6, end=0.4), "after end"), (dict(strength=float("nan")), "strength"),
+])
+def test_bad_units_raise_user_error(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        ControlUnit("fill", "x.png", **kwargs)
+
+
+def test_bad_generation_settings_raise_user_error(sd1):
+    pipe, _, cns = sd1
+    with pytest.raises(UserError, match="scheduler"):
+        pipe(PROMPT, scheduler="heun", progress=False)
+    with pytest.raises(UserError, match="no such file"):
+        pipe(PROMPT, controls=[ControlUnit(cns[0], "/nonexistent/cond.png")], progress=False)
+    with pytest.raises(UserError, match="residual"):
+        _ours(pipe, cns[:1], [_condition(1)], scales=[[1.0, 1.0]])
+    sd2_cn = ControlNet.from_unet(build_unet("sd2"))
+    with pytest.raises(UserError, match="sd2"):
+        pipe(PROMPT, controls=[ControlUnit(sd2_cn, _condition(1))], progress=False)
+
+
+def test_size_rounding_warns_and_rounds(sd1):
+    pipe = sd1[0]
+    assert round_size(100, 63) == (104, 64) and round_size(3, 3) == (8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = pipe(PROMPT, steps=1, size=(61, 45), progress=False, output_type="latent")
+    assert out.settings["size"] == "64x48" and "rounded to 64x48" in str(caught[0].message)
+
+
+def test_condition_inputs_and_resize_rule():
+    rgba = Image.new("RGBA", (4, 2), (255, 0, 0, 128))
+    assert to_condition_array(rgba).shape == (2, 4, 3)
+    i16 = Image.fromarray(np.array([[0, 1000], [2000, 4000]], dtype=np.uint16))
+    assert np.round(to_condition_array(i16)[..., 0] * 255).tolist() == [[0, 64], [128, 255]]  # by range
+    t = torch.rand(3, 5, 7)
+    assert np.array_equal(to_condition_array(t), t.permute(1, 2, 0).numpy())
+    img = np.arange(6 * 10 * 3, dtype=np.float32).reshape(6, 10, 3) / 180
+    assert resize_cover(img, 10, 6) is img  # same size: untouched
+    assert resize_cover(img, 4, 4).shape == (4, 4, 3)
+    assert resize_cover(img, 20, 20).shape == (20, 20, 3)
+
+
+def test_dtypes_per_device():
+    assert default_dtype("cuda") == torch.float16 and default_dtype("mps") == torch.float32
+    assert default_dtype("cpu") in (torch.float32, torch.bfloat16)
+    assert resolve_dtype("bf16", "cpu") == torch.bfloat16 and resolve_dtype(None, "cuda") == torch.float16
+    with pytest.raises(UserError, match="dtype"):
+        resolve_dtype("int8", "cpu")
+    # From components without dtype/device: run as given, whatever the device default is (nothing is cast).
+    comps = _components("sd1")
+    pipe = Pipeline(**comps)
+    assert pipe.dtype == torch.float32 and comps["text_encoder"].dtype == torch.float32
+
+
+def test_png_metadata_per_image():
+    settings = {"prompt": "p", "seed": 3, "seeds": [3, 4], "steps": 2, "controlnets": [{"controlnet": "fill"}]}
+    meta = png_metadata(settings, index=1)
+    assert meta["seed"] == "4" and meta["prompt"] == "p" and json.loads(meta["controlnets"])[0]["controlnet"] == "fill"
+    assert json.loads(meta["settings"])["seed"] == 4 and "seeds" not in meta
+
+
+def test_from_pretrained_folder_with_fp16_variant_files(sd1, tmp_path):
+    """A diffusers folder whose weights exist only as *.fp16.safetensors loads, and generates what the same
+    components do in memory."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe, comps, _ = sd1
+    StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "base", variant="fp16")
+    assert list((tmp_path / "base" / "unet").glob("*.fp16.safetensors"))
+    loaded = Pipeline.from_pretrained(tmp_path / "base", dtype="fp32", device="cpu")
+    kw = dict(steps=2, size=(WIDTH, HEIGHT), progress=False, output_type="latent")
+    assert torch.equal(loaded(PROMPT, **kw).latents, pipe(PROMPT, **kw).latents)
+    assert loaded.base == str(tmp_path / "base")

@@ -1,0 +1,344 @@
+"""``controlnet train`` on a tiny seeded base: outputs, caches, the locked base, empty prompts, the decoder unlock,
+bad input, checkpoint failures, validation and the sudden-convergence rule, the objective."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from controlnet.errors import UserError
+
+R = 32  # training resolution: tiny UNet (2 blocks) x VAE 8x → multiples of 16
+FILL_WORDS = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple", "circle", "with", "background"]
+
+
+def make_base(path: Path) -> Path:
+    """A diffusers SD1.x folder with the tiny seeded models of controlnet.configs (no download)."""
+    from diffusers import DDIMScheduler
+
+    from controlnet.configs import build_text_encoder, build_tokenizer, build_unet, build_vae
+
+    tok = build_tokenizer(FILL_WORDS, max_length=16)
+    parts = {
+        "unet": build_unet("sd1", "tiny"), "vae": build_vae(), "tokenizer": tok,
+        "text_encoder": build_text_encoder(len(tok), hidden_size=32, max_positions=16),
+        # SD1.5's scheduler config (scaled_linear 0.00085..0.012, 1000 steps, epsilon)
+        "scheduler": DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+    }
+    for name, part in parts.items():
+        part.save_pretrained(path / name)
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}
+    (path / "model_index.json").write_text(json.dumps(index))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from controlnet.data.fill import make_fill_dataset
+
+    root = tmp_path_factory.mktemp("tiny")
+    return make_base(root / "base"), make_fill_dataset(root / "data", n=8, size=R, seed=0)
+
+
+def _config(tiny, out, **kw):
+    from controlnet.train import TrainConfig
+
+    base, data = tiny
+    kw = {"max_steps": 2, "checkpoint_every": 2, "progress": False, "plot": False, "tensorboard": False, **kw}
+    return TrainConfig(data=kw.pop("data", data), out=out, base=kw.pop("base", base), resolution=R, **kw)
+
+
+def _records(out: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def _run(tiny, out, **kw):
+    from controlnet.train import train
+
+    return train(_config(tiny, out, **kw))
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_cli_trains_and_writes_a_loadable_controlnet_checkpoints_and_an_original_export(tiny, tmp_path, capsys):
+    from controlnet.checkpoints import load_controlnet
+    from controlnet.cli import main
+    from controlnet.pipeline import ControlUnit, Pipeline
+
+    base, data = tiny
+    out = tmp_path / "run"
+    argv = ["train", "--base", str(base), "--data", str(data), "--out", str(out), "--resolution", str(R),
+            "--max-steps", "3", "--checkpoint-every", "1", "--keep", "2", "--export-original",
+            str(tmp_path / "cn.safetensors"), "--no-progress", "--no-plot", "--no-tensorboard"]
+    assert main(argv) == 0
+    assert "trained 3 steps" in capsys.readouterr().err
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000002", "step-000003"]
+    cn = load_controlnet(out / "controlnet")
+    same = load_controlnet(out / "checkpoints" / "step-000003" / "controlnet")
+    original = load_controlnet(tmp_path / "cn.safetensors")
+    for k, v in cn.state_dict().items():
+        assert torch.equal(v, same.state_dict()[k]) and torch.equal(v, original.state_dict()[k])
+    assert any(z.weight.abs().sum() > 0 for z in cn.zero_convs())  # it trained
+    train_recs = _records(out, "train")
+    assert [r["step"] for r in train_recs] == [1, 2, 3]
+    assert all(r["samples"] == 4 and r["samples_per_s"] > 0 and np.isfinite(r["loss"]) for r in train_recs)
+    # What `controlnet generate --controlnet OUT/controlnet` does: the pipeline loads and uses it.
+    pipe = Pipeline.from_pretrained(base, dtype="fp32", device="cpu")
+    cond = np.asarray(Image.open(data / "source" / "0.png").convert("RGB"))
+    result = pipe("red circle with blue background", controls=[ControlUnit(str(out / "controlnet"), cond)],
+                  steps=2, size=(R, R), output_type="np", progress=False)
+    assert result.images[0].shape == (R, R, 3)
+    # A second fresh run into the same folder is refused (it would mix two runs); bad values fail in one line.
+    assert main(argv) == 2
+    assert "--resume latest" in capsys.readouterr().err
+    assert main(argv[:5] + ["--out", str(tmp_path / "r2"), "--resolution", "40"]) == 2
+    assert "multiple of 16" in capsys.readouterr().err
+
+
+def test_caches_hit_on_the_second_run_and_are_rebuilt_when_data_or_model_change(tiny, tmp_path):
+    base, data = tiny
+    data = Path(shutil.copytree(data, tmp_path / "data"))
+    cache = tmp_path / "cache"
+    first = _run(tiny, tmp_path / "a", data=data, cache_dir=cache, max_steps=1)
+    assert (first.cache.latents_encoded, first.cache.prompts_encoded) == (8, len({*_prompts(data), ""}))
+    second = _run(tiny, tmp_path / "b", data=data, cache_dir=cache, max_steps=1)
+    assert (second.cache.latents_encoded, second.cache.prompts_encoded, second.cache.conditions_made) == (0, 0, 0)
+    assert second.cache.latents_cached == 8
+
+    Image.new("RGB", (R, R), (10, 200, 30)).save(data / "target" / "5.png")  # one image changes
+    third = _run(tiny, tmp_path / "c", data=data, cache_dir=cache, max_steps=1)
+    assert (third.cache.latents_encoded, third.cache.prompts_encoded) == (1, 0)
+
+    other = Path(shutil.copytree(base, tmp_path / "base2"))  # the same base but one VAE weight changed
+    vae_file = other / "vae" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(vae_file)
+    weights["encoder.conv_in.weight"][0, 0, 0, 0] += 0.5
+    save_file(weights, vae_file)
+    fourth = _run(tiny, tmp_path / "d", data=data, base=other, cache_dir=cache, max_steps=1)
+    assert (fourth.cache.latents_encoded, fourth.cache.prompts_encoded) == (8, 0)
+
+
+def _prompts(data: Path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in (data / "prompt.json").read_text().splitlines()]
+
+
+def test_locked_base_is_unchanged_and_empty_prompts_are_the_seeded_draws(tiny, tmp_path):
+    from controlnet.data.cache import module_digest
+    from controlnet.data.datasets import sample_draws
+    from diffusers import UNet2DConditionModel
+
+    out = tmp_path / "run"
+    result = _run(tiny, out, max_steps=6, checkpoint_every=0, seed=5)
+    start, end = _records(out, "start")[0], _records(out, "end")[0]
+    fresh = UNet2DConditionModel.from_pretrained(tiny[0] / "unet")
+    assert start["locked_base"] == end["locked_base"] == module_digest(fresh)
+    # Every sample's empty-prompt draw, as logged, is the seeded draw of its stream position.
+    per_step = [r["empty_prompts"] for r in _records(out, "train")]
+    expected = [sum(sample_draws(5, p, 0.5, False, 1000).empty_prompt for p in range(4 * s, 4 * s + 4))
+                for s in range(6)]
+    assert per_step == expected and result.empty_prompts == sum(expected) and result.samples == 24
+    assert 0 < result.empty_prompts < 24
+    assert _run(tiny, tmp_path / "none", max_steps=3, empty_prompt_prob=0.0).empty_prompts == 0
+
+
+def test_unlock_decoder_trains_exactly_the_decoder_from_step_n(tiny, tmp_path):
+    from controlnet.train import DECODER_FILE, DECODER_PREFIXES
+
+    out = tmp_path / "run"
+    result = _run(tiny, out, max_steps=4, checkpoint_every=2, keep=0, unlock_decoder_after=2, decoder_lr=1e-4)
+    assert not (out / "checkpoints" / "step-000002" / DECODER_FILE).exists()  # nothing trained it yet
+    assert (out / "checkpoints" / "step-000004" / DECODER_FILE).exists()
+    before = load_file(tiny[0] / "unet" / "diffusion_pytorch_model.safetensors")
+    after = load_file(result.unet / "diffusion_pytorch_model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    decoder = {k for k in before if k.startswith(DECODER_PREFIXES)}
+    assert changed == decoder
+
+
+def test_bad_rows_are_skipped_listed_or_fail_with_strict_and_other_sizes_are_resized(tiny, tmp_path):
+    base, data = tiny
+    data = Path(shutil.copytree(data, tmp_path / "data"))
+    (data / "target" / "3.png").write_bytes(b"\x89PNG garbage")  # unreadable
+    Image.new("RGB", (2 * R, R)).save(data / "source" / "4.png")  # another size than its image
+    with open(data / "prompt.json", "a") as f:
+        f.write(json.dumps({"source": "source/0.png", "target": "target/nope.png", "prompt": "x"}) + "\n")
+    with pytest.warns(UserWarning) as caught:
+        result = _run(tiny, tmp_path / "run", data=data, max_steps=1)
+    messages = " | ".join(str(w.message) for w in caught)
+    assert "2 row(s)" in messages and "resized" in messages and f"{2 * R}x{R}" in messages
+    assert sorted(s.line for s in result.skipped) == [4, 9]
+    listed = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert sorted(r["line"] for r in listed) == [4, 9]
+    assert _records(tmp_path / "run", "start")[0]["examples"] == 7
+    with pytest.raises(UserError, match="line 9"):
+        _run(tiny, tmp_path / "strict", data=data, max_steps=1, strict=True)
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _run(tiny, out, max_steps=2, checkpoint_every=2)
+    good = out / "checkpoints" / "step-000002"
+    before = {p.relative_to(good): p.read_bytes() for p in good.rglob("*") if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(UserError, match="earlier checkpoints are intact"):
+        _run(tiny, out, max_steps=4, checkpoint_every=2, resume="latest")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # no half-written one
+    assert {p.relative_to(good): p.read_bytes() for p in good.rglob("*") if p.is_file()} == before
+    assert _run(tiny, out, max_steps=4, checkpoint_every=2, resume="latest").step == 4
+
+
+def test_validation_writes_grids_scores_and_a_plot(tiny, tmp_path):
+    out = tmp_path / "run"
+    result = _run(tiny, out, max_steps=3, validate_every=2, validation_count=2, validation_steps=2, plot=True)
+    assert [v["step"] for v in result.validations] == [0, 2, 3]
+    assert all(v["metric"] == "fill_iou" and 0.0 <= v["score"] <= 1.0 for v in result.validations)
+    grid = Image.open(out / result.validations[0]["grid"])
+    assert grid.size == (3 * R, 2 * R)  # rows: condition | sample | image
+    assert grid.text["metric"] == "fill_iou"
+    assert result.plot is not None and Image.open(result.plot).format == "PNG"
+
+
+def test_sudden_convergence_rule():
+    from controlnet.train import sudden_convergence_step
+
+    steps = [0, 100, 200, 300, 400, 500, 600]
+    assert sudden_convergence_step(steps, [0.1, 0.1, 0.12, 0.8, 0.85, 0.84, 0.86]) == 300
+    # a lucky spike before the real jump does not count: the score must stay above the midpoint
+    assert sudden_convergence_step(steps, [0.1, 0.6, 0.1, 0.1, 0.8, 0.85, 0.86]) == 400
+    assert sudden_convergence_step(steps, [0.1, 0.12, 0.11, 0.13, 0.12, 0.14, 0.13]) is None  # no jump
+    assert sudden_convergence_step([0], [0.5]) is None
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_objective_with_a_new_controlnet_is_the_bases_own_loss(prediction_type):
+    """Zero convs → no residual → the loss is exactly MSE(UNet(z_t, t, c), target) for the scheduler's target."""
+    from diffusers import DDPMScheduler
+
+    from controlnet.configs import build_unet
+    from controlnet.model import ControlNet
+    from controlnet.train import denoising_loss
+
+    unet = build_unet("sd1", "tiny")
+    cn = ControlNet.from_unet(unet)
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(0)
+    batch = {"latents": torch.randn(2, 4, 4, 4, generator=g), "noise": torch.randn(2, 4, 4, 4, generator=g),
+             "timesteps": torch.tensor([10, 900]), "hidden": torch.randn(2, 5, 32, generator=g),
+             "condition": torch.rand(2, 3, 32, 32, generator=g)}
+    loss = denoising_loss(cn, unet, sched, batch, prediction_type, torch.float32, 32)
+    noisy = sched.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
+    pred = unet(noisy, batch["timesteps"], batch["hidden"]).sample
+    target = {"epsilon": batch["noise"], "sample": batch["latents"],
+              "v_prediction": sched.get_velocity(batch["latents"], batch["noise"], batch["timesteps"])}[prediction_type]
+    assert torch.allclose(loss, torch.nn.functional.mse_loss(pred, target), rtol=1e-6, atol=0)
+    loss.backward()  # gradients reach the zero convs (their input is non-zero), never the locked UNet
+    assert all(z.weight.grad is not None and z.weight.grad.abs().sum() > 0 for z in cn.zero_convs())
+
+
+def test_the_locked_encoder_builds_no_autograd_graph():
+    """Only the decoder side records a graph: the locked encoder and mid block run as under torch.no_grad."""
+    from diffusers import DDPMScheduler
+
+    from controlnet.configs import build_unet
+    from controlnet.model import ControlNet
+    from controlnet.train import denoising_loss
+
+    unet = build_unet("sd1", "tiny").requires_grad_(False)
+    cn = ControlNet.from_unet(unet)
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            seen[name] = out.requires_grad
+        return hook
+
+    for i, block in enumerate(unet.down_blocks):
+        block.register_forward_hook(record(f"down{i}"))
+    unet.mid_block.register_forward_hook(record("mid"))
+    for i, block in enumerate(unet.up_blocks):
+        block.register_forward_hook(record(f"up{i}"))
+    g = torch.Generator().manual_seed(0)
+    batch = {"latents": torch.randn(1, 4, 4, 4, generator=g), "noise": torch.randn(1, 4, 4, 4, generator=g),
+             "timesteps": torch.tensor([500]), "hidden": torch.randn(1, 5, 32, generator=g),
+             "condition": torch.rand(1, 3, 32, 32, generator=g)}
+    denoising_loss(cn, unet, DDPMScheduler(), batch, "epsilon", torch.float32, 32).backward()
+    assert seen == {"down0": False, "down1": False, "mid": False, "up0": True, "up1": True}
+    assert all(p.grad is None for p in unet.parameters())
+
+
+def test_bf16_gradient_checkpointing_and_an_unlocked_decoder_run_from_the_command_line(tiny, tmp_path):
+    base, data = tiny
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "controlnet", "train", "--base", str(base), "--data", str(data), "--out", str(out),
+           "--resolution", str(R), "--max-steps", "2", "--mixed-precision", "bf16", "--gradient-checkpointing",
+           "--unlock-decoder-after", "0", "--hflip", "--no-progress", "--no-plot", "--no-tensorboard"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(np.isfinite(r["loss"]) for r in _records(out, "train"))
+    assert (out / "controlnet" / "config.json").is_file() and (out / "unet" / "config.json").is_file()
+
+
+def test_annotator_conditions_and_the_canny_score(tiny, tmp_path):
+    base, data = tiny
+    hf = tmp_path / "photos"  # diffusers layout without a conditioning_image column: canny makes the conditions
+    shutil.copytree(data / "target", hf / "images")
+    rows = [{"image": f"images/{i}.png", "text": p} for i, p in enumerate(_prompts(data))]
+    (hf / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    result = _run(tiny, out, data=hf, annotator="canny", annotator_params={"low_threshold": 50}, max_steps=1,
+                  validate_every=1, validation_count=1, validation_steps=1)
+    assert result.cache.conditions_made == 8
+    assert [v["metric"] for v in result.validations] == ["edge_f1", "edge_f1"]
+    from controlnet import annotators
+
+    grid = np.asarray(Image.open(out / result.validations[0]["grid"]).convert("RGB"))
+    image = np.asarray(Image.open(hf / "images" / "0.png").convert("RGB"))
+    assert np.array_equal(grid[:, :R], annotators.get("canny")(image, low_threshold=50))  # the cached condition
+
+
+def test_an_sdxl_base_trains_with_pooled_embeddings_and_time_ids(tiny, tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    from controlnet.configs import TINY_SDXL_TEXT_EMBED_DIM, build_text_encoder, build_tokenizer, build_unet, build_vae
+
+    tok = build_tokenizer(FILL_WORDS, max_length=16)
+    parts = {"unet": build_unet("sdxl", "tiny"), "vae": build_vae(), "tokenizer": tok, "tokenizer_2": tok,
+             "text_encoder": build_text_encoder(len(tok), hidden_size=32, max_positions=16),
+             "text_encoder_2": build_text_encoder(len(tok), hidden_size=32, max_positions=16, seed=1,
+                                                  projection_dim=TINY_SDXL_TEXT_EMBED_DIM),
+             "scheduler": EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")}
+    base = tmp_path / "sdxl"
+    for name, part in parts.items():
+        part.save_pretrained(base / name)
+    classes = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "scheduler": "EulerDiscreteScheduler",
+               "text_encoder": "CLIPTextModel", "text_encoder_2": "CLIPTextModelWithProjection",
+               "tokenizer": "CLIPTokenizer", "tokenizer_2": "CLIPTokenizer"}
+    index = {k: ["diffusers" if k in ("unet", "vae", "scheduler") else "transformers", v] for k, v in classes.items()}
+    (base / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline", **index}))
+    result = _run(tiny, tmp_path / "run", base=base, max_steps=2)
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    from controlnet.checkpoints import detect_family, load_controlnet
+
+    assert detect_family(load_controlnet(result.controlnet)) == "sdxl"
