@@ -146,12 +146,47 @@ def encode_set(vae, n: int, seed: int, work: Path) -> tuple[torch.Tensor, list[s
     return latents, prompts
 
 
-def train_unet(args, work: Path, latents: torch.Tensor, prompts: list[str], tokenizer):
+def min_snr_weights(sched, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights min(SNR, gamma) / SNR for epsilon prediction (Hang et al. 2023, "Efficient
+    Diffusion Training via Min-SNR Weighting Strategy"; gamma 5 is their value). 0 turns weighting off."""
+    if gamma <= 0:
+        return torch.ones(len(t))
+    alpha_bar = sched.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+@torch.no_grad()
+def evaluate_base(unet, vae, text, tokenizer, n: int = 16, steps: int = 20, guidance: float = 5.0) -> dict:
+    """Colour accuracy of the base alone on ``n`` held-out prompts (the demo's held-out seed), and how many
+    images show a circle at all. Circle placement is the ControlNet's job, not measured here."""
+    from diffusers import DDIMScheduler
+
+    from controlnet.data.fill import circle_colour_correct, circle_mask
+    from controlnet.demo import held_out_samples
+    from controlnet.pipeline import Pipeline
+
+    pipe = Pipeline(unet, vae, text, tokenizer, DDIMScheduler(**SCHEDULER_CONFIG))
+    right, drawn = 0, 0
+    for i, s in enumerate(held_out_samples(n)):
+        img = pipe(s.prompt, steps=steps, guidance=guidance, seed=i, output_type="np", progress=False).images[0]
+        right += circle_colour_correct(img, s.prompt)
+        drawn += bool(circle_mask(img).mean() > 0.02)
+    return {"colour_accuracy": right / n, "circle_drawn": drawn / n}
+
+
+def train_unet(args, work: Path, latents: torch.Tensor, prompts: list[str], tokenizer, vae=None):
     from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(args.seed)
-    unet = UNet2DConditionModel(**UNET_CONFIG).train()
-    text = build_text_encoder(len(tokenizer), TEXT_HIDDEN, TEXT_LAYERS, TEXT_HEADS, MAX_TOKENS, seed=args.seed).train()
+    if args.init:  # continue from a shipped pipeline folder (fp16 on disk, trained in fp32 here)
+        unet = UNet2DConditionModel.from_pretrained(args.init / "unet", torch_dtype=torch.float32).train()
+        text = CLIPTextModel.from_pretrained(args.init / "text_encoder", torch_dtype=torch.float32).train()
+    else:
+        unet = UNet2DConditionModel(**UNET_CONFIG).train()
+        text = build_text_encoder(len(tokenizer), TEXT_HIDDEN, TEXT_LAYERS, TEXT_HEADS, MAX_TOKENS,
+                                  seed=args.seed).train()
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.0)
@@ -183,10 +218,11 @@ def train_unet(args, work: Path, latents: torch.Tensor, prompts: list[str], toke
         warm = min(1.0, (step + 1) / args.warmup)
         for group in opt.param_groups:
             group["lr"] = args.unet_lr * warm
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             emb = text(ids).last_hidden_state
             pred = unet(zt, t, emb).sample
-        loss = F.mse_loss(pred.float(), noise)
+        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weights(sched, t, args.min_snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -199,6 +235,8 @@ def train_unet(args, work: Path, latents: torch.Tensor, prompts: list[str], toke
         if step % 50 == 0:
             log(work / "log.jsonl", stage="unet", step=step, loss=round(loss.item(), 5),
                 seconds=round(time.time() - t0, 1))
+        if args.eval_every and step % args.eval_every == 0 and vae is not None:
+            log(work / "log.jsonl", stage="eval", step=step, **evaluate_base(ema_unet, vae, ema_text, tokenizer))
         if step % 500 == 0:
             _save_unet(ckpt, unet, text, ema_unet, ema_text, opt, step, time.time() - t0, False)
     state = _save_unet(ckpt, unet, text, ema_unet, ema_text, opt, step, time.time() - t0, True)
@@ -214,9 +252,31 @@ def _save_unet(path, unet, text, ema_unet, ema_text, opt, step, seconds, done):
     return state
 
 
+# The log-variance the shipped VAE's posterior reports for every latent (std exp(-10) = 4.5e-5): the UNet is
+# trained on posterior *means* (encode_set), while ControlNet training samples the posterior, as the original
+# does. The tiny VAE's learned log-variance is meaningless (posterior std 0.02..8.5, mean 0.48, measured
+# 2026-12-01) and sampling it fed the locked base latents it never saw (a step-0 ControlNet loss of 0.25 against
+# the base's 0.02). A near-zero variance makes sampling give the means the base knows.
+POSTERIOR_LOGVAR = -20.0
+
+
+@torch.no_grad()
+def make_posterior_deterministic(vae) -> None:
+    """Set the posterior's log-variance to :data:`POSTERIOR_LOGVAR` everywhere (means and decoder unchanged).
+
+    The moments come out of ``quant_conv`` (a 1x1 conv, (mean, logvar) x latent channels) when the VAE has one,
+    else out of the encoder's ``conv_out``: its log-variance rows become a constant."""
+    c = vae.config.latent_channels
+    conv = vae.quant_conv if getattr(vae, "quant_conv", None) is not None else vae.encoder.conv_out
+    conv.weight[c:] = 0.0
+    conv.bias[c:] = POSTERIOR_LOGVAR
+
+
 def save_pipeline(out: Path, vae, text, unet, tokenizer) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    vae = copy.deepcopy(vae)
+    make_posterior_deterministic(vae)
     pipe = StableDiffusionPipeline(
         vae=copy.deepcopy(vae).half(), text_encoder=copy.deepcopy(text).half(), tokenizer=tokenizer,
         unet=copy.deepcopy(unet).half(), scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
@@ -248,21 +308,38 @@ def main() -> None:
     ap.add_argument("--unet-lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue from this pipeline folder (its VAE, tokenizer, UNet and text encoder)")
+    # fp32 is the default: on this CPU a bf16-autocast step of the tiny UNet took 0.99 s against 0.43 s in fp32
+    # (batch 32; bf16 SDPA backward with 4-dim heads dominates), measured 2026-12-01.
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--min-snr-gamma", type=float, default=5.0)
+    ap.add_argument("--eval-every", type=int, default=500)
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 
     t_start = time.time()
-    vae = train_vae(args, args.work)
-    vae_state = torch.load(args.work / "vae.pt", weights_only=True)
-    latents, prompts = encode_set(vae, args.latent_set, args.seed + 2, args.work)
-    args.scaling_factor = float(1.0 / latents.std())
-    vae.register_to_config(scaling_factor=args.scaling_factor)
+    if args.init:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTokenizer
+
+        vae = AutoencoderKL.from_pretrained(args.init / "vae", torch_dtype=torch.float32).eval()
+        tokenizer = CLIPTokenizer.from_pretrained(args.init / "tokenizer")
+        vae_state = {"full_steps": 0, "steps": 0, "full_seconds": 0.0, "seconds": 0.0}
+        latents, prompts = encode_set(vae, args.latent_set, args.seed + 2, args.work)
+        args.scaling_factor = float(vae.config.scaling_factor)
+    else:
+        vae = train_vae(args, args.work)
+        vae_state = torch.load(args.work / "vae.pt", weights_only=True)
+        latents, prompts = encode_set(vae, args.latent_set, args.seed + 2, args.work)
+        args.scaling_factor = float(1.0 / latents.std())
+        vae.register_to_config(scaling_factor=args.scaling_factor)
+        tokenizer = build_tokenizer(VOCABULARY, max_length=MAX_TOKENS)
     log(args.work / "log.jsonl", stage="latents", n=len(latents), std=float(latents.std()),
         scaling_factor=args.scaling_factor)
 
-    tokenizer = build_tokenizer(VOCABULARY, max_length=MAX_TOKENS)
-    unet, text, state = train_unet(args, args.work, latents, prompts, tokenizer)
+    unet, text, state = train_unet(args, args.work, latents, prompts, tokenizer, vae)
     save_pipeline(args.out, vae, text, unet, tokenizer)
     summary = {
         "seed": args.seed, "vae_full_steps": vae_state["full_steps"], "vae_crop_steps": vae_state["steps"],

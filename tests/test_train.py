@@ -342,3 +342,26 @@ def test_an_sdxl_base_trains_with_pooled_embeddings_and_time_ids(tiny, tmp_path)
     from controlnet.checkpoints import detect_family, load_controlnet
 
     assert detect_family(load_controlnet(result.controlnet)) == "sdxl"
+
+
+def test_gaussian_zero_conv_ablation_starts_away_from_the_base(tiny):
+    """--zero-conv-init gaussian (the paper's Fig. 8 ablation): the zero convs and the hint encoder's last conv
+    start Gaussian, so the controlled UNet no longer equals the base at step 0; "zero" keeps them exactly zero."""
+    from controlnet.configs import build_unet
+    from controlnet.train import ABLATION_GAUSSIAN_STD, _make_controlnet
+
+    unet = build_unet("sd1", "tiny")
+    zero = _make_controlnet(_config(tiny, "unused"), unet, 8)
+    gauss = _make_controlnet(_config(tiny, "unused", zero_conv_init="gaussian"), unet, 8)
+    for z, g in zip(zero.zero_convs() + [zero.controlnet_cond_embedding.conv_out],
+                    gauss.zero_convs() + [gauss.controlnet_cond_embedding.conv_out]):
+        assert not z.weight.any() and not z.bias.any()
+        assert 0.5 * ABLATION_GAUSSIAN_STD < g.weight.std() < 2 * ABLATION_GAUSSIAN_STD
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 4, 4, generator=g), torch.tensor([500])
+    text, hint = torch.randn(1, 5, 32, generator=g), torch.rand(1, 3, 32, 32, generator=g)
+    plain = unet(x, t, text).sample
+    assert torch.equal(unet(x, t, text, **zero(x, t, text, hint).unet_kwargs()).sample, plain)
+    assert not torch.allclose(unet(x, t, text, **gauss(x, t, text, hint).unet_kwargs()).sample, plain)
+    with pytest.raises(UserError, match="--zero-conv-init"):
+        _config(tiny, "unused", zero_conv_init="uniform").check()

@@ -65,6 +65,12 @@ from controlnet.model import ControlNet
 
 # --------------------------------------------------------------------------- defaults, with their sources
 
+# The paper's zero-convolution ablation (Sec. 4.2, Fig. 8): "replacing the zero convolutions with standard
+# convolution layers initialized with Gaussian weights". No std is given; 0.02 is the usual choice (and the
+# one model.PaperHintEncoder uses).
+ZERO_CONV_INITS = ("zero", "gaussian")
+ABLATION_GAUSSIAN_STD = 0.02
+
 DEFAULT_LR = 1e-5  # lllyasviel/ControlNet tutorial_train.py `learning_rate = 1e-5`
 DEFAULT_BATCH_SIZE = 4  # tutorial_train.py `batch_size = 4`
 DEFAULT_DECODER_LR = 2e-6  # DESIGN.md: sd_locked=False trains the decoder too, lr ~2e-6 (original docs/train.md)
@@ -123,6 +129,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     hflip: bool = False  # mirror image and condition together with probability 1/2
     seed: int = 0
+    zero_conv_init: str = "zero"  # "gaussian": the paper's ablation (ZERO_CONV_INITS)
     checkpoint_every: int = 500  # 0: only at the end
     keep: int = 3  # checkpoints kept (0: all)
     resume: str | Path | None = None  # "latest" or a checkpoint folder
@@ -156,6 +163,8 @@ class TrainConfig:
             value = float(getattr(self, name))
             if not (math.isfinite(value) and value > 0):
                 raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+        if self.zero_conv_init not in ZERO_CONV_INITS:
+            raise UserError(f"--zero-conv-init must be one of {', '.join(ZERO_CONV_INITS)}, got {self.zero_conv_init!r}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise UserError(f"--max-grad-norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         if not 0.0 <= self.empty_prompt_prob <= 1.0:
@@ -576,7 +585,13 @@ def _make_controlnet(config: TrainConfig, unet: torch.nn.Module, vae_scale_facto
         cn = load_controlnet(config.init, dtype=torch.float32)
         check_compatible(cn, unet)
         return cn
-    return ControlNet.from_unet(unet, vae_scale_factor=vae_scale_factor)
+    cn = ControlNet.from_unet(unet, vae_scale_factor=vae_scale_factor)
+    if config.zero_conv_init == "gaussian":  # the ablation: the base is disturbed from the first step
+        with torch.no_grad():
+            for conv in (*cn.zero_convs(), cn.controlnet_cond_embedding.conv_out):
+                torch.nn.init.normal_(conv.weight, std=ABLATION_GAUSSIAN_STD)
+                torch.nn.init.normal_(conv.bias, std=ABLATION_GAUSSIAN_STD)
+    return cn
 
 
 def _decoder_parameters(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -48,6 +48,7 @@ def register(subparsers: Any) -> None:
     rec.add_argument("--decoder-lr", type=float, default=t.DEFAULT_DECODER_LR, help="learning rate of the unlocked decoder")
     rec.add_argument("--mixed-precision", choices=list(t.MIXED_PRECISION), default="no", help="accelerate's mixed precision; the locked base is stored in it")
     rec.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass (less memory, more time)")
+    rec.add_argument("--zero-conv-init", choices=list(t.ZERO_CONV_INITS), default="zero", help="zero: the paper's zero convolutions; gaussian: the paper's ablation (Gaussian-initialised 1x1 convs)")
     rec.add_argument("--seed", type=int, default=0, help="seed of the data order, empty prompts, timesteps, noise and the new ControlNet")
 
     run_ = p.add_argument_group("checkpoints, validation, output")
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         lr_warmup_steps=args.lr_warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         empty_prompt_prob=args.empty_prompt_prob, unlock_decoder_after=args.unlock_decoder_after,
         decoder_lr=args.decoder_lr, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, hflip=args.hflip, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing, hflip=args.hflip, seed=args.seed, zero_conv_init=args.zero_conv_init,
         checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume,
         validate_every=args.validate_every, validation_count=args.validation_count,
         validation_steps=args.validation_steps, validation_guidance=args.validation_guidance, score=args.score,
