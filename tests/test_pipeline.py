@@ -242,6 +242,33 @@ def test_unit_runs_only_inside_its_step_range_and_hint_is_encoded_once(sd1):
     assert [i for i in range(10) if unit.active(i, 10)] == [3, 4, 5]
 
 
+def test_reuse_residuals_computes_every_nth_active_step_and_reuses_the_rest(sd1):
+    """reuse_residuals=3 over 10 steps, range [0.3, 1.0] (active i = 3..9): computed at 3, 6, 9; the UNet gets the
+    residuals of the last computation at every active step; reuse 1 is exactly the default loop."""
+    pipe, _, cns = sd1
+    calls, outs, received = [], [], []
+    handles = [_hooks(cns[0], calls, outs),
+               pipe.unet.register_forward_pre_hook(lambda m, a, kw: received.append(kw), with_kwargs=True)]
+    unit = ControlUnit(cns[0], _condition(1), start=0.3)
+    try:
+        reused = pipe(PROMPT, controls=[unit], steps=10, size=(WIDTH, HEIGHT), progress=False,
+                      output_type="latent", reuse_residuals=3)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(calls) == 3 and len(received) == 10
+    assert all("down_block_additional_residuals" not in kw for kw in received[:3])
+    for i, kw in enumerate(received[3:], start=3):
+        source = outs[(i - 3) // 3]
+        assert all(got is r for got, r in zip(kw["down_block_additional_residuals"], source.down_residuals))
+    every = pipe(PROMPT, controls=[unit], steps=10, size=(WIDTH, HEIGHT), progress=False, output_type="latent")
+    once = pipe(PROMPT, controls=[unit], steps=10, size=(WIDTH, HEIGHT), progress=False, output_type="latent",
+                reuse_residuals=1)
+    assert torch.equal(every.latents, once.latents) and not torch.equal(every.latents, reused.latents)
+    with pytest.raises(UserError, match="reuse_residuals"):
+        pipe(PROMPT, controls=[unit], steps=2, size=(WIDTH, HEIGHT), progress=False, reuse_residuals=0)
+
+
 def test_guess_mode_controls_the_conditional_branch_only(sd1):
     pipe, _, cns = sd1
     calls, received = [], []

@@ -88,7 +88,7 @@ def _to_uint8(image: Any) -> np.ndarray:
 
 
 def generate(pipe: Any, sample: FillSample, controlnet: str | None, steps: int, guidance: float,
-             seed: int) -> np.ndarray:
+             seed: int, reuse_residuals: int = 1) -> np.ndarray:
     """(H, W, 3) uint8: the sample's prompt, with the named ControlNet on its condition or with none."""
     from PIL import Image
 
@@ -96,18 +96,18 @@ def generate(pipe: Any, sample: FillSample, controlnet: str | None, steps: int, 
 
     controls = [] if controlnet is None else [ControlUnit(controlnet=controlnet, image=Image.fromarray(sample.condition))]
     out = pipe(prompt=sample.prompt, controls=controls, steps=steps, guidance=guidance, seed=seed,
-               size=(sample.size, sample.size), output_type="np", progress=False)
+               size=(sample.size, sample.size), output_type="np", progress=False, reuse_residuals=reuse_residuals)
     return _to_uint8(out.images[0])
 
 
 def compare(pipe: Any, samples: Sequence[FillSample], controlnet: str = FILL_CONTROLNET,
             steps: int = DEMO_STEPS, guidance: float = DEMO_GUIDANCE, seed: int = DEMO_SEED,
-            progress: bool = False) -> DemoResult:
+            progress: bool = False, reuse_residuals: int = 1) -> DemoResult:
     """Generate every sample with and without ``controlnet`` (same prompt, seed, steps) and score both."""
     result = DemoResult(list(samples))
     for i, s in enumerate(samples):
         base = generate(pipe, s, None, steps, guidance, seed + i)
-        ctrl = generate(pipe, s, controlnet, steps, guidance, seed + i)
+        ctrl = generate(pipe, s, controlnet, steps, guidance, seed + i, reuse_residuals)
         result.base_images.append(base)
         result.control_images.append(ctrl)
         result.iou_base.append(fill_iou(base, s.condition, s.prompt))

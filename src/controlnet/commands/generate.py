@@ -65,6 +65,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--guess-mode", action="store_true",
                    help="control on the conditional branch only, residual scales 0.825**(N-1-i) (works with an empty prompt)")
+    p.add_argument("--reuse-residuals", type=int, default=1, metavar="N",
+                   help="compute each ControlNet every N steps and reuse its residuals in between (faster, less exact; default 1: every step)")
     p.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     unit = p.add_argument_group("per ControlNet (repeat the group, in order)")
@@ -189,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     result = pipe(
         prompt=args.prompt, controls=units, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance=args.guidance, scheduler=args.scheduler, seed=seed, size=size, num_images=args.num_images,
-        eta=args.eta, guess_mode=args.guess_mode, progress=not args.no_progress,
+        eta=args.eta, guess_mode=args.guess_mode, progress=not args.no_progress, reuse_residuals=args.reuse_residuals,
     )
 
     # 3. Outputs: every file to a temporary name first; all are renamed into place only when all are written.
