@@ -316,8 +316,9 @@ def main() -> None:
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--init", type=Path, default=None,
                     help="continue from this pipeline folder (its VAE, tokenizer, UNet and text encoder)")
-    # fp32 is the default: on this CPU a bf16-autocast step of the tiny UNet took 0.99 s against 0.43 s in fp32
-    # (batch 32; bf16 SDPA backward with 4-dim heads dominates), measured 2026-12-01.
+    # fp32 is the default: a bf16-autocast step of the tiny UNet took 0.99 s against 0.43 s in fp32 (batch 32,
+    # measured 2026-12-01 on an Intel Xeon without AMX or AVX-512 BF16, where bf16 is emulated; the SDPA backward
+    # dominated). On a CPU with hardware bf16, measure before choosing.
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--min-snr-gamma", type=float, default=5.0)
     ap.add_argument("--eval-every", type=int, default=500)

@@ -6,8 +6,8 @@
 #   ZERO_CONV_INIT=gaussian RUN=gaussian scripts/train_fill_controlnet.sh outputs/train_fill 1000   # the ablation
 #
 # Recipe (the paper's, scaled to a 3M-parameter base on a CPU): AdamW, batch 32, lr 3e-4 (the paper's 1e-5 is
-# for SD's 361M-parameter copy), 50% empty prompts (the paper), fp32 (on this CPU the tiny models train 2.3x
-# faster in fp32 than under bf16 autocast), validation IoU on 16 fixed conditions every 100 steps (10 DDIM
+# for SD's 361M-parameter copy), 50% empty prompts (the paper), fp32 (without hardware bf16 the tiny models train
+# 2.3x faster in fp32 than under bf16 autocast), validation IoU on 16 fixed conditions every 100 steps (10 DDIM
 # steps, guidance 5) to see the sudden convergence.
 set -euo pipefail
 cd "$(dirname "$0")/.."
