@@ -334,15 +334,16 @@ def main() -> None:
         vae = AutoencoderKL.from_pretrained(args.init / "vae", torch_dtype=torch.float32).eval()
         tokenizer = CLIPTokenizer.from_pretrained(args.init / "tokenizer")
         vae_state = {"full_steps": 0, "steps": 0, "full_seconds": 0.0, "seconds": 0.0}
-        latents, prompts = encode_set(vae, args.latent_set, args.seed + 2, args.work)
-        args.scaling_factor = float(vae.config.scaling_factor)
     else:
         vae = train_vae(args, args.work)
         vae_state = torch.load(args.work / "vae.pt", weights_only=True)
-        latents, prompts = encode_set(vae, args.latent_set, args.seed + 2, args.work)
+        tokenizer = build_tokenizer(VOCABULARY, max_length=MAX_TOKENS)
+    latents, prompts = encode_set(vae, args.latent_set, args.seed + 2, args.work)
+    if args.init:  # the shipped scaling factor: the UNet was trained with it
+        args.scaling_factor = float(vae.config.scaling_factor)
+    else:
         args.scaling_factor = float(1.0 / latents.std())
         vae.register_to_config(scaling_factor=args.scaling_factor)
-        tokenizer = build_tokenizer(VOCABULARY, max_length=MAX_TOKENS)
     log(args.work / "log.jsonl", stage="latents", n=len(latents), std=float(latents.std()),
         scaling_factor=args.scaling_factor)
 
