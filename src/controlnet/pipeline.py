@@ -705,8 +705,7 @@ class Pipeline:
             if where != {"device": self.device, "dtype": self.dtype}:
                 res = ControlNetOutput(tuple(r.to(self.device, self.dtype) for r in res.down_residuals),
                                        res.mid_residual.to(self.device, self.dtype))
-            if reuse > 1:
-                u.last = (step, res)
+            u.last = (step, res)  # reuse 1: never read again (the next step is always >= 1 later)
             total = res if total is None else total + res
         return total
 
@@ -763,7 +762,7 @@ class Pipeline:
             raise UserError(f"eta must be in [0, 1], got {eta}")
         if int(reuse_residuals) < 1:
             raise UserError(f"reuse_residuals must be >= 1 (1: compute the residuals every step), got {reuse_residuals}")
-        steps, num_images = int(steps), int(num_images)
+        steps, num_images, reuse_residuals = int(steps), int(num_images), int(reuse_residuals)
         sampler = make_scheduler(scheduler, self.scheduler_config)
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
@@ -821,7 +820,7 @@ class Pipeline:
         for i, t in enumerate(tqdm(timesteps, desc="sampling", unit="step", disable=not progress, leave=False)):
             x = torch.cat([latents] * 2) if cfg else latents  # (2B or B, C, h, w)
             x = sampler.scale_model_input(x, t).to(self.dtype)
-            control = self._control(units, i, n, x, t, text, added, cfg, int(reuse_residuals))
+            control = self._control(units, i, n, x, t, text, added, cfg, reuse_residuals)
             residuals = control.unet_kwargs() if control is not None else {}
             eps = self.unet(x, t, encoder_hidden_states=text, added_cond_kwargs=added, **residuals).sample.float()
             if cfg:
@@ -841,7 +840,7 @@ class Pipeline:
             "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
             "seeds": [seed + k for k in range(num_images)], "steps": steps, "scheduler": scheduler,
             "guidance": float(guidance), "size": f"{width}x{height}", "eta": float(eta), "guess_mode": bool(guess_mode),
-            **({"reuse_residuals": int(reuse_residuals)} if int(reuse_residuals) > 1 else {}),
+            **({"reuse_residuals": reuse_residuals} if reuse_residuals > 1 else {}),
             "num_images": num_images, "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)), "base": self.base,
             "controlnets": [
                 {"controlnet": u.name, "control": _describe_image(u.unit.image), "strength": u.unit.strength,
