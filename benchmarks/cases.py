@@ -63,7 +63,9 @@ class Case:
     end: float = 1.0
     steps: int | None = None  # None: the per-step cases' generation length (``--step-steps``)
     output_type: str = "latent"
-    target: float = 1.0  # ours/diffusers, the issue's target
+    target: float | None = 1.0  # ours/diffusers, the issue's target
+    reuse: int = 1  # ours only: Pipeline(reuse_residuals=...); > 1 is an option whose outputs differ from diffusers'
+    min_steps: int = 2  # a per-step case times a generation of max(--step-steps, min_steps) steps
 
     @property
     def per_step(self) -> bool:
@@ -78,6 +80,12 @@ CASES: dict[str, Case] = {c.name: c for c in (
     Case("end_half", "5", "one ControlNet, end=0.5 (s/step, mean over the generation)", 1, end=0.5, target=0.8),
     # A full generation: 10 steps, CFG, one ControlNet, decoded to a PIL image (tiny VAE).
     Case("generation", "6", "10-step generation, CFG, one ControlNet (s)", 1, steps=10, output_type="pil"),
+    # The optional residual reuse (off by default; its outputs differ, its controllability cost is measured on the
+    # demo model) against diffusers' default. 4 steps at least, so that end=0.5 leaves 2 controlled steps to share.
+    Case("controlnet_reuse2", "2r", "one ControlNet, ours reusing residuals for 2 steps (option) (s/step)", 1,
+         reuse=2, min_steps=4, target=None),
+    Case("end_half_reuse2", "5r", "one ControlNet, end=0.5, ours reusing residuals for 2 steps (option) (s/step)", 1,
+         end=0.5, reuse=2, min_steps=4, target=0.8),
 )}
 
 
@@ -269,7 +277,8 @@ def make_call(impl: str, pipe: Any, models: Models, case: Case, setting: Setting
 
         def call() -> torch.Tensor:
             out = pipe(PROMPT, controls=units, steps=steps, guidance=GUIDANCE, seed=0, size=(r, r),
-                       guess_mode=case.guess_mode, latents=noise, output_type=case.output_type, progress=False)
+                       guess_mode=case.guess_mode, latents=noise, output_type=case.output_type, progress=False,
+                       reuse_residuals=case.reuse)
             if case.output_type == "latent":
                 return out.latents.float()
             return torch.from_numpy(np.stack([np.asarray(im) for im in out.images])).float() / 255.0

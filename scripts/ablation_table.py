@@ -2,7 +2,8 @@
 against training steps for several `controlnet train` runs on the same fill data.
 
     .venv/bin/python scripts/ablation_table.py --data outputs/fill-data \
-        "zero convs=outputs/train_fill/run" "Gaussian convs=outputs/train_fill/gaussian" --out docs/ablation.md
+        "zero convs=outputs/train_fill/run2" "Gaussian convs=outputs/train_fill/gaussian" \
+        "ControlNet-lite=outputs/train_fill/lite" --out docs/ablation.md
 
 Each run's ``log.jsonl`` gives the validation IoU per step (`controlnet train --score fill`); the colour accuracy
 is read off the same validation grids (``validation/step-NNNNNN.png``: one row per validation example,
@@ -53,11 +54,11 @@ def main() -> None:
     args = ap.parse_args()
 
     runs = [(label, run_scores(Path(path), args.data)) for label, path in (r.split("=", 1) for r in args.runs)]
-    steps = sorted(set.intersection(*(set(s) for _, s in runs)))
+    steps = sorted(set.union(*(set(s) for _, s in runs)))  # a shorter run's missing steps show as "–"
     head = "| step | " + " | ".join(f"{label}: IoU | {label}: colour" for label, _ in runs) + " |"
     lines = [head, "|" + " --- |" * (1 + 2 * len(runs))]
     for step in steps:
-        cells = [f"{s[step][0]:.2f} | {s[step][1]:.2f}" for _, s in runs]
+        cells = [f"{s[step][0]:.2f} | {s[step][1]:.2f}" if step in s else "– | –" for _, s in runs]
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     atomic_write_text(args.out, table)

@@ -1,6 +1,8 @@
 """Measure the embedded model against the issue's targets on 64 held-out random conditions, 20 steps.
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/evaluate_demo.py [--n 64] [--steps 20] [--out docs/evaluation.json]
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/evaluate_demo.py --controlnet outputs/train_fill/lite/controlnet \
+        --out docs/evaluation_lite.json      # another ControlNet (e.g. an ablation run) on the same conditions
 
 Targets: mean IoU >= 0.80 with the fill ControlNet and <= 0.35 without it; circle colour accuracy >= 0.90 with
 the ControlNet. The conditions come from a seed (controlnet.demo.EVAL_SEED) that no training run uses.
@@ -13,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from controlnet.demo import DEMO_GUIDANCE, EVAL_SEED, compare, held_out_samples, load_pipeline, make_grid, save_image
+from controlnet.demo import DEMO_GUIDANCE, EVAL_SEED, FILL_CONTROLNET, compare, held_out_samples, load_pipeline, make_grid, save_image
 from controlnet.fileio import atomic_write_text
 
 TARGETS = {"iou_with_controlnet": (">=", 0.80), "iou_without_controlnet": ("<=", 0.35),
@@ -28,6 +30,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=EVAL_SEED)
     ap.add_argument("--reuse-residuals", type=int, default=1,
                     help="compute the ControlNet every N steps (the speed option's controllability cost)")
+    ap.add_argument("--controlnet", default=FILL_CONTROLNET, help="a ControlNet folder or bundled name (default: fill)")
     ap.add_argument("--out", type=Path, default=Path("docs/evaluation.json"))
     ap.add_argument("--grid", type=Path, default=None, help="also write a grid of the first 8 (PNG)")
     args = ap.parse_args()
@@ -35,7 +38,7 @@ def main() -> None:
     start = time.perf_counter()
     pipe = load_pipeline()
     samples = held_out_samples(args.n, args.seed)
-    result = compare(pipe, samples, steps=args.steps, guidance=args.guidance, seed=args.seed,
+    result = compare(pipe, samples, controlnet=args.controlnet, steps=args.steps, guidance=args.guidance, seed=args.seed,
                      reuse_residuals=args.reuse_residuals)
     summary = result.summary()
     checks = {}
@@ -43,7 +46,7 @@ def main() -> None:
         value = summary[key]
         checks[key] = {"value": round(value, 4), "target": f"{op} {bound}",
                        "met": value >= bound if op == ">=" else value <= bound}
-    report = {"n": args.n, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+    report = {"controlnet": str(args.controlnet), "n": args.n, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
               "reuse_residuals": args.reuse_residuals,
               "seconds": round(time.perf_counter() - start, 1), "targets": checks,
               **{k: round(v, 4) for k, v in summary.items() if k != "n"}}

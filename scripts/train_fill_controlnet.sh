@@ -4,6 +4,7 @@
 #
 #   OMP_NUM_THREADS=2 scripts/train_fill_controlnet.sh [WORK_DIR] [MAX_STEPS]
 #   ZERO_CONV_INIT=gaussian RUN=gaussian scripts/train_fill_controlnet.sh outputs/train_fill 1000   # the ablation
+#   ARCHITECTURE=lite RUN=lite scripts/train_fill_controlnet.sh outputs/train_fill 600               # ControlNet-lite
 #
 # Recipe (the paper's, scaled to a 3M-parameter base on a CPU): AdamW, batch 32, lr 3e-4 (the paper's 1e-5 is
 # for SD's 361M-parameter copy), 50% empty prompts (the paper), fp32 (without hardware bf16 the tiny models train
@@ -22,7 +23,7 @@ RESUME=()
 if ls "$WORK"/${RUN:-run}/checkpoints/* >/dev/null 2>&1; then RESUME=(--resume latest); fi
 "$PY" -m controlnet train --base src/controlnet/assets/tiny-sd --data "$DATA" --out "$WORK/${RUN:-run}" \
   --max-steps "$STEPS" --batch-size 32 --lr ${LR:-3e-4} --weight-decay 0 --empty-prompt-prob 0.5 \
-  --mixed-precision no --zero-conv-init ${ZERO_CONV_INIT:-zero} --seed 0 --checkpoint-every 100 --keep 2 \
+  --mixed-precision no --zero-conv-init ${ZERO_CONV_INIT:-zero} --architecture ${ARCHITECTURE:-copy} --seed 0 --checkpoint-every 100 --keep 2 \
   --validate-every 100 --validation-count 16 --validation-steps 10 --validation-guidance 5 --score fill \
   --no-progress ${CACHE:+--cache-dir "$CACHE"} "${RESUME[@]}"
 [ "${SHIP:-1}" = 1 ] || exit 0

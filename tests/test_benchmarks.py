@@ -57,6 +57,24 @@ def test_both_pipelines_do_the_same_work():
     assert (outputs["guess_mode"] - outputs["controlnet"]).abs().max() > 1e-3
 
 
+def test_reuse_cases_differ_from_their_default_only_on_our_side():
+    """The residual-reuse rows run ours with reuse_residuals=2 (so its output moves) and diffusers' default (so the
+    reference is exactly that of the case without reuse)."""
+    device = torch.device("cpu")
+    models = bc.build_models("tiny", torch.float32, device)
+    setting = bc.Setting("tiny", 64, torch.float32, device)
+    for reuse, default in (("controlnet_reuse2", "controlnet"), ("end_half_reuse2", "end_half")):
+        assert bc.CASES[reuse].reuse == 2 and bc.CASES[default].reuse == 1
+        got = {}
+        for name in (reuse, default):
+            case = bc.CASES[name]
+            for impl in bc.IMPLS:
+                pipe = bc.make_pipeline(impl, models, case, setting)
+                got[name, impl] = bc.make_call(impl, pipe, models, case, setting, bc.CASES[reuse].min_steps)()
+        assert torch.equal(got[reuse, "reference"], got[default, "reference"])
+        assert (got[reuse, "ours"] - got[default, "ours"]).abs().max() > 1e-4, reuse
+
+
 def test_fast_init_builds_the_same_shapes():
     """The memory subprocesses' meta-device build has the timed models' parameters, shapes and dtype."""
     slow = bc.build_models("tiny", torch.float32, torch.device("cpu"))

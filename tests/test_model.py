@@ -180,3 +180,59 @@ def test_full_sd15_parameter_count():
     assert round(count(cn.controlnet_cond_embedding) / 1e6, 2) == 1.09  # DESIGN.md: hint encoder 1.09M
     assert round(sum(count(c) for c in cn.zero_convs()) / 1e6, 1) == 11.5  # DESIGN.md: zero convs 11.5M
     assert cn.num_residuals == 13
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lite_starts_as_the_base_and_ignores_time_and_prompt(family):
+    """ControlNet-lite (the paper's Fig. 8c ablation): residuals of the shapes the base expects, zero at init
+    (bit-identical output), one conv per skip instead of the copy, and no dependence on the timestep or prompt."""
+    unet = build_unet(family, seed=1).requires_grad_(False)
+    lite, full = ControlNet.from_unet(unet, architecture="lite"), ControlNet.from_unet(unet)
+    inputs = make_inputs(unet)
+    with torch.no_grad():
+        out = run_controlnet(lite, inputs)
+        assert torch.equal(run_unet(unet, inputs, out), run_unet(unet, inputs))
+        ref = run_controlnet(full, inputs)
+    assert [r.shape for r in out.down_residuals] == [r.shape for r in ref.down_residuals]
+    assert out.mid_residual.shape == ref.mid_residual.shape
+    assert len(lite.lite_blocks) == lite.num_residuals - 1  # one conv per skip after conv_in, one for the mid
+    assert not hasattr(lite, "down_blocks") and not hasattr(lite, "time_embedding")
+    assert torch.equal(lite.conv_in.weight, unet.conv_in.weight)
+    assert sum(p.numel() for p in lite.parameters()) < sum(p.numel() for p in full.parameters())
+
+    torch.manual_seed(0)
+    for conv in lite.zero_convs():  # move the zero convs so the residuals are not all zero
+        torch.nn.init.normal_(conv.weight, std=0.1)
+    other = {**inputs, "timestep": inputs["timestep"] * 0 + 999,
+             "encoder_hidden_states": torch.randn_like(inputs["encoder_hidden_states"])}
+    with torch.no_grad():
+        a, b = run_controlnet(lite, inputs), run_controlnet(lite, other)
+    assert a.mid_residual.abs().sum() > 0
+    assert all(torch.equal(x, y) for x, y in zip(a.down_residuals + (a.mid_residual,), b.down_residuals + (b.mid_residual,)))
+
+
+def test_lite_round_trips_in_the_native_layout_and_refuses_the_original(tmp_path):
+    from safetensors.torch import load_file
+
+    from controlnet.checkpoints import load_controlnet, original_state_dict
+    from controlnet.errors import UserError
+
+    unet = build_unet("sd1", seed=1)
+    lite = ControlNet.from_unet(unet, architecture="lite")
+    for p in lite.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    lite.save_pretrained(str(tmp_path / "lite"))
+    back = load_controlnet(tmp_path / "lite")
+    assert back.config.architecture == "lite" and back.state_dict().keys() == lite.state_dict().keys()
+    assert lite.config.to_dict()["_class_name"] == "ControlNetLiteModel"
+    assert "architecture" not in ControlNet.from_unet(unet).config.to_dict()  # the paper's files stay as they were
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in lite.state_dict().items())
+    with pytest.raises(UserError, match="original layout has no place for a 'lite'"):
+        original_state_dict(lite)
+    weights = load_file(tmp_path / "lite" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(UserError, match="ControlNet-lite.*config.json"):
+        from controlnet.checkpoints import controlnet_from_state_dict
+
+        controlnet_from_state_dict(weights)
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        dataclasses.replace(lite.config, architecture="tiny")

@@ -207,6 +207,24 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tiny, tmp_path
     assert _run(tiny, out, max_steps=4, checkpoint_every=2, resume="latest").step == 4
 
 
+def test_a_checkpoint_whose_optimizer_state_does_not_fit_is_refused_in_one_line(tiny, tmp_path):
+    """Optimizer moments are stored by parameter index: if they no longer fit (another version's parameter order,
+    another architecture), resuming says so instead of crashing inside torch's fused AdamW."""
+    from controlnet.train import STATE_FILE
+
+    out = tmp_path / "run"
+    _run(tiny, out, max_steps=2, checkpoint_every=2)
+    path = out / "checkpoints" / "step-000002" / STATE_FILE
+    state = torch.load(path, weights_only=True)
+    moments = state["optimizer"]["state"]
+    shapes = {i: tuple(m["exp_avg"].shape) for i, m in moments.items()}
+    a, b = next((i, j) for i in shapes for j in shapes if shapes[i] != shapes[j])
+    moments[a], moments[b] = moments[b], moments[a]  # as if the parameters had been registered in another order
+    torch.save(state, path)
+    with pytest.raises(UserError, match="optimizer state does not fit"):
+        _run(tiny, out, max_steps=4, checkpoint_every=2, resume="latest")
+
+
 def test_validation_writes_grids_scores_and_a_plot(tiny, tmp_path):
     out = tmp_path / "run"
     result = _run(tiny, out, max_steps=3, validate_every=2, validation_count=2, validation_steps=2, plot=True)
@@ -365,3 +383,20 @@ def test_gaussian_zero_conv_ablation_starts_away_from_the_base(tiny):
     assert not torch.allclose(unet(x, t, text, **gauss(x, t, text, hint).unet_kwargs()).sample, plain)
     with pytest.raises(UserError, match="--zero-conv-init"):
         _config(tiny, "unused", zero_conv_init="uniform").check()
+
+
+def test_lite_architecture_trains_from_the_command_line(tiny, tmp_path):
+    """--architecture lite: the trainer builds ControlNet-lite, trains and validates it (the pipeline samples with
+    it), and the saved folder loads as lite."""
+    from controlnet.checkpoints import load_controlnet
+
+    result = _run(tiny, tmp_path / "run", architecture="lite", max_steps=2, validate_every=2, validation_count=1,
+                  validation_steps=1)
+    assert len(result.losses) == 2 and all(np.isfinite(result.losses))
+    assert [v["step"] for v in result.validations] == [0, 2]
+    cn = load_controlnet(result.controlnet)
+    assert cn.config.architecture == "lite" and any(c.weight.any() for c in cn.zero_convs())
+    with pytest.raises(UserError, match="--architecture"):
+        _config(tiny, "unused", architecture="small").check()
+    with pytest.raises(UserError, match="--export-original.*lite"):
+        _config(tiny, "unused", architecture="lite", export_original="x.pth").check()

@@ -28,7 +28,7 @@ import torch
 
 from controlnet.errors import UserError
 from controlnet.fileio import atomic_path
-from controlnet.model import ControlNet, ControlNetConfig
+from controlnet.model import LITE_CLASS_NAME, ControlNet, ControlNetConfig
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 # Text-encoder context width of each family's base: CLIP ViT-L/14 (SD1.x), OpenCLIP ViT-H/14 (SD2.x),
@@ -222,6 +222,11 @@ def diffusers_to_original(state_dict: Mapping[str, torch.Tensor], name: str = "s
 
 def original_state_dict(controlnet: ControlNet, dtype: str | torch.dtype | None = None) -> StateDict:
     """The ControlNet's weights in the original layout, ``control_model.*`` keys (as the released .pth files)."""
+    if controlnet.config.architecture != "copy":
+        raise UserError(
+            f"the original layout has no place for a {controlnet.config.architecture!r} ControlNet; "
+            "save it in the diffusers layout instead"
+        )
     if controlnet.config.hint_encoder != "released":
         raise UserError(
             f"the original layout has no place for the {controlnet.config.hint_encoder!r} hint encoder; "
@@ -346,6 +351,8 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], name: str = "state dict
     attention heads comes from the family (SD1.x: 8 heads; SD2.x/SDXL: 64-channel heads).
     """
     sd = state_dict
+    if any(k.startswith("lite_blocks.") for k in sd):
+        raise UserError(f"{name} is a ControlNet-lite, which shapes cannot describe; load its folder (with config.json)")
     layout = _Layout.from_diffusers(sd, name)
     try:
         blocks = tuple(sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(layout.num_blocks))
@@ -432,7 +439,7 @@ def _as_config(config: ControlNetConfig | Mapping[str, Any] | str | Path) -> Con
     if isinstance(config.get("controlnet"), Mapping):
         config = config["controlnet"]
     class_name = config.get("_class_name")
-    if class_name not in (None, "ControlNetModel"):
+    if class_name not in (None, "ControlNetModel", LITE_CLASS_NAME):
         raise UserError(f"{source} describes a {class_name}, not a ControlNetModel")
     try:
         return ControlNetConfig.from_dict(dict(config))

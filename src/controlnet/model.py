@@ -43,6 +43,12 @@ RELEASED_HINT_CHANNELS = (16, 32, 96, 256)
 # The paper's text (Sec. 3.2): "four convolution layers with 4x4 kernels ... channels are 16, 32, 64, 128".
 PAPER_HINT_CHANNELS = (16, 32, 64, 128)
 HINT_ENCODERS = ("released", "paper")
+# "copy": the paper's ControlNet (a trainable copy of the encoder). "lite": the paper's ablation "ControlNet-lite"
+# (Sec. 4.2, Fig. 8c): the trainable copy replaced by one convolution per encoder layer, so it sees the latent and
+# the condition but neither the timestep nor the prompt.
+ARCHITECTURES = ("copy", "lite")
+# The class name a lite ControlNet's config.json carries, so diffusers' ControlNetModel refuses it by name.
+LITE_CLASS_NAME = "ControlNetLiteModel"
 
 
 def guess_mode_scales(num_residuals: int, strength: float = 1.0) -> list[float]:
@@ -102,6 +108,7 @@ class ControlNetConfig:
     # The base VAE's downsampling. The "paper" hint encoder's stride-2 convs follow it (its weight shapes do not
     # tell); the released encoder's follow ``conditioning_embedding_out_channels``. Ours: diffusers ignores it.
     vae_scale_factor: int = 8
+    architecture: str = "copy"  # ARCHITECTURES; ours: diffusers knows only "copy"
 
     def __post_init__(self) -> None:
         for name in ("down_block_types", "block_out_channels", "conditioning_embedding_out_channels"):
@@ -115,6 +122,8 @@ class ControlNetConfig:
                 f"block_out_channels {self.block_out_channels} and down_block_types {self.down_block_types} "
                 "must have the same length"
             )
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         if self.hint_encoder not in HINT_ENCODERS:
             raise ValueError(f"hint_encoder must be one of {HINT_ENCODERS}, got {self.hint_encoder!r}")
         if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
@@ -128,9 +137,20 @@ class ControlNetConfig:
     @property
     def num_residuals(self) -> int:
         """Number of residuals the ControlNet outputs: one per skip connection of the base, plus the mid block."""
-        per_block = self.layers_per_block
-        downsamplers = len(self.block_out_channels) - 1
-        return 1 + per_block * len(self.block_out_channels) + downsamplers + 1
+        return len(self.skip_layout()) + 1
+
+    def skip_layout(self) -> list[tuple[int, bool]]:
+        """(channels, made by a downsampler) of each skip connection of the base's encoder, in order.
+
+        The first is conv_in's output; then each down block gives ``layers_per_block`` skips at its width and,
+        except the last block, one more from its stride-2 downsampler (diffusers' ``UNet2DConditionModel``).
+        """
+        skips = [(self.block_out_channels[0], False)]
+        for i, width in enumerate(self.block_out_channels):
+            skips += [(width, False)] * self.layers_per_block
+            if i < len(self.block_out_channels) - 1:
+                skips.append((width, True))
+        return skips
 
     @classmethod
     def from_unet_config(cls, unet_config: Any, **overrides: Any) -> "ControlNetConfig":
@@ -151,10 +171,12 @@ class ControlNetConfig:
         return cls(**{k: v for k, v in config.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
-        """A diffusers-compatible config dict (``_class_name`` ControlNetModel)."""
-        out: dict[str, Any] = {"_class_name": "ControlNetModel"}
+        """A diffusers-compatible config dict (``_class_name`` ControlNetModel; the lite ablation's is its own)."""
+        out: dict[str, Any] = {"_class_name": "ControlNetModel" if self.architecture == "copy" else LITE_CLASS_NAME}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "architecture" and value == "copy":
+                continue  # the default: the paper's ControlNet writes no new key, so its files stay as before
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
@@ -283,7 +305,7 @@ class ControlNetOutput:
 
 
 class ControlNet(nn.Module):
-    """A ControlNet for an SD-family UNet (SD1.x, SD2.x, SDXL).
+    """A ControlNet for an SD-family UNet (SD1.x, SD2.x, SDXL), or the paper's ControlNet-lite ablation.
 
     Build a new one with :meth:`from_unet` (a copy of the base's encoder, zero convs at zero), or load one with
     ``controlnet.load_controlnet``. Call it like the base's encoder and feed the output to the locked UNet::
@@ -297,17 +319,45 @@ class ControlNet(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        n_blocks = len(c.block_out_channels)
-        heads = c.num_attention_heads or c.attention_head_dim  # diffusers' historical naming (see its UNet)
-        heads = (heads,) * n_blocks if isinstance(heads, int) else tuple(heads)
-        head_dim = c.attention_head_dim
-        head_dim = (head_dim,) * n_blocks if isinstance(head_dim, int) else tuple(head_dim)
-        cross_only = c.only_cross_attention
-        cross_only = (cross_only,) * n_blocks if isinstance(cross_only, bool) else tuple(cross_only)
-        layers = c.transformer_layers_per_block
-        layers = (layers,) * n_blocks if isinstance(layers, int) else tuple(layers)
+        c0 = c.block_out_channels[0]
+        # Modules are registered in the order of the first releases of this class: checkpoints store the
+        # optimizer state by parameter index, so the order must not change (resuming would mix tensors up).
+        if c.architecture == "copy":
+            self._build_time_embedding()  # copied from the base: sinusoidal projection then a 2-layer MLP
 
-        # Time embedding (copied from the base): sinusoidal projection then a 2-layer MLP.
+        # The hint encoder E(c) and the copied conv_in; their outputs are added.
+        self.conv_in = nn.Conv2d(c.in_channels, c0, kernel_size=3, padding=1)
+        if c.hint_encoder == "released":
+            self.controlnet_cond_embedding: nn.Module = HintEncoder(c0, c.conditioning_channels, c.conditioning_embedding_out_channels)
+        else:
+            self.controlnet_cond_embedding = PaperHintEncoder(
+                c0, c.conditioning_channels, c.conditioning_embedding_out_channels, vae_scale_factor or c.vae_scale_factor
+            )
+
+        # What reads x + E(c) (the trainable copy of the encoder, or the lite variant's plain convs), and one zero
+        # conv per skip connection of the base and one for the mid block.
+        zero_convs = nn.ModuleList([_zero_conv(channels) for channels, _ in c.skip_layout()])
+        if c.architecture == "lite":
+            self.lite_blocks = self._lite_convs()
+            self.controlnet_down_blocks = zero_convs
+        else:
+            self.down_blocks = self._copied_down_blocks()
+            self.controlnet_down_blocks = zero_convs
+            self.mid_block = self._copied_mid_block()
+        self.controlnet_mid_block = _zero_conv(c.block_out_channels[-1])
+
+    def _per_block(self, value: Any) -> tuple[Any, ...]:
+        """A per-block config value (one value for all blocks, or a sequence) as one entry per down block."""
+        n_blocks = len(self.config.block_out_channels)
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n_blocks
+
+    def _heads(self) -> tuple[Any, ...]:
+        c = self.config
+        return self._per_block(c.num_attention_heads or c.attention_head_dim)  # diffusers' historical naming
+
+    def _build_time_embedding(self) -> None:
+        """The time embedding (+ class / SDXL addition embeddings) of the copy, as the base's."""
+        c = self.config
         c0 = c.block_out_channels[0]
         time_embed_dim = c0 * 4
         self.time_proj = Timesteps(c0, c.flip_sin_to_cos, c.freq_shift)
@@ -328,31 +378,24 @@ class ControlNet(nn.Module):
         elif c.addition_embed_type is not None:
             raise ValueError(f"unsupported addition_embed_type {c.addition_embed_type!r}")
 
-        # The hint encoder E(c) and the copied conv_in; their outputs are added.
-        self.conv_in = nn.Conv2d(c.in_channels, c0, kernel_size=3, padding=1)
-        if c.hint_encoder == "released":
-            self.controlnet_cond_embedding: nn.Module = HintEncoder(c0, c.conditioning_channels, c.conditioning_embedding_out_channels)
-        else:
-            self.controlnet_cond_embedding = PaperHintEncoder(
-                c0, c.conditioning_channels, c.conditioning_embedding_out_channels, vae_scale_factor or c.vae_scale_factor
-            )
-
-        # The trainable copy of the encoder, and one zero conv per skip connection.
-        self.down_blocks = nn.ModuleList()
-        self.controlnet_down_blocks = nn.ModuleList([_zero_conv(c0)])
-        out_ch = c0
+    def _copied_down_blocks(self) -> nn.ModuleList:
+        """The trainable copy's down blocks (diffusers' blocks, the base's layout)."""
+        c = self.config
+        heads, head_dim = self._heads(), self._per_block(c.attention_head_dim)
+        cross_only, layers = self._per_block(c.only_cross_attention), self._per_block(c.transformer_layers_per_block)
+        blocks = nn.ModuleList()
+        out_ch = c.block_out_channels[0]
         for i, block_type in enumerate(c.down_block_types):
             in_ch, out_ch = out_ch, c.block_out_channels[i]
-            is_final = i == n_blocks - 1
-            self.down_blocks.append(
+            blocks.append(
                 get_down_block(
                     block_type,
                     num_layers=c.layers_per_block,
                     transformer_layers_per_block=layers[i],
                     in_channels=in_ch,
                     out_channels=out_ch,
-                    temb_channels=time_embed_dim,
-                    add_downsample=not is_final,
+                    temb_channels=c.block_out_channels[0] * 4,
+                    add_downsample=i < len(c.down_block_types) - 1,
                     resnet_eps=c.norm_eps,
                     resnet_act_fn=c.act_fn,
                     resnet_groups=c.norm_num_groups,
@@ -366,13 +409,15 @@ class ControlNet(nn.Module):
                     resnet_time_scale_shift=c.resnet_time_scale_shift,
                 )
             )
-            for _ in range(c.layers_per_block + (0 if is_final else 1)):
-                self.controlnet_down_blocks.append(_zero_conv(out_ch))
+        return blocks
 
-        mid_ch = c.block_out_channels[-1]
+    def _copied_mid_block(self) -> nn.Module:
+        """The trainable copy's mid block."""
+        c = self.config
+        mid_ch, time_embed_dim = c.block_out_channels[-1], c.block_out_channels[0] * 4
         if c.mid_block_type == "UNetMidBlock2DCrossAttn":
-            self.mid_block: nn.Module = UNetMidBlock2DCrossAttn(
-                transformer_layers_per_block=layers[-1],
+            return UNetMidBlock2DCrossAttn(
+                transformer_layers_per_block=self._per_block(c.transformer_layers_per_block)[-1],
                 in_channels=mid_ch,
                 temb_channels=time_embed_dim,
                 resnet_eps=c.norm_eps,
@@ -380,24 +425,34 @@ class ControlNet(nn.Module):
                 output_scale_factor=c.mid_block_scale_factor,
                 resnet_time_scale_shift=c.resnet_time_scale_shift,
                 cross_attention_dim=c.cross_attention_dim,
-                num_attention_heads=heads[-1],
+                num_attention_heads=self._heads()[-1],
                 resnet_groups=c.norm_num_groups,
                 use_linear_projection=c.use_linear_projection,
                 upcast_attention=c.upcast_attention,
             )
-        else:
-            self.mid_block = UNetMidBlock2D(
-                in_channels=mid_ch,
-                temb_channels=time_embed_dim,
-                num_layers=0,
-                resnet_eps=c.norm_eps,
-                resnet_act_fn=c.act_fn,
-                output_scale_factor=c.mid_block_scale_factor,
-                resnet_groups=c.norm_num_groups,
-                resnet_time_scale_shift=c.resnet_time_scale_shift,
-                add_attention=False,
-            )
-        self.controlnet_mid_block = _zero_conv(mid_ch)
+        return UNetMidBlock2D(
+            in_channels=mid_ch,
+            temb_channels=time_embed_dim,
+            num_layers=0,
+            resnet_eps=c.norm_eps,
+            resnet_act_fn=c.act_fn,
+            output_scale_factor=c.mid_block_scale_factor,
+            resnet_groups=c.norm_num_groups,
+            resnet_time_scale_shift=c.resnet_time_scale_shift,
+            add_attention=False,
+        )
+
+    def _lite_convs(self) -> nn.ModuleList:
+        """ControlNet-lite: one 3x3 conv (then SiLU) per skip connection after conv_in, and one for the mid block.
+
+        Each conv maps the previous skip's features to the next skip's width, with stride 2 where the base's
+        encoder downsamples, so the residuals have the shapes the locked UNet expects. No timestep, no prompt.
+        """
+        skips = self.config.skip_layout()
+        convs = [nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, stride=2 if down else 1)
+                 for (c_in, _), (c_out, down) in zip(skips[:-1], skips[1:])]
+        convs.append(nn.Conv2d(skips[-1][0], self.config.block_out_channels[-1], kernel_size=3, padding=1))  # mid
+        return nn.ModuleList(convs)
 
     # ------------------------------------------------------------------ construction
 
@@ -410,8 +465,12 @@ class ControlNet(nn.Module):
         vae_scale_factor: int = 8,
         global_pool_conditions: bool = False,
         load_weights_from_unet: bool = True,
+        architecture: str = "copy",
     ) -> "ControlNet":
         """A new ControlNet whose encoder is a copy, with weights, of a diffusers ``UNet2DConditionModel``'s.
+
+        ``architecture="lite"`` builds the paper's ControlNet-lite ablation instead: only conv_in is copied and
+        one new conv per encoder layer replaces the trainable copy.
 
         The hint encoder has log2(``vae_scale_factor``) stride-2 convs so conditions are given at image
         resolution. Zero convs (and the hint encoder's last conv) start at exactly zero, so the augmented UNet's
@@ -432,6 +491,7 @@ class ControlNet(nn.Module):
             hint_encoder=hint_encoder,
             global_pool_conditions=global_pool_conditions,
             vae_scale_factor=vae_scale_factor,
+            architecture=architecture,
         )
         cn = cls(config, vae_scale_factor=vae_scale_factor)
         if load_weights_from_unet:
@@ -506,20 +566,25 @@ class ControlNet(nn.Module):
             if hint is None:
                 raise ValueError("pass either hint or hint_embedding")
             hint_embedding = self.encode_hint(hint)
-        emb = self.time_embed(sample, timestep, encoder_hidden_states, added_cond_kwargs, class_labels)
-
         h = self.conv_in(sample) + hint_embedding  # (B, C0, h, w): x + Z(c)
         skips = [h]
-        for block in self.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states)
-            else:
-                h, res = block(hidden_states=h, temb=emb)
-            skips.extend(res)
-        if getattr(self.mid_block, "has_cross_attention", False):
-            h = self.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
+        if self.config.architecture == "lite":  # one conv per skip, then the mid block's; no t, no prompt
+            for conv in self.lite_blocks:
+                h = F.silu(conv(h))
+                skips.append(h)
+            h = skips.pop()
         else:
-            h = self.mid_block(h, emb)
+            emb = self.time_embed(sample, timestep, encoder_hidden_states, added_cond_kwargs, class_labels)
+            for block in self.down_blocks:
+                if getattr(block, "has_cross_attention", False):
+                    h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states)
+                else:
+                    h, res = block(hidden_states=h, temb=emb)
+                skips.extend(res)
+            if getattr(self.mid_block, "has_cross_attention", False):
+                h = self.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                h = self.mid_block(h, emb)
 
         down = [zero_conv(s) for zero_conv, s in zip(self.controlnet_down_blocks, skips)]
         mid = self.controlnet_mid_block(h)

@@ -61,7 +61,7 @@ from controlnet.data.datasets import (
 )
 from controlnet.errors import UserError
 from controlnet.fileio import atomic_path, atomic_write_text
-from controlnet.model import ControlNet
+from controlnet.model import ARCHITECTURES, ControlNet
 
 # --------------------------------------------------------------------------- defaults, with their sources
 
@@ -130,6 +130,7 @@ class TrainConfig:
     hflip: bool = False  # mirror image and condition together with probability 1/2
     seed: int = 0
     zero_conv_init: str = "zero"  # "gaussian": the paper's ablation (ZERO_CONV_INITS)
+    architecture: str = "copy"  # "lite": the paper's ControlNet-lite ablation (controlnet.model.ARCHITECTURES)
     checkpoint_every: int = 500  # 0: only at the end
     keep: int = 3  # checkpoints kept (0: all)
     resume: str | Path | None = None  # "latest" or a checkpoint folder
@@ -165,6 +166,10 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
         if self.zero_conv_init not in ZERO_CONV_INITS:
             raise UserError(f"--zero-conv-init must be one of {', '.join(ZERO_CONV_INITS)}, got {self.zero_conv_init!r}")
+        if self.architecture not in ARCHITECTURES:
+            raise UserError(f"--architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.architecture == "lite" and self.export_original:
+            raise UserError("--export-original: the original layout has no place for a lite ControlNet; drop the flag")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise UserError(f"--max-grad-norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         if not 0.0 <= self.empty_prompt_prob <= 1.0:
@@ -585,7 +590,7 @@ def _make_controlnet(config: TrainConfig, unet: torch.nn.Module, vae_scale_facto
         cn = load_controlnet(config.init, dtype=torch.float32)
         check_compatible(cn, unet)
         return cn
-    cn = ControlNet.from_unet(unet, vae_scale_factor=vae_scale_factor)
+    cn = ControlNet.from_unet(unet, vae_scale_factor=vae_scale_factor, architecture=config.architecture)
     if config.zero_conv_init == "gaussian":  # the ablation: the base is disturbed from the first step
         with torch.no_grad():
             for conv in (*cn.zero_convs(), cn.controlnet_cond_embedding.conv_out):
@@ -714,6 +719,19 @@ SAME_ON_RESUME = ("seed", "batch_size", "grad_accum", "resolution", "empty_promp
                   "lr_warmup_steps", "annotator", "annotator_params")
 
 
+def _check_optimizer_state(saved: dict[str, Any], optimizer: Any, path: Path) -> None:
+    """The saved AdamW moments must have the shapes of the parameters they will be matched to (by index), or
+    torch's fused AdamW fails deep inside (or silently mixes tensors up)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, moments in saved.get("state", {}).items():
+        i = int(index)
+        shapes = {tuple(v.shape) for k, v in moments.items() if k in ("exp_avg", "exp_avg_sq")}
+        if i >= len(params) or any(shape != tuple(params[i].shape) for shape in shapes):
+            raise UserError(f"checkpoint {path}: its optimizer state does not fit this ControlNet's parameters "
+                            "(made by another version of controlnet or another --architecture); resume with the "
+                            "version that wrote it, or start from its weights with --init")
+
+
 def _load_checkpoint(path: Path, controlnet: ControlNet, decoder: dict[str, torch.nn.Parameter], optimizer: Any,
                      lr_scheduler: Any, config: TrainConfig, scaler: Any = None) -> tuple[int, int]:
     """Restore a checkpoint in place; returns (step, stream position)."""
@@ -740,6 +758,7 @@ def _load_checkpoint(path: Path, controlnet: ControlNet, decoder: dict[str, torc
         with torch.no_grad():
             for name, p in decoder.items():
                 p.copy_(saved[name])
+    _check_optimizer_state(state["optimizer"], optimizer, path)
     try:
         optimizer.load_state_dict(state["optimizer"])
     except ValueError:

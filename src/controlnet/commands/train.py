@@ -49,6 +49,7 @@ def register(subparsers: Any) -> None:
     rec.add_argument("--mixed-precision", choices=list(t.MIXED_PRECISION), default="no", help="accelerate's mixed precision; the locked base is stored in it")
     rec.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass (less memory, more time)")
     rec.add_argument("--zero-conv-init", choices=list(t.ZERO_CONV_INITS), default="zero", help="zero: the paper's zero convolutions; gaussian: the paper's ablation (Gaussian-initialised 1x1 convs)")
+    rec.add_argument("--architecture", choices=list(t.ARCHITECTURES), default="copy", help="copy: the paper's ControlNet (a trainable copy of the encoder); lite: the paper's ablation ControlNet-lite (one conv per encoder layer)")
     rec.add_argument("--seed", type=int, default=0, help="seed of the data order, empty prompts, timesteps, noise and the new ControlNet")
 
     run_ = p.add_argument_group("checkpoints, validation, output")
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         empty_prompt_prob=args.empty_prompt_prob, unlock_decoder_after=args.unlock_decoder_after,
         decoder_lr=args.decoder_lr, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, hflip=args.hflip, seed=args.seed, zero_conv_init=args.zero_conv_init,
+        architecture=args.architecture,
         checkpoint_every=args.checkpoint_every, keep=args.keep, resume=args.resume,
         validate_every=args.validate_every, validation_count=args.validation_count,
         validation_steps=args.validation_steps, validation_guidance=args.validation_guidance, score=args.score,
