@@ -135,6 +135,11 @@ class ControlNetConfig:
             raise ValueError(f"unsupported mid_block_type {self.mid_block_type!r}")
 
     @property
+    def time_embed_dim(self) -> int:
+        """Width of the time embedding: 4x the first block's (diffusers' ``UNet2DConditionModel``)."""
+        return self.block_out_channels[0] * 4
+
+    @property
     def num_residuals(self) -> int:
         """Number of residuals the ControlNet outputs: one per skip connection of the base, plus the mid block."""
         return len(self.skip_layout()) + 1
@@ -359,7 +364,7 @@ class ControlNet(nn.Module):
         """The time embedding (+ class / SDXL addition embeddings) of the copy, as the base's."""
         c = self.config
         c0 = c.block_out_channels[0]
-        time_embed_dim = c0 * 4
+        time_embed_dim = c.time_embed_dim
         self.time_proj = Timesteps(c0, c.flip_sin_to_cos, c.freq_shift)
         self.time_embedding = TimestepEmbedding(c0, time_embed_dim, act_fn=c.act_fn)
         if c.class_embed_type is None and c.num_class_embeds is not None:
@@ -394,7 +399,7 @@ class ControlNet(nn.Module):
                     transformer_layers_per_block=layers[i],
                     in_channels=in_ch,
                     out_channels=out_ch,
-                    temb_channels=c.block_out_channels[0] * 4,
+                    temb_channels=c.time_embed_dim,
                     add_downsample=i < len(c.down_block_types) - 1,
                     resnet_eps=c.norm_eps,
                     resnet_act_fn=c.act_fn,
@@ -414,12 +419,12 @@ class ControlNet(nn.Module):
     def _copied_mid_block(self) -> nn.Module:
         """The trainable copy's mid block."""
         c = self.config
-        mid_ch, time_embed_dim = c.block_out_channels[-1], c.block_out_channels[0] * 4
+        mid_ch = c.block_out_channels[-1]
         if c.mid_block_type == "UNetMidBlock2DCrossAttn":
             return UNetMidBlock2DCrossAttn(
                 transformer_layers_per_block=self._per_block(c.transformer_layers_per_block)[-1],
                 in_channels=mid_ch,
-                temb_channels=time_embed_dim,
+                temb_channels=c.time_embed_dim,
                 resnet_eps=c.norm_eps,
                 resnet_act_fn=c.act_fn,
                 output_scale_factor=c.mid_block_scale_factor,
@@ -432,7 +437,7 @@ class ControlNet(nn.Module):
             )
         return UNetMidBlock2D(
             in_channels=mid_ch,
-            temb_channels=time_embed_dim,
+            temb_channels=c.time_embed_dim,
             num_layers=0,
             resnet_eps=c.norm_eps,
             resnet_act_fn=c.act_fn,
