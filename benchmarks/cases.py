@@ -71,6 +71,10 @@ class Case:
     def per_step(self) -> bool:
         return self.steps is None
 
+    def timed_steps(self, step_steps: int) -> int:
+        """Length of the generation a per-step case times (``step_steps``: the harness's ``--step-steps``)."""
+        return max(step_steps, self.min_steps)
+
 
 CASES: dict[str, Case] = {c.name: c for c in (
     Case("unet", "1", "UNet alone (s/step)", 0),

@@ -115,7 +115,7 @@ def max_abs_diff(a: Any, b: Any) -> float | None:
 
 def time_case(models: bc.Models, case: bc.Case, setting: bc.Setting, repeats: int, step_steps: int) -> dict[str, Any]:
     """Warm-up, then ``repeats`` alternated rounds of ours and diffusers on one case."""
-    steps = case.steps or max(step_steps, case.min_steps)
+    steps = case.steps or case.timed_steps(step_steps)
     calls, warm = {}, {}
     for impl in bc.IMPLS:
         pipe = bc.make_pipeline(impl, models, case, setting)
@@ -143,7 +143,7 @@ def memory_jobs(record: dict[str, Any], setting: bc.Setting, step_steps: int) ->
     step; the end=0.5 case generates ``step_steps`` (a controlled and an uncontrolled half).
     """
     case = bc.CASES[record["case"]]
-    steps = max(step_steps, case.min_steps) if case.end < 1.0 else 1
+    steps = case.timed_steps(step_steps) if case.end < 1.0 else 1
     return [dict(impl=impl, case=record["case"], size=setting.size, resolution=setting.resolution,
                  dtype=setting.dtype_name, device=str(setting.device), steps=steps) for impl in bc.IMPLS]
 
