@@ -165,7 +165,7 @@ def build_models(size: str, dtype: torch.dtype, device: torch.device, controlnet
     functions run, no float32 copy made): for the memory subprocesses, whose numbers do not depend on values."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from controlnet.configs import build_text_encoder, build_tokenizer, build_unet, build_vae, unet_config
+    from tests.builders import build_text_encoder, build_tokenizer, build_unet, build_vae, unet_config
     from controlnet.model import ControlNet
 
     cfg = unet_config("sd1", size)

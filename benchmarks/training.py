@@ -81,7 +81,7 @@ def run_case(case: str, resolution: int, batch: int, dtype: torch.dtype, steps: 
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from controlnet.configs import TINY_VAE, build_unet, unet_config
+    from tests.builders import TINY_VAE, build_unet, unet_config
     from controlnet.model import ControlNet
     from controlnet.train import DEFAULT_LR, DEFAULT_MAX_GRAD_NORM, denoising_loss, make_adamw
 
@@ -164,7 +164,7 @@ def count_tflops(resolution: int = 256, batch: int = 2, size: str = "full") -> d
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from controlnet.configs import TINY_VAE, unet_config
+    from tests.builders import TINY_VAE, unet_config
     from controlnet.model import ControlNet
     from controlnet.train import denoising_loss
 

@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from controlnet.configs import build_text_encoder, build_tokenizer, build_vae
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.builders
+from tests.builders import build_text_encoder, build_tokenizer, build_vae  # noqa: E402
 from controlnet.data.fill import COLOURS, random_condition
 from controlnet.fileio import atomic_path, atomic_write_text
 

@@ -22,7 +22,7 @@ from controlnet.checkpoints import (
     original_state_dict,
     save_controlnet,
 )
-from controlnet.configs import FAMILIES, SD15_UNET, SD21_UNET, SDXL_UNET, build_unet, unet_config
+from builders import FAMILIES, SD15_UNET, SD21_UNET, SDXL_UNET, build_unet, unet_config
 from controlnet.errors import EXIT_BAD_INPUT, UserError
 from controlnet.model import ControlNet, ControlNetConfig
 from test_fixtures import FIXTURES

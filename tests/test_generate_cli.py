@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from controlnet.configs import build_text_encoder, build_tokenizer, build_unet, build_vae
+from builders import build_text_encoder, build_tokenizer, build_unet, build_vae
 from controlnet.errors import EXIT_BAD_INPUT
 from controlnet.model import ControlNet
 

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from controlnet.configs import FAMILIES, SD15_UNET, build_unet, sdxl_added_cond_kwargs
+from builders import FAMILIES, SD15_UNET, build_unet, sdxl_added_cond_kwargs
 from controlnet.model import ControlNet, guess_mode_scales
 
 LATENT = 8  # latent side; the hint is 8x larger (three stride-2 convs, as SD's VAE)

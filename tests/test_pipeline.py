@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from controlnet.configs import (
+from builders import (
     TINY_SDXL_TEXT_EMBED_DIM,
     build_text_encoder,
     build_tokenizer,

@@ -1,4 +1,5 @@
-"""Model configurations built in code: the real SD-family UNets, and tiny seeded ones for tests.
+"""Model configurations built in code for tests, benchmarks and scripts: the real SD-family UNets, and tiny
+seeded ones.
 
 The full configs are those of the public base models (their ``unet/config.json``), so a ControlNet built on
 them has exactly the released shapes (SD1.5: 361.28M parameters). The tiny ones keep each family's
@@ -8,13 +9,11 @@ embedding and several transformer layers per block) at a size a CPU test runs in
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
 
-FAMILIES = ("sd1", "sd2", "sdxl")
+from controlnet.checkpoints import FAMILIES
 
 _SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -161,6 +160,3 @@ def build_text_encoder(vocab_size: int, hidden_size: int = 32, layers: int = 2, 
     model = CLIPTextModelWithProjection(cfg) if projection_dim else CLIPTextModel(cfg)
     return model.eval()
 
-
-def save_json(path: str | Path, data: dict[str, Any]) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=list))

@@ -1,0 +1,94 @@
+"""Models named by Hugging Face hub id: resolved through huggingface_hub's cache, as diffusers and A1111 do.
+
+A name that is an existing local path is used as it is. Otherwise ``org/name`` (a repository) or
+``org/name/file.ext`` (one file inside it) is looked up in the hub cache (``HF_HUB_CACHE``, by default
+``~/.cache/huggingface/hub``) and downloaded there on first use, unless ``HF_HUB_OFFLINE=1``. Offline and not
+cached, the error is one line naming the repository, the file and the command that fetches it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from controlnet.errors import UserError
+
+# "org/name" with the characters the hub allows in repository ids (huggingface_hub's validate_repo_id).
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def is_repo_id(text: str | os.PathLike) -> bool:
+    """Whether ``text`` reads as a hub repository id (``org/name``) rather than a local path."""
+    text = str(text)
+    return bool(_REPO_ID.match(text)) and not Path(text).expanduser().exists()
+
+
+def split_file_id(text: str | os.PathLike) -> tuple[str, str] | None:
+    """``org/name/path/to/file.ext`` → (``org/name``, ``path/to/file.ext``); ``None`` for anything else."""
+    text = str(text)
+    parts = text.split("/")
+    if len(parts) < 3 or Path(text).expanduser().exists() or not _REPO_ID.match("/".join(parts[:2])):
+        return None
+    if not Path(parts[-1]).suffix:
+        return None
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def fetch_command(repo_id: str, filename: str | None = None, revision: str | None = None) -> str:
+    """The shell command that puts ``repo_id`` (or one file of it) into the hub cache."""
+    words = ["hf", "download", repo_id] + ([filename] if filename else [])
+    if revision:
+        words += ["--revision", revision]
+    return " ".join(words)
+
+
+def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
+    """The local path of ``filename`` in hub repository ``repo_id``, downloading it on first use."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except Exception as err:  # noqa: BLE001 - offline, missing repo/file, network: the user needs one line
+        raise UserError(_not_available(repo_id, filename, revision, err)) from None
+
+
+def hub_folder(repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
+    """The local snapshot folder of hub repository ``repo_id``, downloading it on first use."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
+    except Exception as err:  # noqa: BLE001 - as in hub_file
+        raise UserError(_not_available(repo_id, None, revision, err)) from None
+
+
+def is_cached(repo_id: str, filename: str, revision: str | None = None) -> bool:
+    """Whether ``filename`` of ``repo_id`` is already in the hub cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename, revision=revision)
+    return isinstance(found, str)
+
+
+def resolve(name: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local path for ``name``: the path itself if it exists, else a hub file (``org/name/file``) or a hub
+    repository snapshot (``org/name``). Anything else is a one-line :class:`UserError`."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    file_id = split_file_id(name)
+    if file_id is not None:
+        return hub_file(*file_id, revision=revision)
+    if is_repo_id(name):
+        return hub_folder(str(name), revision=revision)
+    raise UserError(f"{name} not found: give an existing file or folder, or a hub id like org/name")
+
+
+def _not_available(repo_id: str, filename: str | None, revision: str | None, err: Exception) -> str:
+    what = f"{filename} of {repo_id}" if filename else repo_id
+    fetch = fetch_command(repo_id, filename, revision)
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return f"{what} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; fetch it with `{fetch}`"
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return f"cannot get {what} from the Hugging Face hub ({type(err).__name__}: {first}); fetch it with `{fetch}`"
