@@ -1,20 +1,24 @@
-"""Checkpoint files: diffusers interchange, the original layout (full-size key lists), safe loading, families, CLI."""
+"""Checkpoint files: diffusers interchange, the original layout (full-size key lists), safe loading (pickles,
+truncated files, NaN/Inf weights, absurd configs), families, CLI."""
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 import math
 import os
+import re
 import shutil
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from controlnet.checkpoints import (
+    FORMATS,
     check_compatible,
     controlnet_from_state_dict,
     detect_family,
@@ -317,26 +321,9 @@ def test_check_compatible_names_both_families():
 
 
 def run_cli(argv: list[str]) -> int:
-    """``controlnet ARGV`` through the real dispatcher; through the convert module alone while the other
-    command modules are not written yet (the lead wires them)."""
+    """``controlnet ARGV`` through the real dispatcher (errors: one line on stderr, exit code 2)."""
     from controlnet import cli
 
-    try:
-        for module in cli.COMMANDS:
-            importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name not in cli.COMMANDS:
-            raise
-        from controlnet.commands import convert
-
-        parser = argparse.ArgumentParser(prog="controlnet")
-        convert.register(parser.add_subparsers(dest="command", required=True))
-        args = parser.parse_args(argv)
-        try:
-            return args.func(args)
-        except UserError as error:
-            print(f"controlnet {args.command}: error: {error}", file=sys.stderr)
-            return EXIT_BAD_INPUT
     return cli.main(argv)
 
 
@@ -360,3 +347,179 @@ def test_cli_convert_round_trip_and_exit_code(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "corrupt.safetensors" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_checks_its_destination_first_and_is_quiet_with_q(tmp_path, capsys):
+    from controlnet.commands import convert
+
+    assert convert.LAYOUTS == FORMATS
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    # SRC does not exist either: the destination is refused first, before anything is loaded.
+    assert run_cli(["convert", str(tmp_path / "nothing.pth"), str(tmp_path / "mine"), "--to", "diffusers"]) == EXIT_BAD_INPUT
+    assert "mine exists and is not a ControlNet folder (notes.txt)" in capsys.readouterr().err
+    assert run_cli(["convert", "fill", str(tmp_path / "fill.safetensors"), "--to", "diffusers"]) == EXIT_BAD_INPUT
+    assert "the diffusers layout is a folder" in capsys.readouterr().err
+    assert run_cli(["convert", "fill", str(tmp_path / "fill"), "--to", "original"]) == EXIT_BAD_INPUT
+    assert "suffix" in capsys.readouterr().err
+    assert run_cli(["convert", "fill", str(tmp_path / "fill.pth"), "--to", "original", "-q"]) == 0
+    assert capsys.readouterr().out == "" and (tmp_path / "fill.pth").is_file()
+
+
+# --------------------------------------------------------------------------------------------- bad weights
+
+
+def _poison(sd: dict, key: str, value: float) -> dict:
+    sd = {k: v.clone() for k, v in sd.items()}
+    sd[key].view(-1)[3] = value
+    return sd
+
+
+def test_non_finite_weights_are_refused_in_every_format(tmp_path):
+    """NaN/Inf weights load without a word in torch and generate black images: every loader refuses them, naming
+    the first bad tensor as the file spells it."""
+    _, cn = trained_controlnet("sd1", seed=10)
+    original = original_state_dict(cn)
+    bad_key = "control_model.input_blocks.1.0.in_layers.2.weight"  # = down_blocks.0.resnets.0.conv1.weight
+    for value, what in ((float("nan"), "NaN"), (float("inf"), "Inf"), (float("-inf"), "Inf")):
+        sd = _poison(original, bad_key, value)
+        save_file(sd, tmp_path / "bad.safetensors")
+        torch.save({"state_dict": {**sd, "model.diffusion_model.x": torch.ones(2)}}, tmp_path / "bad.ckpt")
+        for path in (tmp_path / "bad.safetensors", tmp_path / "bad.ckpt"):
+            with pytest.raises(UserError, match=rf"{path.name}: tensor {bad_key} holds {what} \(1 of \d+ values\); the checkpoint is damaged"):
+                load_controlnet(path, config=cn.config)
+    # The native layout: safetensors, and diffusers' pickled .bin.
+    native = _poison(cn.state_dict(), "controlnet_mid_block.bias", float("nan"))
+    save_controlnet(cn, tmp_path / "folder")
+    save_file(native, tmp_path / "folder" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(UserError, match=r"diffusion_pytorch_model.safetensors: tensor controlnet_mid_block.bias holds NaN \(1 of"):
+        load_controlnet(tmp_path / "folder")
+    (tmp_path / "folder" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(native, tmp_path / "folder" / "diffusion_pytorch_model.bin")
+    with pytest.raises(UserError, match=r"diffusion_pytorch_model.bin: tensor controlnet_mid_block.bias holds NaN \(1 of"):
+        load_controlnet(tmp_path / "folder")
+
+
+def test_weights_that_overflow_fp16_are_refused_when_loaded_as_fp16(tmp_path):
+    _, cn = trained_controlnet("sd1", seed=11)
+    with torch.no_grad():
+        cn.controlnet_mid_block.weight.view(-1)[0] = 1e6  # finite in fp32 and bf16, Inf in fp16 (max 65504)
+    path = save_controlnet(cn, tmp_path / "big")
+    assert load_controlnet(path, dtype="bf16").controlnet_mid_block.weight.isfinite().all()
+    with pytest.raises(UserError, match=r"tensor controlnet_mid_block.weight holds Inf \(1 of .*overflows fp16; load it as fp32 or bf16"):
+        load_controlnet(path, dtype="fp16")
+
+
+def test_truncated_weights_are_refused_at_every_cut(tmp_path):
+    """A file cut anywhere (a killed download or copy) gives one line naming it, in every layout and format."""
+    _, cn = trained_controlnet("sd1", seed=12)
+    torch.save(original_state_dict(cn), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    files = {
+        "cn.safetensors": save_controlnet(cn, tmp_path / "cn.safetensors", format="original").read_bytes(),
+        "cn.pth": save_controlnet(cn, tmp_path / "cn.pth", format="original").read_bytes(),
+        "legacy.pth": (tmp_path / "legacy.pth").read_bytes(),
+        "diffusion_pytorch_model.safetensors": save_controlnet(cn, tmp_path / "native")
+        .joinpath("diffusion_pytorch_model.safetensors").read_bytes(),
+    }
+    folder = tmp_path / "cut"
+    shutil.copytree(tmp_path / "native", folder)
+    for name, data in files.items():
+        n = len(data)
+        for cut in sorted({1, 8, 9, 50, 500, n // 3, n // 2, n - 100, n - 22, n - 1}):
+            broken = folder / name
+            broken.write_bytes(data[:cut])
+            with pytest.raises(UserError) as err:
+                load_controlnet(folder if name.startswith("diffusion_") else broken, config=cn.config)
+            message = str(err.value)
+            assert name in message and re.search("truncated|corrupt|empty", message), (name, cut, message)
+            broken.unlink()
+
+
+# --------------------------------------------------------------------------------------------- bad configs
+
+
+def test_config_json_with_absurd_values_is_one_line(tmp_path, capsys):
+    _, cn = trained_controlnet("sd1", seed=13)
+    folder = save_controlnet(cn, tmp_path / "cn")
+    good = json.loads((folder / "config.json").read_text())
+    cases = {
+        "block_out_channels": ([32, 2**40], r"block_out_channels must be .*got \[32, 1099511627776\]"),
+        "layers_per_block": (0, r"layers_per_block must be an integer in 1\.\.64, got 0"),
+        "down_block_types": (["CrossAttnDownBlock2D", "Warp"], r"down_block_types .*'Warp'\]"),
+        "cross_attention_dim": ("768", r"cross_attention_dim must be an integer .*got '768'"),
+    }
+    for field, (value, message) in cases.items():
+        (folder / "config.json").write_text(json.dumps({**good, field: value}))
+        with pytest.raises(UserError, match=rf"^{re.escape(str(folder / 'config.json'))}: invalid ControlNet config: {message}$"):
+            load_controlnet(folder)
+    for text, message in (("[1, 2]", "expected a JSON object, got list"), ("{", "is not a readable JSON config"),
+                          ('{"in_channels": 1' + "0" * 5000 + "}", "is not a readable JSON config"),
+                          ("[" * 100_000, "is not a readable JSON config")):
+        (folder / "config.json").write_text(text)
+        with pytest.raises(UserError, match=message):
+            load_controlnet(folder)
+    (folder / "config.json").write_text(" " * (2 << 20))
+    with pytest.raises(UserError, match=r"config file is at most 1048576 bytes"):
+        load_controlnet(folder)
+    # A config inferred from shapes no SD-family model has (GroupNorm's 32 groups do not divide 48 channels).
+    with torch.device("meta"):
+        odd = ControlNet(ControlNetConfig.from_unet_config(
+            dict(unet_config("sd1"), block_out_channels=(48, 96), norm_num_groups=8)))
+    with pytest.raises(UserError, match=r"^odd: invalid ControlNet config: norm_num_groups 32 must divide .*"
+                                        r"\(inferred from the tensor shapes\); pass its config"):
+        controlnet_from_state_dict(odd.state_dict(), name="odd")
+    # Through the command line: exit 2, one line, no traceback, nothing written.
+    (tmp_path / "absurd.json").write_text(json.dumps({**good, "norm_num_groups": 7}))
+    src = FIXTURES / "tiny_sd15" / "controlnet_original.safetensors"
+    code = run_cli(["convert", str(src), str(tmp_path / "out"), "--to", "diffusers", "--config", str(tmp_path / "absurd.json")])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_INPUT and err.count("\n") == 1 and "Traceback" not in err
+    assert "absurd.json: invalid ControlNet config: norm_num_groups 7 must divide every block_out_channels" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_fifos_are_refused_without_blocking(tmp_path):
+    """Reading a FIFO blocks until a writer comes: a FIFO as a checkpoint or a config is refused before it is opened."""
+    _, cn = trained_controlnet("sd1", seed=14)
+    os.mkfifo(tmp_path / "cn.safetensors")
+    with pytest.raises(UserError, match="cn.safetensors is not a regular file"):
+        load_controlnet(tmp_path / "cn.safetensors")
+    folder = save_controlnet(cn, tmp_path / "folder")
+    os.mkfifo(tmp_path / "config.json")
+    with pytest.raises(UserError, match="config.json is not a regular file"):
+        load_controlnet(folder, config=tmp_path / "config.json")
+
+
+WRITE_UNDER_A_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+sys.path.insert(0, {tests!r})
+from test_checkpoints import trained_controlnet
+from controlnet.checkpoints import save_controlnet
+from controlnet.errors import UserError
+
+_, cn = trained_controlnet("sd1", seed=15)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit makes write() fail with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
+for name, layout in (("cn", "diffusers"), ("cn.safetensors", "original"), ("cn.pth", "original")):
+    try:
+        save_controlnet(cn, {out!r} + "/" + name, format=layout)
+        print("written", name)
+    except UserError as err:
+        print(err)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path):
+    """A full disk or a file-size limit while saving: one line naming the path and the cause, nothing partial."""
+    out = tmp_path / "out"
+    out.mkdir()
+    script = WRITE_UNDER_A_FILE_SIZE_LIMIT.format(tests=str(Path(__file__).parent), out=str(out))
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = result.stdout.splitlines()
+    assert result.returncode == 0 and len(lines) == 3, result.stdout + result.stderr
+    for line, name in zip(lines, ("cn", "cn.safetensors", "cn.pth")):
+        assert line.startswith(f"{out / name}: cannot write the ControlNet (") and ("File too large" in line or "file-size limit" in line), line
+    assert list(out.iterdir()) == []

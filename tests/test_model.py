@@ -1,15 +1,30 @@
-"""The ControlNet model on tiny seeded SD1.x / SD2.x / SDXL UNets: zero-init identity, gradients, training step."""
+"""The ControlNet model on tiny seeded SD1.x / SD2.x / SDXL UNets: zero-init identity, gradients, training step,
+the lite ablation, parameter order, config validation."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import hashlib
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from builders import FAMILIES, SD15_UNET, build_unet, sdxl_added_cond_kwargs
-from controlnet.model import ControlNet, guess_mode_scales
+from builders import FAMILIES, SD15_UNET, SD21_UNET, SDXL_UNET, build_unet, sdxl_added_cond_kwargs
+from controlnet.errors import UserError
+from controlnet.model import (
+    ARCHITECTURES,
+    MAX_CHANNELS,
+    MODEL_CLASSES,
+    ControlNet,
+    ControlNetConfig,
+    ControlNetLite,
+    build_controlnet,
+    guess_mode_scales,
+)
 
 LATENT = 8  # latent side; the hint is 8x larger (three stride-2 convs, as SD's VAE)
 
@@ -177,8 +192,10 @@ def test_full_sd15_parameter_count():
         cn = ControlNet.from_unet(unet)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(cn) == 361_279_120  # original_controlnet_keys.json "sd15": 361.28M
-    assert round(count(cn.controlnet_cond_embedding) / 1e6, 2) == 1.09  # DESIGN.md: hint encoder 1.09M
-    assert round(sum(count(c) for c in cn.zero_convs()) / 1e6, 1) == 11.5  # DESIGN.md: zero convs 11.5M
+    # The released control_sd15_*.pth (original_controlnet_keys.json): input_hint_block.* 1.09M parameters,
+    # zero_convs.* + middle_block_out.* 11.5M.
+    assert round(count(cn.controlnet_cond_embedding) / 1e6, 2) == 1.09
+    assert round(sum(count(c) for c in cn.zero_convs()) / 1e6, 1) == 11.5
     assert cn.num_residuals == 13
 
 
@@ -188,6 +205,7 @@ def test_lite_starts_as_the_base_and_ignores_time_and_prompt(family):
     (bit-identical output), one conv per skip instead of the copy, and no dependence on the timestep or prompt."""
     unet = build_unet(family, seed=1).requires_grad_(False)
     lite, full = ControlNet.from_unet(unet, architecture="lite"), ControlNet.from_unet(unet)
+    assert type(lite) is ControlNetLite and type(full) is ControlNet and isinstance(lite, ControlNet)
     inputs = make_inputs(unet)
     with torch.no_grad():
         out = run_controlnet(lite, inputs)
@@ -234,5 +252,137 @@ def test_lite_round_trips_in_the_native_layout_and_refuses_the_original(tmp_path
         from controlnet.checkpoints import controlnet_from_state_dict
 
         controlnet_from_state_dict(weights)
-    with pytest.raises(ValueError, match="architecture must be one of"):
+    with pytest.raises(UserError, match="architecture must be one of"):
         dataclasses.replace(lite.config, architecture="tiny")
+
+
+def test_architecture_names_build_their_classes():
+    """build_controlnet / from_unet pick the class from the config's architecture; each class refuses the other's."""
+    unet = build_unet("sd1", seed=1)
+    assert tuple(MODEL_CLASSES) == ARCHITECTURES
+    for name, cls in MODEL_CLASSES.items():
+        config = ControlNet.from_unet(unet, architecture=name).config
+        assert config.architecture == name and type(build_controlnet(config)) is cls
+        assert type(cls.from_unet(unet)) is cls  # the class's own architecture by default
+    copy_config = ControlNet.from_unet(unet).config
+    with pytest.raises(ValueError, match="ControlNetLite builds architecture 'lite'.*build_controlnet"):
+        ControlNetLite(copy_config)
+    with pytest.raises(ValueError, match="ControlNet builds architecture 'copy'"):
+        ControlNet(dataclasses.replace(copy_config, architecture="lite"))
+
+
+PARAMETER_ORDER = Path(__file__).resolve().parent / "fixtures" / "parameter_order.json"
+
+
+def test_parameter_names_and_order_are_those_of_the_saved_checkpoints():
+    """Checkpoints and training state of every earlier version name and order the parameters like this (recorded
+    in tests/fixtures/parameter_order.json from the first releases): the tiny models name by name, the full-size
+    configs by the sha256 of their names in order."""
+    recorded = json.loads(PARAMETER_ORDER.read_text())
+    for family in FAMILIES:
+        unet = build_unet(family, seed=0)
+        for architecture in ARCHITECTURES:
+            names = [n for n, _ in ControlNet.from_unet(unet, architecture=architecture).named_parameters()]
+            assert names == recorded["names"][f"{family}/{architecture}"], f"{family}/{architecture}"
+    for family, config in (("sd1", SD15_UNET), ("sd2", SD21_UNET), ("sdxl", SDXL_UNET)):
+        with torch.device("meta"):
+            names = [n for n, _ in ControlNet(ControlNetConfig.from_unet_config(config)).named_parameters()]
+        digest = hashlib.sha256("\n".join(names).encode()).hexdigest()
+        assert digest == recorded["sha256_of_names"][f"{family}-full/copy"], family
+
+
+# --------------------------------------------------------------------------------------------- config validation
+
+# (field, bad value, what the one-line message must say): every kind of mistake a config.json can make.
+BAD_CONFIG_VALUES = [
+    ("block_out_channels", [32, 0], r"block_out_channels must be a list of 2 entries .*1\.\.16384, got \[32, 0\]"),
+    ("block_out_channels", [32, 10**9], r"block_out_channels .*got \[32, 1000000000\]"),
+    ("block_out_channels", [32, 64, 64], r"block_out_channels must be a list of 2 entries"),
+    ("block_out_channels", "32,64", r"block_out_channels .*got '32,64'"),
+    ("block_out_channels", [32, "64"], r"block_out_channels .*got \[32, '64'\]"),
+    ("block_out_channels", [32.0, 64.0], r"block_out_channels .*got \[32.0, 64.0\]"),
+    ("in_channels", 0, r"in_channels must be an integer in 1\.\.16384, got 0"),
+    ("in_channels", "4", r"in_channels must be an integer .*got '4'"),
+    ("in_channels", True, r"in_channels must be an integer .*got True"),
+    ("conditioning_channels", -3, r"conditioning_channels .*got -3"),
+    ("layers_per_block", 10**6, r"layers_per_block must be an integer in 1\.\.64, got 1000000"),
+    ("cross_attention_dim", None, r"cross_attention_dim .*got None"),
+    ("cross_attention_dim", [32, 32], r"cross_attention_dim .*got \[32, 32\]"),
+    ("down_block_types", ["CrossAttnDownBlock2D", "SpaceBlock"], r"down_block_types .*CrossAttnDownBlock2D, DownBlock2D.*SpaceBlock"),
+    ("down_block_types", [], r"down_block_types must be a list of 1\.\.8 entries"),
+    ("down_block_types", "DownBlock2D", r"down_block_types .*got 'DownBlock2D'"),
+    ("mid_block_type", "UNetMidBlockFancy", r"mid_block_type must be one of UNetMidBlock2DCrossAttn, UNetMidBlock2D"),
+    ("act_fn", "tanh", r"act_fn must be one of silu, swish, mish, gelu, relu, got 'tanh'"),
+    ("norm_num_groups", 0, r"norm_num_groups .*got 0"),
+    ("norm_num_groups", 7, r"norm_num_groups 7 must divide every block_out_channels entry \[32, 64\]"),
+    ("norm_eps", -1e-5, r"norm_eps must be a finite number > 0, got -1e-05"),
+    ("norm_eps", float("nan"), r"norm_eps .*got nan"),
+    ("mid_block_scale_factor", "1", r"mid_block_scale_factor .*got '1'"),
+    ("freq_shift", 5, r"freq_shift must be a number in 0\.\.1, got 5"),
+    ("freq_shift", 10**400, r"freq_shift must be a number in 0\.\.1, got 1000000"),
+    ("mid_block_scale_factor", float("inf"), r"mid_block_scale_factor must be a finite number > 0, got inf"),
+    ("flip_sin_to_cos", "yes", r"flip_sin_to_cos must be true or false, got 'yes'"),
+    ("downsample_padding", 7, r"downsample_padding must be an integer in 0\.\.1"),
+    ("attention_head_dim", [2, 4, 8], r"attention_head_dim must be .*a list of 2 of them"),
+    ("attention_head_dim", 0, r"attention_head_dim .*got 0"),
+    ("attention_head_dim", 48, r"block 0 has 48 attention heads but only 32 channels"),
+    ("num_attention_heads", [1, 0], r"num_attention_heads must be null or .*got \[1, 0\]"),
+    ("transformer_layers_per_block", [1, 1000], r"transformer_layers_per_block .*got \[1, 1000\]"),
+    ("only_cross_attention", [True], r"only_cross_attention .*got \[True\]"),
+    ("use_linear_projection", 1, r"use_linear_projection must be true or false, got 1"),
+    ("upcast_attention", None, r"upcast_attention .*got None"),
+    ("class_embed_type", "simple_projection", r"class_embed_type must be one of null, timestep, projection"),
+    ("class_embed_type", "projection", r"class_embed_type 'projection' needs projection_class_embeddings_input_dim"),
+    ("addition_embed_type", "text", r"addition_embed_type must be one of null, text_time, got 'text'"),
+    ("addition_embed_type", "text_time", r"addition_embed_type 'text_time' needs addition_time_embed_dim"),
+    ("addition_time_embed_dim", 0, r"addition_time_embed_dim must be null or an integer"),
+    ("num_class_embeds", 10**12, r"num_class_embeds must be null or an integer in 1\.\.100000"),
+    ("projection_class_embeddings_input_dim", MAX_CHANNELS + 1, r"projection_class_embeddings_input_dim .*16385"),
+    ("resnet_time_scale_shift", "spatial", r"resnet_time_scale_shift must be one of default, scale_shift"),
+    ("controlnet_conditioning_channel_order", "RGB", r"controlnet_conditioning_channel_order must be one of rgb, bgr"),
+    ("conditioning_embedding_out_channels", [16, 0], r"conditioning_embedding_out_channels .*got \[16, 0\]"),
+    ("conditioning_embedding_out_channels", [16] * 20, r"conditioning_embedding_out_channels must be a list of 1\.\.8"),
+    ("global_pool_conditions", "false", r"global_pool_conditions must be true or false, got 'false'"),
+    ("hint_encoder", "learned", r"hint_encoder must be one of released, paper, got 'learned'"),
+    ("vae_scale_factor", 12, r"vae_scale_factor must be a power of two in 1\.\.64, got 12"),
+    ("vae_scale_factor", 2**40, r"vae_scale_factor .*got 1099511627776"),
+    ("architecture", "tiny", r"architecture must be one of copy, lite, got 'tiny'"),
+]
+
+
+@functools.cache
+def _tiny_config() -> ControlNetConfig:
+    return ControlNet.from_unet(build_unet("sd1")).config
+
+
+def tiny_config() -> dict:
+    """A good config.json of a tiny SD1.x ControlNet (block_out_channels [32, 64]), as a fresh dict."""
+    return _tiny_config().to_dict()
+
+
+@pytest.mark.parametrize(("field", "value", "message"), BAD_CONFIG_VALUES, ids=[f"{f}={v!r}"[:40] for f, v, _ in BAD_CONFIG_VALUES])
+def test_bad_config_values_are_refused_in_one_line(field, value, message):
+    with pytest.raises(UserError, match=r"^invalid ControlNet config: " + message) as err:
+        ControlNetConfig.from_dict({**tiny_config(), field: value})
+    assert "\n" not in str(err.value) and len(str(err.value)) < 300
+
+
+def test_every_config_field_is_checked():
+    """Each field has a rule (and a bad value in the table above); the good configs of every family pass."""
+    from controlnet.model import _RULES
+
+    fields = {f.name for f in dataclasses.fields(ControlNetConfig)}
+    assert set(_RULES) == fields
+    assert {f for f, _, _ in BAD_CONFIG_VALUES} == fields
+    for config in (SD15_UNET, SD21_UNET, SDXL_UNET):
+        ControlNetConfig.from_unet_config(config).check()
+    for family in FAMILIES:
+        cfg = ControlNet.from_unet(build_unet(family)).config
+        assert ControlNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_paper_hint_encoder_needs_enough_convs_for_the_vae():
+    with pytest.raises(UserError, match=r"the paper's hint encoder has 4 convs .*cannot downsample 32x"):
+        ControlNet.from_unet(build_unet("sd1"), hint_encoder="paper", vae_scale_factor=32)
+    with pytest.raises(UserError, match="vae_scale_factor must be a power of two"):
+        ControlNet.from_unet(build_unet("sd1"), vae_scale_factor=6)

@@ -10,7 +10,8 @@ Two layouts exist for the same tensors:
 
 Converting between them is a renaming of module prefixes (no tensor is reshaped). Original files carry no config:
 it is inferred from the tensor shapes plus the family's defaults for what shapes cannot tell (attention heads).
-Pickles are only read with ``torch.load(weights_only=True)``: a file that tries to run code is refused.
+Pickles are only read with ``torch.load(weights_only=True)``: a file that tries to run code is refused. Weights
+that are not finite (NaN/Inf) are refused too, naming the first bad tensor.
 """
 
 from __future__ import annotations
@@ -19,16 +20,29 @@ import dataclasses
 import json
 import pickle
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
+from controlnet.embedded import resolve_controlnet
 from controlnet.errors import UserError
 from controlnet.fileio import atomic_path
-from controlnet.model import LITE_CLASS_NAME, ControlNet, ControlNetConfig
+from controlnet.loading import DTYPES
+from controlnet.model import (
+    CONFIG_NAME,
+    DIFFUSERS_WEIGHT_NAMES,
+    LITE_CLASS_NAME,
+    WEIGHTS_NAME,
+    ControlNet,
+    ControlNetConfig,
+    build_controlnet,
+    check_folder_destination,
+    write_error,
+)
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 # Text-encoder context width of each family's base: CLIP ViT-L/14 (SD1.x), OpenCLIP ViT-H/14 (SD2.x),
@@ -44,21 +58,15 @@ SD2_HEAD_CHANNELS = 64
 # addition embedding's input (2816 = 1280 + 6 * 256).
 SDXL_TIME_EMBED_DIM = 256
 SDXL_NUM_TIME_IDS = 6
+# A ControlNet config.json is about 2 KB; anything far larger is not one (and is not read into memory).
+MAX_CONFIG_BYTES = 1 << 20
 # ControlNet 1.1's shuffle model is the only release with global average pooling
 # (control_v11e_sd15_shuffle.yaml `global_average_pooling: True`); its files are named "*shuffle*".
 GLOBAL_POOL_NAME_HINT = "shuffle"
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-# Weight files of a diffusers folder, in order of preference.
-DIFFUSERS_WEIGHT_NAMES = (WEIGHTS_NAME, "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin")
 ORIGINAL_PREFIX = "control_model."
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 FORMATS = ("diffusers", "original")
-DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-    "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
 
 # Original ResBlock (ldm openaimodel.py) sub-modules → diffusers ResnetBlock2D names.
 _RESNET_RENAMES = (
@@ -77,7 +85,7 @@ StateDict = dict[str, torch.Tensor]
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """``"fp16"``/``"bf16"``/``"fp32"`` (or a torch dtype, or None) as a torch dtype."""
+    """A name of :data:`controlnet.loading.DTYPES` (``"fp16"``/``"bf16"``/``"fp32"``, ...), a torch dtype, or None."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     try:
@@ -412,7 +420,10 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], name: str = "state dict
             raise UserError(f"{name}: cannot infer SDXL's addition_time_embed_dim from width {adm_in}; pass config=")
         kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
                       projection_class_embeddings_input_dim=adm_in)
-    return ControlNetConfig(**kwargs)
+    try:
+        return ControlNetConfig(**kwargs)
+    except UserError as err:  # shapes no SD-family model has
+        raise UserError(f"{name}: {err} (inferred from the tensor shapes); pass its config (config=... / --config)") from None
 
 
 def _as_config(config: ControlNetConfig | Mapping[str, Any] | str | Path) -> ControlNetConfig:
@@ -428,12 +439,13 @@ def _as_config(config: ControlNetConfig | Mapping[str, Any] | str | Path) -> Con
         if path.is_dir():
             path = path / CONFIG_NAME
         source = str(path)
+        if not path.exists():
+            raise UserError(f"config file {path} does not exist")
+        _check_regular_file(path, MAX_CONFIG_BYTES)
         try:
             config = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"config file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise UserError(f"{path} is not a readable JSON config: {err}") from None
+        except (OSError, ValueError, RecursionError) as err:  # ValueError: bad UTF-8, bad JSON, a 5000-digit number
+            raise UserError(f"{path} is not a readable JSON config: {_first_sentence(err)}") from None
     if not isinstance(config, Mapping):
         raise UserError(f"{source}: expected a JSON object, got {type(config).__name__}")
     if isinstance(config.get("controlnet"), Mapping):
@@ -443,8 +455,8 @@ def _as_config(config: ControlNetConfig | Mapping[str, Any] | str | Path) -> Con
         raise UserError(f"{source} describes a {class_name}, not a ControlNetModel")
     try:
         return ControlNetConfig.from_dict(dict(config))
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{source}: invalid ControlNet config: {err}") from None
+    except UserError as err:  # "invalid ControlNet config: <field> must be ..., got ..."
+        raise UserError(f"{source}: {err}") from None
 
 
 # --------------------------------------------------------------------------------------------- reading files
@@ -487,8 +499,21 @@ def _read_pickle(path: Path) -> Any:
         raise UserError(f"{path} is not a valid PyTorch file (truncated or corrupt?): {_first_sentence(err)}") from None
 
 
+def _check_regular_file(path: Path, max_bytes: int | None = None) -> None:
+    """Refuse what is not a regular file (a FIFO or a device would block the read or never end) or is too big."""
+    try:
+        info = path.stat()
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"{path} is not a regular file (a FIFO, a device, ...); give a file")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise UserError(f"{path} is {info.st_size} bytes; a config file is at most {max_bytes} bytes")
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     """The raw key → tensor mapping of a single checkpoint file (format sniffed from its first bytes)."""
+    _check_regular_file(path)
     try:
         with open(path, "rb") as f:
             head = f.read(9)
@@ -527,8 +552,8 @@ def controlnet_from_state_dict(
     """A ControlNet holding the tensors of ``state_dict`` (either layout; the tensors are used as they are).
 
     Without ``config`` it is inferred from the shapes (:func:`infer_config`); ``global_pool_conditions``, when
-    given, overrides the config's. Keys and shapes must match the
-    config exactly; anything missing, extra or mis-shaped is a :class:`UserError` naming ``name``.
+    given, overrides the config's. Keys and shapes must match the config exactly and every value must be finite;
+    anything missing, extra, mis-shaped, NaN or Inf is a :class:`UserError` naming ``name``.
     """
     layout, sd = _normalize_state_dict(state_dict, name)
     original = layout == "original"
@@ -539,13 +564,17 @@ def controlnet_from_state_dict(
         cfg = dataclasses.replace(cfg, global_pool_conditions=global_pool_conditions)
 
     with torch.device("meta"):  # no random init: every tensor comes from the file
-        cn = ControlNet(cfg)
-    expected = {k: tuple(v.shape) for k, v in cn.state_dict().items()}
+        cn = build_controlnet(cfg)
     to_file = _file_names(cfg) if original else {}
+    _check_tensors(sd, {k: tuple(v.shape) for k, v in cn.state_dict().items()}, name, lambda k: to_file.get(k, k))
+    cn.load_state_dict(sd, strict=True, assign=True)
+    return cn
 
-    def file_key(k: str) -> str:
-        return to_file.get(k, k)
 
+def _check_tensors(sd: StateDict, expected: Mapping[str, tuple[int, ...]], name: str,
+                   file_key: Callable[[str], str]) -> None:
+    """Refuse ``sd`` unless it has exactly the ``expected`` keys and shapes, in floating point, all finite.
+    Errors name keys as the file spells them (``file_key``)."""
     missing = [file_key(k) for k in expected if k not in sd]
     unexpected = [file_key(k) for k in sd if k not in expected]
     if missing or unexpected:
@@ -561,15 +590,36 @@ def controlnet_from_state_dict(
     floating = [file_key(k) for k, v in sd.items() if not v.is_floating_point()]
     if floating:
         raise UserError(f"{name}: tensors that are not floating point: {_examples(floating)}")
-    cn.load_state_dict(sd, strict=True, assign=True)
-    return cn
+    refuse_non_finite(sd, name, file_key)
+
+
+def refuse_non_finite(tensors: Mapping[str, torch.Tensor], name: str,
+                      file_key: Callable[[str], str] = lambda k: k, cause: str | None = None) -> None:
+    """Raise a one-line :class:`UserError` naming the first tensor that holds NaN or Inf (meta tensors, which
+    hold no values, are skipped). ``cause``: what the message blames (default: a damaged or diverged checkpoint)."""
+    for key, value in tensors.items():
+        if value.is_meta or _all_finite(value):
+            continue
+        nan, count = int(value.isnan().sum()), int((~torch.isfinite(value)).sum())
+        what = "NaN" if nan == count else "Inf" if nan == 0 else "NaN and Inf"
+        raise UserError(
+            f"{name}: tensor {file_key(key)} holds {what} ({count} of {value.numel()} values); "
+            + (cause or "the checkpoint is damaged or was saved after training diverged; use another checkpoint")
+        )
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite. A finite sum proves it (NaN and Inf propagate through a sum) at a
+    fraction of the cost of ``isfinite`` over every value, which only a non-finite sum (overflow) needs."""
+    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
 
 
 def _file_names(cfg: ControlNetConfig) -> dict[str, str]:
     """Our (diffusers) key → the original layout's key with ``control_model.``, for error messages."""
     mapping = {v: k for k, v in _module_map(_Layout.from_config(cfg)).items()}
     with torch.device("meta"):
-        keys = ControlNet(cfg).state_dict().keys()
+        keys = build_controlnet(cfg).state_dict().keys()
     return {k: ORIGINAL_PREFIX + (_rename(k, mapping) or k) for k in keys}
 
 
@@ -586,10 +636,9 @@ def load_controlnet(
     state dict), a single diffusers-layout ``.safetensors``, or the name of a bundled ControlNet.
     ``config``: overrides the folder's config.json or the config inferred from shapes (a ControlNetConfig, a dict,
     or a path to a config.json; a "controlnet" entry in it is used). ``dtype``: default float32.
-    Pickles are read with ``weights_only=True``; bad files raise a one-line :class:`UserError`.
+    Pickles are read with ``weights_only=True``; bad files (truncated, corrupt, NaN/Inf weights, weights that
+    overflow fp16) raise a one-line :class:`UserError`.
     """
-    from controlnet.embedded import resolve_controlnet
-
     path = Path(path).expanduser()
     if not path.exists():
         path = resolve_controlnet(str(path))
@@ -613,10 +662,37 @@ def load_controlnet(
             elif layout == "original" and GLOBAL_POOL_NAME_HINT in path.stem.lower():
                 pool = True  # original files carry no config; ControlNet 1.1 shuffle pools (see the constant)
     cn = controlnet_from_state_dict(raw, config, name, global_pool_conditions=pool)
-    return cn.to(device=device, dtype=parse_dtype(dtype) or torch.float32).eval()
+    target = parse_dtype(dtype) or torch.float32
+    cast = any(v.dtype != target for v in raw.values())
+    cn = cn.to(device=device, dtype=target).eval()
+    if cast and target == torch.float16:  # fp16's range ends at 65504: larger fp32/bf16 weights become Inf
+        refuse_non_finite(cn.state_dict(), name, cause="it overflows fp16; load it as fp32 or bf16")
+    return cn
 
 
 # --------------------------------------------------------------------------------------------- saving
+
+
+def check_destination(path: str | Path, format: str = "diffusers") -> Path:
+    """Refuse a destination :func:`save_controlnet` cannot write (before any work is done); return it as a Path.
+
+    ``format="diffusers"`` writes a folder: not a weights-file name, not over a file or a folder holding other
+    files. ``format="original"`` writes one ``.safetensors`` or ``.pth`` file, not over a folder.
+    """
+    path = Path(path).expanduser()
+    suffix = path.suffix.lower()
+    if format == "diffusers":
+        if suffix in (".safetensors", *PICKLE_SUFFIXES):
+            raise UserError(f"{path}: the diffusers layout is a folder; give a folder name, or use format 'original' for a single file")
+        check_folder_destination(path)
+    elif format == "original":
+        if path.is_dir():
+            raise UserError(f"{path} is a folder; the original layout is one file (.safetensors or .pth)")
+        if suffix not in (".safetensors", *PICKLE_SUFFIXES):
+            raise UserError(f"{path}: the original layout is written as .safetensors or .pth; got suffix {suffix or '(none)'!r}")
+    else:
+        raise UserError(f"unknown checkpoint format {format!r}; use one of {', '.join(FORMATS)}")
+    return path
 
 
 def save_controlnet(
@@ -628,58 +704,33 @@ def save_controlnet(
     """Write ``controlnet`` atomically and return the path written.
 
     ``format="diffusers"``: a folder with config.json + diffusion_pytorch_model.safetensors, loadable by diffusers'
-    ``ControlNetModel.from_pretrained`` (keys it does not know, like ``hint_encoder``, are ignored there).
-    ``format="original"``: one file with the released checkpoints' ``control_model.*`` keys, ``.safetensors`` or
-    ``.pth`` by the suffix of ``path``. ``dtype``: cast on the way out (default: the model's).
+    ``ControlNetModel.from_pretrained`` (keys it does not know, like ``hint_encoder``, are ignored there); see
+    :meth:`ControlNet.save_pretrained`. ``format="original"``: one file with the released checkpoints'
+    ``control_model.*`` keys, ``.safetensors`` or ``.pth`` by the suffix of ``path``. ``dtype``: cast on the way
+    out (default: the model's). A failed write (no space, no permission) is a one-line :class:`UserError` and
+    leaves nothing behind.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    path = Path(path).expanduser()
+    path = check_destination(path, format)
     dtype = parse_dtype(dtype)
     if format == "diffusers":
-        if path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
-            raise UserError(f"{path}: the diffusers layout is a folder; give a folder name, or use format 'original' for a single file")
-        if path.exists() and (not path.is_dir() or _foreign_files(path)):
-            raise UserError(
-                f"{path} exists and is not a ControlNet folder ({_examples(_foreign_files(path)) if path.is_dir() else 'a file'}); "
-                "choose a new folder name"
-            )
-        sd = {k: _for_file(v, dtype) for k, v in controlnet.state_dict().items()}
-        config = controlnet.config.to_dict()
-        config["_diffusers_version"] = _diffusers_version()
+        return controlnet.save_pretrained(path, dtype)
+    sd = {k: _for_file(v, dtype) for k, v in original_state_dict(controlnet).items()}
+    try:
         with atomic_path(path) as tmp:
-            tmp.mkdir()
-            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            save_file(sd, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        return path
-    if format == "original":
-        if path.is_dir():
-            raise UserError(f"{path} is a folder; the original layout is one file (.safetensors or .pth)")
-        suffix = path.suffix.lower()
-        if suffix not in (".safetensors", *PICKLE_SUFFIXES):
-            raise UserError(f"{path}: the original layout is written as .safetensors or .pth; got suffix {suffix or '(none)'!r}")
-        sd = {k: _for_file(v, dtype) for k, v in original_state_dict(controlnet).items()}
-        with atomic_path(path) as tmp:
-            if suffix == ".safetensors":
+            if path.suffix.lower() == ".safetensors":
                 save_file(sd, str(tmp), metadata={"format": "pt"})
             else:
                 torch.save(sd, tmp)
-        return path
-    raise UserError(f"unknown checkpoint format {format!r}; use one of {', '.join(FORMATS)}")
+    except (OSError, SafetensorError) as err:
+        raise write_error(path, err) from None
+    except RuntimeError:  # torch.save's zip writer reports a failed write as "[enforce fail ...] unexpected pos"
+        raise write_error(path, "the write stopped part-way: no space left or a file-size limit") from None
+    return path
 
 
 def _for_file(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     t = t.detach().to("cpu")
     return (t if dtype is None else t.to(dtype)).contiguous()
-
-
-def _foreign_files(folder: Path) -> list[str]:
-    """Files in ``folder`` that a diffusers ControlNet folder would not hold (we refuse to replace those)."""
-    ours = {CONFIG_NAME, *DIFFUSERS_WEIGHT_NAMES}
-    return [p.name for p in folder.iterdir() if p.name not in ours]
-
-
-def _diffusers_version() -> str:
-    import diffusers
-
-    return diffusers.__version__

@@ -3,7 +3,7 @@
 Layout under ``controlnet/assets/``::
 
     tiny-sd/                  a diffusers Stable Diffusion 1.x folder (model_index.json, unet/, vae/,
-                              text_encoder/, tokenizer/, scheduler/) trained here on synthetic fill data
+                              text_encoder/, tokenizer/, scheduler/) trained on synthetic fill data
     controlnets/<name>/       bundled ControlNets in the native (diffusers) layout, e.g. controlnets/fill/
 
 ``scripts/train_embedded.py`` makes them; ``src/controlnet/assets/README.md`` has the recipe and timings.

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 
-from controlnet.checkpoints import FORMATS, PICKLE_SUFFIXES, load_controlnet, save_controlnet
-from controlnet.errors import UserError
+from controlnet.defaults import DTYPE_CHOICES
 
-DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+# controlnet.checkpoints.FORMATS, spelled here so `--help` does not import torch (a test checks they agree).
+LAYOUTS = ("diffusers", "original")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,22 +25,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("src", metavar="SRC", help="checkpoint file, diffusers folder, or bundled ControlNet name")
     parser.add_argument("dst", metavar="DST", help="output folder (--to diffusers) or .safetensors/.pth file (--to original)")
-    parser.add_argument("--to", required=True, choices=FORMATS, help="layout to write")
+    parser.add_argument("--to", required=True, choices=LAYOUTS, help="layout to write")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="cast the weights (default: fp32)")
     parser.add_argument(
         "--config", default=None, metavar="JSON",
         help="ControlNet config.json (or a JSON with a 'controlnet' entry) for files whose shapes do not tell "
         "everything, e.g. non-standard attention heads",
     )
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load SRC, write DST in the ``--to`` layout, print one summary line."""
-    if args.to == "diffusers" and args.dst.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
-        raise UserError(f"{args.dst}: --to diffusers writes a folder; give a folder name (or use --to original)")
+    """Check DST, load SRC, write DST in the ``--to`` layout, print one summary line."""
+    from controlnet.checkpoints import check_destination, load_controlnet, save_controlnet
+
+    check_destination(args.dst, args.to)  # before loading: a bad DST is refused at once
     cn = load_controlnet(args.src, config=args.config)
     out = save_controlnet(cn, args.dst, format=args.to, dtype=args.dtype)
-    params = sum(p.numel() for p in cn.parameters())
-    print(f"wrote {out} ({args.to} layout, {params / 1e6:.2f}M parameters, {args.dtype or 'fp32'})")
+    if not args.quiet:
+        params = sum(p.numel() for p in cn.parameters())
+        print(f"wrote {out} ({args.to} layout, {params / 1e6:.2f}M parameters, {args.dtype or 'fp32'})")
     return 0
