@@ -32,6 +32,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from controlnet.loading import DTYPE_NAMES, DTYPES
+
 PROMPT = "a red circle on a white background, best quality"
 # diffusers' StableDiffusion(ControlNet)Pipeline default guidance_scale; > 1 turns CFG on in both pipelines.
 GUIDANCE = 7.5
@@ -46,8 +48,6 @@ SD15_SCHEDULER = dict(
 )
 # Std of the random values given to parameters that start at zero (zero convs) and of the fast-init fill.
 RANDOM_STD = 0.02
-# Keys of our ControlNetConfig that diffusers' ControlNetModel does not know (it would warn about them).
-OURS_ONLY_CONFIG_KEYS = ("hint_encoder", "vae_scale_factor")
 IMPLS = ("ours", "reference")
 
 
@@ -104,7 +104,7 @@ class Setting:
 
     @property
     def dtype_name(self) -> str:
-        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        return DTYPE_NAMES[self.dtype]
 
 
 @dataclass
@@ -132,14 +132,6 @@ class Models:
 # --------------------------------------------------------------------------------------------- building
 
 
-def reference_config(ours_cn: nn.Module) -> dict[str, Any]:
-    """diffusers ``ControlNetModel`` config of our ControlNet (our own extra keys removed)."""
-    cfg = ours_cn.config.to_dict()
-    for key in OURS_ONLY_CONFIG_KEYS:
-        cfg.pop(key, None)
-    return cfg
-
-
 def _fill_random(module: nn.Module, seed: int) -> None:
     """Give every parameter and buffer of a freshly ``to_empty``-ed module small seeded random values."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -165,6 +157,7 @@ def build_models(size: str, dtype: torch.dtype, device: torch.device, controlnet
     functions run, no float32 copy made): for the memory subprocesses, whose numbers do not depend on values."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
+    from controlnet.diffusers_compat import diffusers_config, to_diffusers
     from tests.builders import build_text_encoder, build_tokenizer, build_unet, build_vae, unet_config
     from controlnet.model import ControlNet
 
@@ -195,13 +188,12 @@ def build_models(size: str, dtype: torch.dtype, device: torch.device, controlnet
                     for p in conv.parameters():
                         p.copy_(torch.randn(p.shape, generator=g) * RANDOM_STD)
         if "reference" in controlnet_impls:
-            with torch.device("meta"):
-                reference_cn = ControlNetModel.from_config(reference_config(ours_cn))
             if fast_init:
+                with torch.device("meta"):
+                    reference_cn = ControlNetModel.from_config(diffusers_config(ours_cn))
                 _materialize(reference_cn, device, dtype, seed=2)
             else:  # the same tensors as ours (copies)
-                state = {k: v.detach().clone() for k, v in ours_cn.state_dict().items()}
-                reference_cn.load_state_dict(state, strict=True, assign=True)
+                reference_cn = to_diffusers(ours_cn)
             models.reference_cn = reference_cn.eval()
         if "ours" in controlnet_impls:
             models.ours_cn = _materialize(ours_cn, device, dtype, seed=1) if fast_init else ours_cn
@@ -231,11 +223,6 @@ def initial_noise(models: Models, resolution: int) -> torch.Tensor:
     return torch.randn((1, models.unet.config.in_channels, h, h), generator=g)
 
 
-def guess_mode_scales_diffusers(num_residuals: int) -> list[float]:
-    """diffusers' guess-mode residual scales, ``logspace(-1, 0, N)`` (given to ours so outputs are the same)."""
-    return torch.logspace(-1, 0, num_residuals).tolist()
-
-
 def _scheduler():
     from diffusers import DDIMScheduler
 
@@ -249,17 +236,10 @@ def make_pipeline(impl: str, models: Models, case: Case, setting: Setting) -> An
 
         return Pipeline(unet=models.unet, vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
                         scheduler=_scheduler(), dtype=setting.dtype, device=setting.device)
-    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
+    from controlnet.diffusers_compat import diffusers_pipeline
 
-    common = dict(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.unet,
-                  scheduler=_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    if case.controlnets == 0:
-        pipe = StableDiffusionPipeline(**common)
-    else:
-        cn = models.reference_cn if case.controlnets == 1 else [models.reference_cn] * case.controlnets
-        pipe = StableDiffusionControlNetPipeline(controlnet=cn, **common)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return diffusers_pipeline(models.unet, models.vae, models.text_encoder, models.tokenizer, _scheduler(),
+                              controlnets=[models.reference_cn] * case.controlnets)
 
 
 def make_call(impl: str, pipe: Any, models: Models, case: Case, setting: Setting,
@@ -274,9 +254,10 @@ def make_call(impl: str, pipe: Any, models: Models, case: Case, setting: Setting
     images = condition_images(r, case.controlnets)
     noise = initial_noise(models, r)
     if impl == "ours":
+        from controlnet.diffusers_compat import guess_mode_scales
         from controlnet.pipeline import ControlUnit
 
-        scales = guess_mode_scales_diffusers(models.ours_cn.num_residuals) if case.guess_mode else None
+        scales = guess_mode_scales(models.ours_cn.num_residuals) if case.guess_mode else None
         units = [ControlUnit(controlnet=models.ours_cn, image=im, end=case.end, residual_scales=scales) for im in images]
 
         def call() -> torch.Tensor:
@@ -289,15 +270,14 @@ def make_call(impl: str, pipe: Any, models: Models, case: Case, setting: Setting
 
         return call
 
-    kwargs: dict[str, Any] = dict(prompt=PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, height=r, width=r,
-                                  latents=noise.to(setting.device, setting.dtype), output_type=case.output_type)
-    if case.controlnets:
-        single = case.controlnets == 1
-        kwargs.update(image=images[0] if single else images, guess_mode=case.guess_mode,
-                      control_guidance_end=case.end if single else [case.end] * case.controlnets)
+    from controlnet.diffusers_compat import diffusers_call_kwargs
+
+    kwargs = diffusers_call_kwargs(images, steps=steps, guidance=GUIDANCE, size=(r, r),
+                                   latents=noise.to(setting.device, setting.dtype), ends=[case.end] * case.controlnets,
+                                   guess_mode=case.guess_mode, output_type=case.output_type)
 
     def call() -> torch.Tensor:
-        out = pipe(**kwargs).images
+        out = pipe(PROMPT, **kwargs).images
         if case.output_type == "latent":
             return out.float().cpu()
         return torch.from_numpy(np.stack([np.asarray(im) for im in out])).float() / 255.0
@@ -314,11 +294,12 @@ def write_original_file(models: Models, directory: Path) -> tuple[Path, Path]:
     import json
 
     from controlnet.checkpoints import save_controlnet
+    from controlnet.diffusers_compat import diffusers_config
 
     path = save_controlnet(models.ours_cn, directory / "control_sd15_bench.safetensors", format="original", dtype="fp16")
     config_dir = directory / "config"
     config_dir.mkdir(exist_ok=True)
-    (config_dir / "config.json").write_text(json.dumps(reference_config(models.ours_cn)))
+    (config_dir / "config.json").write_text(json.dumps(diffusers_config(models.ours_cn)))
     return path, config_dir
 
 
@@ -410,7 +391,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
     Models are built fast (:func:`build_models_fast`), the peak window is reset, then the case runs once.
     """
     device = torch.device(spec["device"])
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["dtype"]]
+    dtype = DTYPES[spec["dtype"]]
     impl, name = spec["impl"], spec["case"]
     if name == "load":
         call = make_load_call(impl, Path(spec["file"]), Path(spec["config_dir"]))

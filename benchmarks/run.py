@@ -36,9 +36,10 @@ from typing import Any
 import torch
 
 from benchmarks import cases as bc
+from controlnet.defaults import DTYPE_CHOICES
+from controlnet.loading import DTYPES
 
 REPO = Path(__file__).resolve().parents[1]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXTRA_CASES = ("load", "train", "options")
 ALL_CASES = (*bc.CASES, *EXTRA_CASES)
 # The target for a controlled step over a plain UNet step (both ours) at 256x256 bf16; the FLOP floor
@@ -377,7 +378,7 @@ def build_plan(args: argparse.Namespace, device: torch.device) -> list[tuple[int
     if args.quick:
         base = QUICK_PLAN
     else:
-        from controlnet.pipeline import cpu_bf16_flags
+        from controlnet.loading import cpu_bf16_flags
 
         if device.type == "cuda":
             base = FULL_PLAN_CUDA
@@ -398,7 +399,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write every record to this JSON file")
     p.add_argument("--cases", nargs="+", choices=ALL_CASES, help="only these cases (default: all)")
     p.add_argument("--resolutions", nargs="+", type=int, help="square sizes in pixels (default: the plan's)")
-    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="model dtypes (default: the plan's)")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPE_CHOICES, help="model dtypes (default: the plan's)")
     p.add_argument("--repeats", type=int, help="paired timed rounds per case (default 3; --quick 1)")
     p.add_argument("--step-steps", type=int, default=2,
                    help="steps of the generation a per-step case times (even, so that end=0.5 halves it; default 2)")

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/evaluate_demo.py [--n 64] [--steps 20] [--out docs/evaluation.json]
     OMP_NUM_THREADS=2 .venv/bin/python scripts/evaluate_demo.py --controlnet outputs/train_fill/lite/controlnet \
-        --out docs/evaluation_lite.json      # another ControlNet (e.g. an ablation run) on the same conditions
+        --out docs/runs/evaluation_lite.json      # another ControlNet (e.g. an ablation run) on the same conditions
 
 Targets: mean IoU >= 0.80 with the fill ControlNet and <= 0.35 without it; circle colour accuracy >= 0.90 with
 the ControlNet. The conditions come from a seed (controlnet.demo.EVAL_SEED) that no training run uses.
@@ -15,8 +15,10 @@ import json
 import time
 from pathlib import Path
 
-from controlnet.demo import DEMO_GUIDANCE, EVAL_SEED, FILL_CONTROLNET, compare, held_out_samples, load_pipeline, make_grid, save_image
+from controlnet.defaults import DEMO_GUIDANCE
+from controlnet.demo import EVAL_SEED, FILL_CONTROLNET, compare, comparison_grid, held_out_samples, load_pipeline
 from controlnet.fileio import atomic_write_text
+from controlnet.images import save_png
 
 TARGETS = {"iou_with_controlnet": (">=", 0.80), "iou_without_controlnet": ("<=", 0.35),
            "colour_accuracy_with_controlnet": (">=", 0.90)}
@@ -55,7 +57,7 @@ def main() -> None:
         result.samples, result.base_images, result.control_images = (
             result.samples[:8], result.base_images[:8], result.control_images[:8])
         result.iou_base, result.iou_control = result.iou_base[:8], result.iou_control[:8]
-        save_image(args.grid, make_grid(result))
+        save_png(args.grid, comparison_grid(result))
     print(json.dumps(report, indent=2))
 
 

@@ -65,11 +65,11 @@ def test_fill_controlnet_matches_the_base():
 
 
 def test_demo_grid_layout():
-    from controlnet.demo import DEMO_SAMPLES, DemoResult, make_grid
+    from controlnet.demo import DEMO_SAMPLES, DemoResult, comparison_grid
 
     s = list(DEMO_SAMPLES[:2])
     r = DemoResult(s, [x.target for x in s], [x.target for x in s], [0.1, 0.2], [0.9, 1.0], [True, True], [True, False])
-    grid = make_grid(r)
+    grid = comparison_grid(r)
     assert grid.dtype == np.uint8 and grid.shape[2] == 3
     assert grid.shape[0] > 2 * 128 and grid.shape[1] > 3 * 128
     summary = r.summary()

@@ -4,6 +4,8 @@ PNG metadata, determinism, and every bad-input case → one line on stderr, exit
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -53,7 +55,7 @@ def assets(tmp_path_factory):
 
 
 def _args(assets, out, *extra: str) -> list[str]:
-    return ["generate", "--base", str(assets / "base"), "--prompt", PROMPT, "--steps", "2", "--no-progress",
+    return ["generate", "--base", str(assets / "base"), "--prompt", PROMPT, "--steps", "2", "--quiet",
             "--out", str(out), *extra]
 
 
@@ -104,6 +106,12 @@ def test_generate_writes_images_conditions_grid_with_metadata(assets, tmp_path, 
     (["--controlnet", "{a}/cn-sd1", "--control", "{a}/cond.png", "--annotator", "inpaint"], "'mask' is required"),
     (["--size", "big"], "--size"),
     (["--base", "{a}/no-such-base"], "not found"),
+    (["--num-images", "13"], "--num-images must be in 1..12"),
+    (["--num-images", "0"], "--num-images must be in 1..12"),
+    (["--controlnet", "{a}/cn-sd1", "--control", "{a}/cond.png", "--annotator", "canny",
+      "--annotator-param", "low_threshold"], "write key=value"),
+    (["--controlnet", "{a}/cn-sd1", "--control", "{a}/cond.png", "--annotator-param", "low_threshold=5"],
+     "has no --annotator"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_files(assets, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
@@ -140,9 +148,58 @@ def test_generate_on_the_embedded_model(tmp_path, capsys):
     Image.fromarray(cond).save(tmp_path / "cond.png")
     out = tmp_path / "out"
     argv = ["generate", "--prompt", "red circle with white background", "--controlnet", "fill",
-            "--control", str(tmp_path / "cond.png"), "--steps", "3", "--no-progress", "--out", str(out)]
+            "--control", str(tmp_path / "cond.png"), "--steps", "3", "-q", "--out", str(out)]
     assert _main(argv) == 0
     with Image.open(out / "00000-0.png") as im:
         assert im.text["base"] == "embedded" and json.loads(im.text["controlnets"])[0]["controlnet"] == "fill"
         assert im.size[0] % 8 == 0 and im.size[1] % 8 == 0
     assert (out / "00000-grid.png").is_file() and (out / "00000-control0.png").is_file()
+
+
+# --------------------------------------------------------------------------- the command line's plumbing
+
+COMMANDS = ["generate", "annotate", "train", "data", "demo", "convert", "ui"]
+HEAVY = ("torch", "diffusers", "transformers", "cv2", "numpy", "gradio", "accelerate")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate"], "controlnet generate: error: the following arguments are required: --prompt; "
+                   "see `controlnet generate --help`"),
+    (["generate", "--prompt", "x", "--steps", "two"], "controlnet generate: error: argument --steps: invalid int "
+                                                      "value: 'two'; see `controlnet generate --help`"),
+    (["data", "fill"], "controlnet data fill: error: the following arguments are required: out; "
+                       "see `controlnet data fill --help`"),
+    ([], "controlnet: error: the following arguments are required: COMMAND; see `controlnet --help`"),
+])
+def test_argparse_errors_are_one_line_with_a_pointer_to_help(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        _main(argv)
+    assert exit_.value.code == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == message + "\n"
+
+
+def test_help_states_each_default_once(capsys):
+    from controlnet.cli import build_parser
+    from controlnet.defaults import DEFAULT_STEPS, MAX_NUM_IMAGES
+
+    for command in ["generate", "annotate", "data fill", "demo", "ui"]:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command.split(), "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        for option in text.split(" --")[1:]:
+            assert option.count("default") <= 1, (command, option)
+        assert "-q, --quiet" in text, command
+        if command == "generate":
+            assert f"denoising steps (default: {DEFAULT_STEPS})" in text and f"1..{MAX_NUM_IMAGES}" in text
+            assert "(default: )" not in text and "(default: None)" not in text
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_imports_nothing_heavy(command):
+    """`controlnet --help` builds every command's parser: none may import torch, diffusers, OpenCV, numpy..."""
+    script = (f"import sys; from controlnet.cli import Parser; import controlnet.commands.{command} as m; "
+              "m.register(Parser(prog='controlnet').add_subparsers()); "
+              f"print(sorted(name for name in {HEAVY!r} if name in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"controlnet.commands.{command} imports {out.stdout.strip()} for --help"

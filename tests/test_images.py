@@ -1,13 +1,19 @@
-"""controlnet.images: load_image (every PIL mode -> (H, W, 3) uint8 RGB) and save_png (atomic, with metadata)."""
+"""controlnet.images: load_image (every PIL mode -> (H, W, 3) uint8 RGB), save_png (atomic, with metadata, a
+failed write is a one-line error), make_grid and png_metadata."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from controlnet.errors import UserError
-from controlnet.images import load_image, save_png
+from controlnet.images import load_image, make_grid, png_metadata, save_png
 
 
 def _grey(h: int = 5, w: int = 7) -> np.ndarray:
@@ -128,3 +134,53 @@ def test_save_png_round_trip_metadata_and_atomicity(tmp_path):
     with pytest.raises(UserError):
         save_png(tmp_path / "bad.png", np.zeros((2, 2, 2), np.uint8))
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_save_png_failed_write_is_one_line_and_leaves_nothing(tmp_path):
+    (tmp_path / "a-file").write_text("in the way")
+    with pytest.raises(UserError, match="a-file") as err:
+        save_png(tmp_path / "a-file" / "x.png", np.zeros((4, 4, 3), np.uint8))  # its folder is a file
+    assert "\n" not in str(err.value)
+    # A full disk, as the file-size limit makes it (EFBIG, like ENOSPC, from write()): refused, nothing left.
+    script = textwrap.dedent(f"""
+        import resource, signal
+        import numpy as np
+        from controlnet.errors import UserError
+        from controlnet.images import save_png
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)  # ~200 kB as PNG
+        try:
+            save_png({str(tmp_path / "big" / "x.png")!r}, noise)
+        except UserError as err:
+            print(err)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "x.png: cannot write the PNG" in out.stdout and len(out.stdout.strip().splitlines()) == 1, out.stdout
+    assert list((tmp_path / "big").iterdir()) == []  # neither the PNG nor a temporary file
+
+
+def test_make_grid_layout_known_answer():
+    red = np.zeros((2, 3, 3), np.uint8)
+    red[..., 0] = 255
+    grey = Image.fromarray(np.full((4, 2), 9, np.uint8))  # another size and mode: converted to RGB
+    row = np.asarray(make_grid([red, grey]))  # one row; cells of the largest size (4 x 3), top-left aligned
+    assert row.shape == (4, 6, 3)
+    assert (row[:2, :3] == [255, 0, 0]).all() and (row[2:, :3] == 0).all()
+    assert (row[:, 3:5] == 9).all() and (row[:, 5] == 0).all()
+    grid = np.asarray(make_grid([red, red, red], columns=2, pad=1, background=(0, 0, 255)))
+    assert grid.shape == (2 * 2 + 3, 2 * 3 + 3, 3)  # 2 rows x 2 columns of 2 x 3 cells, 1 px apart and around
+    assert (grid[1:3, 1:4] == [255, 0, 0]).all() and (grid[4:6, 5:8] == [0, 0, 255]).all()  # the empty cell
+    assert (grid[0] == [0, 0, 255]).all()
+    with pytest.raises(ValueError):
+        make_grid([])
+
+
+def test_png_metadata_per_image_seed_and_settings_json():
+    settings = {"prompt": "red circle", "seed": 5, "seeds": [5, 6], "steps": 2, "controlnets": [{"strength": 0.5}]}
+    meta = png_metadata(settings, index=1)
+    assert meta["prompt"] == "red circle" and meta["seed"] == "6" and meta["steps"] == "2"
+    assert json.loads(meta["controlnets"]) == [{"strength": 0.5}] and "seeds" not in meta
+    assert json.loads(meta["settings"]) == {"prompt": "red circle", "seed": 6, "steps": 2,
+                                            "controlnets": [{"strength": 0.5}]}

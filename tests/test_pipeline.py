@@ -18,21 +18,14 @@ from builders import (
     build_unet,
     build_vae,
 )
+from controlnet.conditions import condition_to_pil, resize_cover, round_size, to_condition_array
+from controlnet.diffusers_compat import diffusers_call_kwargs, diffusers_pipeline, guess_mode_scales
 from controlnet.errors import UserError
+from controlnet.images import png_metadata
+from controlnet.loading import DTYPES, default_dtype, resolve_dtype
 from controlnet.model import ControlNet
-from controlnet.pipeline import (
-    SCHEDULERS,
-    ControlUnit,
-    condition_to_pil,
-    Pipeline,
-    default_dtype,
-    make_scheduler,
-    png_metadata,
-    resize_cover,
-    resolve_dtype,
-    round_size,
-    to_condition_array,
-)
+from controlnet.pipeline import ControlUnit, Pipeline
+from controlnet.sampling import SCHEDULERS, make_scheduler
 
 WORDS = ["red", "circle", "blue", "square", "ugly"]
 PROMPT, NEGATIVE = "red circle", "ugly"
@@ -94,16 +87,6 @@ def _noise(seed: int = 0, batch: int = 1) -> torch.Tensor:
     return torch.randn((batch, 4, HEIGHT // 8, WIDTH // 8), generator=torch.Generator().manual_seed(seed))
 
 
-def _to_diffusers(cn: ControlNet):
-    """diffusers' ControlNetModel with our weights: same config fields and key layout, loaded strictly."""
-    from diffusers import ControlNetModel
-
-    config = {k: v for k, v in cn.config.to_dict().items() if k not in ("_class_name", "hint_encoder")}
-    model = ControlNetModel.from_config(config)
-    model.load_state_dict(cn.state_dict(), strict=True)
-    return model.eval()
-
-
 def _ours(pipe, cns, images, scales=None, **kw):
     units = [ControlUnit(cn, im, strength=s, residual_scales=rs)
              for cn, im, s, rs in zip(cns, images, kw.pop("strengths", [1.0] * len(cns)), scales or [None] * len(cns))]
@@ -118,30 +101,18 @@ def _ours(pipe, cns, images, scales=None, **kw):
     (1, False, "ddim"), (1, True, "ddim"), (2, False, "ddim"), (2, True, "ddim"), (1, False, "dpmpp_2m_karras"),
 ])
 def test_matches_diffusers_controlnet_pipeline(sd1, n_controlnets, guess_mode, scheduler):
-    from diffusers import StableDiffusionControlNetPipeline
-    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-
     pipe, comps, cns = sd1
     cns = cns[:n_controlnets]
     images = [_condition(20 + k) for k in range(n_controlnets)]
     strengths = [0.8, 1.3][:n_controlnets]
-    d_cn = [_to_diffusers(cn) for cn in cns]
-    oracle = StableDiffusionControlNetPipeline(
-        vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"], unet=comps["unet"],
-        controlnet=d_cn[0] if n_controlnets == 1 else MultiControlNetModel(d_cn),
-        scheduler=make_scheduler(scheduler, comps["scheduler"].config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    oracle.set_progress_bar_config(disable=True)
+    oracle = diffusers_pipeline(**{**comps, "scheduler": make_scheduler(scheduler, comps["scheduler"].config)},
+                                controlnets=cns)
     noise = _noise(5)
-    expected = oracle(
-        PROMPT, negative_prompt=NEGATIVE, image=images[0] if n_controlnets == 1 else images,
-        num_inference_steps=STEPS, guidance_scale=7.5, latents=noise.clone(), output_type="latent",
-        controlnet_conditioning_scale=strengths[0] if n_controlnets == 1 else strengths, guess_mode=guess_mode,
-        height=HEIGHT, width=WIDTH,
-    ).images
+    expected = oracle(PROMPT, negative_prompt=NEGATIVE, **diffusers_call_kwargs(
+        images, steps=STEPS, guidance=7.5, size=(WIDTH, HEIGHT), latents=noise.clone(), strengths=strengths,
+        guess_mode=guess_mode)).images
     # diffusers' guess mode scales residual j of N by logspace(-1, 0, N)[j]; pass those scales to ours.
-    scales = [torch.logspace(-1, 0, cn.num_residuals).tolist() for cn in cns] if guess_mode else None
+    scales = [guess_mode_scales(cn.num_residuals) for cn in cns] if guess_mode else None
     ours = _ours(pipe, cns, images, scales=scales, strengths=strengths, guidance=7.5, latents=noise.clone(),
                  scheduler=scheduler, guess_mode=guess_mode)
     torch.testing.assert_close(ours.latents, expected, atol=1e-4, rtol=0)
@@ -153,22 +124,15 @@ def test_matches_diffusers_controlnet_pipeline(sd1, n_controlnets, guess_mode, s
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_matches_diffusers_sd2_vpred_and_sdxl(family):
     """SD2 with v-prediction (the scheduler's prediction_type) and SDXL (two text encoders, added_cond_kwargs)."""
-    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
-
     comps = _components(family, prediction_type="v_prediction" if family == "sd2" else "epsilon")
     cn = _trained_like(ControlNet.from_unet(comps["unet"]), 12)
     pipe = Pipeline(**comps, dtype="fp32", device="cpu")
     image, noise = _condition(30), _noise(6, batch=2)
-    if family == "sdxl":
-        oracle = StableDiffusionXLControlNetPipeline(**comps, controlnet=_to_diffusers(cn), add_watermarker=False)
-        kwargs = {}  # our empty negative prompt = diffusers' None → zeros (force_zeros_for_empty_prompt)
-    else:
-        oracle = StableDiffusionControlNetPipeline(**comps, controlnet=_to_diffusers(cn), safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False)
-        kwargs = {"negative_prompt": NEGATIVE}
-    oracle.set_progress_bar_config(disable=True)
-    expected = oracle(PROMPT, image=image, num_inference_steps=STEPS, guidance_scale=5.0, latents=noise.clone(),
-                      output_type="latent", height=HEIGHT, width=WIDTH, num_images_per_prompt=2, **kwargs).images
+    oracle = diffusers_pipeline(**comps, controlnets=[cn])
+    # SDXL: our empty negative prompt = diffusers' None → zeros (force_zeros_for_empty_prompt)
+    kwargs = {} if family == "sdxl" else {"negative_prompt": NEGATIVE}
+    expected = oracle(PROMPT, **kwargs, **diffusers_call_kwargs(
+        [image], steps=STEPS, guidance=5.0, size=(WIDTH, HEIGHT), latents=noise.clone(), num_images=2)).images
     ours = pipe(prompt=PROMPT, controls=[ControlUnit(cn, image)], steps=STEPS, guidance=5.0, latents=noise.clone(),
                 size=(WIDTH, HEIGHT), num_images=2, progress=False, output_type="latent", **kwargs)
     torch.testing.assert_close(ours.latents, expected, atol=1e-4, rtol=0)
@@ -415,6 +379,9 @@ def test_dtypes_per_device():
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16 and resolve_dtype(None, "cuda") == torch.float16
     with pytest.raises(UserError, match="dtype"):
         resolve_dtype("int8", "cpu")
+    # One table for every spelling, accelerate's mixed-precision names included ("no": full precision).
+    assert [resolve_dtype(name, "cuda") for name in ("no", "fp16", "bf16")] == [torch.float32, torch.float16, torch.bfloat16]
+    assert DTYPES["float32"] is DTYPES["fp32"] and DTYPES["half"] is DTYPES["fp16"]
     # From components without dtype/device: run as given, whatever the device default is (nothing is cast).
     comps = _components("sd1")
     pipe = Pipeline(**comps)

@@ -128,12 +128,19 @@ def test_request_from_values_follows_widget_order():
         ui.request_from_values(values[:-1], num_units=3)
 
 
-def test_parse_params_known_answers():
-    assert ui.parse_params("") == {}
-    assert ui.parse_params("low=100, high=200.5; safe=true, mode=fast") == {
-        "low": 100, "high": 200.5, "safe": True, "mode": "fast"}
+def test_annotator_params_known_answers():
+    """The parameters box: key=value pairs split on commas/semicolons, typed by the annotator's declared params."""
+    assert ui.split_params(" low=100, high=200.5; safe=true,, ") == ["low=100", "high=200.5", "safe=true"]
+    assert ui.annotator_params("canny", "") == {} and ui.annotator_params(None, "  ") == {}
+    assert ui.annotator_params("softedge", "scales=2, sigma=1.5; safe=true") == {"scales": 2, "sigma": 1.5, "safe": True}
+    assert ui.annotator_params("segmentation", "palette=cocostuff") == {"palette": "cocostuff"}
+    assert ui.annotator_params("inpaint", "mask=/tmp/m.png") == {"mask": Path("/tmp/m.png")}
     with pytest.raises(UserError, match="key=value"):
-        ui.parse_params("low 100")
+        ui.annotator_params("canny", "low_threshold 100")
+    with pytest.raises(UserError, match="expects an integer"):
+        ui.annotator_params("canny", "low_threshold=1.5")
+    with pytest.raises(UserError, match="no annotator is chosen"):
+        ui.annotator_params(None, "low_threshold=1")
 
 
 # --------------------------------------------------------------------------- generate callback (stand-in pipeline)
@@ -185,8 +192,12 @@ def test_generate_errors_become_one_line_messages(tmp_path, error, expected):
      "ControlNet unit 2: choose a ControlNet model"),
     (dict(units=[ui.UnitInput(enabled=True, model="fill", image=circle_image(), start=0.8, end=0.2)]),
      "ControlNet unit 1: ControlNet start 0.8 is after end 0.2"),
-    (dict(units=[ui.UnitInput(enabled=True, model="fill", image=circle_image(), annotator_params="x")]),
-     "annotator parameters: cannot read 'x'"),
+    (dict(units=[ui.UnitInput(enabled=True, model="fill", image=circle_image(), annotator="canny",
+                              annotator_params="x")]),
+     "ControlNet unit 1: canny: cannot read the parameter 'x'"),
+    (dict(units=[ui.UnitInput(enabled=True, model="fill", image=circle_image(), annotator_params="low_threshold=5")]),
+     "ControlNet unit 1: annotator parameters are given but no annotator is chosen"),
+    (dict(num_images=ui.MAX_NUM_IMAGES + 1), f"number of images must be in 1..{ui.MAX_NUM_IMAGES}"),
 ])
 def test_bad_page_values_are_messages_and_nothing_runs(tmp_path, overrides, message):
     pipe = RecordingPipeline()
@@ -201,7 +212,8 @@ def test_enabled_units_become_control_units(tmp_path):
     img = circle_image()
     units = [ui.UnitInput(True, "fill", "", img, "none", "", 0.5, 0.1, 0.9),
              ui.UnitInput(False, "fill", "", img),
-             ui.UnitInput(True, "fill", " /models/cn.safetensors ", img, "canny", "low=10, high=20", 1.5, 0.0, 1.0)]
+             ui.UnitInput(True, "fill", " /models/cn.safetensors ", img, "canny", "low_threshold=10, high_threshold=20",
+                          1.5, 0.0, 1.0)]
     outcome = ui.UiBackend(pipe, tmp_path).generate(request(units=units, guess_mode=True))
     assert outcome.ok and sorted(outcome.conditions) == [0, 2]  # conditions map back to their units
     first, third = pipe.calls[0]["controls"]
@@ -209,7 +221,7 @@ def test_enabled_units_become_control_units(tmp_path):
     assert (first.controlnet, first.annotator, first.strength, first.start, first.end) == ("fill", None, 0.5, 0.1, 0.9)
     assert first.image is img
     assert (third.controlnet, third.annotator, third.annotator_params, third.strength) == (
-        "/models/cn.safetensors", "canny", {"low": 10, "high": 20}, 1.5)
+        "/models/cn.safetensors", "canny", {"low_threshold": 10, "high_threshold": 20}, 1.5)
 
 
 def test_preview_without_annotator_is_the_image_and_errors_are_messages(tmp_path):
@@ -231,7 +243,7 @@ def test_preview_runs_the_annotator_on_the_resized_image(tmp_path):
     backend = ui.UiBackend(RecordingPipeline(), tmp_path)
     img = circle_image(96)  # resized to 64x64 first, as the pipeline does before annotating
     cond, status = backend.preview(ui.UnitInput(image=img, annotator="canny", annotator_params="low_threshold=50"), 64, 64)
-    from controlnet.pipeline import resize_cover
+    from controlnet.conditions import resize_cover
 
     expected = annotators.get("canny")(resize_cover(np.asarray(img), 64, 64), low_threshold=50)
     np.testing.assert_array_equal(cond, expected)
@@ -278,8 +290,9 @@ def test_cli_defaults_bind_localhost():
 
 def test_missing_gradio_is_a_one_line_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "gradio", None)  # makes `import gradio` raise ImportError
-    with pytest.raises(UserError, match=r"pip install 'controlnet\[ui\]'"):
+    with pytest.raises(UserError, match=re.escape(ui.INSTALL_HINT)):
         ui.import_gradio()
+    assert ui.INSTALL_HINT == "pip install 'controlnet-kit[ui]'"
 
 
 # --------------------------------------------------------------------------- the real pipeline, tiny model
@@ -307,6 +320,30 @@ def test_wrong_controlnet_file_is_a_message(tiny_backend, tmp_path):
     outcome = tiny_backend.generate(request(steps=1, units=[unit]))
     assert not outcome.ok and outcome.status.startswith("Error: ") and "not-a-controlnet" in outcome.status
     assert "Traceback" not in outcome.status and "details in the server log" not in outcome.status  # a UserError
+
+
+def test_page_wiring_sends_each_widget_to_its_field(tmp_path):
+    """The Generate handler of the built page (no browser): each widget's value reaches its request field."""
+    gr = pytest.importorskip("gradio", reason="the web UI's extra is not installed")
+    pipe = RecordingPipeline()
+    app = ui.build_app(ui.UiBackend(pipe, tmp_path))
+    handler = next(f for f in app.fns.values() if any(isinstance(o, gr.Gallery) for o in f.outputs))
+    values = {"prompt": "a red circle", "negative": "blurry", "steps": 3, "guidance": 4.5, "scheduler": "euler",
+              "seed": 11, "width": 64, "height": 72, "num-images": 2, "guess-mode": True,
+              "unit2-enable": True, "unit2-model": "fill", "unit2-image": circle_image(), "unit2-annotator": "canny",
+              "unit2-params": "low_threshold=10", "unit2-strength": 0.5}
+    data = {c: values.get(c.elem_id, c.value) for c in handler.inputs}
+    images, files, seed, status, *conditions = handler.fn(data, progress=lambda *args, **kwargs: None)
+    assert status.startswith("Done: 2 images at 64x72, seed 11") and seed == 11 and len(files) == 2
+    call = pipe.calls[0]
+    assert {k: call[k] for k in ("prompt", "negative_prompt", "steps", "guidance", "scheduler", "seed", "size",
+                                 "num_images", "guess_mode")} == {
+        "prompt": "a red circle", "negative_prompt": "blurry", "steps": 3, "guidance": 4.5, "scheduler": "euler",
+        "seed": 11, "size": (64, 72), "num_images": 2, "guess_mode": True}
+    (unit,) = call["controls"]
+    assert (unit.controlnet, unit.annotator, unit.annotator_params, unit.strength) == (
+        "fill", "canny", {"low_threshold": 10}, 0.5)
+    assert conditions[1] is not None and isinstance(conditions[0], type(gr.skip()))  # only unit 2 ran
 
 
 # --------------------------------------------------------------------------- the browser

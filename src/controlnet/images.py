@@ -22,14 +22,17 @@ EXIF orientation is applied (a phone photo comes out upright). numpy arrays may 
 ``(H, W, 3)`` or ``(H, W, 4)``: ``uint8`` is taken as is, ``bool`` as 0/255, floats as ``[0, 1]`` (clipped;
 the convention of the pipeline's tensors), other integer types by range as above.
 
-:func:`save_png` writes a PNG atomically (see :mod:`controlnet.fileio`) with optional text metadata.
+:func:`save_png` is the one PNG writer: atomic (see :mod:`controlnet.fileio`), with optional text metadata, and
+a failed write is a one-line :class:`UserError` naming the file. :func:`make_grid` lays images out in a grid and
+:func:`png_metadata` turns a generation's settings into PNG text chunks.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Union
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
@@ -175,18 +178,57 @@ def to_pil(image: np.ndarray | Image.Image) -> Image.Image:
 def save_png(
     path: str | os.PathLike,
     image: np.ndarray | Image.Image,
-    metadata: dict[str, str] | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``image`` as a PNG at ``path`` atomically, with ``metadata`` as PNG text chunks; return the path.
 
     ``image`` is a PIL image or a uint8 array ``(H, W)``, ``(H, W, 3)``, ``(H, W, 4)`` (or 2-D uint16 for 16-bit
-    depth). Read the metadata back with ``PIL.Image.open(path).text``.
+    depth). Read the metadata back with ``PIL.Image.open(path).text``. A write that fails (no space, no
+    permission, a folder in the way) raises :class:`UserError` naming the path and the cause, and leaves nothing
+    at ``path``.
     """
+    path = Path(path)
     pil = to_pil(image)
     _check_size(pil.width, pil.height, str(path))
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(str(key), str(value))
-    with atomic_path(path) as tmp:
-        pil.save(tmp, format="PNG", pnginfo=info)
-    return Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            pil.save(tmp, format="PNG", pnginfo=info)
+            if tmp.stat().st_size == 0:  # PIL raises on a failed write; an empty file is the last resort check
+                raise OSError(f"{tmp} is empty after writing")
+    except OSError as err:
+        cause = err.strerror or str(err)
+        raise UserError(f"{path}: cannot write the PNG ({cause}); check the folder's permissions and free space") from None
+    return path
+
+
+def make_grid(images: Sequence[np.ndarray | Image.Image], columns: int | None = None, pad: int = 0,
+              background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """``images`` in rows of ``columns`` (default: all in one row), each top-left aligned in a cell of the
+    largest image's size, ``pad`` pixels apart and around, on ``background``; an RGB PIL image."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    cells = [to_pil(im).convert("RGB") for im in images]
+    columns = len(cells) if columns is None else columns
+    if columns < 1:
+        raise ValueError(f"make_grid: columns must be >= 1, got {columns}")
+    rows = -(-len(cells) // columns)  # ceil
+    cell_w, cell_h = max(im.width for im in cells), max(im.height for im in cells)
+    grid = Image.new("RGB", (columns * (cell_w + pad) + pad, rows * (cell_h + pad) + pad), background)
+    for i, im in enumerate(cells):
+        row, col = divmod(i, columns)
+        grid.paste(im, (pad + col * (cell_w + pad), pad + row * (cell_h + pad)))
+    return grid
+
+
+def png_metadata(settings: Mapping[str, Any], index: int = 0) -> dict[str, str]:
+    """PNG text chunks for image ``index`` of a generation: one chunk per setting (with that image's own seed),
+    plus all of them as JSON under "settings". Read back with ``PIL.Image.open(path).text``."""
+    seeds = settings.get("seeds") or [settings["seed"]]
+    per_image = {k: v for k, v in settings.items() if k != "seeds"}
+    per_image["seed"] = seeds[index]
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in per_image.items()}
+    meta["settings"] = json.dumps(per_image, sort_keys=True)
+    return meta

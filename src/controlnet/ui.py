@@ -8,14 +8,13 @@ Two layers, so the logic is testable without a browser or even without gradio:
   shown in the page's status box.
 - :func:`build_app` lays the page out with gradio and wires the widgets to the backend; :func:`launch` serves it.
 
-gradio is an optional dependency (``pip install 'controlnet[ui]'``), imported only inside the functions that
+gradio is an optional dependency (``pip install 'controlnet-kit[ui]'``), imported only inside the functions that
 need it. The server binds to 127.0.0.1 unless told otherwise, and sends nothing to the network (gradio's
 analytics and the Hugging Face Hub's telemetry are switched off before gradio is imported).
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import itertools
 import logging
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from controlnet.defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_NUM_IMAGES, SCHEDULERS
 from controlnet.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -39,19 +39,15 @@ NO_ANNOTATOR = "none"
 SEED_RANDOM = -1
 SEED_MAX = 2**31 - 1  # seeds drawn for SEED_RANDOM lie in [0, SEED_MAX]; any int the sampler accepts is allowed
 
-# Original demo defaults (lllyasviel/ControlNet gradio_*2image.py): 20 DDIM steps, guidance 9.0, strength 1.0.
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 9.0
 # The demos' n_prompt (used for real bases; the embedded model gets none, as controlnet.demo).
 DEFAULT_NEGATIVE = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
                     "worst quality, low quality")
 MAX_STEPS = 100
 MAX_GUIDANCE = 30.0
 MAX_STRENGTH = 2.0  # the demos' "Control Strength" slider goes to 2.0
-MAX_IMAGES = 8
 MIN_SIZE, MAX_SIZE, SIZE_STEP = 64, 2048, 8  # sizes must be multiples of the VAE's 8x downsampling
 
-INSTALL_HINT = "pip install 'controlnet[ui]'"
+INSTALL_HINT = "pip install 'controlnet-kit[ui]'"
 
 ProgressFn = Callable[[float, str], None]  # (fraction done in [0, 1], description)
 
@@ -68,7 +64,7 @@ class UnitInput:
     model_path: str = ""  # a file or folder on the server; overrides ``model`` when given
     image: Any = None  # PIL image / array / path, or None when nothing was uploaded
     annotator: str = NO_ANNOTATOR
-    annotator_params: str = ""  # "key=value, key=value"
+    annotator_params: str = ""  # "key=value, key=value" (see split_params)
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
@@ -85,7 +81,7 @@ class GenerateRequest:
     negative_prompt: str = ""
     steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
-    scheduler: str = "ddim"
+    scheduler: str = DEFAULT_SCHEDULER
     seed: int = SEED_RANDOM
     width: int = 512
     height: int = 512
@@ -131,26 +127,23 @@ def request_from_values(values: Sequence[Any], num_units: int = MAX_UNITS) -> Ge
     return request
 
 
-def parse_params(text: str | None) -> dict[str, Any]:
-    """Annotator parameters from ``"low_threshold=100, safe=true, palette=ade20k"``.
+def split_params(text: str | None) -> list[str]:
+    """The parameters box's ``"low_threshold=100, high_threshold=200"`` as ``key=value`` strings (separated by
+    commas or semicolons), for :func:`controlnet.annotators.parse_params`."""
+    return [item.strip() for item in (text or "").replace(";", ",").split(",") if item.strip()]
 
-    Numbers and booleans are parsed, anything else stays a string; the annotator checks names and ranges.
-    """
-    params: dict[str, Any] = {}
-    for item in (text or "").replace(";", ",").split(","):
-        if not item.strip():
-            continue
-        key, sep, raw = item.partition("=")
-        key, raw = key.strip(), raw.strip()
-        if not sep or not key.isidentifier():
-            raise UserError(f"annotator parameters: cannot read {item.strip()!r}; write key=value pairs separated "
-                            "by commas, e.g. low_threshold=100, high_threshold=200")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = {"true": True, "false": False}.get(raw.lower(), raw)
-        params[key] = value
-    return params
+
+def annotator_params(annotator: str | None, text: str | None) -> dict[str, Any]:
+    """The typed parameters of ``annotator`` from the parameters box (each value parsed by the annotator's
+    declared type, as ``controlnet annotate`` and ``generate --annotator-param`` parse theirs)."""
+    pairs = split_params(text)
+    if annotator is None:
+        if pairs:
+            raise UserError("annotator parameters are given but no annotator is chosen; choose one or clear the box")
+        return {}
+    from controlnet import annotators
+
+    return annotators.parse_params(annotator, pairs)
 
 
 def _as_int(value: Any, name: str) -> int:
@@ -220,8 +213,6 @@ class UiBackend:
     @staticmethod
     def scheduler_choices() -> list[str]:
         """Schedulers the pipeline accepts (DDIM, the original's, first)."""
-        from controlnet.pipeline import DEFAULT_SCHEDULER, SCHEDULERS
-
         return [DEFAULT_SCHEDULER, *[name for name in SCHEDULERS if name != DEFAULT_SCHEDULER]]
 
     def default_size(self) -> int:
@@ -271,8 +262,8 @@ class UiBackend:
         try:
             if unit.image is None:
                 raise UserError("no input image: upload one to preview its condition")
+            from controlnet.conditions import resize_cover
             from controlnet.images import load_image
-            from controlnet.pipeline import resize_cover
 
             width, height = _as_int(width, "width"), _as_int(height, "height")
             image = resize_cover(load_image(unit.image), width, height)  # (H, W, 3) uint8, as the pipeline's
@@ -280,7 +271,8 @@ class UiBackend:
                 return image, f"No annotator: the image (resized to {width}x{height}) is the condition."
             from controlnet import annotators
 
-            annotated = annotators.get(unit.annotator)(image, **parse_params(unit.annotator_params))
+            params = annotator_params(unit.annotator, unit.annotator_params)
+            annotated = annotators.get(unit.annotator)(image, **params)
             condition = resize_cover(load_image(annotated), width, height)
             return condition, f"Condition from {unit.annotator} at {width}x{height}."
         except UserError as err:
@@ -314,7 +306,8 @@ class UiBackend:
         try:  # ControlUnit checks strength, start <= end
             return ControlUnit(
                 controlnet=model, image=unit.image, strength=float(unit.strength), start=float(unit.start),
-                end=float(unit.end), annotator=annotator, annotator_params=parse_params(unit.annotator_params),
+                end=float(unit.end), annotator=annotator,
+                annotator_params=annotator_params(annotator, unit.annotator_params),
             )
         except UserError as err:
             raise UserError(f"{name}: {err}") from None
@@ -325,10 +318,13 @@ class UiBackend:
         if width % SIZE_STEP or height % SIZE_STEP or width < MIN_SIZE or height < MIN_SIZE:
             raise UserError(f"size {width}x{height}: width and height must be multiples of {SIZE_STEP}, "
                             f"at least {MIN_SIZE}")
+        num_images = _as_int(request.num_images, "number of images")
+        if not 1 <= num_images <= MAX_NUM_IMAGES:
+            raise UserError(f"number of images must be in 1..{MAX_NUM_IMAGES}, got {num_images}")
         return dict(
             prompt=request.prompt or "", negative_prompt=request.negative_prompt or "",
             steps=_as_int(request.steps, "steps"), guidance=float(request.guidance), scheduler=request.scheduler,
-            seed=seed, size=(width, height), num_images=_as_int(request.num_images, "number of images"),
+            seed=seed, size=(width, height), num_images=num_images,
             guess_mode=bool(request.guess_mode), output_type="pil",
         )
 
@@ -345,8 +341,7 @@ class UiBackend:
 
     def _save(self, result: Any) -> list[Path]:
         """Each image as a PNG whose text chunks are the generation's settings (the pipeline's own metadata)."""
-        from controlnet.images import save_png
-        from controlnet.pipeline import png_metadata
+        from controlnet.images import png_metadata, save_png
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
         paths = []
@@ -385,10 +380,7 @@ def import_gradio() -> Any:
 def build_app(backend: UiBackend, num_units: int = MAX_UNITS) -> Any:
     """The gradio Blocks page wired to ``backend`` (not launched)."""
     gr = import_gradio()
-    size = backend.default_size()
-    controlnets = backend.controlnet_choices()
-    annotators = backend.annotator_choices()
-    schedulers = backend.scheduler_choices()
+    controlnets, annotators = backend.controlnet_choices(), backend.annotator_choices()
 
     with gr.Blocks(title="ControlNet", analytics_enabled=False) as app:
         gr.Markdown(
@@ -397,32 +389,17 @@ def build_app(backend: UiBackend, num_units: int = MAX_UNITS) -> Any:
         )
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
-                negative = gr.Textbox(label="Negative prompt", value=backend.negative_prompt, lines=2,
-                                      elem_id="negative")
+                page = {  # the GLOBAL_FIELDS widgets by name
+                    "prompt": gr.Textbox(label="Prompt", lines=2, elem_id="prompt"),
+                    "negative_prompt": gr.Textbox(label="Negative prompt", value=backend.negative_prompt, lines=2,
+                                                  elem_id="negative"),
+                }
                 units: list[dict[str, Any]] = []
                 with gr.Tabs():
                     for i in range(num_units):
                         with gr.Tab(f"ControlNet {i + 1}", id=f"unit{i + 1}"):
                             units.append(_unit_widgets(gr, i, controlnets, annotators))
-                with gr.Accordion("Settings", open=True):
-                    with gr.Row():
-                        steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps")
-                        guidance = gr.Slider(0.0, MAX_GUIDANCE, value=DEFAULT_GUIDANCE, step=0.1,
-                                             label="Guidance scale", elem_id="guidance")
-                    with gr.Row():
-                        scheduler = gr.Dropdown(schedulers, value=schedulers[0], label="Scheduler", elem_id="scheduler")
-                        seed = gr.Number(SEED_RANDOM, precision=0, label="Seed (-1 = random)", elem_id="seed")
-                    with gr.Row():
-                        width = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=SIZE_STEP, label="Width",
-                                          elem_id="width")
-                        height = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=SIZE_STEP, label="Height",
-                                           elem_id="height")
-                    with gr.Row():
-                        num_images = gr.Slider(1, MAX_IMAGES, value=1, step=1, label="Number of images",
-                                               elem_id="num-images")
-                        guess_mode = gr.Checkbox(False, label="Guess mode (control on the conditional branch only)",
-                                                 elem_id="guess-mode")
+                page.update(_settings_widgets(gr, backend.default_size(), backend.scheduler_choices()))
             with gr.Column(scale=1):
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 gallery = gr.Gallery(label="Results", columns=2, height="auto",
@@ -436,29 +413,14 @@ def build_app(backend: UiBackend, num_units: int = MAX_UNITS) -> Any:
                     first = units[0]
                     gr.Examples(
                         [[ex.prompt, ex.image, True, ex.controlnet, ex.guidance] for ex in backend.examples],
-                        inputs=[prompt, first["image"], first["enabled"], first["model"], guidance],
+                        inputs=[page["prompt"], first["image"], first["enabled"], first["model"], page["guidance"]],
                         label="Examples (unit 1 with the bundled 'fill' ControlNet)", cache_examples=False,
                         elem_id="examples",
                     )
 
-        def _annotator_help_update(name: str) -> Any:
-            placeholder, info = backend.annotator_help(name)
-            return gr.update(placeholder=placeholder, info=info)
-
         for unit in units:
-            # Uploading an image enables its unit (what a user means nine times out of ten).
-            unit["image"].upload(None, inputs=None, outputs=unit["enabled"], js="() => true")  # in the browser
-            unit["annotator"].change(
-                _annotator_help_update, inputs=unit["annotator"], outputs=unit["annotator_params"],
-            )
-            unit["preview"].click(
-                lambda img, ann, par, w, h: backend.preview(UnitInput(True, None, "", img, ann, par), w, h),
-                inputs=[unit["image"], unit["annotator"], unit["annotator_params"], width, height],
-                outputs=[unit["condition"], unit["preview_status"]],
-            )
-
-        inputs = [prompt, negative, steps, guidance, scheduler, seed, width, height, num_images, guess_mode]
-        inputs += [unit[name] for unit in units for name in UNIT_FIELDS]
+            _wire_unit(gr, backend, unit, page["width"], page["height"])
+        inputs = [page[name] for name in GLOBAL_FIELDS] + [unit[name] for unit in units for name in UNIT_FIELDS]
         conditions = [unit["condition"] for unit in units]
 
         # A set of inputs makes gradio pass one dict {component: value}, so `progress` can be a positional
@@ -473,6 +435,45 @@ def build_app(backend: UiBackend, num_units: int = MAX_UNITS) -> Any:
         generate.click(on_generate, inputs=set(inputs), outputs=[gallery, files, seed_used, status, *conditions],
                        concurrency_limit=1, show_progress_on=[gallery])
     return app
+
+
+def _settings_widgets(gr: Any, size: int, schedulers: list[str]) -> dict[str, Any]:
+    """The "Settings" accordion: the sampler, seed, size and batch widgets, by their :data:`GLOBAL_FIELDS` name."""
+    w: dict[str, Any] = {}
+    with gr.Accordion("Settings", open=True):
+        with gr.Row():
+            w["steps"] = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps")
+            w["guidance"] = gr.Slider(0.0, MAX_GUIDANCE, value=DEFAULT_GUIDANCE, step=0.1, label="Guidance scale",
+                                      elem_id="guidance")
+        with gr.Row():
+            w["scheduler"] = gr.Dropdown(schedulers, value=schedulers[0], label="Scheduler", elem_id="scheduler")
+            w["seed"] = gr.Number(SEED_RANDOM, precision=0, label="Seed (-1 = random)", elem_id="seed")
+        with gr.Row():
+            w["width"] = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=SIZE_STEP, label="Width", elem_id="width")
+            w["height"] = gr.Slider(MIN_SIZE, MAX_SIZE, value=size, step=SIZE_STEP, label="Height", elem_id="height")
+        with gr.Row():
+            w["num_images"] = gr.Slider(1, MAX_NUM_IMAGES, value=1, step=1, label="Number of images",
+                                        elem_id="num-images")
+            w["guess_mode"] = gr.Checkbox(False, label="Guess mode (control on the conditional branch only)",
+                                          elem_id="guess-mode")
+    return w
+
+
+def _wire_unit(gr: Any, backend: UiBackend, unit: dict[str, Any], width: Any, height: Any) -> None:
+    """A unit's events: an upload enables it, the annotator shows its parameters, Preview shows the condition."""
+    # Uploading an image enables its unit (what a user means nine times out of ten); this runs in the browser.
+    unit["image"].upload(None, inputs=None, outputs=unit["enabled"], js="() => true")
+
+    def annotator_help_update(name: str) -> Any:
+        placeholder, info = backend.annotator_help(name)
+        return gr.update(placeholder=placeholder, info=info)
+
+    unit["annotator"].change(annotator_help_update, inputs=unit["annotator"], outputs=unit["annotator_params"])
+    unit["preview"].click(
+        lambda img, ann, par, w, h: backend.preview(UnitInput(True, None, "", img, ann, par), w, h),
+        inputs=[unit["image"], unit["annotator"], unit["annotator_params"], width, height],
+        outputs=[unit["condition"], unit["preview_status"]],
+    )
 
 
 def _unit_widgets(gr: Any, i: int, controlnets: list[str], annotators: list[str]) -> dict[str, Any]:

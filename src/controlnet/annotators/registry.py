@@ -4,6 +4,9 @@ An :class:`Annotator` wraps a plain function with its description, its :class:`P
 it reads (``input_kind``). Calling it validates and completes the parameters (unknown name, wrong type or a value
 out of range → :class:`UserError`), loads the input the way its kind says (see :mod:`.inputs`), runs the function
 and checks that the result is an ``(H, W, 3)`` uint8 image of the input's height and width.
+
+Parameters given as text (the command line, the web UI, a training config) have one syntax, ``key=value``;
+:meth:`Annotator.parse_params` reads a list of such pairs with each value parsed by its :class:`Param` type.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -59,8 +62,8 @@ class Param:
         return f"{self.name} ({self.type_name}, {default}{extra}): {self.help}"
 
     def parse(self, text: str, annotator: str) -> Any:
-        """Convert a command-line string to this parameter's type, then :meth:`check` it."""
-        flag = f"{annotator}: --{self.name}"
+        """Convert the text of a ``key=value`` pair to this parameter's type, then :meth:`check` it."""
+        flag = f"{annotator}: {self.name}"
         if self.type is bool:
             low = text.strip().lower()
             if low in _TRUE:
@@ -124,6 +127,8 @@ class Annotator:
     ``input_kind`` says what ``image`` is and how a file is read (see :data:`controlnet.annotators.inputs.KINDS`):
     ``"image"`` (a photo/drawing, RGB), ``"depth"`` (a depth map, raw values kept), ``"labels"`` (class indices)
     or ``"keypoints"`` (the image only gives the canvas size; the keypoints come as a parameter or a JSON file).
+    ``weights``, for a detector with a network, returns a one-line status of its weights for listings (e.g.
+    whether they are in the hub cache, :func:`controlnet.annotators.weights.weights_status`).
     """
 
     name: str
@@ -131,6 +136,7 @@ class Annotator:
     description: str
     params: tuple[Param, ...] = field(default_factory=tuple)
     input_kind: str = "image"
+    weights: Callable[[], str] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -138,6 +144,25 @@ class Annotator:
                 return p
         known = ", ".join(p.name for p in self.params) or "none"
         raise UserError(f"{self.name}: unknown parameter {name!r} (parameters: {known})")
+
+    def parse_params(self, pairs: Iterable[str]) -> dict[str, Any]:
+        """``["low_threshold=50", "safe=true"]`` → ``{"low_threshold": 50, "safe": True}``: each value parsed by
+        its declared :class:`Param` (type, choices, bounds). Dashes in keys read as underscores; an unknown key,
+        a pair without ``=``, a key given twice or a bad value → :class:`UserError`. Required parameters are
+        checked later, by :meth:`resolve`."""
+        params: dict[str, Any] = {}
+        for pair in pairs:
+            key, sep, text = pair.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or not key:
+                example = f"{self.params[0].name}=VALUE" if self.params else "key=value"
+                raise UserError(f"{self.name}: cannot read the parameter {pair.strip()!r}; write key=value, "
+                                f"e.g. {example}")
+            param = self.param(key)  # unknown name -> UserError naming the known ones
+            if key in params:
+                raise UserError(f"{self.name}: parameter {key!r} given twice")
+            params[key] = param.parse(text.strip(), self.name)
+        return params
 
     def resolve(self, params: dict[str, Any]) -> dict[str, Any]:
         """All parameters with defaults filled in, each validated; unknown or missing ones → :class:`UserError`."""
@@ -149,7 +174,7 @@ class Annotator:
             if p.name in given and given[p.name] is not None:
                 resolved[p.name] = given[p.name] if p.type is Path else p.check(given[p.name], self.name)
             elif p.required:
-                raise UserError(f"{self.name}: parameter {p.name!r} is required ({p.help}); pass --{p.name} VALUE")
+                raise UserError(f"{self.name}: parameter {p.name!r} is required ({p.help}); give {p.name}=VALUE")
             else:
                 resolved[p.name] = p.default
         return resolved

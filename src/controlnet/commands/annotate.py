@@ -6,10 +6,11 @@
     controlnet annotate pose people.json pose.png --width 768 --height 512
     controlnet annotate --plugin my_hed.py my_hed photo.jpg hed.png --weights hed.safetensors
 
-Annotator parameters come after IN and OUT as ``--name value`` (or ``--name=value``); they are checked against the
-annotator's declared parameters (an unknown name or a wrong type is a one-line error, exit code 2). A bare
-``--flag`` sets a boolean parameter to true. The command's own options (``--workers``, ``--plugin``,
-``--quiet``, ``--list``) may go anywhere.
+Annotator parameters come after IN and OUT as ``--name value``, ``--name=value`` or ``name=value`` (the syntax of
+``generate --annotator-param`` and the web UI); all three are read by :func:`controlnet.annotators.parse_params`,
+which checks them against the annotator's declared parameters (an unknown name or a wrong type is a one-line
+error, exit code 2). A bare ``--flag`` sets a boolean parameter to true. The command's own options
+(``--workers``, ``--plugin``, ``-q/--quiet``, ``--list``) may go anywhere.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -26,9 +26,9 @@ from typing import Any
 
 from controlnet.errors import UserError
 
-# Options of the command itself; everything else after NAME IN OUT is an annotator parameter.
-_OWN_VALUE_OPTIONS = ("workers", "plugin")
+# Flags of the command itself that argparse leaves among the parameter tokens after IN/OUT (with their short forms).
 _OWN_FLAGS = ("list", "quiet", "help")
+_SHORT_FLAGS = {"-q": "quiet", "-h": "help"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "annotate",
         help="make condition images (canny, lines, scribble, softedge, pose, segmentation, depth, normal, ...)",
         description="Run annotator NAME on IN (a file, or a folder: every file in it) and write OUT (a .png, or "
-                    "a folder). Annotator parameters follow as --name value; see --list.",
+                    "a folder). Annotator parameters follow as --name value (or name=value); see --list.",
         epilog="examples: controlnet annotate --list | controlnet annotate canny in.jpg out.png --low_threshold 50",
     )
     parser.add_argument("name", nargs="?", help="annotator (see --list)")
@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workers", type=int, default=0, help="processes for folder mode (default: all cores)")
     parser.add_argument("--plugin", action="append", default=[],
                         help="Python file or module that registers extra annotators (repeatable)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     parser.add_argument("params", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.set_defaults(func=run)
 
@@ -56,12 +56,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def split_options(tokens: list[str]) -> list[tuple[str, str | None]]:
-    """``["--a", "1", "--b=2", "--flag"]`` -> ``[("a", "1"), ("b", "2"), ("flag", None)]``; dashes in names
-    become underscores. A value may start with ``-`` (a negative number) but not with ``--``."""
+    """``["--a", "1", "--b=2", "--flag", "c=3", "-q"]`` -> ``[("a", "1"), ("b", "2"), ("flag", None), ("c", "3"),
+    ("quiet", None)]``; dashes in names become underscores. A value may start with ``-`` (a negative number) but
+    not with ``--``."""
     pairs: list[tuple[str, str | None]] = []
     i = 0
     while i < len(tokens):
         token = tokens[i]
+        if token in _SHORT_FLAGS:
+            pairs.append((_SHORT_FLAGS[token], None))
+            i += 1
+            continue
+        if not token.startswith("-") and "=" in token:
+            key, _, value = token.partition("=")
+            pairs.append((key.replace("-", "_"), value))
+            i += 1
+            continue
         if not token.startswith("--") or len(token) == 2:
             raise UserError(f"unexpected argument {token!r}; annotator parameters are given as --name value")
         key, eq, value = token[2:].partition("=")
@@ -69,7 +79,7 @@ def split_options(tokens: list[str]) -> list[tuple[str, str | None]]:
         if eq:
             pairs.append((key, value))
             i += 1
-        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--") and tokens[i + 1] not in _SHORT_FLAGS:
             pairs.append((key, tokens[i + 1]))
             i += 2
         else:
@@ -78,19 +88,18 @@ def split_options(tokens: list[str]) -> list[tuple[str, str | None]]:
     return pairs
 
 
-def parse_params(annotator: Any, pairs: list[tuple[str, str | None]]) -> dict[str, Any]:
-    """Parse ``(name, text)`` pairs against the annotator's declared parameters (types, choices, bounds)."""
-    params: dict[str, Any] = {}
+def params_from_options(annotator: Any, pairs: list[tuple[str, str | None]]) -> dict[str, Any]:
+    """``(name, text)`` pairs as ``name=text`` strings for :meth:`Annotator.parse_params` (the one parser); a bare
+    ``--flag`` (text ``None``) means ``flag=true`` for a boolean parameter and is an error for any other."""
+    items = []
     for key, text in pairs:
-        param = annotator.param(key)  # unknown name -> UserError naming the known ones
         if text is None:
+            param = annotator.param(key)  # unknown name -> UserError naming the known ones
             if param.type is not bool:
                 raise UserError(f"{annotator.name}: --{key} needs a value ({param.type_name})")
             text = "true"
-        if key in params:
-            raise UserError(f"{annotator.name}: --{key} given twice")
-        params[key] = param.parse(text, annotator.name)
-    return params
+        items.append(f"{key}={text}")
+    return annotator.parse_params(items)
 
 
 def _take_own_options(args: argparse.Namespace) -> list[tuple[str, str | None]]:
@@ -155,6 +164,8 @@ def format_listing(names: list[str] | None = None) -> str:
         a = annotators.get(name)
         kind = "" if a.input_kind == "image" else f" [input: {a.input_kind}]"
         lines.append(f"{a.name}: {a.description}{kind}")
+        if a.weights is not None:
+            lines.append(f"    {a.weights()}")
         for p in a.params:
             lines.append(f"    --{p.describe()}")
     return "\n".join(lines)
@@ -232,6 +243,8 @@ def run_folder(name: str, src: Path, dest: Path, params: dict[str, Any], workers
                quiet: bool = False) -> tuple[int, list[str]]:
     """Annotate every matching file under ``src`` into ``dest`` (same relative paths, ``.png``) with a pool of
     ``workers`` processes (0: all cores) and a progress bar; return (number written, error lines)."""
+    import multiprocessing
+
     from tqdm import tqdm
 
     from controlnet import annotators
@@ -289,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
     annotator = annotators.get(args.name)
     if not args.input or not args.output:
         raise UserError(f"{annotator.name}: give IN and OUT (a file and a .png, or two folders)")
-    params = parse_params(annotator, pairs)
+    params = params_from_options(annotator, pairs)
     src, dest = Path(args.input), Path(args.output)
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")

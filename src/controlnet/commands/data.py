@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from controlnet.defaults import FILL_SAMPLES, FILL_SIZE
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``data`` command and its sub-commands."""
@@ -22,15 +24,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "background'.",
     )
     fill.add_argument("out", type=Path, help="new folder to write")
-    fill.add_argument("--n", type=int, default=50000, help="number of samples (default: 50000)")
-    fill.add_argument("--size", type=int, default=128, help="image side in px (default: 128)")
-    fill.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    fill.add_argument("--n", type=int, default=FILL_SAMPLES, help="number of samples")
+    fill.add_argument("--size", type=int, default=FILL_SIZE, help="image side in px")
+    fill.add_argument("--seed", type=int, default=0, help="random seed")
+    fill.add_argument("-q", "--quiet", action="store_true", help="no summary line")
     fill.set_defaults(func=run_fill)
 
 
 def run_fill(args: argparse.Namespace) -> int:
+    """Write the fill data set."""
     from controlnet.data.fill import make_fill_dataset
 
     out = make_fill_dataset(args.out, args.n, size=args.size, seed=args.seed)
-    print(f"wrote {args.n} fill samples to {out}")
+    if not args.quiet:
+        print(f"wrote {args.n} fill samples to {out}")
     return 0

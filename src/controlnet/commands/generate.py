@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from controlnet.defaults import (
+    DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, DTYPE_CHOICES, MAX_NUM_IMAGES, SCHEDULERS,
+)
 from controlnet.errors import UserError
-
-# The per-ControlNet options, in the order a group lists them; "--controlnet" and "--control" open a unit.
-UNIT_OPTIONS = ("--controlnet", "--control", "--annotator", "--annotator-param", "--strength", "--start", "--end")
 
 
 class _UnitOption(argparse.Action):
@@ -37,8 +37,6 @@ class _UnitOption(argparse.Action):
 
 def register(subparsers: Any) -> None:
     """Add the ``generate`` sub-command."""
-    from controlnet.pipeline import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS
-
     p = subparsers.add_parser(
         "generate",
         help="generate images from a prompt and control images",
@@ -52,23 +50,24 @@ def register(subparsers: Any) -> None:
                    "(default: the embedded tiny model)")
     p.add_argument("--base-config", default=None, metavar="DIR",
                    help="for a single-file --base offline: a diffusers folder of the same family (configs, tokenizer)")
-    p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS), help="sampler (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale, <= 1 turns it off (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="image k uses seed + k; -1 picks a random seed (default: %(default)s)")
-    p.add_argument("--num-images", type=int, default=1, help="images to generate (default: %(default)s)")
+    p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS), help="sampler")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale, <= 1 turns it off")
+    p.add_argument("--seed", type=int, default=0, help="image k uses seed + k; -1 picks a random seed")
+    p.add_argument("--num-images", type=int, default=1, metavar="N",
+                   help=f"images to generate, one batch, 1..{MAX_NUM_IMAGES}")
     p.add_argument("--size", default=None, metavar="WxH",
                    help="output size, multiples of 8 (default: the first control image's aspect ratio at the base's resolution)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic sampling (default: %(default)s)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic sampling")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_CHOICES],
                    help="model precision (auto: fp16 on cuda, fp32 on mps, bf16 on CPUs with AMX or AVX-512 BF16, else fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--guess-mode", action="store_true",
                    help="control on the conditional branch only, residual scales 0.825**(N-1-i) (works with an empty prompt)")
     p.add_argument("--reuse-residuals", type=int, default=1, metavar="N",
                    help="compute each ControlNet every N steps and reuse its residuals in between (faster, less exact; default 1: every step)")
-    p.add_argument("--out", default="outputs", metavar="DIR", help="output folder (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--out", default="outputs", metavar="DIR", help="output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     unit = p.add_argument_group("per ControlNet (repeat the group, in order)")
     unit.add_argument("--controlnet", action=_UnitOption, dest="unit_options", metavar="NAME_OR_PATH",
                       help="a bundled ControlNet name (e.g. fill) or a path (diffusers folder, .safetensors, .pth)")
@@ -136,12 +135,7 @@ def annotator_params(name: str | None, items: list[str], index: int) -> dict[str
     from controlnet import annotators
 
     annotator = annotators.get(name)  # unknown name: a one-line error listing the known ones
-    params: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--annotator-param {item!r}: give KEY=VALUE, e.g. low_threshold=50")
-        params[key.replace("-", "_")] = annotator.param(key.replace("-", "_")).parse(value, name)
+    params = annotator.parse_params(items)
     annotator.resolve(params)  # missing required parameters (inpaint's mask, pose's keypoints)
     return params
 
@@ -154,17 +148,19 @@ def next_run_number(out: Path) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Check every input, load the models, generate, then write all outputs at once."""
+    from controlnet.conditions import round_size, to_condition_array
     from controlnet.embedded import resolve_controlnet
     from controlnet.fileio import atomic_path
-    from controlnet.images import save_png
-    from controlnet.pipeline import ControlUnit, Pipeline, make_grid, png_metadata, round_size, to_condition_array
+    from controlnet.images import make_grid, png_metadata, save_png
+    from controlnet.pipeline import ControlUnit, Pipeline
 
     # 1. Inputs first (cheap, before loading any model): units, files, numbers.
     size = parse_size(args.size)
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    if args.num_images < 1:
-        raise UserError(f"--num-images must be >= 1, got {args.num_images}")
+    if not 1 <= args.num_images <= MAX_NUM_IMAGES:
+        raise UserError(f"--num-images must be in 1..{MAX_NUM_IMAGES} (one batch), got {args.num_images}; "
+                        "run the command again for more images")
     units = []
     for index, spec in enumerate(parse_units(args.unit_options)):
         resolve_controlnet(spec["controlnet"])  # a one-line error for an unknown name or a missing path
@@ -191,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     result = pipe(
         prompt=args.prompt, controls=units, negative_prompt=args.negative_prompt, steps=args.steps,
         guidance=args.guidance, scheduler=args.scheduler, seed=seed, size=size, num_images=args.num_images,
-        eta=args.eta, guess_mode=args.guess_mode, progress=not args.no_progress, reuse_residuals=args.reuse_residuals,
+        eta=args.eta, guess_mode=args.guess_mode, progress=not args.quiet, reuse_residuals=args.reuse_residuals,
     )
 
     # 3. Outputs: every file to a temporary name first; all are renamed into place only when all are written.

@@ -13,8 +13,8 @@ Layouts (``DATA`` is a folder, or the manifest file itself):
 Paths in a manifest are relative to the manifest's folder. A row with bad JSON, a missing column or a missing or
 unreadable file is counted and skipped (``strict=True`` fails instead, naming the row).
 
-Preprocessing (DESIGN.md): the image is scaled to cover ``R`` x ``R`` and centre-cropped (the same rule as the
-pipeline's conditions, :func:`controlnet.pipeline.resize_cover`), then mapped to ``[-1, 1]``; the condition gets
+Preprocessing: the image is scaled to cover ``R`` x ``R`` and centre-cropped (the same rule as the
+pipeline's conditions, :func:`controlnet.conditions.resize_cover`), then mapped to ``[-1, 1]``; the condition gets
 the same transform and is mapped to ``[0, 1]``. A condition whose size differs from its image's is first resized
 to the image's size, with a warning. ``hflip``: a sample is mirrored with probability 1/2, the image and its
 condition together; the cache holds the latents of both orientations (a flipped latent is not the latent of the
@@ -192,7 +192,7 @@ def load_rgb(path: Path) -> np.ndarray:
 
 def to_resolution(image: np.ndarray, resolution: int) -> np.ndarray:
     """Scale ``image`` to cover ``resolution`` x ``resolution`` and cut the centre (the pipeline's rule)."""
-    from controlnet.pipeline import resize_cover
+    from controlnet.conditions import resize_cover
 
     return resize_cover(image, resolution, resolution)
 

@@ -1,0 +1,281 @@
+"""Where models run and how a base model is loaded: the device/dtype policy and the base-model loaders.
+
+Device: the one asked for, else cuda, then mps, then cpu. Dtype: the one asked for (any name of :data:`DTYPES`),
+else the device's default (:func:`default_dtype`): fp16 on cuda (tensor cores; the released checkpoints are fp16),
+fp32 on mps (partial bf16 support), and on cpu bf16 only where the CPU multiplies bf16 in hardware (AMX or
+AVX-512 BF16: about 2.4x faster than fp32 for SD1.5 UNet + ControlNet, docs/performance.md), else fp32 (bf16 is
+emulated there, and slower).
+
+A base model is one of (:func:`load_base`)::
+
+    a diffusers folder     model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/ (+ the SDXL *_2)
+    a single file          .safetensors/.ckpt via diffusers' from_single_file, with a diffusers config folder
+                           (``base_config``) or the detected family's config from the Hugging Face cache
+    the embedded model     the tiny diffusers folder shipped in the package (controlnet.embedded)
+
+Nothing is downloaded: every loader runs with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from controlnet.defaults import DTYPE_CHOICES
+from controlnet.errors import UserError
+
+# The one table of dtype names: ours, torch's, and accelerate's mixed-precision names ("no" = full precision).
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "float32": torch.float32, "no": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+}
+# The short name of each supported dtype (settings, file names; the choices of --dtype).
+DTYPE_NAMES: dict[torch.dtype, str] = {DTYPES[name]: name for name in DTYPE_CHOICES}
+
+# /proc/cpuinfo flags of x86 CPUs that multiply bf16 in hardware: Intel AMX tiles, and AVX-512 BF16 dot products
+# (Intel Cooper Lake+, AMD Zen 4+). Without them oneDNN emulates bf16 and it is slower than fp32.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+# Component name in model_index.json → whether it is a torch model (cast to the pipeline dtype).
+_COMPONENTS = {"unet": True, "vae": True, "text_encoder": True, "tokenizer": False, "scheduler": False,
+               "text_encoder_2": True, "tokenizer_2": False}
+_LIBRARIES = ("diffusers", "transformers")
+_WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+# --------------------------------------------------------------------------- device and dtype
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, or the best available one: cuda, then mps, then cpu."""
+    if device is not None:
+        try:
+            return torch.device(device)
+        except RuntimeError:
+            raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_bf16_flags() -> list[str]:
+    """Which of :data:`BF16_CPU_FLAGS` this CPU has (Linux; elsewhere an empty list)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split())
+                    return [flag for flag in BF16_CPU_FLAGS if flag in flags]
+    except OSError:
+        pass
+    return []
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype models run in on ``device`` unless told otherwise (the rule in the module docstring)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.float16
+    if kind == "cpu" and cpu_bf16_flags():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """A torch dtype from ``dtype`` (a name of :data:`DTYPES`, "auto"/None for the device's default, or a torch dtype)."""
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPE_NAMES:
+            raise UserError(f"unsupported dtype {dtype}; use fp32, bf16 or fp16")
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise UserError(f"unknown dtype {dtype!r}; use auto, fp32, bf16 or fp16") from None
+
+
+def placement(module: nn.Module) -> dict[str, Any]:
+    """The device and dtype of a model's parameters, as keyword arguments for ``Tensor.to``."""
+    p = next(module.parameters())
+    return {"device": p.device, "dtype": p.dtype}
+
+
+def move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move and cast a model in place. diffusers' ``ModelMixin.to`` warns on every dtype cast (0.42) even when no
+    sub-module must stay fp32, so models without ``_keep_in_fp32_modules`` use ``nn.Module.to`` directly."""
+    if getattr(module, "_keep_in_fp32_modules", None):
+        return module.to(device=device, dtype=dtype)
+    return nn.Module.to(module, device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide diffusers' and transformers' per-file loading bars while loading (restored afterwards); the
+    pipeline's own progress bar is the one over the sampling steps."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    enabled = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in enabled:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was_enabled in enabled:
+            if was_enabled:
+                lib.enable_progress_bar()
+
+
+# --------------------------------------------------------------------------- base models
+
+
+def load_base(path: str | os.PathLike, dtype: torch.dtype,
+              base_config: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The components of a base model (unet, vae, text_encoder, tokenizer, scheduler, and for SDXL
+    text_encoder_2, tokenizer_2), in ``dtype`` on the cpu, from a diffusers folder or a single file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"base model {path} not found; pass a diffusers folder or a .safetensors/.ckpt file")
+    with quiet_loading():
+        if path.is_dir():
+            return _load_base_folder(path, dtype)
+        return _load_base_single_file(path, dtype, base_config)
+
+
+def _load_base_folder(path: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """The components of a diffusers Stable Diffusion (1.x/2.x) or SDXL folder (its model_index.json)."""
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise UserError(f"{path}: not a diffusers model folder (no model_index.json); pass a diffusers folder or a .safetensors/.ckpt file")
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{index_file}: unreadable ({err}); the base model folder is damaged") from None
+    components = {name: _load_component(path, name, index[name], is_model, dtype)
+                  for name, is_model in _COMPONENTS.items() if index.get(name) and index[name][0] is not None}
+    missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if n not in components]
+    if missing:
+        raise UserError(f"{path}: model_index.json lists no {', '.join(missing)}; not a Stable Diffusion base folder")
+    return components
+
+
+def _load_component(path: Path, name: str, entry: list[str], is_model: bool, dtype: torch.dtype) -> Any:
+    """One component ``name`` of a diffusers folder; ``entry`` is its ``[library, class]`` in model_index.json."""
+    index_file = path / "model_index.json"
+    library, class_name = entry
+    if library not in _LIBRARIES:
+        raise UserError(f"{index_file}: component {name} comes from {library!r}; only diffusers/transformers components are supported")
+    cls = getattr(importlib.import_module(library), class_name, None)
+    if cls is None:
+        raise UserError(f"{index_file}: unknown {library} class {class_name!r} for {name}")
+    kwargs: dict[str, Any] = {"torch_dtype": dtype} if is_model else {}
+    if is_model and _only_fp16_variant(path / name):
+        kwargs["variant"] = "fp16"  # e.g. diffusion_pytorch_model.fp16.safetensors without the plain file
+    if library == "diffusers":
+        kwargs["subfolder"] = name
+        source = path
+    else:
+        source = path / name
+    try:
+        return cls.from_pretrained(source, local_files_only=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, EnvironmentError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: cannot load its {name} ({first}); the base model folder is incomplete or damaged") from None
+
+
+def _only_fp16_variant(folder: Path) -> bool:
+    """Whether ``folder`` holds only fp16-variant weight files (``*.fp16.safetensors`` / ``*.fp16.bin``)."""
+    weights = [p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin")]
+    return bool(weights) and all(".fp16" in name for name in weights)
+
+
+class _LazyCheckpoint(Mapping):
+    """The tensors of a .safetensors file read on demand (for detecting the family without loading it all)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), framework="pt")
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _load_base_single_file(path: Path, dtype: torch.dtype, base_config: str | os.PathLike | None) -> dict[str, Any]:
+    """The components of a single-file SD / SDXL checkpoint via diffusers' ``from_single_file``.
+
+    Offline, diffusers needs the matching diffusers config (model_index.json, component configs, tokenizer
+    files): ``base_config`` (a folder), or the default repo of the detected family in the Hugging Face cache.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if path.suffix.lower() not in _WEIGHT_SUFFIXES:
+        raise UserError(f"{path}: a base model is a diffusers folder or a .safetensors/.ckpt file")
+    if base_config is not None:
+        config_dir = Path(base_config).expanduser()
+        if not (config_dir / "model_index.json").is_file():
+            raise UserError(f"--base-config {config_dir}: no model_index.json there; give a diffusers folder of the same family as {path.name}")
+        class_name = json.loads((config_dir / "model_index.json").read_text()).get("_class_name", "")
+        is_xl = "XL" in class_name
+    else:
+        config_dir, is_xl = _cached_single_file_config(path)
+    pipeline_class = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
+    kwargs: dict[str, Any] = {"config": str(config_dir), "local_files_only": True, "torch_dtype": dtype}
+    if pipeline_class is StableDiffusionPipeline:
+        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    try:
+        pipe = pipeline_class.from_single_file(str(path), **kwargs)
+    except Exception as err:  # noqa: BLE001 - diffusers raises many types; the user needs one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{path}: diffusers could not load it with config {config_dir} ({first})") from None
+    return {name: getattr(pipe, name, None) for name in _COMPONENTS if getattr(pipe, name, None) is not None}
+
+
+def _cached_single_file_config(path: Path) -> tuple[Path, bool]:
+    """(the diffusers config folder in the Hugging Face cache of the family ``path`` belongs to, whether it is
+    SDXL). The family is detected by diffusers' single-file utilities; nothing is downloaded."""
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config, infer_diffusers_model_type, load_single_file_checkpoint
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        if path.suffix.lower() == ".safetensors":
+            checkpoint: Mapping[str, Any] = _LazyCheckpoint(path)
+        else:
+            checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
+        model_type = infer_diffusers_model_type(checkpoint)
+        repo = fetch_diffusers_config(checkpoint)["pretrained_model_name_or_path"]
+    except Exception as err:  # noqa: BLE001 - any failure here means "not a checkpoint we can read"
+        raise UserError(f"{path}: cannot read it as a Stable Diffusion checkpoint ({type(err).__name__}: {err})".splitlines()[0]) from None
+    del checkpoint
+    try:
+        # The same files diffusers' from_single_file fetches for its config (cache only: no network).
+        config_dir = Path(snapshot_download(repo, local_files_only=True,
+                                            allow_patterns=["**/*.json", "*.json", "*.txt", "**/*.txt", "**/*.model"]))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise UserError(
+            f"{path.name} looks like {model_type} ({repo}) but its diffusers config is not in the Hugging Face cache; "
+            f"pass --base-config DIR (a diffusers folder of {repo}, weights not needed)"
+        ) from None
+    return config_dir, model_type.startswith("xl")

@@ -1,0 +1,175 @@
+"""The sampler: classifier-free guided denoising of a locked UNet under the residuals of several ControlNets.
+
+Zhang, Rao, Agrawala, "Adding Conditional Control to Text-to-Image Diffusion Models" (ICCV 2023). At every
+denoising step each active ControlNet turns (noisy latents, timestep, text, condition) into residuals; the
+residuals of several ControlNets add (Sec. 3.4, "Composing multiple ControlNets"), and the locked UNet adds them
+to its skip connections. :func:`sample`, top to bottom::
+
+    hint_u = E_u(condition_u)                            once per generation (independent of t)
+    for step i, timestep t:
+        x     = [latents, latents]                       CFG: unconditional and conditional in ONE batch
+        r     = Σ_units u active at i  ControlNet_u(x, t, text, hint_u) * scales_u
+        eps   = UNet(x, t, text, + r)
+        eps   = eps_uncond + guidance * (eps_cond - eps_uncond)
+        latents = scheduler.step(eps, t, latents)
+
+The caller chooses where the loop starts: text-to-image passes pure noise (times the scheduler's
+``init_noise_sigma``) and every timestep; image-to-image would pass noised image latents and the tail of the
+timesteps. The step range is a fraction of the timesteps given.
+
+Decisions:
+
+* Defaults are the original's (lllyasviel/ControlNet gradio_*.py): 20 DDIM steps, guidance 9.0, eta 0. They and
+  the table of samplers (:data:`SCHEDULERS`) live in :mod:`controlnet.defaults`, which the command line reads
+  without importing torch.
+* Step range (diffusers' ``control_guidance_start`` / ``control_guidance_end``): a control applies at step i of n
+  iff ``start <= i/n`` and ``(i+1)/n <= end``. A control outside its range is not run at all, nor is its hint
+  encoded when it is never in range.
+* Control on the conditional half only (``cond_only``: guess mode, or a ControlNet with
+  ``global_pool_conditions``, as diffusers' StableDiffusionControlNetPipeline does): the ControlNet runs on the
+  conditional rows of the CFG batch, and the unconditional rows get zero residuals.
+* Residual reuse (``reuse`` > 1, off by default): a control computes its residuals at its first active step and
+  then every ``reuse`` steps, and reuses the last ones in between (about 1/reuse of the ControlNet's cost; it
+  trades controllability for speed).
+* Latents stay float32 through the scheduler; the models run in their own dtype.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from controlnet.defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS
+from controlnet.errors import UserError
+from controlnet.loading import placement
+from controlnet.model import ControlNet, ControlNetOutput
+
+__all__ = ["DEFAULT_GUIDANCE", "DEFAULT_SCHEDULER", "DEFAULT_STEPS", "SCHEDULERS", "Control", "control_residuals",
+           "in_step_range", "make_scheduler", "sample"]
+
+
+def make_scheduler(name: str, base_config: Mapping[str, Any]) -> Any:
+    """A fresh diffusers scheduler ``name`` (see :data:`SCHEDULERS`) built from the base's scheduler config.
+
+    The base's config carries its training schedule (betas, ``prediction_type`` — "v_prediction" for SD2 768-v
+    —, ``steps_offset``, ``timestep_spacing``); only the sampler changes.
+    """
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    class_name, overrides = SCHEDULERS[name]
+    return getattr(diffusers, class_name).from_config(dict(base_config), **overrides)
+
+
+def in_step_range(start: float, end: float, step: int, num_steps: int) -> bool:
+    """Whether step ``step`` of ``num_steps`` lies in the fractions [start, end] (the rule in the module docstring)."""
+    return start <= step / num_steps and (step + 1) / num_steps <= end
+
+
+@dataclass
+class Control:
+    """A ControlNet ready for :func:`sample`: its model, its condition, and when and how strongly it acts."""
+
+    controlnet: ControlNet
+    condition: torch.Tensor  # (1, 3, H, W) in [0, 1], at the output size
+    scales: float | list[float]  # conditioning_scale of ControlNet.forward (the unit's strength included)
+    start: float = 0.0
+    end: float = 1.0
+    cond_only: bool = False  # control on the conditional half of the CFG batch only
+
+    def active(self, step: int, num_steps: int) -> bool:
+        return in_step_range(self.start, self.end, step, num_steps)
+
+
+@torch.inference_mode()
+def sample(unet: nn.Module, scheduler: Any, latents: torch.Tensor, timesteps: Sequence[torch.Tensor] | torch.Tensor,
+           text: torch.Tensor, controls: Sequence[Control] = (), guidance: float = DEFAULT_GUIDANCE, *,
+           added: dict[str, torch.Tensor] | None = None, reuse: int = 1, eta: float = 0.0,
+           generators: list[torch.Generator] | None = None, progress: bool = False,
+           callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Classifier-free guided sampling (Ho & Salimans 2022) of a locked UNet under summed ControlNet residuals
+    (Zhang et al. 2023, Sec. 3.4): the loop of the module docstring, one diffusers scheduler step per timestep.
+
+    Args:
+        unet: the locked base UNet; scheduler: a diffusers scheduler whose ``set_timesteps`` was called.
+        latents: the starting latents ``(B, C, h, w)``, float32, already scaled for the first timestep.
+        timesteps: the timesteps to run, in order.
+        text: text embeddings ``(2B, L, D)`` [unconditional, conditional] when guiding, else ``(B, L, D)``.
+        controls: the ControlNets; guidance: the CFG weight (<= 1: one branch, no guidance).
+        added: SDXL's ``added_cond_kwargs`` (rows as ``text``); reuse: compute residuals every ``reuse`` steps.
+        eta, generators: DDIM's eta and one generator per image for the samplers' noise (where they take them).
+        progress: a tqdm bar over the steps; callback: called as ``callback(i, t, latents)`` after every step.
+
+    Returns the final latents ``(B, C, h, w)``, float32.
+    """
+    from tqdm.auto import tqdm
+
+    model = placement(unet)  # where the UNet runs: the residuals must be there too
+    cfg = guidance > 1.0
+    n = len(timesteps)
+    hints = {k: c.controlnet.encode_hint(c.condition.to(**placement(c.controlnet)))  # (1, C0, h, w)
+             for k, c in enumerate(controls) if any(c.active(i, n) for i in range(n))}
+    step_kwargs = _step_kwargs(scheduler, eta, generators)
+    last: dict[int, tuple[int, ControlNetOutput]] = {}  # control → (step, residuals) last computed
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", unit="step", disable=not progress, leave=False)):
+        x = torch.cat([latents] * 2) if cfg else latents  # (2B or B, C, h, w)
+        x = scheduler.scale_model_input(x, t).to(model["dtype"])
+        residuals: ControlNetOutput | None = None
+        for k, c in enumerate(controls):
+            if not c.active(i, n):
+                continue  # not computed at all
+            if k not in last or i - last[k][0] >= reuse:
+                last[k] = (i, control_residuals(c, hints[k], x, t, text, added, cfg, model))
+            residuals = last[k][1] if residuals is None else residuals + last[k][1]
+        unet_kwargs = residuals.unet_kwargs() if residuals is not None else {}
+        eps = unet(x, t, encoder_hidden_states=text, added_cond_kwargs=added, **unet_kwargs).sample.float()
+        if cfg:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+        latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+        if callback is not None:
+            callback(i, t, latents)
+    return latents
+
+
+def control_residuals(control: Control, hint: torch.Tensor, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                      added: dict[str, torch.Tensor] | None, cfg: bool, out: dict[str, Any]) -> ControlNetOutput:
+    """One ControlNet's residuals for the batch ``x`` (scaled by its ``scales``), as tensors placed like ``out``
+    (``Tensor.to`` keyword arguments). With ``cond_only`` under CFG, computed on the conditional half of the batch
+    and zero on the unconditional half (which stays uncontrolled)."""
+    split = cfg and control.cond_only
+    if split:
+        half = x.shape[0] // 2
+        x, text = x[half:], text[half:]
+        added = {k: v[half:] for k, v in added.items()} if added else None
+    cn = control.controlnet
+    where = placement(cn)  # a caller's model is run as it is
+    res = cn(
+        x.to(**where), t, text.to(**where),
+        hint_embedding=hint.expand(x.shape[0], -1, -1, -1),
+        conditioning_scale=control.scales,
+        added_cond_kwargs={k: v.to(**where) for k, v in added.items()} if added else None,
+    )
+    if split:
+        res = ControlNetOutput(tuple(torch.cat([torch.zeros_like(r), r]) for r in res.down_residuals),
+                               torch.cat([torch.zeros_like(res.mid_residual), res.mid_residual]))
+    if where != out:
+        res = ControlNetOutput(tuple(r.to(**out) for r in res.down_residuals), res.mid_residual.to(**out))
+    return res
+
+
+def _step_kwargs(scheduler: Any, eta: float, generators: list[torch.Generator] | None) -> dict[str, Any]:
+    """The extra arguments ``scheduler.step`` takes: DDIM's ``eta``; the stochastic samplers' ``generator``."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "eta" in params:
+        kwargs["eta"] = float(eta)
+    if "generator" in params and generators is not None:
+        kwargs["generator"] = generators
+    return kwargs
