@@ -9,7 +9,7 @@ Cases (each in a fresh subprocess):
 (i)   ``controlnet_cached``: our step. Latents and text embeddings come from the cache (random tensors of the same
       shapes stand in for it), the locked UNet is stored in ``dtype`` with ``requires_grad=False`` (its encoder
       builds no autograd graph), the ControlNet has fp32 master weights under autocast; the loss is
-      :func:`controlnet.train.denoising_loss`, then clipping and AdamW, as ``controlnet train`` does.
+      :func:`controlnet.train.objective.denoising_loss`, then clipping and AdamW, as ``controlnet train`` does.
 (ii)  ``controlnet_diffusers_way``: diffusers' ``examples/controlnet/train_controlnet.py``: the same ControlNet and
       UNet step, plus the VAE encoding of the images and the text encoder on the token ids at every step
       (both in ``dtype``, as that script's ``weight_dtype``).
@@ -42,8 +42,9 @@ from typing import Any
 
 import torch
 
+from controlnet.loading import DTYPE_NAMES, DTYPES
+
 CASES = ("controlnet_cached", "controlnet_diffusers_way", "full_finetune")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 REPO = Path(__file__).resolve().parents[1]
 
 # runwayml/stable-diffusion-v1-5 vae/config.json
@@ -83,7 +84,8 @@ def run_case(case: str, resolution: int, batch: int, dtype: torch.dtype, steps: 
 
     from tests.builders import TINY_VAE, build_unet, unet_config
     from controlnet.model import ControlNet
-    from controlnet.train import DEFAULT_LR, DEFAULT_MAX_GRAD_NORM, denoising_loss, make_adamw
+    from controlnet.train.config import DEFAULT_LR, DEFAULT_MAX_GRAD_NORM
+    from controlnet.train.objective import denoising_loss, make_adamw
 
     if case not in CASES:
         raise ValueError(f"unknown case {case!r}; one of {CASES}")
@@ -166,7 +168,7 @@ def count_tflops(resolution: int = 256, batch: int = 2, size: str = "full") -> d
 
     from tests.builders import TINY_VAE, unet_config
     from controlnet.model import ControlNet
-    from controlnet.train import denoising_loss
+    from controlnet.train.objective import denoising_loss
 
     meta = torch.device("meta")
     cfg = unet_config("sd1", size)
@@ -207,7 +209,8 @@ def _estimate_gb(case: str, size: str) -> float:
     """A rough need of a case, to skip one the machine cannot hold instead of being killed for memory."""
     if size != "full":
         return 1.0
-    unet, cn, vae_text = 0.86e9, 0.361e9, 0.207e9  # parameters (DESIGN.md; VAE 84M + CLIP-L text 123M)
+    # parameters: SD1.5 UNet 860M, its ControlNet 361M (tests/test_checkpoints), VAE 84M + CLIP-L text 123M
+    unet, cn, vae_text = 0.86e9, 0.361e9, 0.207e9
     per = {"controlnet_cached": unet * 2 + cn * 16, "controlnet_diffusers_way": unet * 2 + cn * 16 + vae_text * 2,
            "full_finetune": unet * 16}[case]
     return per * ACTIVATION_MARGIN / 2**30
@@ -227,7 +230,7 @@ def bench_training(resolution: int = 256, batch: int = 2, dtype: torch.dtype = t
 
     A case the machine has too little free memory for is reported with ``"skipped"`` instead of run.
     """
-    name = {v: k for k, v in DTYPES.items()}[dtype]
+    name = DTYPE_NAMES[dtype]
     rows: list[dict[str, Any]] = []
     for case in CASES:
         need, free = _estimate_gb(case, size), _available_gb()
@@ -281,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--case", choices=CASES, help="run one case in this process and print its row as JSON")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES.values()), default="bf16")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--size", choices=("full", "tiny"), default="full")
     p.add_argument("--threads", type=int, default=None, help="torch threads per case (default: torch's)")

@@ -25,7 +25,7 @@ if ls "$WORK"/${RUN:-run}/checkpoints/* >/dev/null 2>&1; then RESUME=(--resume l
   --max-steps "$STEPS" --batch-size 32 --lr ${LR:-3e-4} --weight-decay 0 --empty-prompt-prob 0.5 \
   --mixed-precision no --zero-conv-init ${ZERO_CONV_INIT:-zero} --architecture ${ARCHITECTURE:-copy} --seed 0 --checkpoint-every 100 --keep 2 \
   --validate-every 100 --validation-count 16 --validation-steps 10 --validation-guidance 5 --score fill \
-  --no-progress ${CACHE:+--cache-dir "$CACHE"} "${RESUME[@]}"
+  --quiet ${CACHE:+--cache-dir "$CACHE"} "${RESUME[@]}"
 [ "${SHIP:-1}" = 1 ] || exit 0
 "$PY" - "$WORK/${RUN:-run}/controlnet" <<'EOF'
 import sys, torch

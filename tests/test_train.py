@@ -57,7 +57,7 @@ def _config(tiny, out, **kw):
     from controlnet.train import TrainConfig
 
     base, data = tiny
-    kw = {"max_steps": 2, "checkpoint_every": 2, "progress": False, "plot": False, "tensorboard": False, **kw}
+    kw = {"max_steps": 2, "checkpoint_every": 2, "quiet": True, "plot": False, "tensorboard": False, **kw}
     return TrainConfig(data=kw.pop("data", data), out=out, base=kw.pop("base", base), resolution=R, **kw)
 
 
@@ -83,7 +83,7 @@ def test_cli_trains_and_writes_a_loadable_controlnet_checkpoints_and_an_original
     out = tmp_path / "run"
     argv = ["train", "--base", str(base), "--data", str(data), "--out", str(out), "--resolution", str(R),
             "--max-steps", "3", "--checkpoint-every", "1", "--keep", "2", "--export-original",
-            str(tmp_path / "cn.safetensors"), "--no-progress", "--no-plot", "--no-tensorboard"]
+            str(tmp_path / "cn.safetensors"), "--no-plot", "--no-tensorboard"]
     assert main(argv) == 0
     assert "trained 3 steps" in capsys.readouterr().err
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000002", "step-000003"]
@@ -156,7 +156,8 @@ def test_locked_base_is_unchanged_and_empty_prompts_are_the_seeded_draws(tiny, t
 
 
 def test_unlock_decoder_trains_exactly_the_decoder_from_step_n(tiny, tmp_path):
-    from controlnet.train import DECODER_FILE, DECODER_PREFIXES
+    from controlnet.train.setup import DECODER_PREFIXES
+    from controlnet.train.state import DECODER_FILE
 
     out = tmp_path / "run"
     result = _run(tiny, out, max_steps=4, checkpoint_every=2, keep=0, unlock_decoder_after=2, decoder_lr=1e-4)
@@ -208,9 +209,9 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tiny, tmp_path
 
 
 def test_a_checkpoint_whose_optimizer_state_does_not_fit_is_refused_in_one_line(tiny, tmp_path):
-    """Optimizer moments are stored by parameter index: if they no longer fit (another version's parameter order,
-    another architecture), resuming says so instead of crashing inside torch's fused AdamW."""
-    from controlnet.train import STATE_FILE
+    """Optimizer moments are stored by parameter name: if they no longer fit their parameters (another
+    architecture, another version), resuming says so instead of crashing inside torch's fused AdamW."""
+    from controlnet.train.state import STATE_FILE
 
     out = tmp_path / "run"
     _run(tiny, out, max_steps=2, checkpoint_every=2)
@@ -237,7 +238,7 @@ def test_validation_writes_grids_scores_and_a_plot(tiny, tmp_path):
 
 
 def test_sudden_convergence_rule():
-    from controlnet.train import sudden_convergence_step
+    from controlnet.train.validation import sudden_convergence_step
 
     steps = [0, 100, 200, 300, 400, 500, 600]
     assert sudden_convergence_step(steps, [0.1, 0.1, 0.12, 0.8, 0.85, 0.84, 0.86]) == 300
@@ -254,7 +255,7 @@ def test_objective_with_a_new_controlnet_is_the_bases_own_loss(prediction_type):
 
     from builders import build_unet
     from controlnet.model import ControlNet
-    from controlnet.train import denoising_loss
+    from controlnet.train.objective import denoising_loss
 
     unet = build_unet("sd1", "tiny")
     cn = ControlNet.from_unet(unet)
@@ -280,7 +281,7 @@ def test_the_locked_encoder_builds_no_autograd_graph():
 
     from builders import build_unet
     from controlnet.model import ControlNet
-    from controlnet.train import denoising_loss
+    from controlnet.train.objective import denoising_loss
 
     unet = build_unet("sd1", "tiny").requires_grad_(False)
     cn = ControlNet.from_unet(unet)
@@ -311,7 +312,7 @@ def test_bf16_gradient_checkpointing_and_an_unlocked_decoder_run_from_the_comman
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "controlnet", "train", "--base", str(base), "--data", str(data), "--out", str(out),
            "--resolution", str(R), "--max-steps", "2", "--mixed-precision", "bf16", "--gradient-checkpointing",
-           "--unlock-decoder-after", "0", "--hflip", "--no-progress", "--no-plot", "--no-tensorboard"]
+           "--unlock-decoder-after", "0", "--hflip", "--quiet", "--no-plot", "--no-tensorboard"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert all(np.isfinite(r["loss"]) for r in _records(out, "train"))
@@ -366,11 +367,11 @@ def test_gaussian_zero_conv_ablation_starts_away_from_the_base(tiny):
     """--zero-conv-init gaussian (the paper's Fig. 8 ablation): the zero convs and the hint encoder's last conv
     start Gaussian, so the controlled UNet no longer equals the base at step 0; "zero" keeps them exactly zero."""
     from builders import build_unet
-    from controlnet.train import ABLATION_GAUSSIAN_STD, _make_controlnet
+    from controlnet.train.setup import ABLATION_GAUSSIAN_STD, make_controlnet
 
     unet = build_unet("sd1", "tiny")
-    zero = _make_controlnet(_config(tiny, "unused"), unet, 8)
-    gauss = _make_controlnet(_config(tiny, "unused", zero_conv_init="gaussian"), unet, 8)
+    zero = make_controlnet(_config(tiny, "unused"), unet, 8)
+    gauss = make_controlnet(_config(tiny, "unused", zero_conv_init="gaussian"), unet, 8)
     for z, g in zip(zero.zero_convs() + [zero.controlnet_cond_embedding.conv_out],
                     gauss.zero_convs() + [gauss.controlnet_cond_embedding.conv_out]):
         assert not z.weight.any() and not z.bias.any()
@@ -400,3 +401,149 @@ def test_lite_architecture_trains_from_the_command_line(tiny, tmp_path):
         _config(tiny, "unused", architecture="small").check()
     with pytest.raises(UserError, match="--export-original.*lite"):
         _config(tiny, "unused", architecture="lite", export_original="x.pth").check()
+
+
+# --------------------------------------------------------------------------- the command line, the run folder
+
+
+def _train_parser():
+    from controlnet.cli import Parser
+    from controlnet.commands import train as command
+
+    parser = Parser(prog="controlnet")
+    command.register(parser.add_subparsers())
+    return parser
+
+
+def test_the_options_are_the_config_fields_with_the_config_defaults():
+    """`controlnet train`'s options are generated from TrainConfig: one per field, defaults written once."""
+    import dataclasses
+
+    from controlnet.commands.train import config_from_args
+    from controlnet.train import TrainConfig
+
+    parser = _train_parser()
+    assert config_from_args(parser.parse_args(["train", "--data", "d", "--out", "o"])) == TrainConfig(data="d", out="o")
+    argv = ["train", "--data", "d", "--out", "o", "--grad-accum", "3", "--lr", "2e-4", "--unlock-decoder-after", "5",
+            "--mixed-precision", "bf16", "--hflip", "--no-plot", "-q", "--resume", "latest", "--annotator", "canny",
+            "--annotator-param", "low_threshold=50"]
+    assert config_from_args(parser.parse_args(argv)) == TrainConfig(
+        data="d", out="o", grad_accum=3, lr=2e-4, unlock_decoder_after=5, mixed_precision="bf16", hflip=True,
+        plot=False, quiet=True, resume="latest", annotator="canny", annotator_params={"low_threshold": 50})
+    options = {s for a in parser._subparsers._group_actions[0].choices["train"]._actions for s in a.option_strings}
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + ("no-" if f.default is True else "") + f.name.replace("_", "-")
+        assert flag in options or f.name == "annotator_params"
+    assert "--annotator-param" in options and "--no-progress" not in options
+    with pytest.raises(UserError, match="--annotator-param needs --annotator"):
+        config_from_args(parser.parse_args(["train", "--data", "d", "--out", "o", "--annotator-param", "x=1"]))
+
+
+def test_the_train_command_module_imports_no_torch():
+    code = ("import sys, argparse; from controlnet.commands import train; p = argparse.ArgumentParser(); "
+            "train.register(p.add_subparsers()); print(sorted({'torch', 'numpy', 'diffusers', 'cv2'} & set(sys.modules)))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_a_dead_runs_lock_is_taken_over(tiny, tmp_path, capsys):
+    from controlnet.cli import main
+
+    base, data = tiny
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from controlnet.train.folder import locked\n"
+         "with locked(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(120)", str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = ["train", "--base", str(base), "--data", str(data), "--out", str(out), "--resolution", str(R),
+                "--max-steps", "1", "-q", "--no-plot", "--no-tensorboard"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"in use by another training run (pid {holder.pid})" in err
+        assert [p.name for p in out.iterdir()] == [".lock"]  # nothing else written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / ".lock").read_text().strip() == str(holder.pid)  # left by a killed process: stale
+    assert _run(tiny, out, max_steps=1).step == 1
+    assert (out / ".lock").read_text() == ""  # released
+
+
+def test_temporaries_left_by_a_killed_run_are_removed_at_the_next_start(tiny, tmp_path):
+    out = tmp_path / "run"
+    _run(tiny, out, max_steps=2, checkpoint_every=2)
+    folders = [out / "checkpoints" / ".step-000004.k2j4ab.tmp", out / "checkpoints" / ".step-000000.deleting",
+               out / ".controlnet.old-4242"]
+    files = [out / ".log.jsonl.x81kq0.tmp", out / "validation" / ".step-000002.png.8fj2.tmp"]
+    for folder in folders:
+        (folder / "controlnet").mkdir(parents=True)
+        (folder / "controlnet" / "partial.safetensors").write_bytes(b"\0" * 10)
+    for file in files:
+        file.parent.mkdir(exist_ok=True)
+        file.write_bytes(b"partial")
+    assert _run(tiny, out, max_steps=4, checkpoint_every=2, resume="latest").step == 4
+    assert not any(p.exists() for p in folders + files)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_export_original_and_init_are_checked_before_anything_is_written(tiny, tmp_path):
+    from builders import build_unet
+    from controlnet.checkpoints import save_controlnet
+    from controlnet.model import ControlNet
+
+    out = tmp_path / "run"
+    for bad in (tmp_path / "cn.txt", tmp_path):  # a suffix the original layout has no writer for; a folder
+        with pytest.raises(UserError, match="--export-original"):
+            _run(tiny, out, export_original=bad)
+    sdxl = save_controlnet(ControlNet.from_unet(build_unet("sdxl", "tiny")), tmp_path / "sdxl-controlnet")
+    with pytest.raises(UserError, match="sdxl"):  # another family than the base's
+        _run(tiny, out, init=sdxl)
+    assert not out.exists()  # nothing written: no lock, no cache, no log
+    (tmp_path / "a-file").write_text("")
+    for setting in ({"out": tmp_path / "a-file"}, {"cache_dir": tmp_path / "a-file"}):
+        with pytest.raises(UserError, match="is a file; give a folder"):
+            _config(tiny, setting.pop("out", out), **setting).check()
+
+
+def test_scorers_are_a_registry_that_the_fill_data_registers_into(tiny):
+    from controlnet.data.fill import FillSample, fill_scorer
+    from controlnet.train.validation import choose_scorer, scorers
+
+    assert scorers()["fill"].make is fill_scorer and {"canny", "ssim"} <= set(scorers())
+    assert choose_scorer("auto", None, {}, ["red circle with blue background"])[0] == "fill_iou"
+    assert choose_scorer("auto", "canny", {}, ["a photo"])[0] == "edge_f1"
+    assert choose_scorer("auto", None, {}, ["a photo"])[0] == "ssim"
+    metric, score = choose_scorer("fill", None, {}, [])
+    sample = FillSample(cx=16, cy=16, radius=8, circle="red", background="blue", size=R)
+    assert metric == "fill_iou" and score(sample.target, sample.condition, sample.prompt, sample.target) > 0.9
+    with pytest.raises(UserError, match="--score must be one of auto, canny, fill, ssim"):
+        _config(tiny, "unused", score="nope").check()
+
+
+def test_optimizer_state_is_matched_to_parameters_by_name_not_by_order():
+    import copy
+
+    from controlnet.train.objective import make_adamw
+    from controlnet.train.state import load_optimizer_state, optimizer_state_by_name
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(3, generator=g)), torch.nn.Parameter(torch.randn(2, 2, generator=g))
+    first = make_adamw([{"params": [a, b], "lr": 0.1}])
+    for _ in range(2):
+        a.grad, b.grad = torch.randn(3, generator=g), torch.randn(2, 2, generator=g)
+        first.step()
+    saved = copy.deepcopy(optimizer_state_by_name(first, {"a": a, "b": b}))  # as if written and read back
+    assert set(saved["state"]) == {"a", "b"} and saved["param_groups"][0]["params"] == ["a", "b"]
+    a2, b2 = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())
+    second = make_adamw([{"params": [b2, a2], "lr": 0.1}])  # the parameters registered in the other order
+    load_optimizer_state(second, saved, {"a": a2, "b": b2}, Path("step-000002"))
+    for p, q in ((a, a2), (b, b2)):
+        assert all(torch.equal(first.state[p][k], second.state[q][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    a.grad, b.grad = torch.ones(3), torch.ones(2, 2)
+    a2.grad, b2.grad = torch.ones(3), torch.ones(2, 2)
+    first.step()
+    second.step()
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+    with pytest.raises(UserError, match="does not fit"):
+        load_optimizer_state(make_adamw([{"params": [a2], "lr": 0.1}]), saved, {"a": a2}, Path("step-000002"))

@@ -21,12 +21,12 @@ def _cmd(base, data, out, *extra):
     return [sys.executable, "-m", "controlnet", "train", "--base", str(base), "--data", str(data), "--out", str(out),
             "--resolution", str(R), "--max-steps", str(STEPS), "--checkpoint-every", "4", "--keep", "2",
             "--batch-size", "2", "--grad-accum", "2", "--hflip", "--lr", "1e-4", "--seed", "3",
-            "--no-progress", "--no-plot", "--no-tensorboard", *extra]
+            "--quiet", "--no-plot", "--no-tensorboard", *extra]
 
 
 def test_sigkill_then_resume_latest_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
     from controlnet.data.fill import make_fill_dataset
-    from controlnet.train import CHECKPOINT_RE
+    from controlnet.train.state import CHECKPOINT_RE
 
     base = make_base(tmp_path / "base")
     data = make_fill_dataset(tmp_path / "data", n=6, size=R, seed=1)
@@ -64,3 +64,42 @@ def test_sigkill_then_resume_latest_ends_bit_identical_to_an_uninterrupted_run(t
     a = load_file(tmp_path / "whole" / "controlnet" / "diffusion_pytorch_model.safetensors")
     b = load_file(killed_out / "controlnet" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not [p.name for p in checkpoints.iterdir() if p.name.startswith(".")]  # no temporaries of the kill left
+
+
+def test_a_checkpoint_with_the_optimizer_state_keyed_by_index_still_resumes(tmp_path):
+    """Checkpoint format 1 stored torch's own optimizer state_dict: the AdamW moments keyed by the parameter's
+    index (ControlNet parameters in registration order, then the decoder's). Such a checkpoint, written here the
+    old way, resumes to the same weights as an uninterrupted run (with the decoder unlocked: two groups)."""
+    from controlnet.data.fill import make_fill_dataset
+    from controlnet.train import TrainConfig, train
+    from controlnet.train.state import STATE_FILE
+
+    base = make_base(tmp_path / "base")
+    data = make_fill_dataset(tmp_path / "data", n=6, size=R, seed=1)
+
+    def run(out, steps, **kw):
+        return train(TrainConfig(data=data, out=out, base=base, resolution=R, max_steps=steps, checkpoint_every=2,
+                                 batch_size=2, lr=1e-4, seed=3, unlock_decoder_after=1, decoder_lr=1e-4, quiet=True,
+                                 plot=False, tensorboard=False, **kw))
+
+    whole = run(tmp_path / "whole", 4)
+    run(tmp_path / "old", 2)
+    path = tmp_path / "old" / "checkpoints" / "step-000002" / STATE_FILE
+    state = torch.load(path, weights_only=True)
+    named = state["optimizer"]
+    order = [name for group in named["param_groups"] for name in group["params"]]  # the optimizer's order
+    assert order[0].startswith("controlnet.") and order[-1].startswith("unet.")
+    index = {name: i for i, name in enumerate(order)}
+    state["optimizer"] = {"state": {index[n]: moments for n, moments in named["state"].items()},
+                          "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                           for g in named["param_groups"]]}
+    state["version"] = 1
+    torch.save(state, path)
+
+    resumed = run(tmp_path / "old", 4, resume="latest")
+    assert resumed.resumed_from == path.parent and resumed.losses == whole.losses[2:]
+    for part in ("controlnet", "unet"):
+        a = load_file(tmp_path / "whole" / part / "diffusion_pytorch_model.safetensors")
+        b = load_file(tmp_path / "old" / part / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
