@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -19,6 +22,7 @@ from controlnet.annotators.edges import detect_segments
 from controlnet.annotators.palettes import ADE20K, COCO_STUFF
 from controlnet.errors import UserError
 from controlnet.images import load_image
+from fixture_weights import ANNOTATOR_FIXTURES, write_released_weights
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
@@ -37,9 +41,21 @@ def required_params(name: str, h: int, w: int) -> dict:
         mask = np.zeros((h, w), bool)
         mask[: h // 2] = True
         return {"mask": mask}
-    if name == "pose":
+    if name == "pose_json":
         return {"keypoints": {"people": [{"pose_keypoints_2d": [w / 2, h / 2, 1.0] * 18}]}}
+    if name in ANNOTATOR_FIXTURES:  # network detectors: stand-in weights in the released layout, small input
+        return {"weights": str(_stand_in_weights(name)), "detect_resolution": 64}
     return {}
+
+
+@functools.lru_cache(maxsize=None)
+def _stand_in_weights(name: str) -> Path:
+    return write_released_weights(name, _weights_folder().name)
+
+
+@functools.lru_cache(maxsize=None)
+def _weights_folder() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="annotator-weights-")  # removed when the test process exits
 
 
 def dist_to_mask(mask: np.ndarray) -> np.ndarray:
@@ -214,7 +230,7 @@ def _figure_json(confidence: list[float] | None = None, body25: bool = False) ->
 
 def test_pose_draws_each_joint_in_its_colour_at_its_place():
     canvas = np.zeros((256, 256, 3), np.uint8)
-    out = annotators.annotate("pose", canvas, keypoints=_figure_json())
+    out = annotators.annotate("pose_json", canvas, keypoints=_figure_json())
     for k, (x, y) in enumerate(FIGURE):
         assert tuple(out[y, x]) == pose.COLOURS[k], f"joint {k} ({pose.COCO18[k]})"
     # limb 7 (right hip -> right knee) at its middle: colour 7 at 60 %
@@ -223,32 +239,32 @@ def test_pose_draws_each_joint_in_its_colour_at_its_place():
     assert tuple(mid) == tuple(int(c * 0.6) for c in pose.COLOURS[7])
     assert out[5, 5].tolist() == [0, 0, 0]  # background stays black
     # BODY_25 input renders the same; a joint below the threshold is not drawn
-    assert np.array_equal(out, annotators.annotate("pose", canvas, keypoints=_figure_json(body25=True)))
+    assert np.array_equal(out, annotators.annotate("pose_json", canvas, keypoints=_figure_json(body25=True)))
     conf = [0.9] * 18
     conf[4] = 0.01
-    missing = annotators.annotate("pose", canvas, keypoints=_figure_json(conf))
+    missing = annotators.annotate("pose_json", canvas, keypoints=_figure_json(conf))
     assert tuple(missing[FIGURE[4][1], FIGURE[4][0]]) == (0, 0, 0)
 
 
 def test_pose_from_json_file_uses_its_canvas(tmp_path):
     path = tmp_path / "people.json"
     path.write_text(json.dumps(_figure_json()))
-    out = annotators.get("pose")(None, keypoints=path)
+    out = annotators.get("pose_json")(None, keypoints=path)
     assert out.shape == (256, 256, 3)
-    assert cli(["annotate", "pose", str(path), str(tmp_path / "pose.png"), "--quiet"]) == 0
+    assert cli(["annotate", "pose_json", str(path), str(tmp_path / "pose.png"), "--quiet"]) == 0
     assert np.array_equal(load_image(tmp_path / "pose.png"), out)
     (tmp_path / "bad.json").write_text('{"people": [{"pose_keypoints_2d": [1, 2]}]}')
     with pytest.raises(UserError, match="multiple of 3"):
-        annotators.get("pose")(None, keypoints=tmp_path / "bad.json")
+        annotators.get("pose_json")(None, keypoints=tmp_path / "bad.json")
 
 
 def test_segmentation_maps_class_k_to_palette_colour_k(tmp_path):
     labels = np.arange(171).reshape(9, 19)
-    ade = annotators.annotate("segmentation", labels)
+    ade = annotators.annotate("segmentation_map", labels)
     inside = labels < 150
     assert np.array_equal(ade[inside], ADE20K[labels[inside]])
     assert (ade[~inside] == 0).all()  # outside the palette: black
-    coco = annotators.annotate("segmentation", labels, palette="cocostuff")
+    coco = annotators.annotate("segmentation_map", labels, palette="cocostuff")
     assert np.array_equal(coco.reshape(-1, 3), COCO_STUFF)
     assert ADE20K[0].tolist() == [120, 120, 120] and ADE20K[149].tolist() == [92, 0, 255]
     # a P-mode label PNG gives its palette indices; a raw ADEChallenge file needs offset=1
@@ -256,27 +272,27 @@ def test_segmentation_maps_class_k_to_palette_colour_k(tmp_path):
     png = Image.fromarray(raw.astype(np.uint8), "P")
     png.putpalette(list(np.random.default_rng(0).integers(0, 256, 768)))
     png.save(tmp_path / "labels.png")
-    out = annotators.annotate("segmentation", tmp_path / "labels.png", offset=1)
+    out = annotators.annotate("segmentation_map", tmp_path / "labels.png", offset=1)
     assert np.array_equal(out, ADE20K[raw - 1])
 
 
 def test_normal_of_a_tilted_plane_is_constant_and_points_the_right_way():
     x = np.arange(64, dtype=np.float64)
     plane = np.tile(100.0 + 2.0 * x, (48, 1))  # nearness grows to the right (near = large values)
-    out = annotators.annotate("normal", plane, near="large")
+    out = annotators.annotate("normal_map", plane, near="large")
     inner = out[2:-2, 10:-2].reshape(-1, 3)  # away from the image border and from the background strip
     assert (inner == inner[0]).all()
     r, g, b = (int(v) for v in inner[0])
     assert r > 140 and g == 127 and b > 140  # right side nearer: x component positive, no y component
-    mirrored = annotators.annotate("normal", plane[:, ::-1], near="large")[2:-2, 2:-10].reshape(-1, 3)
+    mirrored = annotators.annotate("normal_map", plane[:, ::-1], near="large")[2:-2, 2:-10].reshape(-1, 3)
     assert (mirrored[:, 0] < 115).all()
-    down = annotators.annotate("normal", plane.T.copy(), near="large")[10:-2, 2:-2].reshape(-1, 3)
+    down = annotators.annotate("normal_map", plane.T.copy(), near="large")[10:-2, 2:-2].reshape(-1, 3)
     assert (down[:, 1] > 140).all() and (down[:, 0] == 127).all()
     assert (out[:, :5] == (127, 127, 255)).all()  # nearness < 0.1: background, facing the camera
-    zyx = annotators.annotate("normal", plane, near="large", layout="zyx")
+    zyx = annotators.annotate("normal_map", plane, near="large", layout="zyx")
     assert np.array_equal(zyx, out[..., ::-1])
     # metric depth (far = large) of the same plane gives the same normals
-    metric = annotators.annotate("normal", 1000.0 - plane, near="small")
+    metric = annotators.annotate("normal_map", 1000.0 - plane, near="small")
     assert np.array_equal(metric[2:-2, 10:-2], out[2:-2, 10:-2])
 
 
@@ -285,14 +301,14 @@ def test_depth_16bit_metric_to_8bit_near_bright(tmp_path):
     metric[5:10, 5:10] = 1000  # 1 m object: nearest
     metric[0, 0] = 0  # no reading
     Image.fromarray(metric).save(tmp_path / "d.png")
-    out = annotators.annotate("depth", tmp_path / "d.png")
+    out = annotators.annotate("depth_map", tmp_path / "d.png")
     assert out[7, 7].tolist() == [255, 255, 255] and out[15, 20].tolist() == [0, 0, 0]
     assert out[0, 0].tolist() == [0, 0, 0]
     # 8-bit input already near = bright: kept in order, stretched to the full range
     grey = np.array([[50, 100, 150]], np.uint8)
-    assert annotators.annotate("depth", grey)[..., 0].tolist() == [[0, 128, 255]]
+    assert annotators.annotate("depth_map", grey)[..., 0].tolist() == [[0, 128, 255]]
     np.save(tmp_path / "d.npy", np.array([[1.0, 2.0, 3.0]], np.float32))
-    assert annotators.annotate("depth", tmp_path / "d.npy")[..., 0].tolist() == [[255, 128, 0]]
+    assert annotators.annotate("depth_map", tmp_path / "d.npy")[..., 0].tolist() == [[255, 128, 0]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,9 +360,9 @@ def test_params_are_declared_checked_and_defaulted():
     with pytest.raises(UserError, match="expects an integer"):
         annotators.annotate("canny", np.zeros((4, 4, 3), np.uint8), low_threshold="5")
     with pytest.raises(UserError, match="one of"):
-        annotators.annotate("segmentation", np.zeros((4, 4), np.int64), palette="voc")
+        annotators.annotate("segmentation_map", np.zeros((4, 4), np.int64), palette="voc")
     with pytest.raises(UserError, match="unknown annotator"):
-        annotators.get("hed")
+        annotators.get("no_such_annotator")
 
 
 def test_register_a_model_based_annotator_with_a_weights_file(tmp_path):
@@ -414,6 +430,44 @@ def test_register_a_model_based_annotator_with_a_weights_file(tmp_path):
         annotators.REGISTRY.pop("my_edges", None)
 
 
+def test_parse_params_is_the_one_parser_typed_by_the_declared_params():
+    """key=value strings (annotate, generate --annotator-param, train --annotator-param, the UI) → typed values."""
+    assert annotators.parse_params("canny", ["low_threshold=50", " high-threshold = 150 "]) == {
+        "low_threshold": 50, "high_threshold": 150}
+    assert annotators.parse_params("softedge", ["safe=yes", "gain=2", "scales=4"]) == {
+        "safe": True, "gain": 2.0, "scales": 4}
+    assert annotators.parse_params("inpaint", ["mask=m.png"]) == {"mask": Path("m.png")}
+    assert annotators.parse_params("segmentation_map", []) == {}
+    for pairs, message in [
+        (["low_threshold"], "canny: cannot read the parameter 'low_threshold'; write key=value"),
+        (["=5"], "write key=value"),
+        (["low=5"], "canny: unknown parameter 'low' (parameters: low_threshold, high_threshold)"),
+        (["low_threshold=5", "low_threshold=6"], "canny: parameter 'low_threshold' given twice"),
+        (["low_threshold=5.5"], "canny: low_threshold expects an integer, got '5.5'"),
+        (["low_threshold=-1"], "must be >= 0"),
+    ]:
+        with pytest.raises(UserError) as err:
+            annotators.parse_params("canny", pairs)
+        assert message in str(err.value), str(err.value)
+    with pytest.raises(UserError, match="one of ade20k, cocostuff"):
+        annotators.parse_params("segmentation_map", ["palette=voc"])
+    with pytest.raises(UserError, match="expects true or false"):
+        annotators.parse_params("softedge", ["safe=maybe"])
+
+
+def test_weights_status_is_listed(capsys):
+    annotators.register("status_probe", transforms.invert, "a probe", weights=lambda: "weights cached (a/b.pth)")
+    try:
+        assert annotators.get("status_probe").weights() == "weights cached (a/b.pth)"
+        assert cli(["annotate", "--list"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        at = lines.index("status_probe: a probe")
+        assert lines[at + 1] == "    weights cached (a/b.pth)"
+        assert annotators.get("canny").weights is None  # no network, nothing to report
+    finally:
+        annotators.REGISTRY.pop("status_probe", None)
+
+
 def test_register_rejects_bad_declarations():
     with pytest.raises(ValueError, match="already registered"):
         annotators.register("canny", lambda im: im, "x")
@@ -438,6 +492,10 @@ def test_cli_file_mode_params_and_metadata(tmp_path, capsys):
         assert json.loads(img.text["controlnet:params"]) == {"low_threshold": 50, "high_threshold": 150}
     assert cli(["annotate", "softedge", str(tmp_path / "in.png"), str(tmp_path / "s.png"), "--safe"]) == 0
     assert len(np.unique(load_image(tmp_path / "s.png"))) <= 3
+    # The key=value syntax of generate/train/the UI works here too, mixed with flags and -q anywhere.
+    assert cli(["annotate", "canny", str(tmp_path / "in.png"), str(tmp_path / "e2.png"), "low_threshold=50", "-q",
+                "--high_threshold", "150"]) == 0
+    assert np.array_equal(load_image(tmp_path / "e2.png"), expected)
     capsys.readouterr()
     assert cli(["annotate", "--list"]) == 0
     listing = capsys.readouterr().out
@@ -452,6 +510,8 @@ def test_cli_file_mode_params_and_metadata(tmp_path, capsys):
         (["--low_threshold"], "needs a value"),
         (["--low_threshold", "-3"], ">= 0"),
         (["stray"], "unexpected argument"),
+        (["low_threshold=5", "--low_threshold", "6"], "given twice"),
+        (["--low_threshold", "-q"], "needs a value"),
     ],
 )
 def test_cli_bad_params_exit_2_with_one_line(tmp_path, capsys, extra, message):

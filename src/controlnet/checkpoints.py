@@ -441,7 +441,7 @@ def _as_config(config: ControlNetConfig | Mapping[str, Any] | str | Path) -> Con
         source = str(path)
         if not path.exists():
             raise UserError(f"config file {path} does not exist")
-        _check_regular_file(path, MAX_CONFIG_BYTES)
+        check_regular_file(path, MAX_CONFIG_BYTES)
         try:
             config = json.loads(path.read_text())
         except (OSError, ValueError, RecursionError) as err:  # ValueError: bad UTF-8, bad JSON, a 5000-digit number
@@ -462,7 +462,7 @@ def _as_config(config: ControlNetConfig | Mapping[str, Any] | str | Path) -> Con
 # --------------------------------------------------------------------------------------------- reading files
 
 
-def _read_safetensors(path: Path, want: str | None = None) -> dict[str, Any]:
+def read_safetensors(path: Path, want: str | None = None) -> dict[str, Any]:
     """Tensors of a .safetensors file; with ``want``, only the keys under that prefix when there are any."""
     from safetensors import SafetensorError, safe_open
 
@@ -476,7 +476,7 @@ def _read_safetensors(path: Path, want: str | None = None) -> dict[str, Any]:
         raise UserError(f"{path} is not a valid .safetensors file (truncated or corrupt?): {_first_sentence(err)}") from None
 
 
-def _read_pickle(path: Path) -> Any:
+def read_torch_file(path: Path) -> Any:
     """``torch.load(weights_only=True)``: plain tensors and containers only; a file that runs code is refused."""
     try:
         try:
@@ -487,9 +487,9 @@ def _read_pickle(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as err:
         text = str(err)
-        if "Weights only load failed" in text:
-            found = re.search(r"GLOBAL ([\w.]+)", text)
-            what = found.group(1) if found else "objects that are not tensors"
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if "Weights only load failed" in text and found:
+            what = found.group(1)
             raise UserError(
                 f"{path} was refused: unpickling it would run code or build objects ({what}); only tensor files are "
                 "loaded (torch.load weights_only=True); if you trust its source, re-save its tensors as .safetensors"
@@ -499,7 +499,7 @@ def _read_pickle(path: Path) -> Any:
         raise UserError(f"{path} is not a valid PyTorch file (truncated or corrupt?): {_first_sentence(err)}") from None
 
 
-def _check_regular_file(path: Path, max_bytes: int | None = None) -> None:
+def check_regular_file(path: Path, max_bytes: int | None = None) -> None:
     """Refuse what is not a regular file (a FIFO or a device would block the read or never end) or is too big."""
     try:
         info = path.stat()
@@ -513,7 +513,7 @@ def _check_regular_file(path: Path, max_bytes: int | None = None) -> None:
 
 def _read_file(path: Path) -> dict[str, Any]:
     """The raw key → tensor mapping of a single checkpoint file (format sniffed from its first bytes)."""
-    _check_regular_file(path)
+    check_regular_file(path)
     try:
         with open(path, "rb") as f:
             head = f.read(9)
@@ -522,9 +522,9 @@ def _read_file(path: Path) -> dict[str, Any]:
     if len(head) < 9:
         raise UserError(f"{path} is empty or truncated ({len(head)} bytes)")
     if head[8:9] == b"{":  # safetensors: 8-byte little-endian header length, then the JSON header
-        return _read_safetensors(path, want=ORIGINAL_PREFIX)
+        return read_safetensors(path, want=ORIGINAL_PREFIX)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save zip archive, or a legacy pickle
-        obj = _read_pickle(path)
+        obj = read_torch_file(path)
         while isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):  # Lightning .ckpt nesting
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping):
@@ -651,7 +651,7 @@ def load_controlnet(
             config = path / CONFIG_NAME
         weights = _diffusers_weights(path)
         name = str(weights)
-        raw = _read_safetensors(weights) if weights.suffix == ".safetensors" else _read_file(weights)
+        raw = read_safetensors(weights) if weights.suffix == ".safetensors" else _read_file(weights)
     else:
         raw = _read_file(path)
         if config is None:

@@ -8,7 +8,6 @@ or one line naming the repository, the file and the fetch command when offline.
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from controlnet.errors import UserError
 
 # The hub repository that A1111 and ComfyUI users keep the ControlNet 1.1 annotator weights in.
 ANNOTATORS_REPO = "lllyasviel/Annotators"
-PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
 def weights_path(weights: str | os.PathLike | None, repo_id: str, filename: str | None = None) -> Path:
@@ -41,27 +39,15 @@ def weights_status(repo_id: str, filename: str) -> str:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
-    """The top-level object of a weights file: ``.safetensors`` via safetensors, pickles only with
-    ``weights_only=True`` (no code runs). Unreadable or code-carrying files are one-line :class:`UserError` s."""
-    import torch
+    """The top-level object of a weights file (regular files only): ``.safetensors`` via safetensors, pickles only
+    with ``weights_only=True`` (no code runs). Unreadable or code-carrying files are one-line :class:`UserError` s."""
+    from controlnet.checkpoints import check_regular_file, read_safetensors, read_torch_file
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file {path} not found (or not a regular file)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return dict(load_file(str(path)))
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type
-            raise UserError(f"{path}: not a readable .safetensors file ({str(err).splitlines()[0]})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path}: refused: the file holds Python objects other than tensors (loading it could "
-                        "run code); use a plain state dict or .safetensors") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise UserError(f"{path}: not a readable weights file ({str(err).splitlines()[0]})") from None
+    if not path.exists():
+        raise UserError(f"weights file {path} not found")
+    check_regular_file(path)
+    obj = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
     if not isinstance(obj, dict):
         raise UserError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     return obj

@@ -1,0 +1,300 @@
+"""Time per 512x512 image of each neural detector on this CPU, with random weights (the time does not depend on
+the weights' values).
+
+    .venv/bin/python -m benchmarks.detectors                       # every detector, 3 timed calls each
+    .venv/bin/python -m benchmarks.detectors hed mlsd --threads 1  # some detectors, one core
+    .venv/bin/python -m benchmarks.detectors --json out.json
+
+Each detector is called as ``controlnet annotate`` calls it (``annotators.get(name)(image, weights=FILE)``) on a
+512x512 RGB picture at the default detect resolution (512): resize, network forward, post-processing. The first
+call loads the weights file (a random state dict saved in the released file's layout) and is not timed; the
+fastest and the median of the timed calls are reported, with the network forward alone for comparison.
+
+Detectors register here in :data:`CASES`: ``name -> prepare(folder) -> (annotator keyword arguments, network)``,
+where ``prepare`` writes the weights file into ``folder``. Other detectors (OpenPose, ...) add their entry the same
+way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+SIZE = 512
+
+
+def _released(name: str, folder: Path) -> tuple[dict[str, Any], torch.nn.Module]:
+    """A random network ``name`` of :data:`controlnet.annotators.networks.NETWORKS`, saved as its released file."""
+    from controlnet.annotators.networks import NETWORKS
+
+    spec = NETWORKS[name]
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    state = model.state_dict()
+    if name == "pidinet":  # table5_pidinet.pth: {'epoch', 'state_dict'} with DataParallel's 'module.' prefix
+        state = {"epoch": 0, "state_dict": {"module." + k: v for k, v in state.items()}}
+    path = folder / (spec.filename or f"{name}.pth")
+    torch.save(state, path)
+    return {"weights": str(path)}, model
+
+
+def _network_case(name: str, **kwargs: Any) -> Callable[[Path], tuple[dict[str, Any], torch.nn.Module]]:
+    def prepare(folder: Path) -> tuple[dict[str, Any], torch.nn.Module]:
+        params, model = _released(name, folder)
+        return {**params, **kwargs}, model
+
+    return prepare
+
+
+# annotator name -> prepare(folder) -> (annotator keyword arguments, the network, for the forward-only time)
+CASES: dict[str, Callable[[Path], tuple[dict[str, Any], torch.nn.Module]]] = {
+    "hed": _network_case("hed"),
+    "pidinet": _network_case("pidinet"),
+    "lineart": _network_case("lineart"),
+    "lineart_coarse": _network_case("lineart_coarse"),
+    "mlsd": _network_case("mlsd"),
+    "mlsd_tiny": _network_case("mlsd_tiny", model="tiny"),
+}
+# Input channels and scale of each network's forward (for the forward-only time).
+_INPUT_CHANNELS = {"mlsd": 4, "mlsd_tiny": 4}
+
+
+class _Forward(torch.nn.Module):
+    """Networks run on fixed inputs, whatever ``x`` the timing loop passes: the forward-only time of detectors
+    whose networks do not see the picture itself (OpenPose's 184 px body input, a hand crop; the pixels a
+    transformers processor prepares). ``runs`` is a list of ``(network, positional args, keyword args)``."""
+
+    def __init__(self, runs: list[tuple[Any, tuple, dict[str, Any]]]) -> None:
+        super().__init__()
+        self.runs = runs
+
+    def forward(self, x: torch.Tensor) -> list[Any]:
+        return [net(*args, **kwargs) for net, args, kwargs in self.runs]
+
+
+def _openpose_case(hands: bool) -> Callable[[Path], tuple[dict[str, Any], torch.nn.Module]]:
+    """Random OpenPose nets saved in the released flat-key layout. Forward: the body net on the 184 px input a
+    512 px picture becomes (0.5 x 368); with hands, one hand crop at the four scales (184..736 px) instead; the
+    annotate time with hands grows with the number of hands found, which random weights make arbitrary."""
+    from controlnet.annotators.networks.openpose import HAND_SCALES, BodyPoseNet, HandPoseNet, released_key
+
+    def prepare(folder: Path) -> tuple[dict[str, Any], torch.nn.Module]:
+        torch.manual_seed(0)
+        nets = {"body_pose_model.pth": BodyPoseNet().eval(), "hand_pose_model.pth": HandPoseNet().eval()}
+        for filename, net in nets.items():
+            torch.save({released_key(k): v for k, v in net.state_dict().items()}, folder / filename)
+        params = {"weights": str(folder / "body_pose_model.pth")}
+        if not hands:
+            return params, _Forward([(nets["body_pose_model.pth"], (torch.rand(1, 3, 184, 184),), {})])
+        sides = [int(s * 368) // 8 * 8 for s in HAND_SCALES]
+        runs = [(nets["hand_pose_model.pth"], (torch.rand(1, 3, n, n),), {}) for n in sides]
+        return {**params, "hand_weights": str(folder / "hand_pose_model.pth")}, _Forward(runs)
+
+    return prepare
+
+
+def _hf_model(kind: str) -> tuple[Any, Any]:
+    """A randomly initialised transformers model of the real checkpoint's architecture, with its processor as the
+    hub repository configures it (annotators.hf_detectors lists the repositories)."""
+    import transformers as T
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil as DPT
+
+    torch.manual_seed(0)
+    if kind == "dpt_hybrid":  # Intel/dpt-hybrid-midas: ViT-B/16 on a BiT-R50 (3, 4, 9) stem, 384 x 384
+        bit = {"layer_type": "bottleneck", "depths": [3, 4, 9], "out_features": ["stage1", "stage2", "stage3"],
+               "global_padding": "SAME", "embedding_dynamic_padding": True, "hidden_sizes": [256, 512, 1024, 2048]}
+        config = T.DPTConfig(is_hybrid=True, backbone_config=bit, backbone_out_indices=[2, 5, 8, 11],
+                             neck_hidden_sizes=[256, 512, 768, 768], reassemble_factors=[1, 1, 1, 0.5],
+                             backbone_featmap_shape=[1, 1024, 24, 24], neck_ignore_stages=[0, 1])
+        return T.DPTForDepthEstimation(config), DPT(size={"height": 384, "width": 384}, keep_aspect_ratio=False)
+    if kind == "depth_anything_v2":  # Small: DINOv2 ViT-S/14, 518 px short side
+        return T.DepthAnythingForDepthEstimation(T.DepthAnythingConfig()), DPT(
+            size={"height": 518, "width": 518}, keep_aspect_ratio=True, ensure_multiple_of=14, resample=3,
+            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    if kind == "zoedepth":  # BEiT-L/16 at 384 x 512, two bin heads (NYU, KITTI)
+        from transformers.models.zoedepth.image_processing_pil_zoedepth import ZoeDepthImageProcessorPil
+
+        bins = [{"n_bins": 64, "min_depth": 1e-3, "max_depth": 10.0, "name": "nyu"},
+                {"n_bins": 64, "min_depth": 1e-3, "max_depth": 80.0, "name": "kitti"}]
+        config = T.ZoeDepthConfig(bin_configurations=bins, num_patch_transformer_layers=4,
+                                  patch_transformer_hidden_size=128, patch_transformer_intermediate_size=1024,
+                                  patch_transformer_num_attention_heads=4)
+        return T.ZoeDepthForDepthEstimation(config), ZoeDepthImageProcessorPil(
+            size={"height": 384, "width": 512}, keep_aspect_ratio=True, ensure_multiple_of=32)
+    if kind == "upernet":  # ConvNeXt-S, 512 x 512
+        from transformers.models.segformer.image_processing_pil_segformer import SegformerImageProcessorPil
+
+        backbone = T.ConvNextConfig(depths=[3, 3, 27, 3], hidden_sizes=[96, 192, 384, 768],
+                                    out_features=["stage1", "stage2", "stage3", "stage4"])
+        return (T.UperNetForSemanticSegmentation(T.UperNetConfig(backbone_config=backbone, num_labels=150)),
+                SegformerImageProcessorPil(size={"height": 512, "width": 512}))
+    raise ValueError(kind)
+
+
+def _hf_case(annotator_model: str, kind: str) -> Callable[[Path], tuple[dict[str, Any], torch.nn.Module]]:
+    def prepare(folder: Path) -> tuple[dict[str, Any], torch.nn.Module]:
+        from PIL import Image
+
+        from controlnet.loading import quiet_loading
+
+        model, processor = _hf_model(kind)
+        with quiet_loading():
+            model.eval().save_pretrained(folder)
+        processor.save_pretrained(folder)
+        inputs = dict(processor(images=Image.fromarray(picture()), return_tensors="pt"))
+        return {"model": annotator_model, "weights": str(folder)}, _Forward([(model, (), inputs)])
+
+    return prepare
+
+
+def _oneformer_case(folder: Path) -> tuple[dict[str, Any], torch.nn.Module]:
+    """OneFormer Swin-T (transformers' default OneFormerConfig), 512 px short side, with a CLIP tokenizer spelling
+    the task prompt (the real one has CLIP's 49k-token vocabulary; the task token is a fixed 77-token input)."""
+    import json as jsonlib
+
+    import transformers as T
+    from PIL import Image
+    from transformers.models.oneformer.image_processing_pil_oneformer import OneFormerImageProcessorPil
+
+    torch.manual_seed(0)
+    model = T.OneFormerModel(T.OneFormerConfig(num_labels=150)).eval()
+    model.save_pretrained(folder)
+    vocab, merges = {"<|startoftext|>": 0, "<|endoftext|>": 1}, []
+    for word in ("the", "task", "is", "semantic"):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces:
+            vocab.setdefault(piece, len(vocab))
+        for piece in pieces[1:]:
+            merges.append(f"{merged} {piece}")
+            merged += piece
+            vocab.setdefault(merged, len(vocab))
+    (folder / "vocab.json").write_text(jsonlib.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tokenizer = T.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    image_processor = OneFormerImageProcessorPil(size={"shortest_edge": 512, "longest_edge": 2048}, num_labels=150)
+    processor = T.OneFormerProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+    inputs = dict(processor(images=Image.fromarray(picture()), task_inputs=["semantic"], return_tensors="pt"))
+    return {"model": "oneformer", "weights": str(folder)}, _Forward([(model, (), inputs)])
+
+
+def _pose_case(folder: Path) -> tuple[dict[str, Any], torch.nn.Module]:
+    """RT-DETR R50 (640 x 640) + ViTPose-B (256 x 192 per person). Forward: the detector on the picture and
+    ViTPose on one person crop; the annotate time grows with the number of people found."""
+    import transformers as T
+    from PIL import Image
+    from transformers.models.rt_detr.image_processing_pil_rt_detr import RTDetrImageProcessorPil
+    from transformers.models.vitpose.image_processing_pil_vitpose import VitPoseImageProcessorPil
+
+    torch.manual_seed(0)
+    labels = {i: "person" if i == 0 else f"class{i}" for i in range(80)}
+    detector = T.RTDetrForObjectDetection(T.RTDetrConfig(num_labels=80, id2label=labels)).eval()
+    vitpose = T.VitPoseForPoseEstimation(T.VitPoseConfig(num_labels=17)).eval()
+    detector_processor = RTDetrImageProcessorPil(size={"height": 640, "width": 640})
+    for sub, model, processor in (("detector", detector, detector_processor),
+                                  ("vitpose", vitpose, VitPoseImageProcessorPil(size={"height": 256, "width": 192}))):
+        model.save_pretrained(folder / sub)
+        processor.save_pretrained(folder / sub)
+    inputs = dict(detector_processor(images=Image.fromarray(picture()), return_tensors="pt"))
+    runs = [(detector, (), inputs), (vitpose, (), {"pixel_values": torch.rand(1, 3, 256, 192)})]
+    return {"weights": str(folder / "vitpose"), "detector_weights": str(folder / "detector")}, _Forward(runs)
+
+
+CASES.update({
+    "openpose": _openpose_case(hands=False),
+    "openpose_hand": _openpose_case(hands=True),
+    "depth": _hf_case("dpt_hybrid", "dpt_hybrid"),
+    "depth_anything_v2": _hf_case("depth_anything_v2", "depth_anything_v2"),
+    "zoedepth": _hf_case("zoedepth", "zoedepth"),
+    "normal": _hf_case("dpt_hybrid", "dpt_hybrid"),
+    "segmentation": _oneformer_case,
+    "segmentation_upernet": _hf_case("upernet", "upernet"),
+    "pose": _pose_case,
+})
+# The annotator a case runs, where the case is named after a model rather than an annotator.
+ANNOTATOR_OF = {"mlsd_tiny": "mlsd", "depth_anything_v2": "depth", "zoedepth": "depth",
+                "segmentation_upernet": "segmentation"}
+
+
+def picture(size: int = SIZE) -> np.ndarray:
+    """A ``size`` x ``size`` RGB test picture: smooth shading, rectangles, a disc and lines."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[0:size, 0:size] / size
+    image = np.stack([120 + 80 * xs, 100 + 60 * ys, 160 - 50 * xs * ys], axis=2)
+    image = np.clip(image + rng.normal(0, 4, image.shape), 0, 255).astype(np.uint8)
+    cv2.rectangle(image, (size // 8, size // 6), (size // 2, size // 2), (30, 40, 150), -1)
+    cv2.circle(image, (3 * size // 4, size // 3), size // 8, (230, 220, 90), -1)
+    for k in range(5):
+        cv2.line(image, (k * size // 6, size - 1), (size // 2 + k * size // 10, size // 2), (20, 20, 20), 3)
+    return image
+
+
+def _times(fn: Callable[[], Any], repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def time_detector(name: str, repeats: int = 3, size: int = SIZE) -> dict[str, Any]:
+    """One row: the detector's time per ``size`` x ``size`` image (whole annotator, and network forward alone)."""
+    from controlnet import annotators
+
+    image = picture(size)
+    with tempfile.TemporaryDirectory() as tmp:
+        params, model = CASES[name](Path(tmp))
+        annotator = annotators.get(ANNOTATOR_OF.get(name, name))
+        annotator(image, **params)  # loads and caches the network
+        calls = _times(lambda: annotator(image, **params), repeats)
+    x = torch.rand(1, _INPUT_CHANNELS.get(name, 3), size, size)
+    with torch.inference_mode():
+        model(x)
+        forwards = _times(lambda: model(x), repeats)
+    return {
+        "detector": name, "size": size, "threads": torch.get_num_threads(), "repeats": repeats,
+        "annotate_s": min(calls), "annotate_median_s": statistics.median(calls),
+        "forward_s": min(forwards), "forward_median_s": statistics.median(forwards),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("detectors", nargs="*", help=f"default: all of {', '.join(CASES)}")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per detector")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--size", type=int, default=SIZE, help="square picture size in pixels")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    unknown = [d for d in args.detectors if d not in CASES]
+    if unknown:
+        parser.error(f"unknown detector(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    print(f"{'detector':16s} {'annotate s/img':>15s} {'median':>8s} {'forward s':>10s} {'median':>8s}")
+    for name in args.detectors or list(CASES):
+        row = time_detector(name, args.repeats, args.size)
+        rows.append(row)
+        print(f"{name:16s} {row['annotate_s']:15.3f} {row['annotate_median_s']:8.3f} {row['forward_s']:10.3f} "
+              f"{row['forward_median_s']:8.3f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
