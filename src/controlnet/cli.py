@@ -12,7 +12,10 @@ come from :mod:`controlnet.defaults`, and the work is imported inside the comman
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
+import re
 import sys
 from typing import Any, NoReturn
 
@@ -21,6 +24,7 @@ from controlnet.errors import EXIT_BAD_INPUT, UserError
 # Sub-commands, in the order ``controlnet --help`` lists them.
 COMMANDS = [
     "controlnet.commands.generate",
+    "controlnet.commands.upscale",
     "controlnet.commands.annotate",
     "controlnet.commands.train",
     "controlnet.commands.data",
@@ -70,16 +74,74 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``controlnet`` console script; returns the exit code."""
+    """Entry point of the ``controlnet`` console script; returns the exit code.
+
+    A :class:`UserError`, and a failure of the machine rather than of the code (an ``OSError`` such as no space
+    or no permission, running out of memory, a failed safetensors write), is one line on stderr and exit code 2;
+    anything else is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as err:
-        print(f"controlnet {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        message = str(err)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        message = describe_failure(err)
+        if message is None:
+            raise
+    print(f"controlnet {args.command}: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+# errno → what to do about it, for the one-line message of an OSError.
+_OS_ADVICE = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EFBIG: "the file-size limit (ulimit -f) was hit; raise it or write smaller files",
+    errno.EACCES: "check the permissions, or choose another path",
+    errno.EPERM: "check the permissions, or choose another path",
+    errno.EROFS: "the file system is read-only; choose another path",
+    errno.ENOTDIR: "a file is in the way where a folder is needed; choose another path",
+    errno.EISDIR: "a folder is in the way where a file is needed; choose another path",
+    errno.ENOMEM: "free some memory, or lower --size / --num-images / --max-pixels",
+}
+# How a failed allocation reads: torch's CPU allocator (a RuntimeError, c10 alloc_cpu.cpp), CUDA's, OpenCV's
+# (a cv2.error, core/src/alloc.cpp "Insufficient memory").
+_NO_MEMORY = ("can't allocate memory", "out of memory", "Insufficient memory")
+
+
+def describe_failure(err: BaseException) -> str | None:
+    """One line naming the path and the cause of a failure of the machine (disk, permissions, memory), or None
+    when ``err`` is not one."""
+    if isinstance(err, OSError):
+        return _describe_os_error(err)
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    allocator = isinstance(err, RuntimeError) or type(err).__module__ == "cv2"
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or (
+            allocator and any(text in first for text in _NO_MEMORY)):
+        detail = f" ({first})" if first else ""
+        return (f"out of memory{detail}; free some memory, or lower --size / --num-images, or the limit "
+                "--max-pixels")
+    if type(err).__name__ == "SafetensorError":  # safetensors' Rust errors; a failed save carries the OS cause
+        cause = re.search(r'message: "([^"]+)"', first)
+        return (f"cannot read or write a .safetensors file ({cause.group(1) if cause else first}); check the free "
+                "space and the file")
+    return None
+
+
+def _describe_os_error(err: OSError) -> str:
+    path = err.filename if err.filename is not None else err.filename2
+    if path is not None:
+        from controlnet.fileio import destination_of
+
+        path = destination_of(os.fsdecode(path))  # the file being written, not its temporary name
+    cause = err.strerror or str(err) or type(err).__name__
+    advice = _OS_ADVICE.get(err.errno or -1, "check the path")
+    where = f"{path}: " if path is not None else ""
+    return " ".join(f"{where}{cause}; {advice}".split())
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,3 +56,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# The name atomic_path gives a temporary: ".NAME.XXXXXXXX.tmp" beside NAME.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
+
+
+def destination_of(path: str | os.PathLike) -> Path:
+    """``path`` with every temporary of :func:`atomic_path` in it replaced by the name it will get (for messages:
+    ".out.k2j4abcd.tmp/source/0.png" → "out/source/0.png")."""
+    path = Path(path)
+    parts = [match.group("name") if (match := _TEMPORARY.match(part)) else part for part in path.parts]
+    return Path(*parts) if parts else path
+
+
+def check_writable_folder(path: str | os.PathLike, flag: str) -> None:
+    """Refuse, in one line, an output folder that cannot be made or written: a file where it or a folder above it
+    should be, or no write permission in the nearest existing folder. Nothing is created."""
+    from controlnet.errors import UserError
+
+    path = Path(path).expanduser()
+    existing = next((p for p in (path, *path.absolute().parents) if p.exists()), None)
+    if existing is None:  # pragma: no cover - the root always exists
+        return
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in {existing} (permission denied); choose another folder")

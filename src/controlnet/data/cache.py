@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from controlnet.fileio import atomic_path, atomic_write_bytes
+from controlnet.errors import UserError
+from controlnet.fileio import atomic_write_bytes
 
 # Bump when the meaning of an entry changes (preprocessing, stored fields): every old entry is then ignored.
 CACHE_VERSION = 1
@@ -149,7 +150,12 @@ class CacheStore:
         from safetensors.torch import save
 
         data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        atomic_write_bytes(self.path(kind, key), save(data))
+        path = self.path(kind, key)
+        try:
+            atomic_write_bytes(path, save(data))
+        except OSError as err:  # nothing is left: atomic_write_bytes removes its temporary file
+            raise UserError(f"{path}: cannot write the cache entry ({err.strerror or err}); check the free space "
+                            "and permissions of the cache folder (--cache-dir)") from None
 
     def load_tensors(self, kind: str, key: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -157,9 +163,10 @@ class CacheStore:
         return load_file(str(self.path(kind, key)))
 
     def save_condition(self, key: str, image: np.ndarray) -> None:
-        """Store a ``(H, W, 3)`` uint8 condition as a PNG, atomically."""
-        with atomic_path(self.path("conditions", key)) as tmp:
-            Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
+        """Store a ``(H, W, 3)`` uint8 condition as a PNG, atomically (a failed write: a one-line UserError)."""
+        from controlnet.images import save_png
+
+        save_png(self.path("conditions", key), np.ascontiguousarray(image))
 
     def load_condition(self, key: str) -> np.ndarray:
         """The stored condition, ``(H, W, 3)`` uint8."""

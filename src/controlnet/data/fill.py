@@ -8,6 +8,8 @@ one that follows the prompt gets the colours right. The two metrics measure exac
 - :func:`fill_iou`: IoU between the generated circle (segmented by colour) and the condition's filled disk;
 - :func:`circle_colour_correct`: whether the generated circle's colour is nearest the prompt's circle colour.
 
+The IoU is also the trainer's "fill" validation score (``controlnet train --score fill``, registered here).
+
 Layout written by :func:`make_fill_dataset` (as lllyasviel/ControlNet's tutorial ``training/fill50k``)::
 
     OUT/prompt.json      one JSON object per line: {"source": "source/0.png", "target": "target/0.png",
@@ -27,8 +29,11 @@ from typing import Any
 import cv2
 import numpy as np
 
+from controlnet.defaults import FILL_SIZE
 from controlnet.errors import UserError
 from controlnet.fileio import atomic_path
+from controlnet.limits import check_output_size
+from controlnet.train.validation import ScoreFn, register_scorer
 
 # The palette: name → RGB. Well separated in RGB so "the nearest palette colour" is unambiguous.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -41,10 +46,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 135, 20),
     "purple": (130, 40, 170),
 }
-MIN_RADIUS, MAX_RADIUS = 12, 48  # px at size 128 (the issue's range); scaled with the image size
+MIN_RADIUS, MAX_RADIUS = 12, 48  # px at size 128, scaled with the image size
 OUTLINE_PX = 2  # thickness of the condition's outline
 MARGIN_PX = 2  # keeps the outline (radius + 1 px) inside the image
-DEFAULT_SIZE = 128
+DEFAULT_SIZE = FILL_SIZE
+FILL_PNG_LEVEL = 1  # zlib level of the PNGs: fast, as OpenCV's default (the files are written once, read often)
 
 _PROMPT_RE = re.compile(r"^\s*([a-z]+) circle with ([a-z]+) background\s*$")
 
@@ -94,14 +100,20 @@ def make_prompt(circle: str, background: str) -> str:
     return f"{circle} circle with {background} background"
 
 
+def is_fill_prompt(prompt: str) -> bool:
+    """Whether ``prompt`` reads "<colour> circle with <colour> background" with colours of the palette."""
+    m = _PROMPT_RE.match(prompt.lower())
+    return bool(m) and m.group(1) in COLOURS and m.group(2) in COLOURS
+
+
 def parse_prompt(prompt: str) -> tuple[str, str]:
     """(circle colour, background colour) of a fill prompt; ``UserError`` if it is not one over the palette."""
-    m = _PROMPT_RE.match(prompt.lower())
-    if not m or m.group(1) not in COLOURS or m.group(2) not in COLOURS:
+    if not is_fill_prompt(prompt):
         raise UserError(
             f"{prompt!r} is not a fill prompt; write '<colour> circle with <colour> background' with colours "
             f"from {', '.join(COLOURS)}"
         )
+    m = _PROMPT_RE.match(prompt.lower())
     return m.group(1), m.group(2)
 
 
@@ -123,27 +135,48 @@ def random_condition(rng: np.random.Generator, size: int = DEFAULT_SIZE) -> Fill
     return FillSample(cx, cy, radius, circle, background, size)
 
 
-def make_fill_dataset(out: str | Path, n: int, size: int = DEFAULT_SIZE, seed: int = 0) -> Path:
-    """Write ``n`` seeded fill samples in the fill50k layout to the new folder ``out`` (atomically); return it."""
+def make_fill_dataset(out: str | Path, n: int, size: int = DEFAULT_SIZE, seed: int = 0,
+                      max_pixels: int | None = None) -> Path:
+    """Write ``n`` seeded fill samples in the fill50k layout to the new folder ``out`` (atomically); return it.
+
+    ``size`` squared is checked against the output limit first (:func:`controlnet.limits.check_output_size`;
+    ``max_pixels`` None: derived from this machine's memory). Every file write is checked: a failed one (no space,
+    a file-size limit) is a one-line :class:`UserError` naming the file, and nothing is left at ``out``.
+    """
+    from controlnet.images import save_png
+
     out = Path(out)
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
     if size < 16 or size % 8:
         raise UserError(f"--size must be a multiple of 8 and at least 16, got {size}")
+    check_output_size(size, size, max_pixels, device="cpu", what=f"--size {size}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; pick a new folder")
     rng = np.random.default_rng(seed)
     with atomic_path(out) as tmp:
         (tmp / "source").mkdir(parents=True)
         (tmp / "target").mkdir()
-        lines = []
-        for i in range(n):
-            s = random_condition(rng, size)
-            cv2.imwrite(str(tmp / "source" / f"{i}.png"), s.condition[:, :, ::-1])
-            cv2.imwrite(str(tmp / "target" / f"{i}.png"), s.target[:, :, ::-1])
-            lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": s.prompt}))
-        (tmp / "prompt.json").write_text("\n".join(lines) + "\n")
+        with open(tmp / "prompt.json", "w", encoding="utf-8") as prompts:  # one line per sample, as written
+            for i in range(n):
+                s = random_condition(rng, size)
+                # In place: the folder itself is moved into place only once every file is written.
+                save_png(tmp / "source" / f"{i}.png", s.condition, atomic=False, compress_level=FILL_PNG_LEVEL)
+                save_png(tmp / "target" / f"{i}.png", s.target, atomic=False, compress_level=FILL_PNG_LEVEL)
+                row = {"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": s.prompt}
+                _write_checked(prompts, json.dumps(row) + "\n", out / "prompt.json")
+            _write_checked(prompts, "", out / "prompt.json", flush=True)
     return out
+
+
+def _write_checked(f: Any, text: str, name: Path, flush: bool = False) -> None:
+    """``f.write(text)`` (and a flush), a failure being a one-line :class:`UserError` naming ``name``."""
+    try:
+        f.write(text)
+        if flush:
+            f.flush()
+    except OSError as err:
+        raise UserError(f"{name}: cannot write ({err.strerror or err}); check the folder's free space") from None
 
 
 # --------------------------------------------------------------------------- metrics
@@ -236,3 +269,15 @@ def circle_colour_correct(image: Any, prompt: str) -> bool:
     if not mask.any():
         return False
     return nearest_colour(np.median(img[mask].astype(np.float64), axis=0)) == circle
+
+
+def _is_fill_run(annotator: str | None, prompts: Any) -> bool:
+    return annotator is None and bool(prompts) and all(is_fill_prompt(p) for p in prompts)
+
+
+@register_scorer("fill", metric="fill_iou", detect=_is_fill_run)
+def fill_scorer(annotator: str | None, params: dict[str, Any]) -> ScoreFn:
+    """The trainer's "fill" score: :func:`fill_iou` of a validation sample, segmented by its prompt's colours
+    when the prompt is a fill prompt (by the border colour otherwise)."""
+    return lambda sample, condition, prompt, target: fill_iou(sample, condition,
+                                                              prompt if is_fill_prompt(prompt) else None)

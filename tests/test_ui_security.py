@@ -1,0 +1,253 @@
+"""What the web UI exposes: only the PNGs it wrote (in a folder it made), models only from the configured places
+(without telling a client what else exists), regular files only, bounded seeds, sizes and time, a login when
+asked for, and a warning when it serves the network.
+
+The backend tests use a recording stand-in pipeline; one test serves the real page (embedded model, gradio) on a
+free local port and requests files over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from controlnet import ui
+from controlnet.errors import UserError
+from controlnet.images import save_png
+from hubcache import add_to_hub_cache
+
+SIZE = 64
+
+
+class RecordingPipeline:
+    """Records the ControlNet each unit names; returns one grey image; sleeps ``delay`` s per step."""
+
+    native_size = SIZE
+
+    def __init__(self, delay: float = 0.0):
+        self.calls: list[dict] = []
+        self.steps_run = 0
+        self.delay = delay
+
+    def __call__(self, *, controls, callback=None, progress=True, **kwargs):
+        self.calls.append(dict(kwargs, controls=controls))
+        for step in range(kwargs["steps"]):
+            time.sleep(self.delay)
+            self.steps_run += 1
+            if callback is not None:
+                callback(step, 999 - step, None)
+        w, h = kwargs["size"]
+        settings = {"seed": kwargs["seed"], "seeds": [kwargs["seed"]], "size": f"{w}x{h}"}
+        return SimpleNamespace(images=[Image.new("RGB", (w, h), (128, 128, 128))], conditions=[Image.new("RGB", (w, h))
+                               for _ in controls], seed=kwargs["seed"], settings=settings)
+
+
+def request(model_path: str = "", model: str | None = None, **overrides) -> ui.GenerateRequest:
+    unit = ui.UnitInput(enabled=bool(model_path or model), model=model, model_path=model_path,
+                        image=Image.new("RGB", (SIZE, SIZE)))
+    fields = dict(prompt="a red circle", steps=2, seed=1, width=SIZE, height=SIZE, units=[unit] if unit.enabled else [])
+    fields.update(overrides)
+    return ui.GenerateRequest(**fields)
+
+
+@pytest.fixture
+def models(tmp_path) -> Path:
+    """A --models-dir with a model file and a model folder; beside it (outside) a secret file."""
+    root = tmp_path / "models"
+    (root / "folder-model").mkdir(parents=True)
+    (root / "cn.safetensors").write_bytes(b"weights")
+    (root / "folder-model" / "config.json").write_text("{}")
+    (tmp_path / "secret.safetensors").write_bytes(b"not yours")
+    return root
+
+
+def backend_for(models: Path, tmp_path: Path, pipe=None, **kwargs) -> ui.UiBackend:
+    return ui.UiBackend(pipe or RecordingPipeline(), tmp_path / "out", model_roots=[models], **kwargs)
+
+
+# --------------------------------------------------------------------------- model paths
+
+
+def test_models_inside_the_roots_reach_the_pipeline_as_real_paths(models, tmp_path):
+    pipe = RecordingPipeline()
+    backend = backend_for(models, tmp_path, pipe)
+    for given, expected in [(str(models / "cn.safetensors"), models / "cn.safetensors"),
+                            (str(models / "folder-model"), models / "folder-model"),
+                            (str(models / "sub" / ".." / "cn.safetensors"), models / "cn.safetensors")]:
+        outcome = backend.generate(request(given))
+        assert outcome.ok, outcome.status
+        assert pipe.calls[-1]["controls"][0].controlnet == str(expected.resolve())
+    assert backend.generate(request(model="fill")).ok  # a bundled name
+    assert pipe.calls[-1]["controls"][0].controlnet == "fill"
+
+
+def test_paths_outside_the_roots_get_one_message_whether_they_exist_or_not(models, tmp_path):
+    pipe = RecordingPipeline()
+    backend = backend_for(models, tmp_path, pipe)
+    (models / "escape").symlink_to(tmp_path / "secret.safetensors")
+    statuses = {}
+    for name, text in [("existing", str(tmp_path / "secret.safetensors")), ("missing", str(tmp_path / "nope")),
+                       ("dotdot", str(models / ".." / "secret.safetensors")), ("symlink", str(models / "escape")),
+                       ("etc", "/etc/passwd"), ("home", "~/.ssh/id_rsa")]:
+        outcome = backend.generate(request(text))
+        assert not outcome.ok
+        statuses[name] = outcome.status.replace(text, "PATH")
+    assert set(statuses.values()) == {"Error: ControlNet unit 1: model path PATH is outside the server's model "
+                                      "folders; put the model in a --models-dir folder, or choose a bundled one"}
+    assert pipe.calls == []
+
+
+def test_hub_ids_come_from_the_cache_only_and_never_from_local_paths(models, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    snapshot = add_to_hub_cache(cache, "org/cn", {"config.json": b"{}", "model.safetensors": b"w"})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = RecordingPipeline()
+    backend = ui.UiBackend(pipe, tmp_path / "out", model_roots=[models, cache])
+    assert backend.generate(request("org/cn")).ok
+    assert pipe.calls[-1]["controls"][0].controlnet == str(snapshot.resolve())
+    assert backend.generate(request("org/cn/model.safetensors")).ok
+    assert Path(pipe.calls[-1]["controls"][0].controlnet).parent.parent.parent == (cache / "models--org--cn").resolve()
+    # A relative name spelled like a hub id is looked up in the cache, never on the server's disk.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local" / "thing").mkdir(parents=True)
+    here, absent = backend.generate(request("local/thing")), backend.generate(request("other/thing"))
+    assert not here.ok and not absent.ok
+    assert here.status.replace("local/thing", "X") == absent.status.replace("other/thing", "X")
+    assert "hub id in its Hugging Face cache" in here.status
+
+
+def test_fifos_are_refused_without_blocking(models, tmp_path):
+    os.mkfifo(models / "fifo.safetensors")
+    os.mkfifo(models / "folder-model" / "diffusion_pytorch_model.safetensors")
+    backend = backend_for(models, tmp_path)
+    outcomes = []
+    worker = threading.Thread(target=lambda: outcomes.extend(
+        backend.generate(request(str(models / name))) for name in ("fifo.safetensors", "folder-model")), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "a FIFO blocked the generation slot"
+    assert [o.ok for o in outcomes] == [False, False]
+    assert "fifo.safetensors: it is not a regular file" in outcomes[0].status
+    assert "diffusion_pytorch_model.safetensors in it is not a regular file" in outcomes[1].status
+
+
+def test_allow_any_path_and_the_config_roots(models, tmp_path, monkeypatch):
+    pipe = RecordingPipeline()
+    assert ui.UiBackend(pipe, tmp_path / "out").generate(request(str(tmp_path / "secret.safetensors"))).ok
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    roots = ui.UiConfig(models_dirs=(str(models),)).model_roots()
+    assert roots[0] == models and roots[-1] == tmp_path / "hub" and roots[1].name == "controlnets"
+    assert ui.UiConfig(models_dirs=(str(models),), allow_any_path=True).model_roots() is None
+
+
+# --------------------------------------------------------------------------- seeds, sizes, time
+
+
+@pytest.mark.parametrize("seed, ok", [(2**63 - 1, True), (0, True), (2**63, False), (-2, False), (10**30, False)])
+def test_seed_range(tmp_path, seed, ok):
+    pipe = RecordingPipeline()
+    outcome = ui.UiBackend(pipe, tmp_path).generate(request(seed=seed))
+    assert outcome.ok == ok, outcome.status
+    if ok:
+        assert pipe.calls[-1]["seed"] == seed
+    else:
+        assert "seed must be -1 (random) or a whole number in 0..9223372036854775807" in outcome.status
+
+
+def test_sizes_beyond_the_page_are_refused_before_anything_runs(tmp_path):
+    pipe = RecordingPipeline()
+    backend = ui.UiBackend(pipe, tmp_path)
+    outcome = backend.generate(request(width=99_992, height=64))
+    assert not outcome.ok and f"must be in 1..{ui.MAX_SIZE}" in outcome.status and pipe.calls == []
+    condition, status = backend.preview(ui.UnitInput(image=Image.new("RGB", (8, 8))), 99_999, 99_999)
+    assert condition is None and f"must be in 1..{ui.MAX_SIZE}" in status
+
+
+def test_a_generation_past_the_timeout_is_stopped(tmp_path):
+    pipe = RecordingPipeline(delay=0.05)
+    outcome = ui.UiBackend(pipe, tmp_path, timeout=0.12).generate(request(steps=100))
+    assert not outcome.ok and "generation stopped after 0.12 s (the server's --timeout)" in outcome.status
+    assert pipe.steps_run < 10 and list(tmp_path.iterdir()) == []
+    assert ui.UiBackend(RecordingPipeline(), tmp_path, timeout=60).generate(request(steps=3)).ok
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("127.0.0.1", False)])
+def test_serving_the_network_prints_a_warning(host, warned, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("gradio", reason="the web UI's extra is not installed")
+
+    def stop(config):
+        raise UserError("stopped before loading")
+
+    monkeypatch.setattr(ui, "create_backend", stop)
+    with pytest.raises(UserError, match="stopped before loading"):
+        ui.launch(ui.UiConfig(host=host, port=_free_port(), output_dir=str(tmp_path / "o")), block=False)
+    err = capsys.readouterr().err
+    assert ("warning: serving on 0.0.0.0" in err and "--auth USER:PASSWORD" in err) == warned
+    assert not (tmp_path / "o").exists()
+
+
+def test_config_checks():
+    for config, message in [(ui.UiConfig(port=0), "--port"), (ui.UiConfig(auth=("u", "")), "USER:PASSWORD"),
+                            (ui.UiConfig(timeout=0), "--timeout"), (ui.UiConfig(models_dirs=("/no/such",)), "not a folder"),
+                            (ui.UiConfig(max_pixels=0), "--max-pixels")]:
+        with pytest.raises(UserError, match=message):
+            config.check()
+
+
+def _get(url: str, cookie: str | None = None) -> int:
+    req = urllib.request.Request(url)
+    if cookie:
+        req.add_header("Cookie", cookie)
+    try:
+        with urllib.request.urlopen(req, timeout=20) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+@pytest.mark.slow
+def test_served_files_are_only_the_uis_own_and_a_login_guards_them(tmp_path, monkeypatch):
+    pytest.importorskip("gradio", reason="the web UI's extra is not installed")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    (outputs / ".secret").write_text("token")
+    (outputs / "notes.txt").write_text("private")
+    save_png(outputs / "earlier.png", Image.new("RGB", (8, 8)))
+    port = _free_port()
+    app = ui.launch(ui.UiConfig(port=port, output_dir=str(outputs), auth=("user", "pass")), block=False, quiet=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        (own,) = [p for p in outputs.iterdir() if p.is_dir()]  # the folder the UI made for this run
+        mine = save_png(own / "generated.png", Image.new("RGB", (8, 8)))
+        file_url = f"{base}/gradio_api/file="
+        assert _get(f"{base}/config") == 401 and _get(file_url + str(mine)) == 401  # no login, nothing
+        form = urllib.parse.urlencode({"username": "user", "password": "pass"}).encode()
+        with urllib.request.urlopen(urllib.request.Request(f"{base}/login", data=form), timeout=20) as response:
+            cookie = "; ".join(c.split(";")[0] for c in response.headers.get_all("set-cookie"))
+        assert _get(f"{base}/config", cookie) == 200
+        assert _get(file_url + str(mine), cookie) == 200
+        for other in (".secret", "notes.txt", "earlier.png"):
+            assert _get(file_url + str(outputs / other), cookie) == 403, other
+    finally:
+        app.close()
