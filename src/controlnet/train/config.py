@@ -73,6 +73,9 @@ class TrainConfig:
         {}, help="annotator parameter (repeatable)", group=DATA, flags=("--annotator-param",), metavar="KEY=VALUE")
     resolution: int | None = option(
         None, help="training size in pixels (default: the base's native size)", group=DATA)
+    max_pixels: int | None = option(
+        None, help="largest --resolution squared, in pixels (default: the device's memory / 4096 bytes per pixel, "
+        "controlnet.limits)", group=DATA, metavar="N")
     hflip: bool = option(False, help="mirror image and condition together with probability 1/2", group=DATA)
     strict: bool = option(False, help="fail on bad manifest rows instead of skipping them", group=DATA)
     cache_dir: str | Path | None = option(
@@ -145,6 +148,11 @@ class TrainConfig:
             raise UserError(f"--empty-prompt-prob must be in [0, 1], got {self.empty_prompt_prob}")
         if self.resolution is not None and int(self.resolution) < 8:
             raise UserError(f"--resolution must be at least 8 pixels, got {self.resolution}")
+        if self.resolution is not None:  # bounded before anything of that size is allocated
+            from controlnet.limits import check_max_pixels, check_output_size
+
+            check_output_size(self.resolution, self.resolution, check_max_pixels(self.max_pixels),
+                              what=f"--resolution {self.resolution}")
         _check_choices(self)
         _check_paths(self)
 
