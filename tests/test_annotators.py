@@ -45,7 +45,31 @@ def required_params(name: str, h: int, w: int) -> dict:
         return {"keypoints": {"people": [{"pose_keypoints_2d": [w / 2, h / 2, 1.0] * 18}]}}
     if name in ANNOTATOR_FIXTURES:  # network detectors: stand-in weights in the released layout, small input
         return {"weights": str(_stand_in_weights(name)), "detect_resolution": 64}
+    if name == "openpose":  # stand-in weights in the released flat-key layout
+        return {"weights": str(_openpose_weights("openpose"))}
+    if name == "openpose_hand":
+        return {"weights": str(_openpose_weights("openpose")), "hand_weights": str(_openpose_weights("openpose_hand"))}
+    if name in ("depth", "normal"):  # tiny randomly initialised transformers models of the real architectures
+        return {"weights": str(_tiny_model("dpt_hybrid"))}
+    if name == "segmentation":
+        return {"weights": str(_tiny_model("oneformer"))}
+    if name == "pose":
+        return {"weights": str(_tiny_model("vitpose")), "detector_weights": str(_tiny_model("rtdetr"))}
     return {}
+
+
+@functools.lru_cache(maxsize=None)
+def _openpose_weights(name: str) -> Path:
+    from test_openpose import write_released_openpose
+
+    return write_released_openpose(name, Path(_weights_folder().name))
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_model(architecture: str) -> Path:
+    from test_hf_detectors import build_tiny
+
+    return build_tiny(architecture, Path(_weights_folder().name) / architecture)
 
 
 @functools.lru_cache(maxsize=None)

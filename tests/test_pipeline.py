@@ -134,7 +134,7 @@ def test_matches_diffusers_sd2_vpred_and_sdxl(family):
     expected = oracle(PROMPT, **kwargs, **diffusers_call_kwargs(
         [image], steps=STEPS, guidance=5.0, size=(WIDTH, HEIGHT), latents=noise.clone(), num_images=2)).images
     ours = pipe(prompt=PROMPT, controls=[ControlUnit(cn, image)], steps=STEPS, guidance=5.0, latents=noise.clone(),
-                size=(WIDTH, HEIGHT), num_images=2, progress=False, output_type="latent", **kwargs)
+                size=(WIDTH, HEIGHT), num_images=2, progress=False, output_type="latent", scheduler="ddim", **kwargs)
     torch.testing.assert_close(ours.latents, expected, atol=1e-4, rtol=0)
 
 
@@ -319,10 +319,10 @@ def test_annotator_runs_first(sd1, tmp_path):
 
     depth = np.linspace(0, 60000, WIDTH * HEIGHT, dtype=np.uint16).reshape(HEIGHT, WIDTH)  # 16-bit, raw values
     Image.fromarray(depth).save(tmp_path / "depth.png")
-    out = pipe(PROMPT, controls=[ControlUnit(cns[0], tmp_path / "depth.png", annotator="depth",
+    out = pipe(PROMPT, controls=[ControlUnit(cns[0], tmp_path / "depth.png", annotator="depth_map",
                                              annotator_params={"near": "small"})],
                steps=1, size=(WIDTH, HEIGHT), progress=False, output_type="latent")
-    expected = annotators.get("depth")(tmp_path / "depth.png", near="small")
+    expected = annotators.get("depth_map")(tmp_path / "depth.png", near="small")
     assert np.array_equal(np.asarray(out.conditions[0]), expected)
 
 
@@ -341,7 +341,7 @@ def test_bad_units_raise_user_error(kwargs, match):
 def test_bad_generation_settings_raise_user_error(sd1):
     pipe, _, cns = sd1
     with pytest.raises(UserError, match="scheduler"):
-        pipe(PROMPT, scheduler="heun", progress=False)
+        pipe(PROMPT, scheduler="no_such_sampler", progress=False)
     with pytest.raises(UserError, match="no such file"):
         pipe(PROMPT, controls=[ControlUnit(cns[0], "/nonexistent/cond.png")], progress=False)
     with pytest.raises(UserError, match="residual"):
@@ -391,7 +391,8 @@ def test_dtypes_per_device():
 def test_png_metadata_per_image():
     settings = {"prompt": "p", "seed": 3, "seeds": [3, 4], "steps": 2, "controlnets": [{"controlnet": "fill"}]}
     meta = png_metadata(settings, index=1)
-    assert meta["seed"] == "4" and meta["prompt"] == "p" and json.loads(meta["controlnets"])[0]["controlnet"] == "fill"
+    assert meta["seed"] == "4" and json.loads(meta["controlnets"])[0]["controlnet"] == "fill"
+    assert json.loads(meta["settings"])["prompt"] == "p" and "prompt" not in meta  # ComfyUI reads "prompt" as JSON
     assert json.loads(meta["settings"])["seed"] == 4 and "seeds" not in meta
 
 

@@ -108,8 +108,9 @@ def tiny_models(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def tiny_backend(tiny_models, tmp_path_factory) -> ui.UiBackend:
-    base, _ = tiny_models
-    return ui.create_backend(ui.UiConfig(base=str(base), output_dir=str(tmp_path_factory.mktemp("ui-out"))))
+    base, controlnet = tiny_models
+    return ui.create_backend(ui.UiConfig(base=str(base), output_dir=str(tmp_path_factory.mktemp("ui-out")),
+                                         models_dirs=(str(controlnet.parent),)))
 
 
 # --------------------------------------------------------------------------- page values
@@ -117,8 +118,8 @@ def tiny_backend(tiny_models, tmp_path_factory) -> ui.UiBackend:
 
 def test_request_from_values_follows_widget_order():
     glob = ["p", "n", 5, 7.5, "ddim", 3, 64, 128, 2, True]
-    unit = [True, "fill", "/x.safetensors", "IMG", "canny", "low=1", 0.5, 0.1, 0.9]
-    values = glob + unit + [False] + [None] * 8 + [False] + [None] * 8
+    unit = [True, "fill", "/x.safetensors", "IMG", "canny", "low=1", 0.5, 0.1, 0.9, "prompt"]
+    values = glob + unit + [False] + [None] * 9 + [False] + [None] * 9
     req = ui.request_from_values(values, num_units=3)
     assert (req.prompt, req.negative_prompt, req.steps, req.guidance, req.scheduler, req.seed) == ("p", "n", 5, 7.5, "ddim", 3)
     assert (req.width, req.height, req.num_images, req.guess_mode) == (64, 128, 2, True)
@@ -133,7 +134,7 @@ def test_annotator_params_known_answers():
     assert ui.split_params(" low=100, high=200.5; safe=true,, ") == ["low=100", "high=200.5", "safe=true"]
     assert ui.annotator_params("canny", "") == {} and ui.annotator_params(None, "  ") == {}
     assert ui.annotator_params("softedge", "scales=2, sigma=1.5; safe=true") == {"scales": 2, "sigma": 1.5, "safe": True}
-    assert ui.annotator_params("segmentation", "palette=cocostuff") == {"palette": "cocostuff"}
+    assert ui.annotator_params("segmentation_map", "palette=cocostuff") == {"palette": "cocostuff"}
     assert ui.annotator_params("inpaint", "mask=/tmp/m.png") == {"mask": Path("/tmp/m.png")}
     with pytest.raises(UserError, match="key=value"):
         ui.annotator_params("canny", "low_threshold 100")
@@ -164,7 +165,7 @@ def test_generate_replaces_random_seed_and_shows_it(tmp_path):
         with Image.open(path) as img:
             assert img.size == (TINY_SIZE, TINY_SIZE)
             assert img.text["seed"] == str(used + k)  # image k is made with seed + k
-            assert img.text["prompt"] == "a red circle" and img.text["steps"] == "3"
+            assert json.loads(img.text["settings"])["prompt"] == "a red circle" and img.text["steps"] == "3"
             assert json.loads(img.text["settings"])["seed"] == used + k
     # A fixed seed is passed through unchanged.
     assert backend.generate(request(seed=1234)).seed == 1234 and pipe.calls[-1]["seed"] == 1234
@@ -385,7 +386,8 @@ def test_page_generates_in_headless_chromium(tiny_models, tmp_path, monkeypatch)
     bogus = tmp_path / "not-a-controlnet.safetensors"
     bogus.write_bytes(b"this is not a checkpoint")
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # uploads and cached files stay in tmp_path
-    config = ui.UiConfig(base=str(base), output_dir=str(tmp_path / "outputs"))
+    config = ui.UiConfig(base=str(base), output_dir=str(tmp_path / "outputs"),
+                         models_dirs=(str(controlnet.parent), str(tmp_path)))
     with served_page(config, sync_api) as page:
         page.fill("#prompt textarea", "a red circle")
         page.set_input_files("#unit1-image input[type=file]", str(condition))
@@ -411,11 +413,11 @@ def test_page_generates_in_headless_chromium(tiny_models, tmp_path, monkeypatch)
         assert f"seed {seed_used}" in status and seed_used >= 0
         shot = tmp_path / "ui.png"
         page.screenshot(path=str(shot), full_page=True)
-    saved = sorted((tmp_path / "outputs").glob("*.png"))
+    saved = sorted((tmp_path / "outputs").rglob("*.png"))  # in the folder the UI made for its run
     assert len(saved) == 1
     with Image.open(saved[0]) as img:
         assert img.size == (TINY_SIZE, TINY_SIZE) and img.text["seed"] == str(seed_used)
-        assert (img.text["prompt"], img.text["steps"]) == ("a red circle", "2")  # the page's values reached the pipeline
+        assert (json.loads(img.text["settings"])["prompt"], img.text["steps"]) == ("a red circle", "2")  # the page's values
         assert json.loads(img.text["controlnets"])[0]["controlnet"] == str(controlnet)
     assert shot.stat().st_size > 0
     if os.environ.get(SCREENSHOT_COPY_ENV):

@@ -63,6 +63,38 @@ def hub_folder(repo_id: str, revision: str | None = None, allow_patterns: list[s
         raise UserError(_not_available(repo_id, None, revision, err)) from None
 
 
+def pipeline_folder(repo_id: str, revision: str | None = None, variant: str | None = None) -> Path:
+    """The local snapshot of diffusers pipeline repository ``repo_id`` with the files a Stable Diffusion base
+    needs, as diffusers' ``DiffusionPipeline.download`` chooses them (safetensors over pickles, ``variant``
+    weights when asked; no safety checker, feature extractor or image encoder), downloading them on first use."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import constants
+
+    from controlnet.loading import quiet_loading
+
+    try:
+        with quiet_loading():
+            return Path(DiffusionPipeline.download(repo_id, revision=revision, variant=variant, safety_checker=None,
+                                                   feature_extractor=None, image_encoder=None,
+                                                   local_files_only=constants.HF_HUB_OFFLINE))
+    except Exception as err:  # noqa: BLE001 - as in hub_file
+        raise UserError(_not_available(repo_id, None, revision, err)) from None
+
+
+def model_file(repo_id: str, weights: str, revision: str | None = None, variant: str | None = None) -> Path:
+    """The weights file of a single-model diffusers repository (a ControlNet, a VAE: ``config.json`` beside
+    ``weights``, e.g. diffusion_pytorch_model.safetensors), its ``variant`` (``*.fp16.safetensors``) when asked
+    and present; both files downloaded on first use."""
+    hub_file(repo_id, "config.json", revision)
+    if variant:
+        stem, dot, suffix = weights.rpartition(".")
+        try:
+            return hub_file(repo_id, f"{stem}.{variant}.{suffix}", revision)
+        except UserError:
+            pass  # no such variant: the plain weights, as diffusers falls back
+    return hub_file(repo_id, weights, revision)
+
+
 def is_cached(repo_id: str, filename: str, revision: str | None = None) -> bool:
     """Whether ``filename`` of ``repo_id`` is already in the hub cache (no network)."""
     from huggingface_hub import try_to_load_from_cache

@@ -11,9 +11,13 @@ A base model is one of (:func:`load_base`)::
     a diffusers folder     model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/ (+ the SDXL *_2)
     a single file          .safetensors/.ckpt via diffusers' from_single_file, with a diffusers config folder
                            (``base_config``) or the detected family's config from the Hugging Face cache
+    a hub id               ``org/name`` (a diffusers repository: the files diffusers' DiffusionPipeline.download
+                           picks, ``variant`` ones such as ``*.fp16.safetensors`` when asked) or
+                           ``org/name/file.safetensors`` (a single file), through :mod:`controlnet.hub`'s cache
     the embedded model     the tiny diffusers folder shipped in the package (controlnet.embedded)
 
-Nothing is downloaded: every loader runs with ``local_files_only=True``.
+A VAE (:func:`load_vae`) and a ControlNet (:func:`resolve_controlnet_source`) are named the same ways. Once a hub
+id is in the cache, every loader reads local files only (``local_files_only=True``).
 """
 
 from __future__ import annotations
@@ -59,14 +63,30 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``device``, or the best available one: cuda, then mps, then cpu."""
     if device is not None:
         try:
-            return torch.device(device)
+            resolved = torch.device(device)
         except RuntimeError:
             raise UserError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+        _check_available(resolved)
+        return resolved
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _check_available(device: torch.device) -> None:
+    """A one-line :class:`UserError` for a device this machine does not have (before anything is loaded)."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"device {device} is not available: torch sees no CUDA GPU here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"device {device} is not available: there are {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UserError(f"device {device} is not available on this machine (no Apple MPS); use --device cpu")
 
 
 def cpu_bf16_flags() -> list[str]:
@@ -107,9 +127,23 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
 
 
 def placement(module: nn.Module) -> dict[str, Any]:
-    """The device and dtype of a model's parameters, as keyword arguments for ``Tensor.to``."""
+    """Where a model runs and its dtype, as keyword arguments for ``Tensor.to``: its parameters' device, or for a
+    model offloaded by accelerate's hooks (:mod:`controlnet.runtime`) the device the hooks run it on."""
     p = next(module.parameters())
-    return {"device": p.device, "dtype": p.dtype}
+    return {"device": execution_device(module) or p.device, "dtype": p.dtype}
+
+
+def execution_device(module: nn.Module) -> torch.device | None:
+    """The device accelerate's offload hooks run ``module`` on (None without hooks), as diffusers'
+    ``DiffusionPipeline._execution_device`` finds it: on the model ("model" offload) or on its layers
+    ("sequential" offload, whose parameters wait on the meta device)."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is None and next(module.parameters()).device.type == "meta":
+        for sub in module.modules():
+            device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
+            if device is not None:
+                break
+    return torch.device(device) if device is not None else None
 
 
 def move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -141,20 +175,36 @@ def quiet_loading() -> Iterator[None]:
 # --------------------------------------------------------------------------- base models
 
 
-def load_base(path: str | os.PathLike, dtype: torch.dtype,
-              base_config: str | os.PathLike | None = None) -> dict[str, Any]:
+def load_base(path: str | os.PathLike, dtype: torch.dtype, base_config: str | os.PathLike | None = None,
+              revision: str | None = None, variant: str | None = None) -> dict[str, Any]:
     """The components of a base model (unet, vae, text_encoder, tokenizer, scheduler, and for SDXL
-    text_encoder_2, tokenizer_2), in ``dtype`` on the cpu, from a diffusers folder or a single file."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise UserError(f"base model {path} not found; pass a diffusers folder or a .safetensors/.ckpt file")
+    text_encoder_2, tokenizer_2), in ``dtype`` on the cpu, from a diffusers folder, a single file or a hub id
+    (``revision``: a branch, tag or commit of the hub repository; ``variant``: e.g. "fp16" for
+    ``*.fp16.safetensors`` weights, used where a component has them)."""
+    path = resolve_base(path, revision, variant)
     with quiet_loading():
         if path.is_dir():
-            return _load_base_folder(path, dtype)
+            return _load_base_folder(path, dtype, variant)
         return _load_base_single_file(path, dtype, base_config)
 
 
-def _load_base_folder(path: Path, dtype: torch.dtype) -> dict[str, Any]:
+def resolve_base(name: str | os.PathLike, revision: str | None = None, variant: str | None = None) -> Path:
+    """A local path for base model ``name``: the path itself, or a hub id in the cache (downloaded on first use)."""
+    from controlnet import hub
+
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    file_id = hub.split_file_id(name)
+    if file_id is not None:
+        return hub.hub_file(*file_id, revision=revision)
+    if hub.is_repo_id(name):
+        return hub.pipeline_folder(str(name), revision=revision, variant=variant)
+    raise UserError(f"base model {name} not found; pass a diffusers folder, a .safetensors/.ckpt file or a hub id "
+                    "(org/name, or org/name/file.safetensors)")
+
+
+def _load_base_folder(path: Path, dtype: torch.dtype, variant: str | None = None) -> dict[str, Any]:
     """The components of a diffusers Stable Diffusion (1.x/2.x) or SDXL folder (its model_index.json)."""
     index_file = path / "model_index.json"
     if not index_file.is_file():
@@ -163,7 +213,7 @@ def _load_base_folder(path: Path, dtype: torch.dtype) -> dict[str, Any]:
         index = json.loads(index_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"{index_file}: unreadable ({err}); the base model folder is damaged") from None
-    components = {name: _load_component(path, name, index[name], is_model, dtype)
+    components = {name: _load_component(path, name, index[name], is_model, dtype, variant)
                   for name, is_model in _COMPONENTS.items() if index.get(name) and index[name][0] is not None}
     missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if n not in components]
     if missing:
@@ -171,8 +221,11 @@ def _load_base_folder(path: Path, dtype: torch.dtype) -> dict[str, Any]:
     return components
 
 
-def _load_component(path: Path, name: str, entry: list[str], is_model: bool, dtype: torch.dtype) -> Any:
-    """One component ``name`` of a diffusers folder; ``entry`` is its ``[library, class]`` in model_index.json."""
+def _load_component(path: Path, name: str, entry: list[str], is_model: bool, dtype: torch.dtype,
+                    variant: str | None = None) -> Any:
+    """One component ``name`` of a diffusers folder; ``entry`` is its ``[library, class]`` in model_index.json.
+    ``variant`` weights (``*.{variant}.safetensors``) are used where the component has them, as diffusers'
+    DiffusionPipeline.from_pretrained falls back to the plain files for components without them."""
     index_file = path / "model_index.json"
     library, class_name = entry
     if library not in _LIBRARIES:
@@ -181,7 +234,9 @@ def _load_component(path: Path, name: str, entry: list[str], is_model: bool, dty
     if cls is None:
         raise UserError(f"{index_file}: unknown {library} class {class_name!r} for {name}")
     kwargs: dict[str, Any] = {"torch_dtype": dtype} if is_model else {}
-    if is_model and _only_fp16_variant(path / name):
+    if is_model and variant and _has_variant(path / name, variant):
+        kwargs["variant"] = variant
+    elif is_model and _only_fp16_variant(path / name):
         kwargs["variant"] = "fp16"  # e.g. diffusion_pytorch_model.fp16.safetensors without the plain file
     if library == "diffusers":
         kwargs["subfolder"] = name
@@ -193,6 +248,11 @@ def _load_component(path: Path, name: str, entry: list[str], is_model: bool, dty
     except (OSError, ValueError, RuntimeError, EnvironmentError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: cannot load its {name} ({first}); the base model folder is incomplete or damaged") from None
+
+
+def _has_variant(folder: Path, variant: str) -> bool:
+    """Whether ``folder`` holds ``variant`` weights (``*.{variant}.safetensors`` / ``*.{variant}.bin``)."""
+    return any(f".{variant}." in p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
 
 
 def _only_fp16_variant(folder: Path) -> bool:
@@ -279,3 +339,78 @@ def _cached_single_file_config(path: Path) -> tuple[Path, bool]:
             f"pass --base-config DIR (a diffusers folder of {repo}, weights not needed)"
         ) from None
     return config_dir, model_type.startswith("xl")
+
+
+# --------------------------------------------------------------------------- VAE and ControlNet sources
+
+# The weights file of a diffusers model folder (diffusers.utils.SAFETENSORS_WEIGHTS_NAME).
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def load_vae(source: str | os.PathLike, like: nn.Module, dtype: torch.dtype, revision: str | None = None,
+             variant: str | None = None) -> nn.Module:
+    """A VAE to replace ``like`` (the base's): a diffusers folder (or a base folder's ``vae/``), a single file in
+    the original (LDM) or diffusers layout — read by diffusers' ``from_single_file`` with ``like``'s config, as a
+    replacement VAE has its base's architecture — or a hub id; in ``dtype`` on the cpu."""
+    from diffusers import AutoencoderKL
+
+    from controlnet import hub
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        if hub.split_file_id(source) is not None:
+            path = hub.hub_file(*hub.split_file_id(source), revision=revision)
+        elif hub.is_repo_id(source):
+            path = hub.model_file(str(source), DIFFUSERS_WEIGHTS, revision, variant).parent
+        else:
+            raise UserError(f"VAE {source} not found; pass a diffusers folder, a .safetensors/.ckpt file or a hub id")
+    try:
+        with quiet_loading():
+            if path.is_dir():
+                folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+                use_variant = variant if variant and _has_variant(folder, variant) else None
+                vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, variant=use_variant)
+            else:
+                vae = _vae_from_file(path, like, dtype)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - diffusers raises many types; the user needs one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"VAE {source}: cannot load it ({first})") from None
+    if vae.config.latent_channels != like.config.latent_channels:
+        raise UserError(f"VAE {source} has {vae.config.latent_channels} latent channels, this base's VAE "
+                        f"{like.config.latent_channels}; use a VAE made for this base's family")
+    return vae.eval()
+
+
+def _vae_from_file(path: Path, like: nn.Module, dtype: torch.dtype) -> nn.Module:
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    from controlnet.annotators.weights import read_state_dict
+
+    checkpoint = read_state_dict(path)  # safetensors, or a pickle with weights_only=True
+    if isinstance(checkpoint.get("state_dict"), Mapping):  # an LDM training checkpoint
+        checkpoint = dict(checkpoint["state_dict"])
+    with tempfile.TemporaryDirectory() as config_dir:
+        Path(config_dir, "config.json").write_text(json.dumps(dict(like.config)))
+        return AutoencoderKL.from_single_file(checkpoint, config=config_dir, torch_dtype=dtype, local_files_only=True)
+
+
+def resolve_controlnet_source(name: str | os.PathLike, revision: str | None = None,
+                              variant: str | None = None) -> Path:
+    """A local path for ControlNet ``name``: a bundled name or a path (:func:`controlnet.embedded.resolve_controlnet`),
+    a file in a hub repository (``org/name/file.safetensors``), or a diffusers ControlNet repository (``org/name``,
+    e.g. lllyasviel/control_v11p_sd15_canny: its weights file, with its config.json beside it)."""
+    from controlnet import hub
+    from controlnet.embedded import bundled_controlnets, resolve_controlnet
+
+    text = str(name)
+    if text in bundled_controlnets() or Path(text).expanduser().exists():
+        return resolve_controlnet(text)
+    if hub.split_file_id(text) is not None:
+        return hub.hub_file(*hub.split_file_id(text), revision=revision)
+    if hub.is_repo_id(text):
+        return hub.model_file(text, DIFFUSERS_WEIGHTS, revision, variant)
+    return resolve_controlnet(text)  # its one-line error

@@ -5,11 +5,17 @@ Every annotator is a callable ``annotator(image, **params) -> (H, W, 3) uint8`` 
     from controlnet import annotators
 
     edges = annotators.get("canny")("photo.jpg", low_threshold=100, high_threshold=200)
-    annotators.list_annotators()          # ['canny', 'depth', 'inpaint', ...]
+    annotators.list_annotators()          # ['canny', 'depth', 'depth_map', ...]
     annotators.REGISTRY["canny"].params   # declared parameters with their defaults
 
-The built-in ones need no weights. A model-based detector (HED, MiDaS, OpenPose, ...) is added with
-:func:`register`, taking its local weights file as a ``Path`` parameter (see the README).
+The model-free ones (canny, lines, scribble, shuffle, tile, inpaint, invert and the ``*_map`` / ``pose_json``
+renderers of data you already have) need no weights. The neural detectors of the ControlNet 1.1 releases (hed,
+pidinet, lineart, lineart_coarse, mlsd, openpose, openpose_hand) and the transformers-based ones (depth, normal,
+segmentation, pose) take ``weights`` (a file, a folder or a hub id; default: their hub repository through the
+huggingface_hub cache). Your own detector is added with :func:`register` (see the README).
+
+Parameters given as text use one syntax everywhere (``controlnet annotate``, ``generate --annotator-param``,
+``train --annotator-param``, the web UI): ``key=value`` pairs read by :func:`parse_params`.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ __all__ = [
     "inpaint_condition",
     "inpaint_condition_from_uint8",
     "list_annotators",
+    "parse_params",
     "register",
 ]
 
@@ -47,12 +54,14 @@ def register(
     params: Iterable[Param] = (),
     input_kind: str = "image",
     replace: bool = False,
+    weights: Callable[[], str] | None = None,
 ) -> Annotator:
     """Add an annotator ``fn(image, **params) -> (H, W, 3) uint8`` under ``name``; return its :class:`Annotator`.
 
     ``params`` declares every keyword ``fn`` takes (name, type, default, help); ``input_kind`` is one of
-    ``image``, ``depth``, ``labels``, ``keypoints`` (what ``image`` is). A name already taken raises unless
-    ``replace=True``.
+    ``image``, ``depth``, ``labels``, ``keypoints`` (what ``image`` is); ``weights`` (detectors with a network)
+    returns a one-line status of the default weights, shown by ``controlnet annotate --list``. A name already
+    taken raises unless ``replace=True``.
     """
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"annotator name must be letters, digits, '-' or '_'; got {name!r}")
@@ -64,7 +73,8 @@ def register(
     names = [p.name for p in params]
     if len(set(names)) != len(names):
         raise ValueError(f"annotator {name!r}: duplicate parameter names in {names}")
-    annotator = Annotator(name=name, fn=fn, description=description, params=params, input_kind=input_kind)
+    annotator = Annotator(name=name, fn=fn, description=description, params=params, input_kind=input_kind,
+                          weights=weights)
     REGISTRY[name] = annotator
     return annotator
 
@@ -80,6 +90,12 @@ def get(name: str) -> Annotator:
 def list_annotators() -> list[str]:
     """Names of all registered annotators, sorted."""
     return sorted(REGISTRY)
+
+
+def parse_params(name: str, pairs: Iterable[str]) -> dict[str, Any]:
+    """The typed parameters of annotator ``name`` from ``key=value`` strings (see :meth:`Annotator.parse_params`),
+    e.g. ``parse_params("canny", ["low_threshold=50"]) == {"low_threshold": 50}``."""
+    return get(name).parse_params(pairs)
 
 
 def annotate(name: str, image: Any = None, **params: Any) -> np.ndarray:
@@ -144,10 +160,10 @@ def _register_builtins() -> None:
     )
     register("invert", transforms.invert, "255 - image: black-on-white line art to white-on-black (lineart, scribble)")
     register(
-        "pose", _pose.pose, "OpenPose JSON keypoints as the colour-coded COCO-18 skeleton (openpose ControlNets)",
+        "pose_json", _pose.pose, "OpenPose JSON keypoints as the colour-coded COCO-18 skeleton (openpose ControlNets)",
         [
-            Param("keypoints", Path, None, "OpenPose JSON: people[].pose_keypoints_2d (COCO-18 or BODY_25)",
-                  required=True),
+            Param("keypoints", Path, None, "OpenPose JSON: people[].pose_keypoints_2d (COCO-18 or BODY_25); "
+                  "for people in a photo use the openpose or pose annotator instead", required=True),
             Param("threshold", float, _pose.RENDER_THRESHOLD, "skip keypoints below this confidence", minimum=0),
             Param("stick_width", int, _pose.STICK_WIDTH, "limb half-width (px)", minimum=1, maximum=64),
             Param("joint_radius", int, _pose.JOINT_RADIUS, "joint circle radius (px)", minimum=1, maximum=64),
@@ -162,7 +178,7 @@ def _register_builtins() -> None:
         input_kind="keypoints",
     )
     register(
-        "segmentation", structured.segmentation, "label map (class indices) in the ADE20K or COCO-Stuff palette (seg ControlNets)",
+        "segmentation_map", structured.segmentation, "label map (class indices) in the ADE20K or COCO-Stuff palette (seg ControlNets)",
         [
             Param("palette", str, "ade20k", "ade20k (150 classes) or cocostuff (171)", choices=("ade20k", "cocostuff")),
             Param("offset", int, 0, "subtract from labels first (1 for raw ADEChallenge PNGs)", minimum=-65536,
@@ -173,7 +189,7 @@ def _register_builtins() -> None:
     near = Param("near", str, "auto", "small: values are distances; large: disparity; auto: uint8 = large",
                  choices=("auto", "small", "large"))
     register(
-        "depth", structured.depth, "16-bit/float depth to 8-bit, near = bright (depth ControlNets)",
+        "depth_map", structured.depth, "16-bit/float depth to 8-bit, near = bright (depth ControlNets)",
         [
             near,
             Param("low", float, 0.0, "percentile mapped to the far end", minimum=0, maximum=100),
@@ -182,7 +198,7 @@ def _register_builtins() -> None:
         input_kind="depth",
     )
     register(
-        "normal", structured.normal, "normal map from depth: Sobel gradients, background threshold (normal ControlNet)",
+        "normal_map", structured.normal, "normal map from depth: Sobel gradients, background threshold (normal ControlNet)",
         [
             Param("a", float, structured.NORMAL_Z, "z component before normalising (original: 2 pi)", minimum=1e-6),
             Param("bg_threshold", float, structured.NORMAL_BG_THRESHOLD, "nearness below this is flat background",
@@ -195,6 +211,11 @@ def _register_builtins() -> None:
         ],
         input_kind="depth",
     )
+    from controlnet.annotators import detectors, hf_detectors, openpose
+
+    detectors.register_network_detectors(register)  # hed, pidinet, lineart, lineart_coarse, mlsd
+    openpose.register_photo_detectors(register)  # openpose, openpose_hand
+    hf_detectors.register_photo_detectors(register)  # depth, normal, segmentation, pose (transformers models)
 
 
 _register_builtins()

@@ -5,11 +5,14 @@ kind           what the annotator function receives
 =============  ====================================================================================
 ``image``      ``(H, W, 3)`` uint8 RGB (:func:`controlnet.images.load_image`)
 ``depth``      ``(H, W)`` raw values, dtype kept: 16-bit/32-bit/float images and ``.npy`` files keep their
-               numbers; an 8-bit image gives 0..255 (a colour one its red channel when grey, else luma)
+               numbers; an 8-bit image gives 0..255 (an RGB one its red channel when grey, else luma)
 ``labels``     ``(H, W)`` int64 class indices: a ``P`` image gives its palette indices, ``L``/``I;16``/``I``
                their values, a multi-channel image its red channel
 ``keypoints``  ``(H, W, 3)`` uint8 black canvas of the image's size (the keypoints are a parameter)
 =============  ====================================================================================
+
+A colour photo given as a depth or label map is refused in one line naming the detector to use instead
+(:func:`is_colour_photo`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,20 @@ from controlnet.images import load_image, open_image
 # Canvas used for keypoints when neither an image nor the JSON gives a size: the original ControlNet's 512 px.
 DEFAULT_CANVAS = 512
 
+# A photo is not a depth or label map. An 8-bit image with 3 or 4 channels counts as a colour photo when more than
+# 5 % of its pixels have R, G, B spread over more than 16 levels: a grey map stored as RGB has equal channels (and
+# nearly equal ones after JPEG's chroma rounding or a dithered palette), a colour photo does not. A grey or nearly
+# colourless photo cannot be told apart and is read as before.
+PHOTO_SPREAD = 16
+PHOTO_FRACTION = 0.05
+# kind -> what to use instead, for the refusal
+PHOTO_INSTEAD = {
+    "depth": "depth_map and normal_map read a depth map (grey, 16-bit or float); estimate depth from a photo with "
+             "the `depth` annotator (normals: `normal`)",
+    "labels": "segmentation_map reads class indices (a palette or grey/16-bit label image); segment a photo with "
+              "the `segmentation` annotator",
+}
+
 
 def _name(src: Any) -> str:
     return str(src) if isinstance(src, (str, os.PathLike)) else type(src).__name__
@@ -47,6 +64,21 @@ def _single_channel(arr: np.ndarray) -> np.ndarray:
         return arr[..., 0]
     rgb = load_image(arr)  # uint8, alpha composited
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def is_colour_photo(arr: np.ndarray) -> bool:
+    """Whether ``arr`` is an 8-bit colour picture rather than a map (see :data:`PHOTO_SPREAD`)."""
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        return False
+    rgb = arr[..., :3]
+    spread = rgb.max(axis=2).astype(np.int16) - rgb.min(axis=2)
+    return bool(np.count_nonzero(spread > PHOTO_SPREAD) > PHOTO_FRACTION * spread.size)
+
+
+def _refuse_photo(arr: np.ndarray, name: str, kind: str) -> None:
+    if is_colour_photo(arr):
+        raise UserError(f"{name} looks like a colour photo (its R, G, B channels differ), not a "
+                        f"{'depth' if kind == 'depth' else 'label'} map: {PHOTO_INSTEAD[kind]}")
 
 
 def _raw_array(src: Any) -> tuple[np.ndarray, bool]:
@@ -84,16 +116,19 @@ def load_depth(src: Any) -> np.ndarray:
     arr, _ = _raw_array(src)
     if isinstance(src, Image.Image) and src.mode == "P":
         arr = load_image(src)
+    _refuse_photo(arr, _name(src), "depth")
     return _single_channel(arr)
 
 
 def load_labels(src: Any) -> np.ndarray:
     """A label map as ``(H, W)`` int64 class indices (see the module docstring)."""
+    name = _name(src)
     if isinstance(src, (str, os.PathLike)) and Path(src).suffix.lower() != ".npy":
         src = open_image(src)
     if isinstance(src, Image.Image) and src.mode == "1":
         src = src.convert("L").point(lambda v: v // 255)  # binary map: classes 0 and 1
     arr, _ = _raw_array(src)
+    _refuse_photo(arr, name, "labels")
     if arr.ndim == 3:
         arr = arr[..., 0]
     if np.issubdtype(arr.dtype, np.floating):

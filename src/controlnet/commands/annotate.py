@@ -3,7 +3,7 @@
     controlnet annotate --list                                   # every annotator and its parameters
     controlnet annotate canny photo.jpg edges.png --low_threshold 50 --high_threshold 150
     controlnet annotate scribble photos/ scribbles/ --seed 3     # folder mode: every image, all cores
-    controlnet annotate pose people.json pose.png --width 768 --height 512
+    controlnet annotate pose_json people.json pose.png --width 768 --height 512
     controlnet annotate --plugin my_hed.py my_hed photo.jpg hed.png --weights hed.safetensors
 
 Annotator parameters come after IN and OUT as ``--name value``, ``--name=value`` or ``name=value`` (the syntax of

@@ -1,0 +1,133 @@
+"""How the models run: CPU offload, torch.compile, channels-last, VAE tiling.
+
+=================  ==============================================================================================
+option             what it does (and whose recipe it follows)
+=================  ==============================================================================================
+offload "model"    every model lives on the CPU and moves whole to the device when it runs; the text encoder(s),
+                   the UNet and the VAE in a chain where each one's start sends the previous one back
+                   (accelerate's ``cpu_offload_with_hook``, as diffusers' ``enable_model_cpu_offload``). The
+                   ControlNets, called in turn with the UNet at every step, get their own hooks and stay on the
+                   device until the generation ends, as diffusers does for its ControlNet pipelines.
+offload            every layer moves to the device only while it runs (accelerate's ``cpu_offload``, as
+ "sequential"      diffusers' ``enable_sequential_cpu_offload``): the least memory, and much slower.
+compile            ``torch.compile`` of the UNet and the ControlNets, in place (``nn.Module.compile``): the first
+                   generation compiles (slow), later ones at the same size reuse the compiled code.
+channels-last      the UNet's, the ControlNets' and the VAE's weights in ``torch.channels_last`` memory format
+                   (faster convolutions on GPUs with tensor cores, and with oneDNN on CPUs).
+VAE tiling         diffusers' ``AutoencoderKL`` tiled decoding (overlapping tiles at the VAE's native size,
+                   blended): "on", "off", or "auto" — on when the plain decode would need more than
+                   :data:`AUTO_TILING_FRACTION` of the device's memory, at :data:`controlnet.limits.BYTES_PER_PIXEL`
+                   (the decoder's measured peak per output pixel: SD1.5's VAE in fp32 on a CPU takes 356, 612 and
+                   987 MiB over its weights at 256, 384 and 512 px square, 5.7 to 3.9 KB per pixel).
+=================  ==============================================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from controlnet.errors import UserError
+
+OFFLOAD_MODES = ("model", "sequential")
+VAE_TILING_MODES = ("auto", "on", "off")
+# "auto" VAE tiling: tile once the plain decode would take more than this share of the device's memory (the rest
+# is for the weights and the sampler, which finished before the decode but may still hold their memory).
+AUTO_TILING_FRACTION = 0.5
+
+
+def check_offload(mode: str | None) -> str | None:
+    """``mode`` if it is None or one of :data:`OFFLOAD_MODES`; else a one-line :class:`UserError`."""
+    if mode is not None and mode not in OFFLOAD_MODES:
+        raise UserError(f"unknown offload mode {mode!r}; use {' or '.join(OFFLOAD_MODES)}")
+    return mode
+
+
+def add_offload_hooks(chain: Sequence[nn.Module], others: Sequence[nn.Module], mode: str,
+                      device: torch.device) -> list[Any]:
+    """Offload ``chain`` (run in this order) and ``others`` (called repeatedly: ControlNets) to the CPU, running
+    on ``device`` (the module docstring); returns the hooks of the "model" mode (for :func:`release`)."""
+    from accelerate import cpu_offload, cpu_offload_with_hook
+
+    check_offload(mode)
+    hooks = []
+    if mode == "sequential":
+        for model in [*chain, *others]:
+            cpu_offload(model, device, offload_buffers=len(model._parameters) > 0)
+        return hooks
+    previous = None
+    for model in chain:
+        model.to("cpu")
+        _, previous = cpu_offload_with_hook(model, device, prev_module_hook=previous)
+        hooks.append(previous)
+    hooks += add_model_hooks(others, device)
+    return hooks
+
+
+def add_model_hooks(models: Sequence[nn.Module], device: torch.device) -> list[Any]:
+    """Hooks of the "model" mode for models outside the chain (ControlNets loaded later)."""
+    from accelerate import cpu_offload_with_hook
+
+    hooks = []
+    for model in models:
+        model.to("cpu")
+        hooks.append(cpu_offload_with_hook(model, device)[1])
+    return hooks
+
+
+def release(hooks: Sequence[Any]) -> None:
+    """Send every model of the "model" mode back to the CPU (at the end of a generation)."""
+    for hook in hooks:
+        hook.offload()
+
+
+def remove_offload_hooks(models: Sequence[nn.Module], device: torch.device) -> None:
+    """Remove the offload hooks of ``models`` and put them on ``device`` (before LoRA or embeddings change them)."""
+    from accelerate.hooks import remove_hook_from_module
+
+    for model in models:
+        remove_hook_from_module(model, recurse=True)
+        model.to(device)
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """Whether accelerate's offload hooks are on ``module`` or its layers."""
+    return any(hasattr(m, "_hf_hook") for m in module.modules())
+
+
+def compile_model(model: nn.Module, mode: str | None = None, backend: str = "inductor") -> nn.Module:
+    """``torch.compile`` ``model`` in place (``nn.Module.compile``); it compiles on its first call."""
+    model.compile(mode=mode, backend=backend)
+    return model
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """``model``'s 4-D weights in channels-last memory format (in place)."""
+    return model.to(memory_format=torch.channels_last)
+
+
+def check_vae_tiling(mode: str) -> str:
+    if mode not in VAE_TILING_MODES:
+        raise UserError(f"unknown VAE tiling mode {mode!r}; use {', '.join(VAE_TILING_MODES)}")
+    return mode
+
+
+def wants_tiling(mode: str, width: int, height: int, device: str) -> bool:
+    """Whether to decode a ``width`` x ``height`` image with VAE tiling (the rule of the module docstring)."""
+    if check_vae_tiling(mode) != "auto":
+        return mode == "on"
+    from controlnet.limits import BYTES_PER_PIXEL, device_memory
+
+    memory, _ = device_memory(device)
+    return width * height * BYTES_PER_PIXEL > AUTO_TILING_FRACTION * memory
+
+
+def set_vae_tiling(vae: nn.Module, on: bool) -> None:
+    """Turn diffusers' tiled decoding of ``vae`` on or off (a VAE without it is left as it is)."""
+    if on and hasattr(vae, "enable_tiling"):
+        vae.enable_tiling()
+    elif not on and hasattr(vae, "disable_tiling"):
+        vae.disable_tiling()
