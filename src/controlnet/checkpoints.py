@@ -199,22 +199,18 @@ def _rename(key: str, mapping: Mapping[str, str]) -> str | None:
 def original_to_diffusers(state_dict: Mapping[str, torch.Tensor], name: str = "state dict") -> StateDict:
     """Rename an original-layout ControlNet state dict (without the ``control_model.`` prefix) to diffusers'."""
     mapping = _module_map(_Layout.from_original(state_dict, name))
-    out: StateDict = {}
-    unknown = []
-    for key, value in state_dict.items():
-        new = _rename(key, mapping)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
-    if unknown:
-        raise UserError(f"{name}: {len(unknown)} unexpected keys for a ControlNet: {_examples(unknown)}")
-    return out
+    return _rename_all(state_dict, mapping, f"{name}: {{n}} unexpected keys for a ControlNet: {{examples}}")
 
 
 def diffusers_to_original(state_dict: Mapping[str, torch.Tensor], name: str = "state dict") -> StateDict:
     """Rename a diffusers-layout ControlNet state dict to the original layout (without ``control_model.``)."""
     mapping = {v: k for k, v in _module_map(_Layout.from_diffusers(state_dict, name)).items()}
+    return _rename_all(state_dict, mapping, f"{name}: {{n}} keys have no original-layout name: {{examples}}")
+
+
+def _rename_all(state_dict: Mapping[str, torch.Tensor], mapping: Mapping[str, str], error: str) -> StateDict:
+    """Every key renamed through ``mapping``; keys it has no name for are one :class:`UserError` (``error`` is
+    formatted with ``n`` and ``examples``)."""
     out: StateDict = {}
     unknown = []
     for key, value in state_dict.items():
@@ -224,7 +220,7 @@ def diffusers_to_original(state_dict: Mapping[str, torch.Tensor], name: str = "s
         else:
             out[new] = value
     if unknown:
-        raise UserError(f"{name}: {len(unknown)} keys have no original-layout name: {_examples(unknown)}")
+        raise UserError(error.format(n=len(unknown), examples=_examples(unknown)))
     return out
 
 
