@@ -104,31 +104,44 @@ def find_peaks(heatmaps: np.ndarray, threshold: float = PEAK_THRESHOLD) -> list[
     return peaks
 
 
+def limb_scores(a: np.ndarray, b: np.ndarray, paf_x: np.ndarray, paf_y: np.ndarray,
+                image_height: int) -> tuple[np.ndarray, np.ndarray]:
+    """The scores of every limb from a peak of ``a`` (``(n, 2+)``, x y first) to a peak of ``b`` (``(m, 2+)``), and
+    whether each passes body.py's criteria: two ``(n, m)`` arrays.
+
+    Ten points evenly spaced from a to b (``np.linspace``'s arithmetic) sample the PAF (nearest pixel, halves
+    rounded to even as Python's ``round``); each sample's projection on the unit vector a → b is a vote. Score =
+    mean vote + ``min(0.5 * image_height / length - 1, 0)`` (a penalty for limbs longer than half the image). The
+    limb passes when more than 80 % of the votes exceed 0.05 and the score is positive. All pairs at once: body.py
+    loops over them in Python, which dominates its run time when a part has many peaks.
+    """
+    start, stop = a[:, None, :2], b[None, :, :2]  # (n, 1, 2), (1, m, 2)
+    vec = stop - start  # (n, m, 2)
+    norm = np.maximum(0.001, np.sqrt(vec[..., 0] * vec[..., 0] + vec[..., 1] * vec[..., 1]))  # (n, m)
+    unit = vec / norm[..., None]
+    k = np.arange(PAF_SAMPLES, dtype=np.float64)[:, None, None, None]  # (10, 1, 1, 1)
+    points = k * (vec / (PAF_SAMPLES - 1)) + start  # (10, n, m, 2), as np.linspace(a, b, 10)
+    points[-1] = np.broadcast_to(stop, vec.shape)  # linspace ends exactly at b
+    xs, ys = np.round(points[..., 0]).astype(int), np.round(points[..., 1]).astype(int)
+    votes = paf_x[ys, xs] * unit[..., 0] + paf_y[ys, xs] * unit[..., 1]  # (10, n, m)
+    scores = votes.mean(axis=0) + np.minimum(0.5 * image_height / norm - 1, 0)
+    counted = np.count_nonzero(votes > PAF_THRESHOLD, axis=0) > PAF_MIN_FRACTION * PAF_SAMPLES
+    return scores, counted & (scores > 0)
+
+
 def limb_score(a: np.ndarray, b: np.ndarray, paf_x: np.ndarray, paf_y: np.ndarray,
                image_height: int) -> tuple[float, bool]:
-    """The score of a limb from peak ``a`` to peak ``b`` (``(x, y)``) and whether it passes body.py's criteria.
-
-    Ten points evenly spaced from a to b sample the PAF (nearest pixel, halves rounded to even as Python's
-    ``round``); each sample's projection on the unit vector a → b is a vote. Score = mean vote +
-    ``min(0.5 * image_height / length - 1, 0)`` (a penalty for limbs longer than half the image). The limb passes
-    when more than 80 % of the votes exceed 0.05 and the score is positive.
-    """
-    vec = b[:2] - a[:2]
-    norm = max(0.001, math.sqrt(vec[0] * vec[0] + vec[1] * vec[1]))
-    unit = vec / norm
-    xs = np.round(np.linspace(a[0], b[0], num=PAF_SAMPLES)).astype(int)
-    ys = np.round(np.linspace(a[1], b[1], num=PAF_SAMPLES)).astype(int)
-    votes = paf_x[ys, xs] * unit[0] + paf_y[ys, xs] * unit[1]
-    score = float(sum(votes) / len(votes) + min(0.5 * image_height / norm - 1, 0))
-    counted = np.count_nonzero(votes > PAF_THRESHOLD) > PAF_MIN_FRACTION * len(votes)
-    return score, bool(counted and score > 0)
+    """:func:`limb_scores` of one limb from peak ``a`` to peak ``b`` (``(x, y)``): (score, passes)."""
+    scores, ok = limb_scores(np.asarray(a, np.float64)[None], np.asarray(b, np.float64)[None], paf_x, paf_y,
+                             image_height)
+    return float(scores[0, 0]), bool(ok[0, 0])
 
 
 def connect_limbs(peaks: list[np.ndarray], paf: np.ndarray, image_height: int) -> list[np.ndarray | None]:
     """Per limb of :data:`LIMB_PARTS`, the chosen connections as ``(m, 5)`` rows ``id_a, id_b, score, i, j``
     (``i``/``j`` index the two parts' peak lists); ``None`` when either part has no peak (body.py).
 
-    Candidates that pass :func:`limb_score` are taken best score first, each peak used at most once per limb,
+    Candidates that pass :func:`limb_scores` are taken best score first, each peak used at most once per limb,
     until one side runs out of peaks.
     """
     connections: list[np.ndarray | None] = []
@@ -137,12 +150,8 @@ def connect_limbs(peaks: list[np.ndarray], paf: np.ndarray, image_height: int) -
         if len(cand_a) == 0 or len(cand_b) == 0:
             connections.append(None)
             continue
-        candidates = []
-        for i in range(len(cand_a)):
-            for j in range(len(cand_b)):
-                score, ok = limb_score(cand_a[i], cand_b[j], paf[:, :, cx], paf[:, :, cy], image_height)
-                if ok:
-                    candidates.append((i, j, score))
+        scores, ok = limb_scores(cand_a, cand_b, paf[:, :, cx], paf[:, :, cy], image_height)  # (n, m) each
+        candidates = [(i, j, float(scores[i, j])) for i, j in zip(*np.nonzero(ok))]  # row-major, as body.py
         candidates.sort(key=lambda c: c[2], reverse=True)  # stable, as Python's sorted in body.py
         chosen: list[list[float]] = []
         used_a, used_b = set(), set()
