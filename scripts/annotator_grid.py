@@ -1,14 +1,21 @@
-"""Draw every annotator on one synthetic scene and save the labelled grid (docs/annotators_grid.png).
+"""Draw the annotators on one synthetic scene and save labelled grids.
 
-    python scripts/annotator_grid.py [OUT.png]
+    python scripts/annotator_grid.py [OUT_DIR]     # OUT_DIR/annotators_grid.png and OUT_DIR/detectors_grid.png
 
 The scene is drawn in code (a house, a tree, the sun, a person on grass), with a matching 16-bit depth map, an
 ADE20K label map, OpenPose keypoints for the person and an inpainting mask, so every annotator has its input.
+
+The second grid runs every neural detector on the scene as a photo. No trained weights can be downloaded where
+this script is run for the docs, so the networks get stand-in weights (the fixtures' deterministic recipe, in the
+released files' layouts) and tiny random transformers models: the pictures show the plumbing (loading, pre- and
+post-processing, drawing), not what the trained networks see. M-LSD tiny uses its real Apache-2.0 weights when
+../shared/fixtures/annotators/real/ is beside the checkout.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -94,7 +101,47 @@ def tile(img: np.ndarray, label: str, font: ImageFont.ImageFont) -> Image.Image:
     return canvas
 
 
-def main(out: Path) -> None:
+def save_grid(out: Path, cells: list[tuple[str, np.ndarray]], columns: int = 4) -> None:
+    font = ImageFont.load_default(size=14)
+    rows = (len(cells) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * (SIZE + 4), rows * (SIZE + LABEL_H + 4)), (255, 255, 255))
+    for i, (label, img) in enumerate(cells):
+        r, c = divmod(i, columns)
+        grid.paste(tile(img, label, font), (c * (SIZE + 4), r * (SIZE + LABEL_H + 4)))
+    save_png(out, grid, {"made_by": "scripts/annotator_grid.py"})
+    print(f"wrote {out}")
+
+
+def detector_cells(image: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Every neural detector on ``image``, with stand-in weights (see the module docstring)."""
+    repo = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(repo / "tests"), str(repo)]
+    from fixture_weights import write_released_weights  # noqa: E402 - test helpers: the weight recipe
+    from test_hf_detectors import build_tiny  # noqa: E402
+    from test_openpose import write_released_openpose  # noqa: E402
+
+    folder = Path(tempfile.mkdtemp(prefix="detector-grid-"))
+    cells = [("input photo", image)]
+    for name in ("hed", "pidinet", "lineart", "lineart_coarse", "mlsd"):
+        cells.append((f"{name} (stand-in weights)",
+                      annotators.annotate(name, image, weights=str(write_released_weights(name, folder)))))
+    real_tiny = repo.parent / "shared" / "fixtures" / "annotators" / "real" / "mlsd_tiny_512_fp32.pth"
+    if real_tiny.is_file():
+        cells.append(("mlsd --model tiny (real weights)",
+                      annotators.annotate("mlsd", image, model="tiny", weights=str(real_tiny))))
+    body = write_released_openpose("openpose", folder)
+    cells.append(("openpose (stand-in weights)", annotators.annotate("openpose", image, weights=str(body))))
+    tiny = {name: build_tiny(name, folder / name) for name in ("dpt_hybrid", "oneformer", "vitpose", "rtdetr")}
+    cells.append(("depth (tiny random DPT)", annotators.annotate("depth", image, weights=str(tiny["dpt_hybrid"]))))
+    cells.append(("normal (tiny random DPT)", annotators.annotate("normal", image, weights=str(tiny["dpt_hybrid"]))))
+    cells.append(("segmentation (tiny OneFormer)",
+                  annotators.annotate("segmentation", image, weights=str(tiny["oneformer"]))))
+    cells.append(("pose (tiny RT-DETR + ViTPose)", annotators.annotate(
+        "pose", image, weights=str(tiny["vitpose"]), detector_weights=str(tiny["rtdetr"]), keypoint_threshold=0.0)))
+    return cells
+
+
+def main(out_dir: Path) -> None:
     image, depth_mm, labels, keypoints, mask = scene()
     depth_view = (255 - (depth_mm.astype(np.float64) - depth_mm.min()) / np.ptp(depth_mm) * 255).astype(np.uint8)
     cells = [
@@ -109,22 +156,15 @@ def main(out: Path) -> None:
         ("shuffle (seed 0)", annotators.annotate("shuffle", image, seed=0, cell=64)),
         ("tile (8x)", annotators.annotate("tile", image)),
         ("inpaint", annotators.annotate("inpaint", image, mask=mask)),
-        ("pose (OpenPose JSON)", annotators.annotate("pose", image, keypoints=keypoints)),
-        ("segmentation (ADE20K)", annotators.annotate("segmentation", labels)),
-        ("depth (near = bright)", annotators.annotate("depth", depth_mm)),
-        ("normal (from depth)", annotators.annotate("normal", depth_mm, bg_threshold=0.05)),
-        ("segmentation (COCO-Stuff)", annotators.annotate("segmentation", labels, palette="cocostuff")),
+        ("pose_json (OpenPose JSON)", annotators.annotate("pose_json", image, keypoints=keypoints)),
+        ("segmentation_map (ADE20K)", annotators.annotate("segmentation_map", labels)),
+        ("depth_map (near = bright)", annotators.annotate("depth_map", depth_mm)),
+        ("normal_map (from depth)", annotators.annotate("normal_map", depth_mm, bg_threshold=0.05)),
+        ("segmentation_map (COCO-Stuff)", annotators.annotate("segmentation_map", labels, palette="cocostuff")),
     ]
-    font = ImageFont.load_default(size=14)
-    columns = 4
-    rows = (len(cells) + columns - 1) // columns
-    grid = Image.new("RGB", (columns * (SIZE + 4), rows * (SIZE + LABEL_H + 4)), (255, 255, 255))
-    for i, (label, img) in enumerate(cells):
-        r, c = divmod(i, columns)
-        grid.paste(tile(img, label, font), (c * (SIZE + 4), r * (SIZE + LABEL_H + 4)))
-    save_png(out, grid, {"made_by": "scripts/annotator_grid.py"})
-    print(f"wrote {out}")
+    save_grid(out_dir / "annotators_grid.png", cells)
+    save_grid(out_dir / "detectors_grid.png", detector_cells(image))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "docs" / "annotators_grid.png")
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "docs")
