@@ -293,17 +293,6 @@ def prepare_examples(
     prompts_needed: set[str] = set()
     flips = (False, True) if hflip else (False,)
 
-    def flush() -> None:
-        if not pending:
-            return
-        batch = torch.stack([x for _, x in pending])  # (B, 3, R, R)
-        with torch.no_grad():
-            params = encoders.encode_images(batch)  # (B, 2C, h, w)
-        for (key, _), p in zip(pending, params):
-            store.save_tensors("latents", key, {"params": p.float()})
-        stats.latents_encoded += len(pending)
-        pending.clear()
-
     mine = range(rank, len(manifest.examples), world_size)
     for index in tqdm(mine, desc="caching latents", disable=not progress, leave=False):
         ex = manifest.examples[index]
@@ -314,10 +303,8 @@ def prepare_examples(
             records.append((index, SkippedRow(ex.line, f"unreadable file ({err.strerror or err})")))
             continue
         latent_keys = tuple(entry_key("latents", encoders.vae_id, image_hash, resolution, flip) for flip in flips)
-        if ex.condition is None:
-            cond_key = entry_key("condition-annotated", encoders.annotator_id, image_hash, resolution)
-        else:
-            cond_key = entry_key("condition-file", cond_hash, image_hash, resolution)
+        cond_key = (entry_key("condition-annotated", encoders.annotator_id, image_hash, resolution)
+                    if ex.condition is None else entry_key("condition-file", cond_hash, image_hash, resolution))
         need_latents = [k for k in latent_keys if not store.has("latents", k)]
         need_condition = not store.has("conditions", cond_key)
         stats.latents_cached += len(latent_keys) - len(need_latents)
@@ -334,38 +321,21 @@ def prepare_examples(
                 if key in need_latents:
                     pending.append((key, image_to_tensor(target[:, ::-1] if flip else target)))
             if need_condition:
-                if condition is None:  # made by the annotator from the resized image
-                    made = np.asarray(encoders.annotate(target), dtype=np.uint8)  # type: ignore[misc]
-                else:
-                    if condition.shape[:2] != image.shape[:2]:
-                        resized.append(
-                            f"line {ex.line}: {condition.shape[1]}x{condition.shape[0]} → {image.shape[1]}x{image.shape[0]}"
-                        )
-                    made = to_resolution(match_size(condition, image.shape[:2]), resolution)
-                store.save_condition(cond_key, made)
+                if condition is not None and condition.shape[:2] != image.shape[:2]:
+                    resized.append(f"line {ex.line}: {condition.shape[1]}x{condition.shape[0]} → "
+                                   f"{image.shape[1]}x{image.shape[0]}")
+                store.save_condition(cond_key, _make_condition(condition, image, target, encoders, resolution))
                 stats.conditions_made += 1
             if len(pending) >= batch_size:
-                flush()
+                _encode_latents(pending, store, encoders, stats)
         prompts_needed.add(ex.prompt)
         records.append((index, PreparedExample(index, ex.prompt, latent_keys, text_key(encoders.text_id, ex.prompt),
                                                cond_key, ex.image, ex.line)))
-    flush()
+    _encode_latents(pending, store, encoders, stats)
 
-    # Text: one encoding per distinct prompt missing from the cache; the empty prompt by rank 0.
     if rank == 0:
-        prompts_needed.add(EMPTY_PROMPT)
-    missing = sorted(p for p in prompts_needed if not store.has("text", text_key(encoders.text_id, p)))
-    stats.prompts_cached += len(prompts_needed) - len(missing)
-    for start in range(0, len(missing), batch_size):
-        chunk = missing[start : start + batch_size]
-        with torch.no_grad():
-            hidden, pooled = encoders.encode_prompts(chunk)  # (N, L, D), (N, D2) | None
-        for i, prompt in enumerate(chunk):
-            entry = {"hidden": hidden[i].float()}
-            if pooled is not None:
-                entry["pooled"] = pooled[i].float()
-            store.save_tensors("text", text_key(encoders.text_id, prompt), entry)
-        stats.prompts_encoded += len(chunk)
+        prompts_needed.add(EMPTY_PROMPT)  # the empty prompt, once
+    _cache_prompts(prompts_needed, store, encoders, stats, batch_size)
 
     if gather is not None and world_size > 1:
         gathered = gather([(records, stats, resized)])
@@ -376,6 +346,46 @@ def prepare_examples(
     prepared = [r for _, r in records if isinstance(r, PreparedExample)]
     skipped = [r for _, r in records if isinstance(r, SkippedRow)]
     return Preparation(prepared, skipped, stats, resized, text_key(encoders.text_id, EMPTY_PROMPT))
+
+
+def _encode_latents(pending: list[tuple[str, torch.Tensor]], store: CacheStore, encoders: Encoders,
+                    stats: CacheStats) -> None:
+    """Encode the queued ``(latent key, (3, R, R) image)`` pairs in one VAE batch, store them, empty the queue."""
+    if not pending:
+        return
+    batch = torch.stack([x for _, x in pending])  # (B, 3, R, R)
+    with torch.no_grad():
+        params = encoders.encode_images(batch)  # (B, 2C, h, w)
+    for (key, _), p in zip(pending, params):
+        store.save_tensors("latents", key, {"params": p.float()})
+    stats.latents_encoded += len(pending)
+    pending.clear()
+
+
+def _make_condition(condition: np.ndarray | None, image: np.ndarray, target: np.ndarray, encoders: Encoders,
+                    resolution: int) -> np.ndarray:
+    """The condition at the training resolution: the file's, resized to its image first when their sizes differ, or
+    (no file) made by the annotator from the resized image ``target``."""
+    if condition is None:
+        return np.asarray(encoders.annotate(target), dtype=np.uint8)  # type: ignore[misc]
+    return to_resolution(match_size(condition, image.shape[:2]), resolution)
+
+
+def _cache_prompts(prompts: set[str], store: CacheStore, encoders: Encoders, stats: CacheStats,
+                   batch_size: int) -> None:
+    """One text encoding per distinct prompt missing from the cache, in batches of ``batch_size``."""
+    missing = sorted(p for p in prompts if not store.has("text", text_key(encoders.text_id, p)))
+    stats.prompts_cached += len(prompts) - len(missing)
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        with torch.no_grad():
+            hidden, pooled = encoders.encode_prompts(chunk)  # (N, L, D), (N, D2) | None
+        for i, prompt in enumerate(chunk):
+            entry = {"hidden": hidden[i].float()}
+            if pooled is not None:
+                entry["pooled"] = pooled[i].float()
+            store.save_tensors("text", text_key(encoders.text_id, prompt), entry)
+        stats.prompts_encoded += len(chunk)
 
 
 # --------------------------------------------------------------------------- the sample stream
