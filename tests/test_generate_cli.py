@@ -74,7 +74,7 @@ def test_generate_writes_images_conditions_grid_with_metadata(assets, tmp_path, 
         assert im.size == (64, 48)
         meta = dict(im.text)
         first = np.asarray(im.convert("RGB"))
-    assert meta["prompt"] == PROMPT and meta["seed"] == "6" and meta["steps"] == "2" and meta["size"] == "64x48"
+    assert json.loads(meta["settings"])["prompt"] == PROMPT and meta["seed"] == "6" and meta["steps"] == "2" and meta["size"] == "64x48"
     assert meta["scheduler"] == "ddim" and float(meta["guidance"]) == 4.0 and meta["negative_prompt"] == ""
     units = json.loads(meta["controlnets"])
     assert [(u["strength"], u["start"], u["end"]) for u in units] == [(0.8, 0.0, 1.0), (1.0, 0.5, 1.0)]
@@ -163,8 +163,6 @@ HEAVY = ("torch", "diffusers", "transformers", "cv2", "numpy", "gradio", "accele
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate"], "controlnet generate: error: the following arguments are required: --prompt; "
-                   "see `controlnet generate --help`"),
     (["generate", "--prompt", "x", "--steps", "two"], "controlnet generate: error: argument --steps: invalid int "
                                                       "value: 'two'; see `controlnet generate --help`"),
     (["data", "fill"], "controlnet data fill: error: the following arguments are required: out; "
@@ -176,6 +174,13 @@ def test_argparse_errors_are_one_line_with_a_pointer_to_help(capsys, argv, messa
         _main(argv)
     assert exit_.value.code == EXIT_BAD_INPUT
     assert capsys.readouterr().err == message + "\n"
+
+
+def test_generate_without_a_prompt_is_one_line(capsys):
+    """--prompt is not an argparse requirement (--prompts FILE or --from-png IMG may give it): checked in run."""
+    assert _main(["generate"]) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == ("controlnet generate: error: give --prompt TEXT (or --prompts FILE, or "
+                                       "--from-png IMG); see `controlnet generate --help`\n")
 
 
 def test_help_states_each_default_once(capsys):

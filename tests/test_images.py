@@ -180,7 +180,8 @@ def test_make_grid_layout_known_answer():
 def test_png_metadata_per_image_seed_and_settings_json():
     settings = {"prompt": "red circle", "seed": 5, "seeds": [5, 6], "steps": 2, "controlnets": [{"strength": 0.5}]}
     meta = png_metadata(settings, index=1)
-    assert meta["prompt"] == "red circle" and meta["seed"] == "6" and meta["steps"] == "2"
+    assert json.loads(meta["settings"])["prompt"] == "red circle" and meta["seed"] == "6" and meta["steps"] == "2"
+    assert "prompt" not in meta  # ComfyUI reads a "prompt" chunk as its workflow JSON
     assert json.loads(meta["controlnets"]) == [{"strength": 0.5}] and "seeds" not in meta
     assert json.loads(meta["settings"]) == {"prompt": "red circle", "seed": 6, "steps": 2,
                                             "controlnets": [{"strength": 0.5}]}

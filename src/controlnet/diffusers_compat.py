@@ -11,6 +11,8 @@ its state dict as it is, loaded strictly. The rest maps our settings to diffuser
     guess_mode + residual_scales=          guess_mode=True (its residual scales: logspace(-1, 0, N),
       guess_mode_scales(N)                   not the original's 0.825**(N-1-j))
     steps, guidance, num_images            num_inference_steps, guidance_scale, num_images_per_prompt
+    init_image, denoise, mask              image, strength, mask_image of StableDiffusionControlNet{Img2Img,
+                                             Inpaint}Pipeline (their ControlNet images: control_image)
 """
 
 from __future__ import annotations
@@ -97,6 +99,47 @@ def diffusers_call_kwargs(images: Sequence[Image.Image] = (), *, steps: int, gui
             kwargs["controlnet_conditioning_scale"] = _one_or_list(strengths)
         if ends is not None:
             kwargs["control_guidance_end"] = _one_or_list(ends)
+    return kwargs
+
+
+# Our image-to-image modes → diffusers' ControlNet pipelines (SD1.x/SD2.x).
+IMAGE_PIPELINES = {"img2img": "StableDiffusionControlNetImg2ImgPipeline",
+                   "inpaint": "StableDiffusionControlNetInpaintPipeline"}
+
+
+def diffusers_image_pipeline(task: str, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any,
+                             scheduler: Any, controlnets: Sequence[nn.Module]) -> Any:
+    """diffusers' ControlNet img2img (``task="img2img"``) or inpaint (``"inpaint"``) pipeline over the same modules,
+    as :func:`diffusers_pipeline` builds the text-to-image one (ours converted; progress bars off)."""
+    import diffusers
+
+    cns = [to_diffusers(cn) if not isinstance(cn, diffusers.ControlNetModel) else cn for cn in controlnets]
+    pipe = getattr(diffusers, IMAGE_PIPELINES[task])(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        controlnet=_one_or_list(cns), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_image_call_kwargs(init_image: Image.Image, control_images: Sequence[Image.Image], *, denoise: float,
+                                steps: int, guidance: float, seeds: Sequence[int],
+                                mask: Image.Image | None = None, strengths: Sequence[float] | None = None,
+                                starts: Sequence[float] | None = None, ends: Sequence[float] | None = None,
+                                output_type: str = "latent") -> dict[str, Any]:
+    """Keyword arguments for :func:`diffusers_image_pipeline`'s pipeline doing what ours does with
+    ``init_image=``, ``denoise=`` (and ``mask=``): one generator per image seeded ``seed + k`` (ours), the
+    output at the init image's size."""
+    kwargs: dict[str, Any] = dict(
+        image=init_image, control_image=_one_or_list(control_images), strength=denoise, num_inference_steps=steps,
+        guidance_scale=guidance, height=init_image.height, width=init_image.width, num_images_per_prompt=len(seeds),
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type=output_type,
+        controlnet_conditioning_scale=_one_or_list(strengths or [1.0] * len(control_images)))
+    if mask is not None:
+        kwargs["mask_image"] = mask
+    if starts is not None:
+        kwargs["control_guidance_start"] = _one_or_list(starts)
+    if ends is not None:
+        kwargs["control_guidance_end"] = _one_or_list(ends)
     return kwargs
 
 

@@ -29,16 +29,20 @@ a failed write is a one-line :class:`UserError` naming the file. :func:`make_gri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
+import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from controlnet.errors import UserError
-from controlnet.fileio import atomic_path
+from controlnet.fileio import atomic_path, destination_of
+from controlnet.limits import check_input_pixels
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -67,8 +71,14 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise UserError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise UserError(f"{path}: is a folder, not an image file")
+    if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or a device would block the read or never end
+        raise UserError(f"{path}: not a regular file (a FIFO, a device, ...); give an image file")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # PIL warns of a "decompression bomb" above the limit checked next
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            check_input_pixels(img.width, img.height, str(path))  # the header's size, before decoding
             img.load()  # decode now so a truncated file fails here, not later
             img = ImageOps.exif_transpose(img) or img
             return img.copy()
@@ -179,13 +189,18 @@ def save_png(
     path: str | os.PathLike,
     image: np.ndarray | Image.Image,
     metadata: Mapping[str, Any] | None = None,
+    *,
+    atomic: bool = True,
+    compress_level: int = 6,
 ) -> Path:
     """Write ``image`` as a PNG at ``path`` atomically, with ``metadata`` as PNG text chunks; return the path.
 
     ``image`` is a PIL image or a uint8 array ``(H, W)``, ``(H, W, 3)``, ``(H, W, 4)`` (or 2-D uint16 for 16-bit
     depth). Read the metadata back with ``PIL.Image.open(path).text``. A write that fails (no space, no
     permission, a folder in the way) raises :class:`UserError` naming the path and the cause, and leaves nothing
-    at ``path``.
+    at ``path``. ``atomic=False`` writes ``path`` in place, without the temporary file and fsync (for files inside
+    a folder that is itself written atomically; a failed write still raises and removes the partial file).
+    ``compress_level`` is zlib's 0-9 (PIL's default 6; 1 is faster, OpenCV's default).
     """
     path = Path(path)
     pil = to_pil(image)
@@ -194,14 +209,26 @@ def save_png(
     for key, value in (metadata or {}).items():
         info.add_text(str(key), str(value))
     try:
-        with atomic_path(path) as tmp:
-            pil.save(tmp, format="PNG", pnginfo=info)
+        with atomic_path(path) if atomic else _in_place(path) as tmp:
+            pil.save(tmp, format="PNG", pnginfo=info, compress_level=compress_level)
             if tmp.stat().st_size == 0:  # PIL raises on a failed write; an empty file is the last resort check
                 raise OSError(f"{tmp} is empty after writing")
     except OSError as err:
         cause = err.strerror or str(err)
-        raise UserError(f"{path}: cannot write the PNG ({cause}); check the folder's permissions and free space") from None
+        raise UserError(f"{destination_of(path)}: cannot write the PNG ({cause}); check the folder's permissions and "
+                        "free space") from None
     return path
+
+
+@contextlib.contextmanager
+def _in_place(path: Path) -> Iterator[Path]:
+    """Yield ``path`` itself; remove what was written there if the body fails."""
+    try:
+        yield path
+    except BaseException:
+        if path.is_file():  # never a device or a FIFO that happened to be named
+            path.unlink()
+        raise
 
 
 def make_grid(images: Sequence[np.ndarray | Image.Image], columns: int | None = None, pad: int = 0,
@@ -223,12 +250,21 @@ def make_grid(images: Sequence[np.ndarray | Image.Image], columns: int | None = 
     return grid
 
 
+# Settings not written as a chunk of their own: ComfyUI reads a text chunk named "prompt" as its workflow JSON
+# (comfy_extras/nodes_images.py), so the prompt is only in "settings" and "parameters".
+_NO_OWN_CHUNK = ("seeds", "prompt")
+
+
 def png_metadata(settings: Mapping[str, Any], index: int = 0) -> dict[str, str]:
-    """PNG text chunks for image ``index`` of a generation: one chunk per setting (with that image's own seed),
-    plus all of them as JSON under "settings". Read back with ``PIL.Image.open(path).text``."""
+    """PNG text chunks for image ``index`` of a generation: one chunk per setting but the prompt (with that image's
+    own seed), all of them as JSON under "settings", and A1111's "parameters" text
+    (:func:`controlnet.a1111.parameters_text`). Read back with ``PIL.Image.open(path).text``."""
+    from controlnet.a1111 import parameters_text
+
     seeds = settings.get("seeds") or [settings["seed"]]
     per_image = {k: v for k, v in settings.items() if k != "seeds"}
     per_image["seed"] = seeds[index]
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in per_image.items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in per_image.items() if k not in _NO_OWN_CHUNK}
     meta["settings"] = json.dumps(per_image, sort_keys=True)
+    meta["parameters"] = parameters_text(settings, index)
     return meta

@@ -10,6 +10,12 @@
     latents     = sample(unet, scheduler, noise * init_sigma, all timesteps, text, controls, guidance)
     images      = VAE.decode(latents)
 
+Image to image (``init_image``; pieces in :mod:`controlnet.img2img`): the picture is encoded (the VAE's posterior
+sampled with generator k), noised to the first of the last ``round(denoise * steps)`` timesteps, and only those
+run; with a ``mask`` the known region is blended back at every step (or, for an inpainting UNet, given as its
+extra input) and its pixels are pasted back after decoding. Hires fix (``hires``): the text-to-image result is
+upscaled and refined by an img2img pass at the larger size, its conditions prepared anew at that size.
+
 Python use::
 
     from controlnet import Pipeline, ControlUnit
@@ -28,7 +34,25 @@ Decisions (the sampler's and the conditions' own are in :mod:`controlnet.samplin
 * Text as diffusers computes it: the last hidden state of the text encoder; for SDXL the penultimate layer of
   both encoders, concatenated, the second's pooled embedding, and zeros for an empty negative prompt.
 * Seeds: image k of a generation starts from noise drawn with its own generator seeded ``seed + k`` (also used
-  for the ancestral / eta noise), so each image is reproducible alone with ``seed + k``.
+  for the ancestral / eta noise), so each image is reproducible alone with ``seed + k``. With an init image the
+  generator draws, in order: the image's posterior sample, the noise, the masked image's posterior sample
+  (inpainting UNets), then a hires pass's draws; each only when it is needed (diffusers' order).
+* Control modes per unit (the sd-webui-controlnet extension, Mikubill/sd-webui-controlnet scripts/controlnet.py:
+  ``soft_injection = control_mode != BALANCED``, ``cfg_injection = control_mode == CONTROL``; scripts/hook.py:
+  ``control_scales = weight * 0.825 ** (12 - i)`` and ``control *= cond_mark``): "balanced" scales every residual
+  by the strength, on both CFG branches; "prompt" ("My prompt is more important") scales residual j of N by
+  ``strength * 0.825**(N-1-j)`` (deep residuals weaker), on both branches; "controlnet" ("ControlNet is more
+  important") uses the same scales on the conditional branch only, the unconditional one uncontrolled, CFG kept:
+  that is the original's guess mode, which ``guess_mode=True`` applies to every unit.
+* img2img steps (diffusers' StableDiffusionControlNetImg2ImgPipeline ``get_timesteps``): ``round(denoise *
+  steps)`` (rounded half up; diffusers floors it) of a ``steps``-step schedule run, from the noisiest of them;
+  a unit's ``start``/``end`` are fractions of the steps that run. ``denoise`` 0 returns the VAE round trip of
+  the picture; 1 starts at the noisiest timestep from the picture noised there (img2img) or from pure noise
+  (inpainting), as diffusers' img2img and inpaint pipelines do.
+* Output size with an init image: the picture's own size rounded to multiples of 8 (``size`` overrides; the
+  picture and mask are then resized by "cover, then centre-crop" and the pasted-back pixels are those of the
+  resized picture). With ``inpaint_full_res``: the image at its own size, the crop generated at ``size`` or at the
+  crop's aspect ratio with its short side at the native resolution.
 """
 
 from __future__ import annotations
@@ -38,7 +62,7 @@ import os
 import random
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -47,12 +71,22 @@ import torch
 from PIL import Image
 from torch import nn
 
+from controlnet.base_model import BaseModelMixin
 from controlnet.conditions import ImageInput, condition_to_pil, prepare_condition, round_size, to_condition_array
-from controlnet.defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS
+from controlnet.defaults import (
+    CONTROL_MODES, DEFAULT_DENOISE, DEFAULT_HIRES_DENOISE, DEFAULT_HIRES_SCALE,
+    DEFAULT_INPAINT_DENOISE, DEFAULT_INPAINT_PADDING, DEFAULT_MASK_BLUR, DEFAULT_STEPS,
+    HIRES_UPSCALERS,
+)
 from controlnet.errors import UserError
+from controlnet.limits import check_output_size, check_seed
 from controlnet.loading import DTYPE_NAMES, load_base, move, placement, quiet_loading, resolve_device, resolve_dtype
 from controlnet.model import ControlNet, guess_mode_scales
-from controlnet.sampling import Control, in_step_range, make_scheduler, sample
+from controlnet.img2img import (
+    Source, crop_condition, feather, full_res_box, latent_mask, load_source, mask_box, paste_back, resize_exact,
+    to_vae_input, uncrop,
+)
+from controlnet.sampling import Control, Inpainting, in_step_range, make_scheduler, sample
 
 ControlNetRef = Union[ControlNet, str, os.PathLike]
 
@@ -73,7 +107,8 @@ class ControlUnit:
         annotator: name of a :mod:`controlnet.annotators` annotator run on the (resized) image first.
         annotator_params: keyword arguments for the annotator.
         residual_scales: optional per-residual factors (down residuals then mid, ``num_residuals`` values),
-            multiplied by ``strength``; replaces guess mode's ``0.825**(N-1-j)``.
+            multiplied by ``strength``; replaces the ``0.825**(N-1-j)`` of guess mode and of the control modes.
+        control_mode: "balanced", "prompt" or "controlnet" (the A1111 extension's modes; module docstring).
     """
 
     controlnet: ControlNetRef
@@ -84,9 +119,12 @@ class ControlUnit:
     annotator: str | None = None
     annotator_params: dict[str, Any] = field(default_factory=dict)
     residual_scales: Sequence[float] | None = None
+    control_mode: str = "balanced"
 
     def __post_init__(self) -> None:
         self.strength, self.start, self.end = float(self.strength), float(self.start), float(self.end)
+        if self.control_mode not in CONTROL_MODES:
+            raise UserError(f"unknown control mode {self.control_mode!r}; choose one of {', '.join(CONTROL_MODES)}")
         if not math.isfinite(self.strength) or self.strength < 0:
             raise UserError(f"ControlNet strength must be a number >= 0, got {self.strength}")
         for name in ("start", "end"):
@@ -100,6 +138,49 @@ class ControlUnit:
         """Whether the unit runs at step ``step`` of ``num_steps`` (:func:`controlnet.sampling.in_step_range`;
         never at strength 0)."""
         return self.strength > 0 and in_step_range(self.start, self.end, step, num_steps)
+
+
+@dataclass
+class HiresFix:
+    """Hires fix (A1111's): generate, upscale by ``scale``, then an img2img pass of ``denoise`` at the larger size
+    with the same ControlNets, their conditions prepared at that size.
+
+    ``steps``: the second pass's schedule (None: the generation's steps; ``round(denoise * steps)`` of them run).
+    ``upscaler``: "latent" (the latents, bilinear, as A1111's "Latent") or "lanczos" (the decoded images,
+    Lanczos, encoded again).
+    """
+
+    scale: float = DEFAULT_HIRES_SCALE
+    denoise: float = DEFAULT_HIRES_DENOISE
+    steps: int | None = None
+    upscaler: str = "latent"
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(float(self.scale)) or self.scale < 1:
+            raise UserError(f"hires scale must be a number >= 1, got {self.scale}")
+        if not 0.0 <= float(self.denoise) <= 1.0:
+            raise UserError(f"hires denoise must be in [0, 1], got {self.denoise}")
+        if self.steps is not None and int(self.steps) < 1:
+            raise UserError(f"hires steps must be >= 1 (or None: the generation's steps), got {self.steps}")
+        if self.upscaler not in HIRES_UPSCALERS:
+            raise UserError(f"unknown hires upscaler {self.upscaler!r}; choose one of {', '.join(HIRES_UPSCALERS)}")
+
+
+@dataclass
+class _Run:
+    """What every denoising pass of one call shares (the hires pass repeats the first with these)."""
+
+    prompt: str
+    negative_prompt: str
+    controls: list[ControlUnit]
+    guess_mode: bool
+    guidance: float
+    scheduler: str
+    eta: float
+    reuse: int
+    generators: list[torch.Generator]
+    progress: bool
+    callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None
 
 
 @dataclass
@@ -119,13 +200,14 @@ class GenerationResult:
     settings: dict[str, Any]
 
 
-class Pipeline:
+class Pipeline(BaseModelMixin):
     """Text-to-image with ControlNets over an SD-family base (SD1.x, SD2.x incl. v-prediction, SDXL).
 
     Build it with :meth:`from_pretrained` (embedded base, a diffusers folder or a single file; dtype None → the
     device's default, :func:`controlnet.loading.default_dtype`) or from diffusers/transformers components
     (dtype/device None → the components run as given; otherwise they are moved and cast in place). Call it to
-    generate; see the module docstring for the steps and the rules they follow.
+    generate; see the module docstring for the steps and the rules they follow. LoRAs, embeddings, another VAE,
+    clip skip, offload and compile: :class:`~controlnet.base_model.BaseModelMixin`.
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any, scheduler: Any,
@@ -153,21 +235,27 @@ class Pipeline:
         self.base = ""  # where the base came from (settings / metadata)
         self._controlnets: dict[str, ControlNet] = {}
         self._checked: set[int] = set()
+        # Largest output, pixels per image (controlnet.limits); None: derived from the device's memory.
+        self.max_pixels: int | None = None
+        self._init_base_model_options()
 
     @classmethod
     def from_pretrained(cls, base: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None,
-                        base_config: str | os.PathLike | None = None) -> "Pipeline":
-        """Load a base model: ``None`` → the embedded tiny model; a diffusers folder; or a single
-        .safetensors/.ckpt file (needs ``base_config``, a diffusers folder of the same family, or its config
-        in the Hugging Face cache: nothing is downloaded)."""
+                        base_config: str | os.PathLike | None = None, revision: str | None = None,
+                        variant: str | None = None) -> "Pipeline":
+        """Load a base model: ``None`` → the embedded tiny model; a diffusers folder; a single .safetensors/.ckpt
+        file (needs ``base_config``, a diffusers folder of the same family, or its config in the Hugging Face
+        cache); or a hub id (``org/name`` or ``org/name/file.safetensors``; ``revision``, ``variant`` as in
+        diffusers), downloaded into the Hugging Face cache on first use unless HF_HUB_OFFLINE=1."""
         from controlnet.embedded import default_base_dir
 
         device_ = resolve_device(device)
         dtype_ = resolve_dtype(dtype, device_)
         path = default_base_dir() if base is None else base
-        pipe = cls(**load_base(path, dtype_, base_config), dtype=dtype_, device=device_)
-        pipe.base = "embedded" if base is None else str(Path(base).expanduser())
+        pipe = cls(**load_base(path, dtype_, base_config, revision, variant), dtype=dtype_, device=device_)
+        pipe.base = "embedded" if base is None else str(Path(base).expanduser() if Path(base).expanduser().exists() else base)
+        pipe.variant = variant
         return pipe
 
     def load_controlnet(self, name_or_path: ControlNetRef) -> ControlNet:
@@ -176,13 +264,14 @@ class Pipeline:
             cn = name_or_path
         else:
             from controlnet.checkpoints import load_controlnet
-            from controlnet.embedded import resolve_controlnet
+            from controlnet.loading import resolve_controlnet_source
 
-            path = resolve_controlnet(str(name_or_path))
+            path = resolve_controlnet_source(str(name_or_path), variant=self.variant)  # also hub ids
             key = str(path.resolve())
             if key not in self._controlnets:
                 with quiet_loading():
-                    self._controlnets[key] = load_controlnet(path, dtype=self.dtype, device=self.device)
+                    cn = load_controlnet(path, dtype=self.dtype, device=self.device)
+                self._controlnets[key] = self.prepare_controlnet(cn)  # offload, compile, channels-last
             cn = self._controlnets[key]
         if id(cn) not in self._checked:
             from controlnet.checkpoints import check_compatible
@@ -200,57 +289,83 @@ class Pipeline:
 
     @torch.inference_mode()
     def __call__(self, prompt: str, controls: Sequence[ControlUnit] = (), negative_prompt: str = "",
-                 steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, scheduler: str = DEFAULT_SCHEDULER,
+                 steps: int = DEFAULT_STEPS, guidance: float | None = None, scheduler: str | None = None,
                  seed: int | None = 0, size: tuple[int, int] | None = None, num_images: int = 1, eta: float = 0.0,
                  guess_mode: bool = False, latents: torch.Tensor | None = None, output_type: str = "pil",
                  progress: bool = True, reuse_residuals: int = 1,
-                 callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> GenerationResult:
+                 callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+                 init_image: ImageInput | None = None, denoise: float | None = None, mask: ImageInput | None = None,
+                 mask_blur: float = DEFAULT_MASK_BLUR, mask_invert: bool = False, inpaint_full_res: bool = False,
+                 inpaint_padding: int = DEFAULT_INPAINT_PADDING, hires: HiresFix | None = None) -> GenerationResult:
         """Generate ``num_images`` images for ``prompt`` under the ControlNets of ``controls``.
 
         Args:
-            prompt, negative_prompt: the text; the negative prompt is the unconditional branch of CFG.
+            prompt, negative_prompt: the text, in A1111's syntax (emphasis, BREAK, any length, ``<lora:name:w>``:
+                :mod:`controlnet.prompts`, :mod:`controlnet.lora`); the negative prompt is CFG's unconditional branch.
             controls: :class:`ControlUnit` s; their residuals add.
-            steps, scheduler, eta: sampler settings (``eta`` is DDIM's noise; other samplers ignore it).
-            guidance: classifier-free guidance weight (<= 1: no CFG, one branch).
+            steps, scheduler, eta: sampler settings (``eta`` is DDIM's noise, TCD's gamma; others ignore it);
+                scheduler None: the base family's (:attr:`defaults`); A1111's names are accepted.
+            guidance: classifier-free guidance weight (<= 1: no CFG, one branch; None: the base family's).
             seed: image k uses seed + k (``None``: a random seed, reported in the result).
             size: (width, height); ``None``: see the module docstring.
             guess_mode: control on the conditional branch only, residual scales 0.825**(N-1-j).
             latents: initial noise ``(num_images, C, h, w)`` (unscaled; multiplied by the scheduler's
-                ``init_noise_sigma``), instead of drawing it from the seed.
-            output_type: "pil", "np" (uint8 arrays) or "latent" (no decoding).
+                ``init_noise_sigma``, or added to the init image's latents), instead of drawing it from the seed.
+            output_type: "pil", "np" (uint8 arrays) or "latent" (no decoding, no paste-back).
             progress: show a tqdm bar over the steps (stderr).
             callback: called as ``callback(i, t, latents)`` after every step.
             reuse_residuals: compute each ControlNet every N active steps and reuse its residuals in between
                 (1, the default: every step; an approximation that trades controllability for speed).
+            init_image: the starting picture of img2img / inpainting (path, PIL image or array).
+            denoise: how much of it is redrawn, in [0, 1] (None: 0.75, or 1.0 with a mask).
+            mask: white = repaint (the init image's size); ``mask_invert`` swaps; ``mask_blur`` feathers the
+                paste-back inward over that many pixels.
+            inpaint_full_res: A1111's "only masked": work on the mask's box plus ``inpaint_padding`` pixels at the
+                full generation size, then paste it back.
+            hires: a :class:`HiresFix` second pass (text-to-image only).
         """
+        guidance, scheduler = self.sampler_defaults(guidance, scheduler)
         _check_settings(output_type, steps, num_images, guidance, eta, reuse_residuals)
         steps, num_images, reuse_residuals = int(steps), int(num_images), int(reuse_residuals)
-        sampler = make_scheduler(scheduler, self.scheduler_config)
+        text_prompt, active_loras = self.apply_prompt_loras(prompt)  # <lora:name:w> tags out of the text
+        _check_steps(steps, make_scheduler(scheduler, self.scheduler_config), scheduler)
         seed = random.SystemRandom().randrange(2**31) if seed is None else int(seed)
-
-        # 1. Conditions at the output size, each with its ControlNet.
-        width, height = self.output_size(size, to_condition_array(controls[0].image) if controls else None)
-        prepared = [self._prepare_unit(unit, width, height, guess_mode) for unit in controls]
-
-        # 2. Text: [unconditional, conditional] rows in one batch when guiding (diffusers' order).
-        text, added = self.text_conditioning(prompt, negative_prompt, num_images, guidance > 1.0, width, height)
-
-        # 3. The start: noise from one generator per image, seeded seed + k (also the samplers' noise).
+        check_seed(seed, "seed")
+        denoise = self._check_image_settings(init_image, denoise, mask, mask_blur, inpaint_full_res,
+                                             inpaint_padding, hires)
+        source = load_source(init_image, mask, mask_invert) if init_image is not None else None
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num_images)]
-        noise = self._initial_noise(latents, generators, width, height)  # (B, C, h, w)
-        sampler.set_timesteps(steps, device=self.device)
-        start = noise.to(self.device, torch.float32) * sampler.init_noise_sigma
+        run = _Run(text_prompt, negative_prompt, list(controls), guess_mode, guidance, scheduler, eta, reuse_residuals,
+                   generators, progress, callback)
 
-        # 4. The loop, over the units that can act (strength > 0).
-        active = [control for (control, _), unit in zip(prepared, controls) if unit.strength > 0]
-        final = sample(self.unet, sampler, start, sampler.timesteps, text, active, guidance, added=added,
-                       reuse=reuse_residuals, eta=eta, generators=generators, progress=progress, callback=callback)
+        # 1. Where: the output size, the starting picture there (for "only masked": the mask's box, its conditions).
+        whole, box = source, None
+        if source is not None and inpaint_full_res:
+            source, size, box = self._only_masked(source, size, inpaint_padding, run)
+        if size is None and source is not None:
+            size = round_size(*source.size, self.vae_scale_factor)
+        width, height = self.output_size(size, to_condition_array(controls[0].image) if controls else None)
+        check_output_size(width, height, self.max_pixels, device=str(self.device), what="output size")
+        source = source.fit(width, height) if source is not None else None
 
-        # 5. Decode and report.
+        # 2. The denoising pass(es): conditions, text, start, loop.
+        final, prepared = self._denoise(run, width, height, steps, denoise, source=source, latents=latents)
+        if hires is not None:
+            width, height = round_size(width * hires.scale, height * hires.scale, self.vae_scale_factor)
+            check_output_size(width, height, self.max_pixels, device=str(self.device), what="hires size")
+            final, prepared = self._denoise(run, width, height, hires.steps or steps, hires.denoise,
+                                            image_latents=self._upscale_latents(final, hires, width, height, run))
+
+        # 3. Decode, paste back, report.
         settings = self._settings(prompt, negative_prompt, seed, steps, scheduler, guidance, width, height, eta,
                                   guess_mode, reuse_residuals, num_images, controls)
+        settings.update(_image_settings(init_image, denoise, mask, mask_blur, mask_invert, inpaint_full_res,
+                                        inpaint_padding, hires, steps))
+        settings.update(self.base_model_settings(active_loras))
+        images = self._output(final, output_type, source, mask_blur, whole, box)
         conditions = [condition_to_pil(condition) for _, condition in prepared]
-        return GenerationResult(self._output(final, output_type), final.cpu(), conditions, seed, settings)
+        self.end_generation()  # the prompt's LoRAs off, offloaded models back to the CPU
+        return GenerationResult(images, final.cpu(), conditions, seed, settings)
 
     # ------------------------------------------------------------------ pieces of a generation
 
@@ -272,7 +387,10 @@ class Pipeline:
         return round_size(w * scale, h * scale, m)
 
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text embeddings ``(N, L, D)`` and, for SDXL, pooled embeddings ``(N, D2)`` (as diffusers computes them)."""
+        """Text embeddings ``(N, L, D)`` and, for SDXL, pooled embeddings ``(N, D2)`` (as diffusers computes them:
+        plain text cut at the tokenizer's length, with a warning naming what was cut; generation uses
+        :meth:`encode_weighted_prompt`, which keeps everything)."""
+        _warn_truncated(self.tokenizer, prompts)
         if self.text_encoder_2 is None:
             ids = _tokenize(self.tokenizer, prompts, self.text_encoder)
             return self.text_encoder(ids)[0], None  # last hidden state, after the final layer norm
@@ -286,16 +404,19 @@ class Pipeline:
 
     def text_conditioning(self, prompt: str, negative_prompt: str, num_images: int, cfg: bool, width: int,
                           height: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """The sampler's ``text`` ``(2B or B, L, D)`` ([negative, positive] rows when ``cfg``) and, for SDXL, its
+        """The sampler's ``text`` ``(2B or B, L, D)`` ([negative, positive] rows when ``cfg``; prompts of any length
+        in A1111's syntax, :meth:`encode_weighted_prompt`, the shorter padded) and, for SDXL, its
         ``added_cond_kwargs`` (pooled text and the micro-conditioning sizes)."""
-        text, pooled = self.encode_prompt([prompt])  # (1, L, D), (1, D2) | None
+        text, pooled = self.encode_weighted_prompt(prompt)  # (1, n * L, D), (1, D2) | None
         rows = [(text, pooled)]
         if cfg:
             if self.is_sdxl and not negative_prompt:  # SDXL: zeros for an empty negative prompt
                 negative = (torch.zeros_like(text), torch.zeros_like(pooled) if pooled is not None else None)
             else:
-                negative = self.encode_prompt([negative_prompt])
+                negative = self.encode_weighted_prompt(negative_prompt)
             rows.insert(0, negative)
+            padded = self.weighted_text_rows([t for t, _ in rows])
+            rows = [(t, p) for t, (_, p) in zip(padded, rows)]
         text = torch.cat([t.expand(num_images, -1, -1) for t, _ in rows]).to(self.device, self.dtype)
         if not self.is_sdxl:
             return text, None
@@ -313,29 +434,148 @@ class Pipeline:
             scales: float | list[float] = [unit.strength * float(s) for s in unit.residual_scales]
             if len(scales) != cn.num_residuals:
                 raise UserError(f"residual_scales has {len(scales)} values; this ControlNet has {cn.num_residuals} residuals")
-        elif guess_mode:
+        elif guess_mode or unit.control_mode != "balanced":  # the soft injection of "prompt" and "controlnet"
             scales = guess_mode_scales(cn.num_residuals, unit.strength)
         else:
             scales = unit.strength
-        hint = torch.from_numpy(condition).permute(2, 0, 1)[None]  # (1, 3, H, W) in [0, 1]
+        hint = torch.from_numpy(condition).permute(2, 0, 1)[None]  # (1, 3, H, W) in [0, 1], masked pixels -1
         # A pooled ControlNet (global_pool_conditions) controls the conditional branch only, as in diffusers.
-        cond_only = guess_mode or bool(cn.config.global_pool_conditions)
+        cond_only = guess_mode or unit.control_mode == "controlnet" or bool(cn.config.global_pool_conditions)
         return Control(cn, hint, scales, unit.start, unit.end, cond_only), condition
 
     def _initial_noise(self, latents: torch.Tensor | None, generators: list[torch.Generator], width: int,
                        height: int) -> torch.Tensor:
         """``latents`` (checked), or noise ``(B, C, h, w)`` float32 drawn from one generator per image."""
-        shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (1, self.vae.config.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
         if tuple(latents.shape) != (len(generators), *shape[1:]):
             raise UserError(f"latents must have shape {(len(generators), *shape[1:])}, got {tuple(latents.shape)}")
         return latents
 
+    # ------------------------------------------------------------------ image to image
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        """Whether the UNet is an inpainting one: latents + mask + masked-image latents in (9 channels for SD)."""
+        return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
+
+    def _check_image_settings(self, init_image: Any, denoise: float | None, mask: Any, mask_blur: float,
+                              full_res: bool, padding: int, hires: HiresFix | None) -> float:
+        """One-line :class:`UserError` for an image-to-image setting that cannot work; the denoise to use."""
+        channels = self.unet.config.in_channels
+        if channels != self.vae.config.latent_channels and not self.is_inpainting_model:
+            raise UserError(f"a UNet with {channels} input channels is not supported (ordinary: "
+                            f"{self.vae.config.latent_channels}; inpainting: {2 * self.vae.config.latent_channels + 1})")
+        if self.is_inpainting_model and mask is None:
+            raise UserError(f"this base is an inpainting model ({channels}-channel UNet): it needs init_image and mask "
+                            "(--init-image IMG --mask MASK); use an ordinary base for text-to-image and img2img")
+        if init_image is None:
+            for given, what in ((denoise is not None, "denoise"), (mask is not None, "a mask"),
+                                (full_res, "inpaint_full_res")):
+                if given:
+                    raise UserError(f"{what} needs an init image to work on; pass init_image (--init-image IMG)")
+        elif hires is not None:
+            raise UserError("hires fix is for text-to-image; for an init image, run img2img at the larger size")
+        if full_res and mask is None:
+            raise UserError("inpaint_full_res works around a mask; pass mask (--mask MASK)")
+        if denoise is not None and not 0.0 <= float(denoise) <= 1.0:  # also refuses NaN
+            raise UserError(f"denoise must be in [0, 1] (0: the image back, 1: redraw it all), got {denoise}")
+        if not float(mask_blur) >= 0 or int(padding) < 0:
+            raise UserError(f"mask blur and inpaint padding must be >= 0, got {mask_blur} and {padding}")
+        if denoise is None:
+            return DEFAULT_INPAINT_DENOISE if mask is not None else DEFAULT_DENOISE
+        return float(denoise)
+
+    def _only_masked(self, source: Source, size: tuple[int, int] | None, padding: int,
+                     run: _Run) -> tuple[Source, tuple[int, int], tuple[int, int, int, int]]:
+        """"Only masked" inpainting (module docstring): the box's picture and mask stretched to the size it is
+        generated at, that size, and the box; the units' conditions of the picture's size are cut to it."""
+        left, top, right, bottom = mask_box(source.mask, int(padding))
+        width, height = self.output_size(size, np.empty((bottom - top, right - left, 0)))
+        box = full_res_box(source.mask, width, height, int(padding))
+        run.controls = self._crop_units(run.controls, box, source.size)
+        crop = source.crop(box)
+        stretched = Source(resize_exact(crop.image, width, height),
+                           resize_exact(crop.mask.astype(np.uint8), width, height) > 0)
+        return stretched, (width, height), box
+
+    def _crop_units(self, units: list[ControlUnit], box: tuple[int, int, int, int],
+                    image_size: tuple[int, int]) -> list[ControlUnit]:
+        """The units of an "only masked" generation: a condition of the init image's size is prepared at that
+        size (annotated) and cut to ``box``; others are used whole."""
+        cropped = []
+        for unit in units:
+            h, w = to_condition_array(unit.image).shape[:2]
+            if (w, h) == image_size:
+                whole = prepare_condition(unit.image, w, h, unit.annotator, unit.annotator_params)
+                unit = replace(unit, image=crop_condition(whole, box), annotator=None, annotator_params={})
+            cropped.append(unit)
+        return cropped
+
+    def _denoise(self, run: _Run, width: int, height: int, steps: int, denoise: float, *,
+                 source: Source | None = None, image_latents: torch.Tensor | None = None,
+                 latents: torch.Tensor | None = None) -> tuple[torch.Tensor, list[tuple[Control, np.ndarray]]]:
+        """One denoising pass at ``width`` x ``height``: the final latents and the prepared units. From noise
+        (text-to-image), from ``source`` (img2img / inpainting) or from ``image_latents`` (the hires pass)."""
+        sampler = make_scheduler(run.scheduler, self.scheduler_config)
+        prepared = [self._prepare_unit(unit, width, height, run.guess_mode) for unit in run.controls]
+        num_images = len(run.generators)
+        # Text: [unconditional, conditional] rows in one batch when guiding (diffusers' order).
+        text, added = self.text_conditioning(run.prompt, run.negative_prompt, num_images, run.guidance > 1.0,
+                                             width, height)
+        start, timesteps, inpainting = self._start(sampler, steps, denoise, run.generators, width, height,
+                                                   source, image_latents, latents)
+        active = [control for (control, _), unit in zip(prepared, run.controls) if unit.strength > 0]
+        final = sample(self.unet, sampler, start, timesteps, text, active, run.guidance, added=added, reuse=run.reuse,
+                       eta=run.eta, generators=run.generators, progress=run.progress,
+                       callback=_stop_if_not_finite(run.callback, len(timesteps)), inpainting=inpainting)
+        return final, prepared
+
+    def _start(self, sampler: Any, steps: int, denoise: float, generators: list[torch.Generator], width: int,
+               height: int, source: Source | None, image_latents: torch.Tensor | None,
+               latents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Inpainting | None]:
+        """The starting latents ``(B, C, h, w)``, the timesteps to run and the known region (inpainting), drawing
+        from the generators in the order of the module docstring."""
+        sampler.set_timesteps(steps, device=self.device)
+        if source is None and image_latents is None:  # text-to-image
+            noise = self._initial_noise(latents, generators, width, height).to(self.device, torch.float32)
+            return noise * sampler.init_noise_sigma, sampler.timesteps, None
+        timesteps = _img2img_timesteps(sampler, steps, denoise)
+        masked = source is not None and source.mask is not None
+        from_noise = masked and denoise >= 1.0  # diffusers' inpaint pipelines: pure noise at strength 1
+        if image_latents is None and not (from_noise and self.is_inpainting_model):
+            image_latents = self.encode(source.image, generators)
+        noise = self._initial_noise(latents, generators, width, height).to(self.device, torch.float32)
+        if from_noise:
+            start = noise * sampler.init_noise_sigma
+        elif len(timesteps) == 0:  # denoise 0: the VAE round trip
+            start = image_latents
+        else:
+            start = sampler.add_noise(image_latents, noise, timesteps[:1].repeat(len(generators)))
+        if not masked:
+            return start, timesteps, None
+        mask = latent_mask(source.mask, self.vae_scale_factor).to(self.device).expand(len(generators), -1, -1, -1)
+        if self.is_inpainting_model:  # the image with the masked pixels at 0 (grey), as diffusers
+            keep = torch.from_numpy(~source.mask)[None, None].float()  # (1, 1, H, W)
+            masked_latents = self.encode(to_vae_input(source.image) * keep, generators)
+            return start, timesteps, Inpainting(mask, masked_image_latents=masked_latents)
+        return start, timesteps, Inpainting(mask, image_latents=image_latents, noise=noise)
+
+    def _upscale_latents(self, latents: torch.Tensor, hires: HiresFix, width: int, height: int,
+                         run: _Run) -> torch.Tensor:
+        """The hires pass's picture: ``latents`` upscaled to ``width`` x ``height`` by the hires upscaler."""
+        if hires.upscaler == "latent":  # A1111's "Latent": bilinear, no antialiasing
+            size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+            return torch.nn.functional.interpolate(latents, size=size, mode="bilinear", align_corners=False)
+        pictures = [Image.fromarray(a).resize((width, height), Image.LANCZOS) for a in self.decode(latents)]
+        return torch.cat([self.encode(np.asarray(p), [g]) for p, g in zip(pictures, run.generators)])
+
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents ``(B, C, h, w)`` → images ``(B, H, W, 3)`` uint8, one image at a time (bounded memory)."""
         scaling = self.vae.config.scaling_factor
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        self.configure_vae_tiling(latents.shape[-1] * self.vae_scale_factor, latents.shape[-2] * self.vae_scale_factor)
         images = []
         for z in latents:
             z = (z[None] / scaling + shift).to(**placement(self.vae))
@@ -344,11 +584,30 @@ class Pipeline:
             images.append((x[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
         return np.stack(images)
 
-    def _output(self, latents: torch.Tensor, output_type: str) -> list[Any]:
+    @torch.inference_mode()
+    def encode(self, image: np.ndarray | torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """A picture (uint8 ``(H, W, 3)``, or the VAE's input ``(1, 3, H, W)`` in [-1, 1]) → latents
+        ``(B, C, h, w)`` float32, one posterior sample per generator (diffusers' ``retrieve_latents``)."""
+        x = image if isinstance(image, torch.Tensor) else to_vae_input(image)
+        posterior = self.vae.encode(x.to(**placement(self.vae))).latent_dist
+        z = torch.cat([posterior.sample(generator=g) for g in generators]).float()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((z - shift) * self.vae.config.scaling_factor).to(self.device)
+
+    def _output(self, latents: torch.Tensor, output_type: str, source: Source | None = None, mask_blur: float = 0.0,
+                whole: Source | None = None, box: tuple[int, int, int, int] | None = None) -> list[Any]:
+        """The decoded images, with the unmasked pixels of ``source`` pasted back (for "only masked": the box's
+        result pasted into ``whole``)."""
         if output_type == "latent":
             return []
-        arrays = self.decode(latents)
-        return [Image.fromarray(a) for a in arrays] if output_type == "pil" else list(arrays)
+        arrays = list(self.decode(latents))
+        if source is not None and source.mask is not None:
+            if box is not None:
+                arrays = [uncrop(a, whole, box, mask_blur) for a in arrays]
+            else:
+                weight = feather(source.mask, mask_blur)
+                arrays = [paste_back(a, source.image, weight) for a in arrays]
+        return [Image.fromarray(a) for a in arrays] if output_type == "pil" else arrays
 
     def _settings(self, prompt: str, negative_prompt: str, seed: int, steps: int, scheduler: str, guidance: float,
                   width: int, height: int, eta: float, guess_mode: bool, reuse_residuals: int, num_images: int,
@@ -362,11 +621,60 @@ class Pipeline:
             "num_images": num_images, "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)), "base": self.base,
             "controlnets": [
                 {"controlnet": _describe_controlnet(u.controlnet), "control": _describe_image(u.image),
-                 "strength": u.strength, "start": u.start, "end": u.end, "annotator": u.annotator or "",
+                 "strength": u.strength, "start": u.start, "end": u.end, "control_mode": u.control_mode,
+                 "annotator": u.annotator or "",
                  "annotator_params": {k: _describe_value(v) for k, v in u.annotator_params.items()}}
                 for u in controls
             ],
         }
+
+
+def _check_steps(steps: int, sampler: Any, name: str) -> None:
+    """Refuse more steps than the base's training schedule has timesteps (diffusers' DDIM raises; others repeat)."""
+    limit = int(getattr(sampler.config, "num_train_timesteps", 1000))
+    if steps > limit:
+        raise UserError(f"steps {steps} is more than the scheduler {name!r} supports for this base (its schedule has "
+                        f"{limit} timesteps); give steps <= {limit}")
+
+
+def _stop_if_not_finite(callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None,
+                        num_steps: int) -> Callable[[int, torch.Tensor, torch.Tensor], None]:
+    """``callback`` after a check that stops the generation (:class:`UserError`) once the latents hold NaN or Inf:
+    every later step would stay non-finite, and the images would come out black."""
+
+    def check(i: int, t: torch.Tensor, latents: torch.Tensor) -> None:
+        if not bool(torch.isfinite(latents).all()):
+            raise UserError(f"generation stopped at step {i + 1} of {num_steps}: the latents became NaN or Inf "
+                            "(an overflow: try --dtype fp32 or a smaller guidance; or non-finite weights)")
+        if callback is not None:
+            callback(i, t, latents)
+
+    return check
+
+
+def _img2img_timesteps(sampler: Any, steps: int, denoise: float) -> torch.Tensor:
+    """The last ``round(denoise * steps)`` timesteps of the schedule (rounded half up), and the scheduler told
+    where they begin (diffusers' img2img ``get_timesteps``)."""
+    run = min(int(math.floor(denoise * steps + 0.5)), steps)
+    begin = (steps - run) * sampler.order
+    if hasattr(sampler, "set_begin_index"):
+        sampler.set_begin_index(begin)
+    return sampler.timesteps[begin:]
+
+
+def _image_settings(init_image: Any, denoise: float, mask: Any, mask_blur: float, mask_invert: bool,
+                    full_res: bool, padding: int, hires: HiresFix | None, steps: int) -> dict[str, Any]:
+    """The settings of image to image and hires fix (none for plain text-to-image)."""
+    settings: dict[str, Any] = {}
+    if init_image is not None:
+        settings.update(init_image=_describe_image(init_image), denoise=denoise)
+    if mask is not None:
+        settings.update(mask=_describe_image(mask), mask_blur=float(mask_blur), mask_invert=bool(mask_invert),
+                        inpaint_full_res=bool(full_res), inpaint_padding=int(padding))
+    if hires is not None:
+        settings["hires"] = {"scale": float(hires.scale), "denoise": float(hires.denoise),
+                             "steps": int(hires.steps or steps), "upscaler": hires.upscaler}
+    return settings
 
 
 def _check_settings(output_type: str, steps: int, num_images: int, guidance: float, eta: float,
@@ -384,6 +692,15 @@ def _check_settings(output_type: str, steps: int, num_images: int, guidance: flo
         raise UserError(f"eta must be in [0, 1], got {eta}")
     if int(reuse_residuals) < 1:
         raise UserError(f"reuse_residuals must be >= 1 (1: compute the residuals every step), got {reuse_residuals}")
+
+
+def _warn_truncated(tokenizer: Any, prompts: list[str]) -> None:
+    from controlnet.prompts import truncated_text
+
+    cut = [text for text in truncated_text(tokenizer, prompts) if text]
+    if cut:
+        warnings.warn(f"prompt longer than {tokenizer.model_max_length - 2} tokens: cut {cut[0]!r}"
+                      + (f" (and {len(cut) - 1} more prompts)" if len(cut) > 1 else ""), stacklevel=3)
 
 
 def _tokenize(tokenizer: Any, prompts: list[str], encoder: nn.Module) -> torch.Tensor:

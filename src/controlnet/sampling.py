@@ -14,8 +14,15 @@ to its skip connections. :func:`sample`, top to bottom::
         latents = scheduler.step(eps, t, latents)
 
 The caller chooses where the loop starts: text-to-image passes pure noise (times the scheduler's
-``init_noise_sigma``) and every timestep; image-to-image would pass noised image latents and the tail of the
-timesteps. The step range is a fraction of the timesteps given.
+``init_noise_sigma``) and every timestep; image-to-image passes noised image latents and the tail of the
+timesteps. The step range is a fraction of the timesteps given, i.e. of the steps that actually run (as diffusers'
+ControlNet img2img and inpaint pipelines measure ``control_guidance_start`` / ``_end``).
+
+Inpainting (:class:`Inpainting`) adds two things to the loop, as diffusers' StableDiffusionControlNetInpaintPipeline:
+an ordinary UNet gets *latent blending* after every step (the known region replaced by the image's latents noised
+to the next timestep, the clean latents after the last step); an inpainting UNet (9 input channels: SD1.5/SD2
+inpainting) gets the mask and the masked image's latents as extra input channels, and no blending. The
+ControlNets always see the 4 latent channels.
 
 Decisions:
 
@@ -44,27 +51,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from controlnet.defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS
+from controlnet.defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, scheduler_name
 from controlnet.errors import UserError
 from controlnet.loading import placement
 from controlnet.model import ControlNet, ControlNetOutput
 
-__all__ = ["DEFAULT_GUIDANCE", "DEFAULT_SCHEDULER", "DEFAULT_STEPS", "SCHEDULERS", "Control", "control_residuals",
-           "in_step_range", "make_scheduler", "sample"]
+__all__ = ["DEFAULT_GUIDANCE", "DEFAULT_SCHEDULER", "DEFAULT_STEPS", "SCHEDULERS", "Control", "Inpainting",
+           "control_residuals", "in_step_range", "make_scheduler", "sample"]
 
 
 def make_scheduler(name: str, base_config: Mapping[str, Any]) -> Any:
-    """A fresh diffusers scheduler ``name`` (see :data:`SCHEDULERS`) built from the base's scheduler config.
+    """A fresh diffusers scheduler ``name`` (see :data:`SCHEDULERS`; A1111's names are accepted too,
+    :func:`controlnet.defaults.scheduler_name`) built from the base's scheduler config.
 
     The base's config carries its training schedule (betas, ``prediction_type`` — "v_prediction" for SD2 768-v
     —, ``steps_offset``, ``timestep_spacing``); only the sampler changes.
     """
     import diffusers
 
-    if name not in SCHEDULERS:
-        raise UserError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    class_name, overrides = SCHEDULERS[name]
-    return getattr(diffusers, class_name).from_config(dict(base_config), **overrides)
+    class_name, overrides = SCHEDULERS[scheduler_name(name)]
+    try:
+        return getattr(diffusers, class_name).from_config(dict(base_config), **overrides)
+    except ImportError as err:  # e.g. LMS needs scipy
+        raise UserError(f"scheduler {name!r}: {' '.join(str(err).split())}") from None
 
 
 def in_step_range(start: float, end: float, step: int, num_steps: int) -> bool:
@@ -77,7 +86,7 @@ class Control:
     """A ControlNet ready for :func:`sample`: its model, its condition, and when and how strongly it acts."""
 
     controlnet: ControlNet
-    condition: torch.Tensor  # (1, 3, H, W) in [0, 1], at the output size
+    condition: torch.Tensor  # (1, 3, H, W) in [0, 1] (masked pixels -1), at the output size
     scales: float | list[float]  # conditioning_scale of ControlNet.forward (the unit's strength included)
     start: float = 0.0
     end: float = 1.0
@@ -87,12 +96,43 @@ class Control:
         return in_step_range(self.start, self.end, step, num_steps)
 
 
+@dataclass
+class Inpainting:
+    """The known region of an inpainting run, for :func:`sample` (module docstring).
+
+    ``mask`` is 1 where the latents are repainted and 0 where they are kept. An ordinary UNet needs
+    ``image_latents`` and ``noise`` (latent blending); an inpainting UNet needs ``masked_image_latents``.
+    """
+
+    mask: torch.Tensor  # (B, 1, h, w) float32
+    image_latents: torch.Tensor | None = None  # (B, C, h, w): the image's clean latents
+    noise: torch.Tensor | None = None  # (B, C, h, w): the noise that re-noises them at each step
+    masked_image_latents: torch.Tensor | None = None  # (B, C, h, w): latents of the image with the mask's pixels at 0
+
+    def unet_channels(self, cfg: bool) -> torch.Tensor | None:
+        """An inpainting UNet's extra input ``(2B or B, 1 + C, h, w)``: [mask, masked-image latents]."""
+        if self.masked_image_latents is None:
+            return None
+        extra = torch.cat([self.mask, self.masked_image_latents], dim=1)
+        return torch.cat([extra] * 2) if cfg else extra
+
+    def blend(self, scheduler: Any, latents: torch.Tensor, next_t: torch.Tensor | None) -> torch.Tensor:
+        """Latent blending: the known region from the image's latents noised to ``next_t`` (clean when None)."""
+        if self.image_latents is None:
+            return latents
+        known = self.image_latents
+        if next_t is not None:
+            known = scheduler.add_noise(known, self.noise, next_t.reshape(1))
+        return (1 - self.mask) * known + self.mask * latents
+
+
 @torch.inference_mode()
 def sample(unet: nn.Module, scheduler: Any, latents: torch.Tensor, timesteps: Sequence[torch.Tensor] | torch.Tensor,
            text: torch.Tensor, controls: Sequence[Control] = (), guidance: float = DEFAULT_GUIDANCE, *,
            added: dict[str, torch.Tensor] | None = None, reuse: int = 1, eta: float = 0.0,
            generators: list[torch.Generator] | None = None, progress: bool = False,
-           callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+           callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+           inpainting: Inpainting | None = None) -> torch.Tensor:
     """Classifier-free guided sampling (Ho & Salimans 2022) of a locked UNet under summed ControlNet residuals
     (Zhang et al. 2023, Sec. 3.4): the loop of the module docstring, one diffusers scheduler step per timestep.
 
@@ -105,6 +145,7 @@ def sample(unet: nn.Module, scheduler: Any, latents: torch.Tensor, timesteps: Se
         added: SDXL's ``added_cond_kwargs`` (rows as ``text``); reuse: compute residuals every ``reuse`` steps.
         eta, generators: DDIM's eta and one generator per image for the samplers' noise (where they take them).
         progress: a tqdm bar over the steps; callback: called as ``callback(i, t, latents)`` after every step.
+        inpainting: the known region (latent blending, or an inpainting UNet's extra channels).
 
     Returns the final latents ``(B, C, h, w)``, float32.
     """
@@ -128,11 +169,15 @@ def sample(unet: nn.Module, scheduler: Any, latents: torch.Tensor, timesteps: Se
                 last[k] = (i, control_residuals(c, hints[k], x, t, text, added, cfg, model))
             residuals = last[k][1] if residuals is None else residuals + last[k][1]
         unet_kwargs = residuals.unet_kwargs() if residuals is not None else {}
-        eps = unet(x, t, encoder_hidden_states=text, added_cond_kwargs=added, **unet_kwargs).sample.float()
+        extra = inpainting.unet_channels(cfg) if inpainting is not None else None
+        unet_in = x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=1)  # (2B or B, 4 [+ 5], h, w)
+        eps = unet(unet_in, t, encoder_hidden_states=text, added_cond_kwargs=added, **unet_kwargs).sample.float()
         if cfg:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
         latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+        if inpainting is not None:
+            latents = inpainting.blend(scheduler, latents, timesteps[i + 1] if i + 1 < n else None)
         if callback is not None:
             callback(i, t, latents)
     return latents

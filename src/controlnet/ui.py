@@ -11,6 +11,12 @@ Two layers, so the logic is testable without a browser or even without gradio:
 gradio is an optional dependency (``pip install 'controlnet-kit[ui]'``), imported only inside the functions that
 need it. The server binds to 127.0.0.1 unless told otherwise, and sends nothing to the network (gradio's
 analytics and the Hugging Face Hub's telemetry are switched off before gradio is imported).
+
+What a client can reach (:class:`UiConfig`): the PNGs the UI wrote, in a folder it created for this run (never
+the rest of ``--outputs``); models by bundled name, hub id (from the Hugging Face cache) or path inside a
+``--models-dir`` (any path only with ``--allow-any-path``), regular files only, and the same message whether or
+not a refused path exists; generations one at a time, each stopped after ``--timeout`` seconds. A ``--host``
+other than loopback is announced with a warning, and ``--auth USER:PASSWORD`` asks for a login.
 """
 
 from __future__ import annotations
@@ -19,7 +25,11 @@ import dataclasses
 import itertools
 import logging
 import os
+import re
 import secrets
+import socket
+import stat
+import sys
 import tempfile
 import threading
 import time
@@ -27,8 +37,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from controlnet.defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, MAX_NUM_IMAGES, SCHEDULERS
+from controlnet.defaults import (
+    CONTROL_MODES, DEFAULT_DENOISE, DEFAULT_GUIDANCE, DEFAULT_HIRES_DENOISE, DEFAULT_HIRES_SCALE,
+    DEFAULT_INPAINT_PADDING, DEFAULT_MASK_BLUR, DEFAULT_SCHEDULER, DEFAULT_STEPS, HIRES_UPSCALERS, MAX_NUM_IMAGES,
+    SCHEDULERS,
+)
 from controlnet.errors import UserError
+from controlnet.limits import check_seed
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +52,10 @@ DEFAULT_PORT = 7860  # gradio's customary port
 MAX_UNITS = 3  # ControlNet units on the page (the A1111 extension's default "multi ControlNet" count)
 NO_ANNOTATOR = "none"
 SEED_RANDOM = -1
-SEED_MAX = 2**31 - 1  # seeds drawn for SEED_RANDOM lie in [0, SEED_MAX]; any int the sampler accepts is allowed
+SEED_MAX = 2**31 - 1  # seeds drawn for SEED_RANDOM lie in [0, SEED_MAX]; any seed in 0..2**63-1 is allowed
+DEFAULT_TIMEOUT = 600.0  # seconds a generation may run before it is stopped (--timeout)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+MAX_UPLOAD = "50mb"  # largest upload gradio accepts (a condition image; 50 MB holds any photo)
 
 # The demos' n_prompt (used for real bases; the embedded model gets none, as controlnet.demo).
 DEFAULT_NEGATIVE = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
@@ -68,9 +86,39 @@ class UnitInput:
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    control_mode: str = "balanced"
 
 
 UNIT_FIELDS = tuple(f.name for f in dataclasses.fields(UnitInput))
+
+
+@dataclass
+class ImageToImageInput:
+    """The "Image to image / inpaint" tab: a picture (with a mask drawn over it, or uploaded) and its settings."""
+
+    enabled: bool = False
+    picture: Any = None  # gradio ImageEditor value {"background", "layers", "composite"}, or an image
+    mask: Any = None  # an uploaded mask (white = repaint); else the strokes drawn on the picture
+    denoise: float = DEFAULT_DENOISE
+    mask_blur: float = DEFAULT_MASK_BLUR
+    mask_invert: bool = False
+    full_res: bool = False
+    padding: int = DEFAULT_INPAINT_PADDING
+
+
+@dataclass
+class HiresInput:
+    """The hires fix options (text-to-image)."""
+
+    enabled: bool = False
+    scale: float = DEFAULT_HIRES_SCALE
+    denoise: float = DEFAULT_HIRES_DENOISE
+    steps: int = 0  # 0: the generation's steps
+    upscaler: str = "latent"
+
+
+IMAGE_FIELDS = tuple(f.name for f in dataclasses.fields(ImageToImageInput))
+HIRES_FIELDS = tuple(f.name for f in dataclasses.fields(HiresInput))
 
 
 @dataclass
@@ -88,9 +136,11 @@ class GenerateRequest:
     num_images: int = 1
     guess_mode: bool = False
     units: list[UnitInput] = dataclasses.field(default_factory=list)
+    img2img: ImageToImageInput = dataclasses.field(default_factory=ImageToImageInput)
+    hires: HiresInput = dataclasses.field(default_factory=HiresInput)
 
 
-GLOBAL_FIELDS = tuple(f.name for f in dataclasses.fields(GenerateRequest) if f.name != "units")
+GLOBAL_FIELDS = tuple(f.name for f in dataclasses.fields(GenerateRequest) if f.name not in ("units", "img2img", "hires"))
 
 
 @dataclass
@@ -127,6 +177,23 @@ def request_from_values(values: Sequence[Any], num_units: int = MAX_UNITS) -> Ge
     return request
 
 
+def editor_picture_and_mask(value: Any) -> tuple[Any, Any]:
+    """(picture, mask) of the img2img tab's editor: its background, and where anything was drawn on its layers
+    (any alpha) as a white-on-black ``(H, W)`` uint8 mask, or None when nothing was drawn."""
+    import numpy as np
+
+    if not isinstance(value, dict):
+        return value, None
+    picture = value.get("background")
+    drawn = None
+    for layer in value.get("layers") or []:
+        alpha = np.asarray(layer.convert("RGBA") if hasattr(layer, "convert") else layer)[..., 3] > 0
+        drawn = alpha if drawn is None else drawn | alpha
+    if drawn is None or not drawn.any():
+        return picture, None
+    return picture, (drawn * 255).astype(np.uint8)
+
+
 def split_params(text: str | None) -> list[str]:
     """The parameters box's ``"low_threshold=100, high_threshold=200"`` as ``key=value`` strings (separated by
     commas or semicolons), for :func:`controlnet.annotators.parse_params`."""
@@ -146,7 +213,23 @@ def annotator_params(annotator: str | None, text: str | None) -> dict[str, Any]:
     return annotators.parse_params(annotator, pairs)
 
 
+def _checked_size(width: Any, height: Any, generating: bool = True) -> tuple[int, int]:
+    """The page's width and height as whole numbers in 1..MAX_SIZE; to generate, also multiples of SIZE_STEP and at
+    least MIN_SIZE."""
+    width, height = _as_int(width, "width"), _as_int(height, "height")
+    if generating and (width % SIZE_STEP or height % SIZE_STEP or width < MIN_SIZE or height < MIN_SIZE):
+        raise UserError(f"size {width}x{height}: width and height must be multiples of {SIZE_STEP}, "
+                        f"at least {MIN_SIZE}")
+    if not (0 < width <= MAX_SIZE and 0 < height <= MAX_SIZE):
+        raise UserError(f"size {width}x{height}: width and height must be in 1..{MAX_SIZE}")
+    return width, height
+
+
 def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value  # exact: a float would round 2**63 - 1
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -167,8 +250,12 @@ class UiBackend:
     """
 
     def __init__(self, pipeline: Any, output_dir: str | os.PathLike, base_label: str = "embedded tiny-sd",
-                 examples: Sequence[Example] = (), negative_prompt: str = DEFAULT_NEGATIVE):
+                 examples: Sequence[Example] = (), negative_prompt: str = DEFAULT_NEGATIVE,
+                 model_roots: Sequence[str | os.PathLike] | None = None, timeout: float | None = None):
         self.pipeline = pipeline
+        # Folders a model path may lie in (None: any path; the library's default, not the server's).
+        self.model_roots = None if model_roots is None else [Path(os.path.realpath(r)) for r in model_roots]
+        self.timeout = timeout  # seconds a generation may take (None: no limit)
         self.negative_prompt = negative_prompt  # the page's default negative prompt
         self.output_dir = Path(output_dir)
         self.base_label = base_label
@@ -210,10 +297,18 @@ class UiBackend:
         defaults = ", ".join(f"{p.name}={'...' if p.required else p.default}" for p in annotator.params)
         return defaults, f"{name}: {annotator.description}"
 
-    @staticmethod
-    def scheduler_choices() -> list[str]:
-        """Schedulers the pipeline accepts (DDIM, the original's, first)."""
-        return [DEFAULT_SCHEDULER, *[name for name in SCHEDULERS if name != DEFAULT_SCHEDULER]]
+    def scheduler_choices(self) -> list[str]:
+        """Schedulers the pipeline accepts, the base family's default first (DDIM, the original's, for SD1.x)."""
+        first = self.default_sampler()[1]
+        return [first, *[name for name in SCHEDULERS if name != first]]
+
+    def default_sampler(self) -> tuple[float, str]:
+        """(guidance, scheduler) the page starts with: the base family's, as ``controlnet generate`` uses them
+        (:data:`controlnet.defaults.FAMILY_DEFAULTS`; 5.0 for the embedded model and SDXL)."""
+        defaults = getattr(self.pipeline, "defaults", None)
+        if defaults is None:  # a stand-in pipeline without a family
+            return DEFAULT_GUIDANCE, DEFAULT_SCHEDULER
+        return defaults.guidance, defaults.scheduler
 
     def default_size(self) -> int:
         """The base model's native resolution (UNet sample size x VAE factor: 512 for SD1.5, 128 embedded)."""
@@ -227,13 +322,14 @@ class UiBackend:
         try:
             seed = self._resolve_seed(request.seed)
             enabled = [i for i, unit in enumerate(request.units) if unit.enabled]
-            controls = [self._control_unit(i, request.units[i]) for i in enabled]
+            units = [self._allowed_model(i, request.units[i]) for i in enabled]
+            controls = [self._control_unit(i, unit) for i, unit in zip(enabled, units)]
             kwargs = self._pipeline_kwargs(request, seed)
             if progress is not None:
                 progress(0.0, "starting")
             with self._lock:
-                result = self.pipeline(controls=controls, callback=self._step_callback(progress, kwargs["steps"]),
-                                       progress=False, **kwargs)
+                callback = self._with_deadline(self._step_callback(progress, kwargs["steps"]))
+                result = self.pipeline(controls=controls, callback=callback, progress=False, **kwargs)
             used_seed = int(result.seed)
             paths = self._save(result)
         except UserError as err:
@@ -265,7 +361,7 @@ class UiBackend:
             from controlnet.conditions import resize_cover
             from controlnet.images import load_image
 
-            width, height = _as_int(width, "width"), _as_int(height, "height")
+            width, height = _checked_size(width, height, generating=False)
             image = resize_cover(load_image(unit.image), width, height)  # (H, W, 3) uint8, as the pipeline's
             if not unit.annotator or unit.annotator == NO_ANNOTATOR:
                 return image, f"No annotator: the image (resized to {width}x{height}) is the condition."
@@ -288,9 +384,40 @@ class UiBackend:
         value = SEED_RANDOM if seed is None or seed == "" else _as_int(seed, "seed")
         if value == SEED_RANDOM:
             return secrets.randbelow(SEED_MAX + 1)
-        if value < 0:
-            raise UserError(f"seed must be -1 (random) or a number >= 0, got {value}")
+        check_seed(value, "seed", allow_random=True)
         return value
+
+    def _allowed_model(self, index: int, unit: UnitInput) -> UnitInput:
+        """``unit`` with its model as the server may load it, or a :class:`UserError`: with ``model_roots`` set, a
+        bundled name, a path inside a root, or a hub id found in the Hugging Face cache (never downloaded); a
+        regular file or a folder of them. A refused path gets the same message whether it exists or not."""
+        text = (unit.model_path or "").strip() or (unit.model or "").strip()
+        if self.model_roots is None or not text or text in self.controlnet_choices():
+            return unit
+        name = f"ControlNet unit {index + 1}"
+        path = Path(os.path.realpath(Path(text).expanduser()))  # symlinks followed: no way out of a root
+        if not _is_inside(path, self.model_roots):
+            if not _looks_like_hub_id(text):
+                raise UserError(f"{name}: model path {text} is outside the server's model folders; put the model "
+                                "in a --models-dir folder, or choose a bundled one")
+            path = _cached_hub_model(text, name)
+        _check_regular(path, f"{name}: {text}")
+        return dataclasses.replace(unit, model_path=str(path))
+
+    def _with_deadline(self, callback: Callable[..., None] | None) -> Callable[..., None] | None:
+        """``callback`` after a check that stops the generation once it has run :attr:`timeout` seconds."""
+        if self.timeout is None:
+            return callback
+        timeout, deadline = self.timeout, time.monotonic() + self.timeout
+
+        def on_step(*args: Any) -> None:
+            if time.monotonic() > deadline:
+                raise UserError(f"generation stopped after {timeout:g} s (the server's --timeout); use fewer steps "
+                                "or a smaller size")
+            if callback is not None:
+                callback(*args)
+
+        return on_step
 
     @staticmethod
     def _control_unit(index: int, unit: UnitInput) -> Any:
@@ -306,7 +433,7 @@ class UiBackend:
         try:  # ControlUnit checks strength, start <= end
             return ControlUnit(
                 controlnet=model, image=unit.image, strength=float(unit.strength), start=float(unit.start),
-                end=float(unit.end), annotator=annotator,
+                end=float(unit.end), annotator=annotator, control_mode=unit.control_mode or "balanced",
                 annotator_params=annotator_params(annotator, unit.annotator_params),
             )
         except UserError as err:
@@ -314,19 +441,16 @@ class UiBackend:
 
     @staticmethod
     def _pipeline_kwargs(request: GenerateRequest, seed: int) -> dict[str, Any]:
-        width, height = _as_int(request.width, "width"), _as_int(request.height, "height")
-        if width % SIZE_STEP or height % SIZE_STEP or width < MIN_SIZE or height < MIN_SIZE:
-            raise UserError(f"size {width}x{height}: width and height must be multiples of {SIZE_STEP}, "
-                            f"at least {MIN_SIZE}")
+        width, height = _checked_size(request.width, request.height)
         num_images = _as_int(request.num_images, "number of images")
         if not 1 <= num_images <= MAX_NUM_IMAGES:
             raise UserError(f"number of images must be in 1..{MAX_NUM_IMAGES}, got {num_images}")
-        return dict(
+        return dict(dict(
             prompt=request.prompt or "", negative_prompt=request.negative_prompt or "",
             steps=_as_int(request.steps, "steps"), guidance=float(request.guidance), scheduler=request.scheduler,
             seed=seed, size=(width, height), num_images=num_images,
             guess_mode=bool(request.guess_mode), output_type="pil",
-        )
+        ), **_image_kwargs(request))  # an init image's own size replaces the page's
 
     @staticmethod
     def _step_callback(progress: ProgressFn | None, steps: int) -> Callable[..., None] | None:
@@ -352,6 +476,75 @@ class UiBackend:
         return paths
 
 
+def _image_kwargs(request: GenerateRequest) -> dict[str, Any]:
+    """The pipeline's image-to-image and hires keyword arguments from the page's img2img tab and hires options."""
+    kwargs: dict[str, Any] = {}
+    image, hires = request.img2img, request.hires
+    if image.enabled:
+        picture, drawn = editor_picture_and_mask(image.picture)
+        if picture is None:
+            raise UserError("image to image: no picture; upload one in the 'Image to image / inpaint' tab or untick it")
+        mask = image.mask if image.mask is not None else drawn
+        kwargs.update(init_image=picture, denoise=float(image.denoise))
+        if mask is not None:
+            kwargs.update(mask=mask, mask_blur=float(image.mask_blur), mask_invert=bool(image.mask_invert),
+                          inpaint_full_res=bool(image.full_res), inpaint_padding=_as_int(image.padding, "padding"))
+        kwargs["size"] = None  # the picture's own size (or the mask's box at full size for "only masked")
+    if hires.enabled:
+        from controlnet.pipeline import HiresFix
+
+        kwargs["hires"] = HiresFix(float(hires.scale), float(hires.denoise), _as_int(hires.steps, "hires steps") or None,
+                                   hires.upscaler)
+    return kwargs
+
+
+def _is_inside(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path == root or root in path.parents for root in roots)
+
+
+# A hub repository id, "org/name" (the characters huggingface_hub's validate_repo_id allows).
+_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """``org/name`` or ``org/name/path/file.ext`` by its spelling alone (whether a local file exists plays no part:
+    the answer must not tell a client what the server's disk holds)."""
+    parts = text.split("/")
+    return (len(parts) >= 2 and not any(part in ("", ".", "..") for part in parts)
+            and bool(_HUB_REPO_ID.fullmatch("/".join(parts[:2]))))
+
+
+def _cached_hub_model(text: str, name: str) -> Path:
+    """The local path of hub id ``text`` if it is in the Hugging Face cache (nothing is downloaded)."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    parts = text.split("/")
+    repo_id = "/".join(parts[:2])
+    cache = str(_hub_cache_dir())
+    try:
+        if len(parts) == 2:
+            return Path(os.path.realpath(snapshot_download(repo_id, cache_dir=cache, local_files_only=True)))
+        return Path(os.path.realpath(hf_hub_download(repo_id, "/".join(parts[2:]), cache_dir=cache,
+                                                     local_files_only=True)))
+    except Exception:  # noqa: BLE001 - not cached, or not a valid id: one message either way
+        raise UserError(f"{name}: {text} is not a bundled name, a path in the server's model folders, or a hub id "
+                        "in its Hugging Face cache") from None
+
+
+def _check_regular(path: Path, label: str) -> None:
+    """Refuse what is not a regular file or a folder of regular files and folders (a FIFO would block the one
+    generation slot)."""
+    try:
+        mode = path.stat().st_mode
+        entries = list(os.scandir(path)) if stat.S_ISDIR(mode) else []
+    except OSError as err:
+        raise UserError(f"{label}: cannot read it ({err.strerror or err})") from None
+    bad = [e.name for e in entries if not (e.is_file() or e.is_dir())]  # both follow symlinks
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) or bad:
+        what = f"{bad[0]} in it is" if bad else "it is"
+        raise UserError(f"{label}: {what} not a regular file (a FIFO, a device, ...); give a model file or folder")
+
+
 # --------------------------------------------------------------------------- gradio
 
 
@@ -362,7 +555,71 @@ class UiConfig:
     base: str | None = None  # a diffusers SD folder; None = the embedded tiny model
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
-    output_dir: str | None = None  # where generated PNGs go; None = a fresh temporary folder
+    # Generated PNGs go to a new folder the UI makes inside this one (None: a new temporary folder); only that
+    # folder is served.
+    output_dir: str | None = None
+    models_dirs: Sequence[str] = ()  # folders the model-path field may name (with the bundled names, the hub cache)
+    allow_any_path: bool = False  # let the model-path field name any file on the server
+    auth: tuple[str, str] | None = None  # (user, password) asked by the page
+    timeout: float | None = DEFAULT_TIMEOUT  # seconds a generation may run
+    max_pixels: int | None = None  # the output limit (controlnet.limits); None: from the device's memory
+
+    def check(self) -> None:
+        """Refuse bad settings in one line before anything is loaded, bound or written."""
+        if not 0 < int(self.port) < 65536:
+            raise UserError(f"--port must be in 1..65535, got {self.port}")
+        if self.output_dir is not None and Path(self.output_dir).expanduser().exists() \
+                and not Path(self.output_dir).expanduser().is_dir():
+            raise UserError(f"--outputs {self.output_dir} is a file; give a folder")
+        for folder in self.models_dirs:
+            if not Path(folder).expanduser().is_dir():
+                raise UserError(f"--models-dir {folder} is not a folder; give an existing folder of models")
+        if self.auth is not None and (len(self.auth) != 2 or not all(self.auth)):
+            raise UserError("--auth must be USER:PASSWORD, both non-empty")
+        if self.timeout is not None and not self.timeout > 0:
+            raise UserError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+        if self.max_pixels is not None and int(self.max_pixels) < 1:
+            raise UserError(f"--max-pixels must be a positive number of pixels, got {self.max_pixels}")
+
+    def model_roots(self) -> list[Path] | None:
+        """Where model paths may point: the --models-dir folders, the bundled ControlNets, the Hugging Face cache
+        (None with ``allow_any_path``)."""
+        if self.allow_any_path:
+            return None
+        from controlnet.embedded import assets_dir
+
+        return [Path(folder).expanduser() for folder in self.models_dirs] + [assets_dir() / "controlnets",
+                                                                             _hub_cache_dir()]
+
+
+def _hub_cache_dir() -> Path:
+    """The Hugging Face hub cache folder (huggingface_hub's rule: HF_HUB_CACHE, else HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse, in one line, an address this machine cannot bind (the port taken, the host not ours)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as err:
+        cause = err.strerror or str(err)
+        raise UserError(f"cannot serve on {host}:{port} ({cause}): the port is taken or the address is not this "
+                        "machine's; pass another --port or --host") from None
+
+
+def own_output_folder(output_dir: str | None) -> Path:
+    """A new folder for the PNGs of this run, inside ``output_dir`` (or the system's temporary folder)."""
+    if output_dir is None:
+        return Path(tempfile.mkdtemp(prefix="controlnet-ui-"))
+    parent = Path(output_dir).expanduser()
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=time.strftime("ui-%Y%m%d-%H%M%S-"), dir=parent))
 
 
 def import_gradio() -> Any:
@@ -399,7 +656,11 @@ def build_app(backend: UiBackend, num_units: int = MAX_UNITS) -> Any:
                     for i in range(num_units):
                         with gr.Tab(f"ControlNet {i + 1}", id=f"unit{i + 1}"):
                             units.append(_unit_widgets(gr, i, controlnets, annotators))
-                page.update(_settings_widgets(gr, backend.default_size(), backend.scheduler_choices()))
+                with gr.Tab("Image to image / inpaint", id="img2img"):
+                    img2img = _image_widgets(gr)
+                page.update(_settings_widgets(gr, backend.default_size(), backend.scheduler_choices(),
+                                              backend.default_sampler()[0]))
+                hires = _hires_widgets(gr)
             with gr.Column(scale=1):
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 gallery = gr.Gallery(label="Results", columns=2, height="auto",
@@ -427,23 +688,26 @@ def build_app(backend: UiBackend, num_units: int = MAX_UNITS) -> Any:
         # parameter with a gr.Progress() default (how gradio finds where to inject its progress tracker).
         def on_generate(data: dict[Any, Any], progress: Any = gr.Progress()) -> tuple[Any, ...]:
             request = request_from_values([data[widget] for widget in inputs], num_units)
+            request.img2img = ImageToImageInput(**{name: data[img2img[name]] for name in IMAGE_FIELDS})
+            request.hires = HiresInput(**{name: data[hires[name]] for name in HIRES_FIELDS})
             outcome = backend.generate(request, progress=lambda frac, desc: progress(frac, desc=desc))
             # Each enabled unit's preview shows the condition its ControlNet got; the others keep theirs.
             shown = [outcome.conditions.get(i, gr.skip()) for i in range(num_units)]
             return (outcome.images, outcome.files, outcome.seed, outcome.status, *shown)
 
-        generate.click(on_generate, inputs=set(inputs), outputs=[gallery, files, seed_used, status, *conditions],
+        extra = [img2img[name] for name in IMAGE_FIELDS] + [hires[name] for name in HIRES_FIELDS]
+        generate.click(on_generate, inputs=set(inputs + extra), outputs=[gallery, files, seed_used, status, *conditions],
                        concurrency_limit=1, show_progress_on=[gallery])
     return app
 
 
-def _settings_widgets(gr: Any, size: int, schedulers: list[str]) -> dict[str, Any]:
+def _settings_widgets(gr: Any, size: int, schedulers: list[str], guidance: float = DEFAULT_GUIDANCE) -> dict[str, Any]:
     """The "Settings" accordion: the sampler, seed, size and batch widgets, by their :data:`GLOBAL_FIELDS` name."""
     w: dict[str, Any] = {}
     with gr.Accordion("Settings", open=True):
         with gr.Row():
             w["steps"] = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps", elem_id="steps")
-            w["guidance"] = gr.Slider(0.0, MAX_GUIDANCE, value=DEFAULT_GUIDANCE, step=0.1, label="Guidance scale",
+            w["guidance"] = gr.Slider(0.0, MAX_GUIDANCE, value=guidance, step=0.1, label="Guidance scale",
                                       elem_id="guidance")
         with gr.Row():
             w["scheduler"] = gr.Dropdown(schedulers, value=schedulers[0], label="Scheduler", elem_id="scheduler")
@@ -456,6 +720,46 @@ def _settings_widgets(gr: Any, size: int, schedulers: list[str]) -> dict[str, An
                                         elem_id="num-images")
             w["guess_mode"] = gr.Checkbox(False, label="Guess mode (control on the conditional branch only)",
                                           elem_id="guess-mode")
+    return w
+
+
+def _image_widgets(gr: Any) -> dict[str, Any]:
+    """The "Image to image / inpaint" tab's widgets by their :data:`IMAGE_FIELDS` name."""
+    w: dict[str, Any] = {}
+    w["enabled"] = gr.Checkbox(False, label="Start from this picture", info="uploading a picture ticks it",
+                               elem_id="img2img-enable")
+    w["picture"] = gr.ImageEditor(label="Picture (paint over the area to repaint: inpainting)", type="pil",
+                                  sources=["upload", "clipboard"], height=320, elem_id="img2img-picture")
+    w["picture"].upload(None, inputs=None, outputs=w["enabled"], js="() => true")
+    w["mask"] = gr.Image(label="or upload a mask (white = repaint; the picture's size)", type="pil", height=160,
+                         sources=["upload", "clipboard"], elem_id="img2img-mask")
+    with gr.Row():
+        w["denoise"] = gr.Slider(0.0, 1.0, value=DEFAULT_DENOISE, step=0.01, label="Denoising strength",
+                                 elem_id="img2img-denoise")
+        w["mask_blur"] = gr.Slider(0, 64, value=DEFAULT_MASK_BLUR, step=1, label="Mask blur (px, inward)",
+                                   elem_id="img2img-mask-blur")
+    with gr.Row():
+        w["mask_invert"] = gr.Checkbox(False, label="Invert the mask", elem_id="img2img-mask-invert")
+        w["full_res"] = gr.Checkbox(False, label="Only masked (full resolution)", elem_id="img2img-full-res")
+        w["padding"] = gr.Slider(0, 256, value=DEFAULT_INPAINT_PADDING, step=4, label="Only masked padding (px)",
+                                 elem_id="img2img-padding")
+    return w
+
+
+def _hires_widgets(gr: Any) -> dict[str, Any]:
+    """The "Hires fix" accordion's widgets by their :data:`HIRES_FIELDS` name."""
+    w: dict[str, Any] = {}
+    with gr.Accordion("Hires fix (text-to-image)", open=False):
+        with gr.Row():
+            w["enabled"] = gr.Checkbox(False, label="Hires fix", elem_id="hires-enable")
+            w["upscaler"] = gr.Dropdown(list(HIRES_UPSCALERS), value="latent", label="Upscaler",
+                                        elem_id="hires-upscaler")
+        with gr.Row():
+            w["scale"] = gr.Slider(1.0, 4.0, value=DEFAULT_HIRES_SCALE, step=0.05, label="Upscale by",
+                                   elem_id="hires-scale")
+            w["denoise"] = gr.Slider(0.0, 1.0, value=DEFAULT_HIRES_DENOISE, step=0.01, label="Denoising strength",
+                                     elem_id="hires-denoise")
+            w["steps"] = gr.Slider(0, MAX_STEPS, value=0, step=1, label="Hires steps (0: same)", elem_id="hires-steps")
     return w
 
 
@@ -503,6 +807,9 @@ def _unit_widgets(gr: Any, i: int, controlnets: list[str], annotators: list[str]
                                   elem_id=f"unit{n}-strength")
         w["start"] = gr.Slider(0.0, 1.0, value=0.0, step=0.01, label="Start", elem_id=f"unit{n}-start")
         w["end"] = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="End", elem_id=f"unit{n}-end")
+    w["control_mode"] = gr.Radio(list(CONTROL_MODES), value="balanced", label="Control mode",
+                                 info="prompt: my prompt is more important; controlnet: ControlNet is more important",
+                                 elem_id=f"unit{n}-control-mode")
     w["preview_status"] = gr.Textbox("", show_label=False, interactive=False, container=False,
                                      placeholder="(preview messages)", elem_id=f"unit{n}-preview-status")
     return w
@@ -528,15 +835,17 @@ def create_backend(config: UiConfig) -> UiBackend:
     """Load the pipeline for ``config.base`` (a one-line UserError if it cannot) and make the backend."""
     from controlnet.pipeline import Pipeline
 
+    config.check()
     pipeline = Pipeline.from_pretrained(base=config.base)
-    output_dir = Path(config.output_dir) if config.output_dir else Path(tempfile.mkdtemp(prefix="controlnet-ui-"))
-    output_dir.mkdir(parents=True, exist_ok=True)
+    pipeline.max_pixels = config.max_pixels
+    output_dir = own_output_folder(config.output_dir)
+    limits = dict(model_roots=config.model_roots(), timeout=config.timeout)
     if config.base is None:
         size = pipeline.native_size
         # The tiny model knows only its fill prompts: no negative prompt, as controlnet.demo generates.
         return UiBackend(pipeline, output_dir, base_label=f"embedded tiny-sd ({size}x{size})",
-                         examples=embedded_examples(output_dir / "examples"), negative_prompt="")
-    return UiBackend(pipeline, output_dir, base_label=str(config.base))
+                         examples=embedded_examples(output_dir / "examples"), negative_prompt="", **limits)
+    return UiBackend(pipeline, output_dir, base_label=str(config.base), **limits)
 
 
 def launch(config: UiConfig, block: bool = True, quiet: bool = False) -> Any:
@@ -545,6 +854,12 @@ def launch(config: UiConfig, block: bool = True, quiet: bool = False) -> Any:
     ``block=False`` returns at once with the server running in a thread (tests; close it with ``app.close()``).
     """
     import_gradio()  # fail on a missing extra before loading the model
+    config.check()
+    check_port_free(config.host, config.port)  # before anything is loaded or written
+    if config.host not in LOOPBACK_HOSTS:
+        login = "a login (--auth) is asked" if config.auth else "no login is asked: add --auth USER:PASSWORD"
+        print(f"warning: serving on {config.host}: anyone who can reach port {config.port} can use this page and "
+              f"this machine's compute; {login}", file=sys.stderr, flush=True)
     backend = create_backend(config)
     app = build_app(backend)
     app.queue(default_concurrency_limit=1)
@@ -554,7 +869,8 @@ def launch(config: UiConfig, block: bool = True, quiet: bool = False) -> Any:
         app.launch(
             server_name=config.host, server_port=config.port, share=False, inbrowser=False,
             prevent_thread_lock=not block, quiet=quiet, show_error=False, ssr_mode=False,
-            allowed_paths=[str(backend.output_dir)], mcp_server=False,
+            allowed_paths=[str(backend.output_dir)], mcp_server=False, auth=config.auth,
+            max_file_size=MAX_UPLOAD,
         )
     except OSError:  # gradio: "Cannot find empty port"; the OS: address not available
         raise UserError(f"cannot serve on {config.host}:{config.port}: the port is taken or the address is not this "

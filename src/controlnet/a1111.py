@@ -1,0 +1,114 @@
+"""The AUTOMATIC1111 web UI's ``parameters`` text: how A1111's "PNG Info", image sites and other tools read a
+generation's settings from a PNG.
+
+The format (AUTOMATIC1111/stable-diffusion-webui modules/processing.py ``create_infotext``, read back by
+modules/infotext_utils.py ``parse_generation_parameters``)::
+
+    <prompt, any number of lines>
+    Negative prompt: <negative prompt>
+    Steps: 20, Sampler: DDIM, CFG scale: 9.0, Seed: 0, Size: 512x512, Model: tiny-sd, Denoising strength: 0.75,
+    ControlNet 0: "Module: canny, Model: control_canny, Weight: 1.0, Guidance Start: 0.0, Guidance End: 1.0,
+    Control Mode: Balanced"
+
+The last line is one line of ``key: value`` pairs (wrapped above for reading); a value holding a comma, a colon or
+a newline is written as a JSON string (A1111's ``quote``). The ControlNet entries are those of the
+sd-webui-controlnet extension (Mikubill/sd-webui-controlnet, ``ControlNetUnit`` infotext). Nothing here imports
+torch: the metadata is written by :func:`controlnet.images.png_metadata`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import PurePath
+from typing import Any
+
+# Our scheduler names → A1111's sampler names (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py).
+SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M",
+                 "dpmpp_2m_karras": "DPM++ 2M Karras", "unipc": "UniPC", "heun": "Heun", "lms": "LMS",
+                 "lms_karras": "LMS Karras", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+                 "dpmpp_sde": "DPM++ SDE", "dpmpp_sde_karras": "DPM++ SDE Karras", "dpm2": "DPM2", "dpm2_a": "DPM2 a",
+                 "pndm": "PLMS", "lcm": "LCM", "deis": "DEIS", "tcd": "TCD"}
+# Our control modes → the extension's names (its ControlMode enum).
+CONTROL_MODE_NAMES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                      "controlnet": "ControlNet is more important"}
+# Hires fix upscalers → A1111's names ("Latent" is its bilinear latent upscaler).
+UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
+
+# A1111's modules/infotext_utils.py re_param_code: a key, then a quoted JSON string or anything up to a comma.
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+NEGATIVE_PREFIX = "Negative prompt:"
+
+
+def quote(value: Any) -> str:
+    """A value as A1111 writes it: as is, or as a JSON string when it holds a comma, a colon or a newline."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _model_name(path: str) -> str:
+    """A model as A1111 names it: the file or folder name without its extension ("embedded" stays)."""
+    return PurePath(path).stem if path else ""
+
+
+def _controlnet_entry(unit: Mapping[str, Any]) -> str:
+    fields = {
+        "Module": unit.get("annotator") or "none",
+        "Model": _model_name(str(unit.get("controlnet", ""))),
+        "Weight": unit.get("strength", 1.0),
+        "Guidance Start": unit.get("start", 0.0),
+        "Guidance End": unit.get("end", 1.0),
+        "Control Mode": CONTROL_MODE_NAMES.get(unit.get("control_mode", "balanced"), "Balanced"),
+    }
+    return ", ".join(f"{key}: {value}" for key, value in fields.items())
+
+
+def parameters_text(settings: Mapping[str, Any], index: int = 0) -> str:
+    """The ``parameters`` text of image ``index`` of a generation whose settings are ``settings`` (those of
+    :class:`controlnet.pipeline.GenerationResult`)."""
+    seeds = settings.get("seeds") or [settings.get("seed", 0)]
+    fields: dict[str, Any] = {
+        "Steps": settings.get("steps"),
+        "Sampler": SAMPLER_NAMES.get(settings.get("scheduler", ""), settings.get("scheduler")),
+        "CFG scale": settings.get("guidance"),
+        "Seed": seeds[index],
+        "Size": settings.get("size"),
+        "Model": _model_name(str(settings.get("base", ""))),
+    }
+    if "denoise" in settings:
+        fields["Denoising strength"] = settings["denoise"]
+    if settings.get("mask"):
+        fields["Mask blur"] = settings.get("mask_blur")
+        if settings.get("inpaint_full_res"):
+            fields.update({"Inpaint area": "Only masked", "Masked area padding": settings.get("inpaint_padding")})
+    hires = settings.get("hires")
+    if hires:
+        fields.update({"Denoising strength": hires["denoise"], "Hires upscale": hires["scale"],
+                       "Hires steps": hires["steps"], "Hires upscaler": UPSCALER_NAMES.get(hires["upscaler"])})
+    for j, unit in enumerate(settings.get("controlnets", [])):
+        fields[f"ControlNet {j}"] = _controlnet_entry(unit)
+    lines = [str(settings.get("prompt", ""))]
+    if settings.get("negative_prompt"):
+        lines.append(f"{NEGATIVE_PREFIX} {settings['negative_prompt']}")
+    lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields.items() if value not in (None, "")))
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """A ``parameters`` text back into ``{"Prompt": ..., "Negative prompt": ..., key: value, ...}`` (values as
+    text, quoted ones unquoted), as A1111's ``parse_generation_parameters`` reads it."""
+    *head, last = text.strip("\n").split("\n")
+    if len(_PARAM.findall(last)) < 3:  # A1111: a last line with fewer than 3 pairs is part of the prompt
+        head, last = [*head, last], ""
+    prompt, negative, in_negative = [], [], False
+    for line in head:
+        if line.startswith(NEGATIVE_PREFIX):
+            in_negative, line = True, line[len(NEGATIVE_PREFIX):].strip()
+        (negative if in_negative else prompt).append(line)
+    result = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _PARAM.findall(last):
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            value = json.loads(value)
+        result[key] = value
+    return result

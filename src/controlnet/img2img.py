@@ -1,0 +1,193 @@
+"""Image to image and inpainting: the starting picture, its mask, and the pixels around them.
+
+:class:`controlnet.pipeline.Pipeline` uses these pieces, top to bottom::
+
+    image (any size) + mask (its size, white = repaint)        load_source     (checks, --mask-invert)
+    → the output size, "cover, then centre-crop", both        Source.fit
+    → the VAE's input (1, 3, H, W) in [-1, 1]                   to_vae_input
+    → the latent mask: a latent pixel is repainted when any    latent_mask
+      pixel of its 8 x 8 block is
+    → after decoding: the unmasked pixels pasted back          paste_back      (with the feathered mask)
+
+and for A1111's "inpaint area: only masked" (``--inpaint-full-res``)::
+
+    box = the mask's bounding box + padding, grown to the     full_res_box
+          generation's aspect ratio, inside the image
+    crop → generate at the full output size → resize back     crop / uncrop
+    → pasted into the original with the mask
+
+Decisions:
+
+* Mask: white (> 127; > 0.5 for floats) is repainted. It must have the image's size: a mask of another size is
+  refused (one line naming both sizes), not resized, since a mask drawn for another picture is more likely a
+  mistake than an intent. A mask with nothing to repaint is refused too.
+* The mask blur feathers *inward*: the paste-back weight rises linearly from the mask's edge to 1 at
+  ``mask_blur`` px inside it (``min(1, d / mask_blur)``, ``d`` the distance to the nearest unmasked pixel, 1 on
+  the edge), and is 0 outside, so every unmasked pixel is the input's, bit for bit, whatever the blur. (A1111
+  blurs both ways, changing pixels outside the mask too.) Strokes thinner than twice the blur are only partly
+  repainted: use a blur of 0 for them.
+* Latent mask: max-pooled over the VAE factor (the sd-webui-controlnet extension's inpaint hijack,
+  ``max_pool2d(mask, (8, 8))``): no masked pixel is left to a kept latent. diffusers' inpaint pipelines
+  downsample by nearest neighbour (the top-left pixel of each block); the two agree on masks aligned to the 8 px
+  grid.
+* Paste-back (after decoding): ``output = original * (1 - w) + generated * w`` with ``w`` the feathered mask,
+  and exactly the original where ``w`` is 0. A VAE does not reproduce its input, so without it the kept region
+  would come back changed (diffusers returns the decoded image as it is; A1111 pastes back as here).
+* Full resolution ("only masked", AUTOMATIC1111 modules/masking.py ``get_crop_region``/``expand_crop_region``,
+  diffusers' ``padding_mask_crop``): the box is stretched to the generation size and back (its aspect ratio is
+  the generation's, up to rounding and the image's border), and the paste-back uses the mask at the original
+  resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from controlnet.conditions import resize_cover
+from controlnet.errors import UserError
+from controlnet.images import load_image
+
+Box = tuple[int, int, int, int]  # (left, top, right, bottom) in pixels, right/bottom exclusive
+
+
+@dataclass
+class Source:
+    """The starting picture of img2img, and for inpainting its mask."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    mask: np.ndarray | None = None  # (H, W) bool, True = repaint
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)."""
+        return self.image.shape[1], self.image.shape[0]
+
+    def fit(self, width: int, height: int) -> "Source":
+        """The picture and mask at ``width`` x ``height`` ("cover, then centre-crop"; unchanged at their size)."""
+        if self.size == (width, height):
+            return self
+        image = resize_cover(self.image, width, height)
+        mask = None
+        if self.mask is not None:
+            mask = resize_cover(self.mask.astype(np.float32)[..., None], width, height)[..., 0] > 0.5
+            if not mask.any():
+                raise UserError(f"the mask vanishes when resized to {width}x{height}; paint a larger area white")
+        return Source(image, mask)
+
+    def crop(self, box: Box) -> "Source":
+        """The picture and mask cut to ``box``."""
+        left, top, right, bottom = box
+        mask = None if self.mask is None else self.mask[top:bottom, left:right]
+        return Source(self.image[top:bottom, left:right], mask)
+
+
+def load_source(image: Any, mask: Any = None, invert: bool = False) -> Source:
+    """The picture (path, PIL image or array: :func:`controlnet.images.load_image`) and its mask, checked."""
+    from controlnet.annotators.inputs import load_mask
+
+    rgb = load_image(image)
+    if mask is None:
+        if invert:
+            raise UserError("mask_invert needs a mask; pass --mask MASK")
+        return Source(rgb)
+    masked = load_mask(mask, rgb.shape[:2], name="mask")
+    if invert:
+        masked = ~masked
+    if not masked.any():
+        raise UserError("the mask has no white pixels: nothing to repaint; paint the area to repaint white"
+                        + (" (or drop --mask-invert)" if invert else ""))
+    return Source(rgb, masked)
+
+
+def feather(mask: np.ndarray, blur: float) -> np.ndarray:
+    """The paste-back weight ``(H, W)`` float32 in [0, 1]: ``mask`` feathered inward over ``blur`` px (module
+    docstring); the mask itself when ``blur`` is 0."""
+    if blur <= 0 or mask.all():  # a mask covering the whole picture has no edge to feather
+        return mask.astype(np.float32)
+    # Distance of each masked pixel to the nearest unmasked one (1 on the edge; the picture's border is no edge).
+    inside = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return np.minimum(inside / float(blur), 1.0).astype(np.float32)
+
+
+def latent_mask(mask: np.ndarray, factor: int) -> torch.Tensor:
+    """``(1, 1, H / factor, W / factor)`` float32: 1 where any pixel of the block is masked (module docstring)."""
+    pixels = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, H, W)
+    return torch.nn.functional.max_pool2d(pixels, factor)
+
+
+def to_vae_input(image: np.ndarray) -> torch.Tensor:
+    """A uint8 ``(H, W, 3)`` picture as the VAE reads it: ``(1, 3, H, W)`` float32 in [-1, 1] (diffusers'
+    ``VaeImageProcessor``: ``x / 255``, then ``2x - 1``)."""
+    x = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    return 2.0 * x - 1.0
+
+
+def paste_back(generated: np.ndarray, original: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``generated`` where ``weight`` is 1, ``original`` where it is 0 (bit for bit), blended in between;
+    all ``(H, W, 3)`` uint8 but ``weight`` ``(H, W)`` float."""
+    w = weight[..., None]
+    blended = np.rint(original.astype(np.float32) * (1.0 - w) + generated.astype(np.float32) * w)
+    return np.where(w > 0, np.clip(blended, 0, 255).astype(np.uint8), original)
+
+
+def _grow(low: int, high: int, length: int, limit: int) -> tuple[int, int]:
+    """The span [low, high) grown (or kept) to ``length`` around its centre, shifted inside [0, limit)."""
+    length = min(max(length, high - low), limit)
+    start = low - (length - (high - low)) // 2
+    start = min(max(start, 0), limit - length)
+    return start, start + length
+
+
+def mask_box(mask: np.ndarray, padding: int) -> Box:
+    """The bounding box of the mask's pixels, ``padding`` px larger on every side, inside the image."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    h, w = mask.shape
+    return (max(int(cols[0]) - padding, 0), max(int(rows[0]) - padding, 0),
+            min(int(cols[-1]) + 1 + padding, w), min(int(rows[-1]) + 1 + padding, h))
+
+
+def full_res_box(mask: np.ndarray, width: int, height: int, padding: int) -> Box:
+    """The region "only masked" inpainting works on: :func:`mask_box` grown to the aspect ratio
+    ``width : height`` (the shorter side grows, around the centre), kept inside the image."""
+    left, top, right, bottom = mask_box(mask, padding)
+    h, w = mask.shape
+    box_w, box_h = right - left, bottom - top
+    if box_w * height < box_h * width:  # too narrow: widen
+        left, right = _grow(left, right, math.ceil(box_h * width / height), w)
+    else:
+        top, bottom = _grow(top, bottom, math.ceil(box_w * height / width), h)
+    return left, top, right, bottom
+
+
+def resize_exact(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``image`` stretched to exactly ``width`` x ``height`` (INTER_AREA down, INTER_LANCZOS4 up)."""
+    h, w = image.shape[:2]
+    if (w, h) == (width, height):
+        return image
+    interpolation = cv2.INTER_AREA if width * height < w * h else cv2.INTER_LANCZOS4
+    return cv2.resize(image, (width, height), interpolation=interpolation)
+
+
+def uncrop(generated: np.ndarray, source: Source, box: Box, blur: float) -> np.ndarray:
+    """A full-resolution result: ``generated`` (the box's generation, any size) resized to the box and pasted into
+    ``source``'s picture through its feathered mask."""
+    left, top, right, bottom = box
+    canvas = source.image.copy()
+    canvas[top:bottom, left:right] = resize_exact(generated, right - left, bottom - top)
+    return paste_back(canvas, source.image, feather(source.mask, blur))
+
+
+def crop_condition(condition: np.ndarray, box: Box) -> np.ndarray:
+    """A float condition ``(H, W, 3)`` cut to ``box`` (masked pixels stay -1)."""
+    left, top, right, bottom = box
+    return np.ascontiguousarray(condition[top:bottom, left:right])
+
+
+__all__ = ["Box", "Source", "crop_condition", "feather", "full_res_box", "latent_mask", "load_source", "mask_box",
+           "paste_back", "resize_exact", "to_vae_input", "uncrop"]
