@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,11 @@ from controlnet import lora as lora_lib
 from controlnet import prompts, runtime
 from controlnet.defaults import FAMILY_LABELS, FamilyDefaults, family_defaults, scheduler_name
 from controlnet.errors import UserError
+from controlnet.loading import placement
 
 
 class BaseModelMixin(TextualInversionLoaderMixin):
-    """LoRA, embeddings, VAE, prompt encoding and runtime options for a Pipeline (module docstring). The Pipeline
+    """LoRA, embeddings, VAE, text conditioning and runtime options for a Pipeline (module docstring). The Pipeline
     calls :meth:`_init_base_model_options` in its constructor."""
 
     hf_device_map = None  # diffusers' loaders ask: no accelerate device map here
@@ -194,7 +196,7 @@ class BaseModelMixin(TextualInversionLoaderMixin):
 
     def load_vae(self, source: str | os.PathLike, revision: str | None = None, variant: str | None = None) -> None:
         """Replace the base's VAE (a file, a diffusers folder or a hub id; :func:`controlnet.loading.load_vae`)."""
-        from controlnet.loading import load_vae, move, placement
+        from controlnet.loading import load_vae, move
 
         where = placement(self.vae)
         vae = load_vae(source, self.vae, where["dtype"], revision, variant)
@@ -225,6 +227,45 @@ class BaseModelMixin(TextualInversionLoaderMixin):
             return texts
         empty, _ = self.encode_weighted_prompt("")
         return prompts.pad_to_same_length(texts, empty)
+
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text embeddings ``(N, L, D)`` and, for SDXL, pooled embeddings ``(N, D2)`` (as diffusers computes them:
+        plain text cut at the tokenizer's length, with a warning naming what was cut; generation uses
+        :meth:`encode_weighted_prompt`, which keeps everything)."""
+        _warn_truncated(self.tokenizer, prompts)
+        if self.text_encoder_2 is None:
+            ids = _tokenize(self.tokenizer, prompts, self.text_encoder)
+            return self.text_encoder(ids)[0], None  # last hidden state, after the final layer norm
+        hidden = []
+        pooled = None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            out = encoder(_tokenize(tokenizer, prompts, encoder), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # SDXL uses the penultimate layer of both encoders
+            pooled = out[0]  # the second encoder's projected pooled embedding ("text_embeds")
+        return torch.cat(hidden, dim=-1), pooled
+
+    def text_conditioning(self, prompt: str, negative_prompt: str, num_images: int, cfg: bool, width: int,
+                          height: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """The sampler's ``text`` ``(2B or B, L, D)`` ([negative, positive] rows when ``cfg``; prompts of any length
+        in A1111's syntax, :meth:`encode_weighted_prompt`, the shorter padded) and, for SDXL, its
+        ``added_cond_kwargs`` (pooled text and the micro-conditioning sizes)."""
+        text, pooled = self.encode_weighted_prompt(prompt)  # (1, n * L, D), (1, D2) | None
+        rows = [(text, pooled)]
+        if cfg:
+            if self.is_sdxl and not negative_prompt:  # SDXL: zeros for an empty negative prompt
+                negative = (torch.zeros_like(text), torch.zeros_like(pooled) if pooled is not None else None)
+            else:
+                negative = self.encode_weighted_prompt(negative_prompt)
+            rows.insert(0, negative)
+            padded = self.weighted_text_rows([t for t, _ in rows])
+            rows = [(t, p) for t, (_, p) in zip(padded, rows)]
+        text = torch.cat([t.expand(num_images, -1, -1) for t, _ in rows]).to(self.device, self.dtype)
+        if not self.is_sdxl:
+            return text, None
+        pooled = torch.cat([p.expand(num_images, -1) for _, p in rows])
+        # SDXL micro-conditioning: original size, crop top-left, target size (h, w order).
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
+        return text, {"text_embeds": pooled.to(self.device, self.dtype), "time_ids": time_ids.repeat(text.shape[0], 1)}
 
     # ------------------------------------------------------------------ memory and speed
 
@@ -318,3 +359,17 @@ class BaseModelMixin(TextualInversionLoaderMixin):
         if self.vae_source:
             settings["vae"] = self.vae_source
         return settings
+
+
+def _warn_truncated(tokenizer: Any, texts: list[str]) -> None:
+    """A warning naming what a plain tokenization cuts off ``texts``."""
+    cut = [text for text in prompts.truncated_text(tokenizer, texts) if text]
+    if cut:
+        warnings.warn(f"prompt longer than {tokenizer.model_max_length - 2} tokens: cut {cut[0]!r}"
+                      + (f" (and {len(cut) - 1} more prompts)" if len(cut) > 1 else ""), stacklevel=3)
+
+
+def _tokenize(tokenizer: Any, texts: list[str], encoder: nn.Module) -> torch.Tensor:
+    """Token ids ``(N, L)`` padded and cut to the tokenizer's length, on ``encoder``'s device."""
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(placement(encoder)["device"])

@@ -62,7 +62,7 @@ import os
 import random
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
@@ -73,20 +73,14 @@ from torch import nn
 
 from controlnet.base_model import BaseModelMixin
 from controlnet.conditions import ImageInput, condition_to_pil, prepare_condition, round_size, to_condition_array
-from controlnet.defaults import (
-    CONTROL_MODES, DEFAULT_DENOISE, DEFAULT_HIRES_DENOISE, DEFAULT_HIRES_SCALE,
-    DEFAULT_INPAINT_DENOISE, DEFAULT_INPAINT_PADDING, DEFAULT_MASK_BLUR, DEFAULT_STEPS,
-    HIRES_UPSCALERS,
-)
+from controlnet.defaults import CONTROL_MODES, DEFAULT_INPAINT_PADDING, DEFAULT_MASK_BLUR, DEFAULT_STEPS
 from controlnet.errors import UserError
+from controlnet.img2img import HiresFix, ImageToImageMixin, Source, load_source
 from controlnet.limits import check_output_size, check_seed
 from controlnet.loading import DTYPE_NAMES, load_base, move, placement, quiet_loading, resolve_device, resolve_dtype
 from controlnet.model import ControlNet, guess_mode_scales
-from controlnet.img2img import (
-    Source, crop_condition, feather, full_res_box, latent_mask, load_source, mask_box, paste_back, resize_exact,
-    to_vae_input, uncrop,
-)
-from controlnet.sampling import Control, Inpainting, in_step_range, make_scheduler, sample
+from controlnet.sampling import Control, in_step_range, make_scheduler, sample
+from controlnet.settings import generation_settings, image_settings
 
 ControlNetRef = Union[ControlNet, str, os.PathLike]
 
@@ -141,32 +135,6 @@ class ControlUnit:
 
 
 @dataclass
-class HiresFix:
-    """Hires fix (A1111's): generate, upscale by ``scale``, then an img2img pass of ``denoise`` at the larger size
-    with the same ControlNets, their conditions prepared at that size.
-
-    ``steps``: the second pass's schedule (None: the generation's steps; ``round(denoise * steps)`` of them run).
-    ``upscaler``: "latent" (the latents, bilinear, as A1111's "Latent") or "lanczos" (the decoded images,
-    Lanczos, encoded again).
-    """
-
-    scale: float = DEFAULT_HIRES_SCALE
-    denoise: float = DEFAULT_HIRES_DENOISE
-    steps: int | None = None
-    upscaler: str = "latent"
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(float(self.scale)) or self.scale < 1:
-            raise UserError(f"hires scale must be a number >= 1, got {self.scale}")
-        if not 0.0 <= float(self.denoise) <= 1.0:
-            raise UserError(f"hires denoise must be in [0, 1], got {self.denoise}")
-        if self.steps is not None and int(self.steps) < 1:
-            raise UserError(f"hires steps must be >= 1 (or None: the generation's steps), got {self.steps}")
-        if self.upscaler not in HIRES_UPSCALERS:
-            raise UserError(f"unknown hires upscaler {self.upscaler!r}; choose one of {', '.join(HIRES_UPSCALERS)}")
-
-
-@dataclass
 class _Run:
     """What every denoising pass of one call shares (the hires pass repeats the first with these)."""
 
@@ -200,14 +168,15 @@ class GenerationResult:
     settings: dict[str, Any]
 
 
-class Pipeline(BaseModelMixin):
+class Pipeline(BaseModelMixin, ImageToImageMixin):
     """Text-to-image with ControlNets over an SD-family base (SD1.x, SD2.x incl. v-prediction, SDXL).
 
     Build it with :meth:`from_pretrained` (embedded base, a diffusers folder or a single file; dtype None → the
     device's default, :func:`controlnet.loading.default_dtype`) or from diffusers/transformers components
     (dtype/device None → the components run as given; otherwise they are moved and cast in place). Call it to
     generate; see the module docstring for the steps and the rules they follow. LoRAs, embeddings, another VAE,
-    clip skip, offload and compile: :class:`~controlnet.base_model.BaseModelMixin`.
+    clip skip, text conditioning, offload and compile: :class:`~controlnet.base_model.BaseModelMixin`; the
+    image-to-image steps: :class:`~controlnet.img2img.ImageToImageMixin`.
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any, scheduler: Any,
@@ -325,14 +294,13 @@ class Pipeline(BaseModelMixin):
             hires: a :class:`HiresFix` second pass (text-to-image only).
         """
         guidance, scheduler = self.sampler_defaults(guidance, scheduler)
-        _check_settings(output_type, steps, num_images, guidance, eta, reuse_residuals)
+        _check_settings(output_type, steps, num_images, guidance, eta, reuse_residuals,
+                        make_scheduler(scheduler, self.scheduler_config), scheduler)
         steps, num_images, reuse_residuals = int(steps), int(num_images), int(reuse_residuals)
         text_prompt, active_loras = self.apply_prompt_loras(prompt)  # <lora:name:w> tags out of the text
-        _check_steps(steps, make_scheduler(scheduler, self.scheduler_config), scheduler)
-        seed = random.SystemRandom().randrange(2**31) if seed is None else int(seed)
-        check_seed(seed, "seed")
-        denoise = self._check_image_settings(init_image, denoise, mask, mask_blur, inpaint_full_res,
-                                             inpaint_padding, hires)
+        seed = _resolve_seed(seed)
+        denoise = self.check_image_settings(init_image, denoise, mask, mask_blur, inpaint_full_res,
+                                            inpaint_padding, hires)
         source = load_source(init_image, mask, mask_invert) if init_image is not None else None
         generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num_images)]
         run = _Run(text_prompt, negative_prompt, list(controls), guess_mode, guidance, scheduler, eta, reuse_residuals,
@@ -341,7 +309,7 @@ class Pipeline(BaseModelMixin):
         # 1. Where: the output size, the starting picture there (for "only masked": the mask's box, its conditions).
         whole, box = source, None
         if source is not None and inpaint_full_res:
-            source, size, box = self._only_masked(source, size, inpaint_padding, run)
+            source, size, box, run.controls = self.only_masked(source, size, inpaint_padding, run.controls)
         if size is None and source is not None:
             size = round_size(*source.size, self.vae_scale_factor)
         width, height = self.output_size(size, to_condition_array(controls[0].image) if controls else None)
@@ -354,13 +322,17 @@ class Pipeline(BaseModelMixin):
             width, height = round_size(width * hires.scale, height * hires.scale, self.vae_scale_factor)
             check_output_size(width, height, self.max_pixels, device=str(self.device), what="hires size")
             final, prepared = self._denoise(run, width, height, hires.steps or steps, hires.denoise,
-                                            image_latents=self._upscale_latents(final, hires, width, height, run))
+                                            image_latents=self.upscale_latents(final, hires, width, height, generators))
 
         # 3. Decode, paste back, report.
-        settings = self._settings(prompt, negative_prompt, seed, steps, scheduler, guidance, width, height, eta,
-                                  guess_mode, reuse_residuals, num_images, controls)
-        settings.update(_image_settings(init_image, denoise, mask, mask_blur, mask_invert, inpaint_full_res,
-                                        inpaint_padding, hires, steps))
+        settings = generation_settings(
+            prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, scheduler=scheduler,
+            guidance=guidance, width=width, height=height, eta=eta, guess_mode=guess_mode,
+            reuse_residuals=reuse_residuals, num_images=num_images, controls=controls,
+            dtype=DTYPE_NAMES.get(self.dtype, str(self.dtype)), base=self.base)
+        settings.update(image_settings(init_image=init_image, denoise=denoise, mask=mask, mask_blur=mask_blur,
+                                       mask_invert=mask_invert, full_res=inpaint_full_res, padding=inpaint_padding,
+                                       hires=hires, steps=steps))
         settings.update(self.base_model_settings(active_loras))
         images = self._output(final, output_type, source, mask_blur, whole, box)
         conditions = [condition_to_pil(condition) for _, condition in prepared]
@@ -386,45 +358,6 @@ class Pipeline(BaseModelMixin):
         scale = self.native_size / min(h, w)
         return round_size(w * scale, h * scale, m)
 
-    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Text embeddings ``(N, L, D)`` and, for SDXL, pooled embeddings ``(N, D2)`` (as diffusers computes them:
-        plain text cut at the tokenizer's length, with a warning naming what was cut; generation uses
-        :meth:`encode_weighted_prompt`, which keeps everything)."""
-        _warn_truncated(self.tokenizer, prompts)
-        if self.text_encoder_2 is None:
-            ids = _tokenize(self.tokenizer, prompts, self.text_encoder)
-            return self.text_encoder(ids)[0], None  # last hidden state, after the final layer norm
-        hidden = []
-        pooled = None
-        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            out = encoder(_tokenize(tokenizer, prompts, encoder), output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])  # SDXL uses the penultimate layer of both encoders
-            pooled = out[0]  # the second encoder's projected pooled embedding ("text_embeds")
-        return torch.cat(hidden, dim=-1), pooled
-
-    def text_conditioning(self, prompt: str, negative_prompt: str, num_images: int, cfg: bool, width: int,
-                          height: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """The sampler's ``text`` ``(2B or B, L, D)`` ([negative, positive] rows when ``cfg``; prompts of any length
-        in A1111's syntax, :meth:`encode_weighted_prompt`, the shorter padded) and, for SDXL, its
-        ``added_cond_kwargs`` (pooled text and the micro-conditioning sizes)."""
-        text, pooled = self.encode_weighted_prompt(prompt)  # (1, n * L, D), (1, D2) | None
-        rows = [(text, pooled)]
-        if cfg:
-            if self.is_sdxl and not negative_prompt:  # SDXL: zeros for an empty negative prompt
-                negative = (torch.zeros_like(text), torch.zeros_like(pooled) if pooled is not None else None)
-            else:
-                negative = self.encode_weighted_prompt(negative_prompt)
-            rows.insert(0, negative)
-            padded = self.weighted_text_rows([t for t, _ in rows])
-            rows = [(t, p) for t, (_, p) in zip(padded, rows)]
-        text = torch.cat([t.expand(num_images, -1, -1) for t, _ in rows]).to(self.device, self.dtype)
-        if not self.is_sdxl:
-            return text, None
-        pooled = torch.cat([p.expand(num_images, -1) for _, p in rows])
-        # SDXL micro-conditioning: original size, crop top-left, target size (h, w order).
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
-        return text, {"text_embeds": pooled.to(self.device, self.dtype), "time_ids": time_ids.repeat(text.shape[0], 1)}
-
     def _prepare_unit(self, unit: ControlUnit, width: int, height: int,
                       guess_mode: bool) -> tuple[Control, np.ndarray]:
         """The sampler's :class:`~controlnet.sampling.Control` for ``unit``, and its condition ``(H, W, 3)``."""
@@ -443,75 +376,16 @@ class Pipeline(BaseModelMixin):
         cond_only = guess_mode or unit.control_mode == "controlnet" or bool(cn.config.global_pool_conditions)
         return Control(cn, hint, scales, unit.start, unit.end, cond_only), condition
 
-    def _initial_noise(self, latents: torch.Tensor | None, generators: list[torch.Generator], width: int,
-                       height: int) -> torch.Tensor:
-        """``latents`` (checked), or noise ``(B, C, h, w)`` float32 drawn from one generator per image."""
+    def initial_noise(self, latents: torch.Tensor | None, generators: list[torch.Generator], width: int,
+                      height: int) -> torch.Tensor:
+        """``latents`` (checked), or noise ``(B, C, h, w)`` float32 drawn from one generator per image, on the
+        device."""
         shape = (1, self.vae.config.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
-            return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-        if tuple(latents.shape) != (len(generators), *shape[1:]):
+            latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        elif tuple(latents.shape) != (len(generators), *shape[1:]):
             raise UserError(f"latents must have shape {(len(generators), *shape[1:])}, got {tuple(latents.shape)}")
-        return latents
-
-    # ------------------------------------------------------------------ image to image
-
-    @property
-    def is_inpainting_model(self) -> bool:
-        """Whether the UNet is an inpainting one: latents + mask + masked-image latents in (9 channels for SD)."""
-        return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
-
-    def _check_image_settings(self, init_image: Any, denoise: float | None, mask: Any, mask_blur: float,
-                              full_res: bool, padding: int, hires: HiresFix | None) -> float:
-        """One-line :class:`UserError` for an image-to-image setting that cannot work; the denoise to use."""
-        channels = self.unet.config.in_channels
-        if channels != self.vae.config.latent_channels and not self.is_inpainting_model:
-            raise UserError(f"a UNet with {channels} input channels is not supported (ordinary: "
-                            f"{self.vae.config.latent_channels}; inpainting: {2 * self.vae.config.latent_channels + 1})")
-        if self.is_inpainting_model and mask is None:
-            raise UserError(f"this base is an inpainting model ({channels}-channel UNet): it needs init_image and mask "
-                            "(--init-image IMG --mask MASK); use an ordinary base for text-to-image and img2img")
-        if init_image is None:
-            for given, what in ((denoise is not None, "denoise"), (mask is not None, "a mask"),
-                                (full_res, "inpaint_full_res")):
-                if given:
-                    raise UserError(f"{what} needs an init image to work on; pass init_image (--init-image IMG)")
-        elif hires is not None:
-            raise UserError("hires fix is for text-to-image; for an init image, run img2img at the larger size")
-        if full_res and mask is None:
-            raise UserError("inpaint_full_res works around a mask; pass mask (--mask MASK)")
-        if denoise is not None and not 0.0 <= float(denoise) <= 1.0:  # also refuses NaN
-            raise UserError(f"denoise must be in [0, 1] (0: the image back, 1: redraw it all), got {denoise}")
-        if not float(mask_blur) >= 0 or int(padding) < 0:
-            raise UserError(f"mask blur and inpaint padding must be >= 0, got {mask_blur} and {padding}")
-        if denoise is None:
-            return DEFAULT_INPAINT_DENOISE if mask is not None else DEFAULT_DENOISE
-        return float(denoise)
-
-    def _only_masked(self, source: Source, size: tuple[int, int] | None, padding: int,
-                     run: _Run) -> tuple[Source, tuple[int, int], tuple[int, int, int, int]]:
-        """"Only masked" inpainting (module docstring): the box's picture and mask stretched to the size it is
-        generated at, that size, and the box; the units' conditions of the picture's size are cut to it."""
-        left, top, right, bottom = mask_box(source.mask, int(padding))
-        width, height = self.output_size(size, np.empty((bottom - top, right - left, 0)))
-        box = full_res_box(source.mask, width, height, int(padding))
-        run.controls = self._crop_units(run.controls, box, source.size)
-        crop = source.crop(box)
-        stretched = Source(resize_exact(crop.image, width, height),
-                           resize_exact(crop.mask.astype(np.uint8), width, height) > 0)
-        return stretched, (width, height), box
-
-    def _crop_units(self, units: list[ControlUnit], box: tuple[int, int, int, int],
-                    image_size: tuple[int, int]) -> list[ControlUnit]:
-        """The units of an "only masked" generation: a condition of the init image's size is prepared at that
-        size (annotated) and cut to ``box``; others are used whole."""
-        cropped = []
-        for unit in units:
-            h, w = to_condition_array(unit.image).shape[:2]
-            if (w, h) == image_size:
-                whole = prepare_condition(unit.image, w, h, unit.annotator, unit.annotator_params)
-                unit = replace(unit, image=crop_condition(whole, box), annotator=None, annotator_params={})
-            cropped.append(unit)
-        return cropped
+        return latents.to(self.device, torch.float32)
 
     def _denoise(self, run: _Run, width: int, height: int, steps: int, denoise: float, *,
                  source: Source | None = None, image_latents: torch.Tensor | None = None,
@@ -520,56 +394,21 @@ class Pipeline(BaseModelMixin):
         (text-to-image), from ``source`` (img2img / inpainting) or from ``image_latents`` (the hires pass)."""
         sampler = make_scheduler(run.scheduler, self.scheduler_config)
         prepared = [self._prepare_unit(unit, width, height, run.guess_mode) for unit in run.controls]
-        num_images = len(run.generators)
         # Text: [unconditional, conditional] rows in one batch when guiding (diffusers' order).
-        text, added = self.text_conditioning(run.prompt, run.negative_prompt, num_images, run.guidance > 1.0,
-                                             width, height)
-        start, timesteps, inpainting = self._start(sampler, steps, denoise, run.generators, width, height,
-                                                   source, image_latents, latents)
+        text, added = self.text_conditioning(run.prompt, run.negative_prompt, len(run.generators),
+                                             run.guidance > 1.0, width, height)
+        sampler.set_timesteps(steps, device=self.device)
+        if source is None and image_latents is None:  # text-to-image: noise at the schedule's first sigma
+            noise = self.initial_noise(latents, run.generators, width, height)
+            start, timesteps, inpainting = noise * sampler.init_noise_sigma, sampler.timesteps, None
+        else:
+            start, timesteps, inpainting = self.image_start(sampler, steps, denoise, run.generators, width, height,
+                                                            source, image_latents, latents)
         active = [control for (control, _), unit in zip(prepared, run.controls) if unit.strength > 0]
         final = sample(self.unet, sampler, start, timesteps, text, active, run.guidance, added=added, reuse=run.reuse,
                        eta=run.eta, generators=run.generators, progress=run.progress,
                        callback=_stop_if_not_finite(run.callback, len(timesteps)), inpainting=inpainting)
         return final, prepared
-
-    def _start(self, sampler: Any, steps: int, denoise: float, generators: list[torch.Generator], width: int,
-               height: int, source: Source | None, image_latents: torch.Tensor | None,
-               latents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Inpainting | None]:
-        """The starting latents ``(B, C, h, w)``, the timesteps to run and the known region (inpainting), drawing
-        from the generators in the order of the module docstring."""
-        sampler.set_timesteps(steps, device=self.device)
-        if source is None and image_latents is None:  # text-to-image
-            noise = self._initial_noise(latents, generators, width, height).to(self.device, torch.float32)
-            return noise * sampler.init_noise_sigma, sampler.timesteps, None
-        timesteps = _img2img_timesteps(sampler, steps, denoise)
-        masked = source is not None and source.mask is not None
-        from_noise = masked and denoise >= 1.0  # diffusers' inpaint pipelines: pure noise at strength 1
-        if image_latents is None and not (from_noise and self.is_inpainting_model):
-            image_latents = self.encode(source.image, generators)
-        noise = self._initial_noise(latents, generators, width, height).to(self.device, torch.float32)
-        if from_noise:
-            start = noise * sampler.init_noise_sigma
-        elif len(timesteps) == 0:  # denoise 0: the VAE round trip
-            start = image_latents
-        else:
-            start = sampler.add_noise(image_latents, noise, timesteps[:1].repeat(len(generators)))
-        if not masked:
-            return start, timesteps, None
-        mask = latent_mask(source.mask, self.vae_scale_factor).to(self.device).expand(len(generators), -1, -1, -1)
-        if self.is_inpainting_model:  # the image with the masked pixels at 0 (grey), as diffusers
-            keep = torch.from_numpy(~source.mask)[None, None].float()  # (1, 1, H, W)
-            masked_latents = self.encode(to_vae_input(source.image) * keep, generators)
-            return start, timesteps, Inpainting(mask, masked_image_latents=masked_latents)
-        return start, timesteps, Inpainting(mask, image_latents=image_latents, noise=noise)
-
-    def _upscale_latents(self, latents: torch.Tensor, hires: HiresFix, width: int, height: int,
-                         run: _Run) -> torch.Tensor:
-        """The hires pass's picture: ``latents`` upscaled to ``width`` x ``height`` by the hires upscaler."""
-        if hires.upscaler == "latent":  # A1111's "Latent": bilinear, no antialiasing
-            size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-            return torch.nn.functional.interpolate(latents, size=size, mode="bilinear", align_corners=False)
-        pictures = [Image.fromarray(a).resize((width, height), Image.LANCZOS) for a in self.decode(latents)]
-        return torch.cat([self.encode(np.asarray(p), [g]) for p, g in zip(pictures, run.generators)])
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents ``(B, C, h, w)`` → images ``(B, H, W, 3)`` uint8, one image at a time (bounded memory)."""
@@ -584,16 +423,6 @@ class Pipeline(BaseModelMixin):
             images.append((x[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
         return np.stack(images)
 
-    @torch.inference_mode()
-    def encode(self, image: np.ndarray | torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """A picture (uint8 ``(H, W, 3)``, or the VAE's input ``(1, 3, H, W)`` in [-1, 1]) → latents
-        ``(B, C, h, w)`` float32, one posterior sample per generator (diffusers' ``retrieve_latents``)."""
-        x = image if isinstance(image, torch.Tensor) else to_vae_input(image)
-        posterior = self.vae.encode(x.to(**placement(self.vae))).latent_dist
-        z = torch.cat([posterior.sample(generator=g) for g in generators]).float()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return ((z - shift) * self.vae.config.scaling_factor).to(self.device)
-
     def _output(self, latents: torch.Tensor, output_type: str, source: Source | None = None, mask_blur: float = 0.0,
                 whole: Source | None = None, box: tuple[int, int, int, int] | None = None) -> list[Any]:
         """The decoded images, with the unmasked pixels of ``source`` pasted back (for "only masked": the box's
@@ -602,39 +431,8 @@ class Pipeline(BaseModelMixin):
             return []
         arrays = list(self.decode(latents))
         if source is not None and source.mask is not None:
-            if box is not None:
-                arrays = [uncrop(a, whole, box, mask_blur) for a in arrays]
-            else:
-                weight = feather(source.mask, mask_blur)
-                arrays = [paste_back(a, source.image, weight) for a in arrays]
+            arrays = self.paste_back_all(arrays, source, mask_blur, whole, box)
         return [Image.fromarray(a) for a in arrays] if output_type == "pil" else arrays
-
-    def _settings(self, prompt: str, negative_prompt: str, seed: int, steps: int, scheduler: str, guidance: float,
-                  width: int, height: int, eta: float, guess_mode: bool, reuse_residuals: int, num_images: int,
-                  controls: Sequence[ControlUnit]) -> dict[str, Any]:
-        """Everything needed to reproduce a generation (JSON-safe; written as PNG metadata)."""
-        return {
-            "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
-            "seeds": [seed + k for k in range(num_images)], "steps": steps, "scheduler": scheduler,
-            "guidance": float(guidance), "size": f"{width}x{height}", "eta": float(eta), "guess_mode": bool(guess_mode),
-            **({"reuse_residuals": reuse_residuals} if reuse_residuals > 1 else {}),
-            "num_images": num_images, "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)), "base": self.base,
-            "controlnets": [
-                {"controlnet": _describe_controlnet(u.controlnet), "control": _describe_image(u.image),
-                 "strength": u.strength, "start": u.start, "end": u.end, "control_mode": u.control_mode,
-                 "annotator": u.annotator or "",
-                 "annotator_params": {k: _describe_value(v) for k, v in u.annotator_params.items()}}
-                for u in controls
-            ],
-        }
-
-
-def _check_steps(steps: int, sampler: Any, name: str) -> None:
-    """Refuse more steps than the base's training schedule has timesteps (diffusers' DDIM raises; others repeat)."""
-    limit = int(getattr(sampler.config, "num_train_timesteps", 1000))
-    if steps > limit:
-        raise UserError(f"steps {steps} is more than the scheduler {name!r} supports for this base (its schedule has "
-                        f"{limit} timesteps); give steps <= {limit}")
 
 
 def _stop_if_not_finite(callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None,
@@ -652,38 +450,18 @@ def _stop_if_not_finite(callback: Callable[[int, torch.Tensor, torch.Tensor], No
     return check
 
 
-def _img2img_timesteps(sampler: Any, steps: int, denoise: float) -> torch.Tensor:
-    """The last ``round(denoise * steps)`` timesteps of the schedule (rounded half up), and the scheduler told
-    where they begin (diffusers' img2img ``get_timesteps``)."""
-    run = min(int(math.floor(denoise * steps + 0.5)), steps)
-    begin = (steps - run) * sampler.order
-    if hasattr(sampler, "set_begin_index"):
-        sampler.set_begin_index(begin)
-    return sampler.timesteps[begin:]
-
-
-def _image_settings(init_image: Any, denoise: float, mask: Any, mask_blur: float, mask_invert: bool,
-                    full_res: bool, padding: int, hires: HiresFix | None, steps: int) -> dict[str, Any]:
-    """The settings of image to image and hires fix (none for plain text-to-image)."""
-    settings: dict[str, Any] = {}
-    if init_image is not None:
-        settings.update(init_image=_describe_image(init_image), denoise=denoise)
-    if mask is not None:
-        settings.update(mask=_describe_image(mask), mask_blur=float(mask_blur), mask_invert=bool(mask_invert),
-                        inpaint_full_res=bool(full_res), inpaint_padding=int(padding))
-    if hires is not None:
-        settings["hires"] = {"scale": float(hires.scale), "denoise": float(hires.denoise),
-                             "steps": int(hires.steps or steps), "upscaler": hires.upscaler}
-    return settings
-
-
 def _check_settings(output_type: str, steps: int, num_images: int, guidance: float, eta: float,
-                    reuse_residuals: int) -> None:
+                    reuse_residuals: int, sampler: Any, scheduler: str) -> None:
     """One-line :class:`UserError` for a generation setting out of its range."""
     if output_type not in OUTPUT_TYPES:
         raise UserError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     if int(steps) < 1:
         raise UserError(f"steps must be >= 1, got {steps}")
+    # No more steps than the base's training schedule has timesteps (diffusers' DDIM raises; others repeat).
+    limit = int(getattr(sampler.config, "num_train_timesteps", 1000))
+    if int(steps) > limit:
+        raise UserError(f"steps {steps} is more than the scheduler {scheduler!r} supports for this base (its schedule "
+                        f"has {limit} timesteps); give steps <= {limit}")
     if int(num_images) < 1:
         raise UserError(f"num_images must be >= 1, got {num_images}")
     if not math.isfinite(float(guidance)) or guidance < 0:
@@ -694,38 +472,8 @@ def _check_settings(output_type: str, steps: int, num_images: int, guidance: flo
         raise UserError(f"reuse_residuals must be >= 1 (1: compute the residuals every step), got {reuse_residuals}")
 
 
-def _warn_truncated(tokenizer: Any, prompts: list[str]) -> None:
-    from controlnet.prompts import truncated_text
-
-    cut = [text for text in truncated_text(tokenizer, prompts) if text]
-    if cut:
-        warnings.warn(f"prompt longer than {tokenizer.model_max_length - 2} tokens: cut {cut[0]!r}"
-                      + (f" (and {len(cut) - 1} more prompts)" if len(cut) > 1 else ""), stacklevel=3)
-
-
-def _tokenize(tokenizer: Any, prompts: list[str], encoder: nn.Module) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(placement(encoder)["device"])
-
-
-def _describe_controlnet(controlnet: ControlNetRef) -> str:
-    """A ControlNet as given (name or path), or the source of an in-memory model (for settings)."""
-    if isinstance(controlnet, ControlNet):
-        return str(getattr(controlnet, "name_or_path", "") or "ControlNet (in memory)")
-    return str(controlnet)
-
-
-def _describe_image(image: ImageInput) -> str:
-    """A path as given, or the kind of in-memory image (for settings)."""
-    if isinstance(image, (str, os.PathLike)):
-        return str(image)
-    return f"<{type(image).__name__}>"
-
-
-def _describe_value(value: Any) -> Any:
-    """A setting value as JSON can hold it: numbers, strings and booleans as they are, paths as text, others by type."""
-    if isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, os.PathLike):
-        return str(value)
-    return f"<{type(value).__name__}>"
+def _resolve_seed(seed: int | None) -> int:
+    """``seed`` checked, or a random one for ``None``."""
+    seed = random.SystemRandom().randrange(2**31) if seed is None else int(seed)
+    check_seed(seed, "seed")
+    return seed
