@@ -220,7 +220,7 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
         from controlnet.embedded import default_base_dir
 
         device_ = resolve_device(device)
-        dtype_ = resolve_dtype(dtype, device_)
+        dtype_ = resolve_dtype(dtype, device_, tiny=base is None)
         path = default_base_dir() if base is None else base
         pipe = cls(**load_base(path, dtype_, base_config, revision, variant), dtype=dtype_, device=device_)
         pipe.base = "embedded" if base is None else str(Path(base).expanduser() if Path(base).expanduser().exists() else base)
