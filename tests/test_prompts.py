@@ -209,3 +209,25 @@ def test_clip_skip_out_of_range_is_a_user_error(sd1):
                 pipe.encode_weighted_prompt("red")
         finally:
             pipe.clip_skip = 1
+
+
+def test_a_multi_vector_embedding_is_not_split_across_chunks(tmp_path):
+    """A1111 starts a new chunk when an embedding's vectors do not fit in the current one's rest."""
+    from safetensors.torch import save_file
+
+    from controlnet.prompts import tokenize_weighted
+
+    ids = list(range(100, 112))  # 12 tokens, then a 3-vector group: 12 + 3 > 14
+    chunks = make_chunks([(ids + [7, 8, 9], 1.0)], CHUNK, comma=0, glue=frozenset({8, 9}))
+    assert [c[0] for c in chunks] == [ids, [7, 8, 9]]
+    assert [c[0] for c in make_chunks([(ids + [7, 8, 9], 1.0)], CHUNK, comma=0)] == [ids + [7, 8], [9]]
+
+    pipe = Pipeline(**_components("sd1"), dtype="fp32", device="cpu")
+    save_file({"<style>": torch.randn(3, 32, generator=torch.Generator().manual_seed(0))}, tmp_path / "style.safetensors")
+    assert pipe.load_embedding(tmp_path / "style.safetensors") == "<style>"
+    words = " ".join(["red circle blue square"] * 3)  # 12 tokens
+    chunks = tokenize_weighted(f"{words} <style>", pipe.tokenizer, pipe.maybe_convert_prompt)
+    assert [len(c[0]) for c in chunks] == [12, 3]
+    text, _ = pipe.encode_weighted_prompt(f"{words} <style>")
+    assert text.shape[1] == 2 * LENGTH
+    assert torch.equal(text[:, LENGTH:], pipe.encode_weighted_prompt("<style>")[0])

@@ -15,7 +15,9 @@ Encoding, for each text encoder (A1111 modules/sd_hijack_clip.py)::
 
     tokens  = each piece tokenized alone (no BOS/EOS), every token carrying its piece's weight
     chunks  = runs of C = L - 2 tokens (L = the tokenizer's length: 77 for CLIP, so C = 75); a chunk that fills
-              up within COMMA_BACKTRACK tokens after a comma ends at that comma, the rest moving to the next one
+              up within COMMA_BACKTRACK tokens after a comma ends at that comma, the rest moving to the next one;
+              a multi-vector embedding that does not fit in the chunk's rest starts the next one (A1111 keeps an
+              embedding's vectors in one chunk)
     ids     = [BOS] + chunk + [EOS] + [PAD] * (C - len(chunk))                                (L,)
     z       = the encoder's hidden state at layer -clip_skip, final layer norm applied        (1, L, D)
               (SDXL: layer -(clip_skip + 1), no norm, as diffusers and A1111 take SDXL's penultimate layer)
@@ -114,10 +116,11 @@ def _weight(number: str, prompt: str) -> float:
         raise UserError(f"prompt {prompt!r}: {number!r} is not a weight; write (word:1.2)") from None
 
 
-def make_chunks(pieces: Sequence[tuple[list[int] | None, float]], size: int,
-                comma: int | None) -> list[tuple[list[int], list[float]]]:
+def make_chunks(pieces: Sequence[tuple[list[int] | None, float]], size: int, comma: int | None,
+                glue: frozenset[int] = frozenset()) -> list[tuple[list[int], list[float]]]:
     """Token ids with weights (``None`` ids for a BREAK) → chunks of at most ``size`` tokens, each as
-    (ids, weights) without BOS/EOS; the comma rule of the module docstring (``comma``: the comma's token id)."""
+    (ids, weights) without BOS/EOS; the comma rule of the module docstring (``comma``: the comma's token id).
+    ``glue``: ids that stay in the chunk of the token before them (an embedding's second, third... vectors)."""
     chunks: list[tuple[list[int], list[float]]] = []
     ids: list[int] = []
     weights: list[float] = []
@@ -132,7 +135,7 @@ def make_chunks(pieces: Sequence[tuple[list[int] | None, float]], size: int,
         if piece_ids is None:  # BREAK
             close()
             continue
-        for token in piece_ids:
+        for k, token in enumerate(piece_ids):
             if token == comma:
                 last_comma = len(ids)
             elif len(ids) == size and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
@@ -143,11 +146,30 @@ def make_chunks(pieces: Sequence[tuple[list[int] | None, float]], size: int,
                 ids, weights = moved
             if len(ids) == size:
                 close()
+            group = _group_length(piece_ids, k, glue)
+            if group > 1 and ids and len(ids) + group > size:  # an embedding that does not fit: next chunk
+                close()
             ids.append(token)
             weights.append(weight)
     if ids or not chunks:
         close()
     return chunks
+
+
+def _group_length(ids: Sequence[int], k: int, glue: frozenset[int]) -> int:
+    """How many tokens from ``ids[k]`` on form one group: the token and the ``glue`` tokens right after it."""
+    n = 1
+    while k + n < len(ids) and ids[k + n] in glue:
+        n += 1
+    return n
+
+
+def embedding_continuations(tokenizer: Any) -> frozenset[int]:
+    """Ids of the second, third... vectors of the multi-vector embeddings in ``tokenizer`` (diffusers' textual
+    inversion adds them as ``token_1``, ``token_2``... after ``token``)."""
+    added = tokenizer.get_added_vocab()
+    return frozenset(i for name, i in added.items()
+                     if (m := re.fullmatch(r"(.+)_\d+", name)) is not None and m.group(1) in added)
 
 
 def tokenize_weighted(prompt: str, tokenizer: Any,
@@ -163,7 +185,7 @@ def tokenize_weighted(prompt: str, tokenizer: Any,
     pieces = [(None, 1.0) if (text == BREAK and weight == -1.0) else (list(next(token_ids)), weight)
               for text, weight in parsed]
     comma = tokenizer.get_vocab().get(",</w>")
-    return make_chunks(pieces, tokenizer.model_max_length - 2, comma)
+    return make_chunks(pieces, tokenizer.model_max_length - 2, comma, embedding_continuations(tokenizer))
 
 
 def chunk_ids(ids: list[int], weights: list[float], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
