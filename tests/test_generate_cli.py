@@ -208,3 +208,39 @@ def test_help_imports_nothing_heavy(command):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"controlnet.commands.{command} imports {out.stdout.strip()} for --help"
+
+
+def test_from_png_loads_the_loras_and_embeddings_again(tmp_path):
+    """A generation with --lora and --embedding on the embedded model, re-run from its PNG, gives the same image;
+    without the LoRA the image differs (so the re-run did load it)."""
+    from safetensors.torch import save_file
+
+    from controlnet.commands.generate import png_options
+    from controlnet.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained()
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for name, module in pipe.unet.named_modules():
+        if name.endswith(("attn1.to_q", "attn2.to_v")) and isinstance(module, torch.nn.Linear):
+            key = "lora_unet_" + name.replace(".", "_")  # kohya/A1111 layout
+            lora[f"{key}.lora_down.weight"] = torch.randn(2, module.in_features, generator=g)
+            lora[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 2, generator=g)
+            lora[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(lora, tmp_path / "style.safetensors")
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    save_file({"emb_params": torch.randn(2, width, generator=g)}, tmp_path / "thing.safetensors")
+
+    common = ["--steps", "2", "--seed", "3", "--size", "64x64", "-q"]
+    given = ["--lora", f"{tmp_path / 'style.safetensors'}:0.9", "--embedding", f"{tmp_path / 'thing.safetensors'}:mytok"]
+    assert _main(["generate", "--prompt", "a mytok circle", *given, *common, "--out", str(tmp_path / "a")]) == 0
+    first = tmp_path / "a" / "00000-3.png"
+    options = png_options(str(first))
+    assert options["lora"] == [f"{tmp_path / 'style.safetensors'}:0.9"]
+    assert options["embedding"] == [f"{tmp_path / 'thing.safetensors'}:mytok"]
+    assert _main(["generate", "--from-png", str(first), "-q", "--out", str(tmp_path / "b")]) == 0
+    again = np.asarray(Image.open(tmp_path / "b" / "00000-3.png"))
+    assert np.array_equal(np.asarray(Image.open(first)), again)
+    plain = ["--embedding", f"{tmp_path / 'thing.safetensors'}:mytok"]
+    assert _main(["generate", "--prompt", "a mytok circle", *plain, *common, "--out", str(tmp_path / "c")]) == 0
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "c" / "00000-3.png")), again)

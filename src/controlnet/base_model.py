@@ -352,6 +352,10 @@ class BaseModelMixin(TextualInversionLoaderMixin):
         settings: dict[str, Any] = {}
         if active_loras:
             settings["loras"] = {name: list(w) for name, w in active_loras.items()}
+        if self._loras:  # loaded with load_lora (--lora): name → [source, UNet weight, text weight]
+            settings["lora_files"] = {name: [spec.source, *spec.weights] for name, spec in self._loras.items()}
+        if self.lora_dir is not None:  # where the prompt's <lora:name> tags were found
+            settings["lora_dir"] = str(self.lora_dir)
         if self.embeddings:
             settings["embeddings"] = dict(self.embeddings)
         if self.clip_skip != 1:

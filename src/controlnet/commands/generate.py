@@ -486,6 +486,7 @@ def png_options(path: str) -> dict[str, Any]:
     for key in ("init_image", "mask"):
         if str(options.get(key, "")).startswith("<"):
             raise UserError(f"{path}: its {key.replace('_', ' ')} was an in-memory image, not a file; it cannot be re-run")
+    options.update(_model_options(path, settings))
     hires = settings.get("hires")
     if hires:
         options.update(hires_scale=hires["scale"], hires_denoise=hires["denoise"], hires_steps=hires["steps"],
@@ -501,6 +502,20 @@ def png_options(path: str) -> dict[str, Any]:
             units.append(("--annotator", unit["annotator"]))
             units += [("--annotator-param", f"{k}={v}") for k, v in unit.get("annotator_params", {}).items()]
     options["unit_options"] = units
+    return options
+
+
+def _model_options(path: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The --lora, --lora-dir and --embedding values that load the LoRAs and embeddings of ``settings`` again."""
+    options: dict[str, Any] = {"lora": [], "embedding": [f"{file}:{token}"
+                                                       for token, file in settings.get("embeddings", {}).items()]}
+    for name, (source, weight, text_weight) in settings.get("lora_files", {}).items():
+        if text_weight != weight:
+            raise UserError(f"{path}: LoRA {name} had the UNet weight {weight} and the text-encoder weight "
+                            f"{text_weight}; --lora gives both one weight, so it cannot be re-run from the command line")
+        options["lora"].append(f"{source}:{weight}")
+    if settings.get("lora_dir"):
+        options["lora_dir"] = settings["lora_dir"]
     return options
 
 
