@@ -4,16 +4,19 @@ seeded ones.
 The full configs are those of the public base models (their ``unet/config.json``), so a ControlNet built on
 them has exactly the released shapes (SD1.5: 361.28M parameters). The tiny ones keep each family's
 distinguishing features (SD2: linear projections and per-block head dims; SDXL: text_time addition
-embedding and several transformer layers per block) at a size a CPU test runs in milliseconds.
+embedding and several transformer layers per block) at a size a CPU test runs in milliseconds. The tiny VAE,
+CLIP text encoders, tokenizers and a DDIM scheduler join them into a pipeline's components.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from controlnet.checkpoints import FAMILIES
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 _SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -76,12 +79,13 @@ def unet_config(family: str, size: str = "tiny") -> dict[str, Any]:
         raise ValueError(f"unknown family/size {family!r}/{size!r}; families {FAMILIES}, sizes ('full', 'tiny')") from None
 
 
-def build_unet(family: str, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A UNet2DConditionModel with seeded random weights (no download)."""
+def build_unet(family: str, size: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32,
+               **overrides: Any):
+    """A UNet2DConditionModel with seeded random weights (no download); ``overrides`` replace config entries."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_config(family, size)).eval()
+    unet = UNet2DConditionModel(**{**unet_config(family, size), **overrides}).eval()
     return unet if dtype == torch.float32 else unet.to(dtype)
 
 
@@ -160,3 +164,54 @@ def build_text_encoder(vocab_size: int, hidden_size: int = 32, layers: int = 2, 
     model = CLIPTextModelWithProjection(cfg) if projection_dim else CLIPTextModel(cfg)
     return model.eval()
 
+
+
+def build_text_encoder_2(words: list[str], seed: int) -> dict[str, Any]:
+    """SDXL's second tokenizer and text encoder (with projection), tiny and seeded."""
+    tok = build_tokenizer(words)
+    encoder = build_text_encoder(len(tok.get_vocab()), projection_dim=TINY_SDXL_TEXT_EMBED_DIM, seed=seed)
+    return dict(text_encoder_2=encoder, tokenizer_2=tok)
+
+
+# --------------------------------------------------------------------------- tiny pipelines
+
+# Stable Diffusion's training schedule (runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json).
+SD_SCHEDULE: dict[str, Any] = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def tiny_components(words: list[str], family: str = "sd1", scheduler: Any = None, unet: Any = None,
+                    vae_seed: int = 3, **extra: Any) -> dict[str, Any]:
+    """Seeded tiny pipeline components: UNet (seed 1), VAE, text encoder (seed 4), tokenizer, DDIM scheduler."""
+    from diffusers import DDIMScheduler
+
+    tok = build_tokenizer(words)
+    context = unet_config(family)["cross_attention_dim"]
+    hidden = context // 2 if family == "sdxl" else context  # SDXL: two encoders' states side by side
+    return dict(
+        unet=build_unet(family, seed=1) if unet is None else unet,
+        vae=build_vae(seed=vae_seed),
+        text_encoder=build_text_encoder(len(tok.get_vocab()), hidden_size=hidden, seed=4),
+        tokenizer=tok,
+        scheduler=DDIMScheduler(**SD_SCHEDULE) if scheduler is None else scheduler,
+        **extra,
+    )
+
+
+def build_diffusers_pipeline(components: dict[str, Any]):
+    """diffusers' text-to-image pipeline on ``components`` (SDXL's when there is a second text encoder)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if "text_encoder_2" in components:
+        return StableDiffusionXLPipeline(**components)
+    return StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def trained_like(model: M, seed: int) -> M:
+    """``model`` in eval mode with seeded noise (std 0.05) added to every parameter, zero convs included."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from builders import TINY_SDXL_TEXT_EMBED_DIM, TINY_VAE, build_text_encoder, build_tokenizer, build_unet, build_vae
+from builders import TINY_VAE, build_diffusers_pipeline, build_text_encoder_2, build_vae, tiny_components
+from cli_checks import offline_hub
 from controlnet.defaults import SCHEDULERS, scheduler_name
 from controlnet.errors import EXIT_BAD_INPUT, UserError
 from controlnet.model import ControlNet
@@ -27,41 +28,17 @@ GEN = dict(steps=2, size=(32, 32), seed=3, progress=False, output_type="latent")
 
 
 def _components(family: str = "sd1", vae_seed: int = 3) -> dict:
-    from diffusers import DDIMScheduler
-
-    tok = build_tokenizer(WORDS)
-    comps = dict(unet=build_unet(family, seed=1), vae=build_vae(seed=vae_seed), tokenizer=tok,
-                 scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                         clip_sample=False, set_alpha_to_one=False, steps_offset=1))
-    if family == "sdxl":
-        comps["text_encoder"] = build_text_encoder(len(tok.get_vocab()), hidden_size=32, seed=4)
-        comps["tokenizer_2"] = build_tokenizer(WORDS)
-        comps["text_encoder_2"] = build_text_encoder(len(tok.get_vocab()), projection_dim=TINY_SDXL_TEXT_EMBED_DIM,
-                                                     seed=5)
-    else:
-        comps["text_encoder"] = build_text_encoder(len(tok.get_vocab()), seed=4)
-    return comps
-
-
-def _diffusers(comps: dict):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if "text_encoder_2" in comps:
-        return StableDiffusionXLPipeline(**comps)
-    return StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    """The tiny seeded components with Stable Diffusion's DDIM schedule."""
+    comps = tiny_components(WORDS, family, vae_seed=vae_seed)
+    return {**comps, **build_text_encoder_2(WORDS, seed=5)} if family == "sdxl" else comps
 
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """An empty hub cache, offline: HF_HUB_CACHE / HF_HUB_OFFLINE, also for a huggingface_hub imported earlier."""
-    import huggingface_hub
-
     cache = tmp_path / "hub"
     cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    offline_hub(monkeypatch, cache)
     return cache
 
 
@@ -69,7 +46,7 @@ def hub(tmp_path, monkeypatch):
 def base_folder(tmp_path_factory):
     """A tiny SD1 diffusers folder whose UNet also has fp16-variant weights (rounded: they differ)."""
     folder = tmp_path_factory.mktemp("base") / "tiny-sd"
-    pipe = _diffusers(_components())
+    pipe = build_diffusers_pipeline(_components())
     pipe.save_pretrained(folder)
     pipe.unet.half().save_pretrained(folder / "unet", variant="fp16")
     return folder
@@ -187,7 +164,7 @@ def _embedding_files(tmp_path, width: int = 32):
 def test_embeddings_equal_diffusers_loader(tmp_path):
     a1111, single = _embedding_files(tmp_path)
     comps = _components()
-    oracle = _diffusers(_components())
+    oracle = build_diffusers_pipeline(_components())
     oracle.load_textual_inversion(str(tmp_path / "mystyle.pt"), token="mystyle")
     oracle.load_textual_inversion(str(tmp_path / "learned_embeds.safetensors"))
     pipe = Pipeline(**comps, dtype="fp32", device="cpu")

@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_checks import offline_hub, refused_in_one_line
 from controlnet.annotators import detectors
 from controlnet.annotators.networks import NETWORKS, clear_cache, load_network
 from controlnet.annotators.networks.mlsd import decode_lines, line_centres
 from controlnet.cli import main
-from controlnet.errors import EXIT_BAD_INPUT, UserError
+from controlnet.errors import UserError
 from fixture_weights import (ANNOTATOR_FIXTURES, FIXTURES, fixture_weights, load_io, state_dict_digest,
                              write_released_weights)
 from hubcache import add_to_hub_cache
@@ -194,11 +195,7 @@ def test_output_has_the_input_size(weight_files):
 
 
 def _bad(args: list[str], capsys, out: Path) -> str:
-    assert _annotate(args) == EXIT_BAD_INPUT
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("controlnet annotate: error: "), err
-    assert not out.exists()
-    return err
+    return refused_in_one_line(_annotate(args), capsys, out)
 
 
 def test_wrong_file_is_refused_naming_both(weight_files, fixture_image, tmp_path, capsys):
@@ -251,19 +248,8 @@ def test_unknown_and_corrupt_files_are_refused(fixture_image, weight_files, tmp_
         detectors.weights_file("hed", str(tmp_path / "empty-folder"))
 
 
-def _offline_hub(monkeypatch, cache: Path) -> None:
-    """HF_HUB_CACHE=cache and HF_HUB_OFFLINE=1, also for a huggingface_hub that read its environment earlier in this
-    process (its ``constants`` are read once, at first use)."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
 def test_missing_weights_offline_names_repo_file_and_command(fixture_image, tmp_path, capsys, monkeypatch):
-    _offline_hub(monkeypatch, tmp_path / "empty-cache")
+    offline_hub(monkeypatch, tmp_path / "empty-cache")
     out = tmp_path / "out.png"
     err = _bad(["pidinet", str(fixture_image), str(out)], capsys, out)
     assert "lllyasviel/Annotators" in err and "table5_pidinet.pth" in err
@@ -276,7 +262,7 @@ def test_hub_ids_resolve_from_a_prepared_cache(weight_files, fixture_image, refe
     ``--list`` reports them cached."""
     cache = tmp_path / "hub"
     add_to_hub_cache(cache, "lllyasviel/Annotators", {"table5_pidinet.pth": weight_files["pidinet"]})
-    _offline_hub(monkeypatch, cache)
+    offline_hub(monkeypatch, cache)
     want = reference["pidinet"][0]["edge_u8"].numpy().astype(int)
     hub_ids = ["lllyasviel/Annotators", "lllyasviel/Annotators/table5_pidinet.pth"]
     for weights in ([], ["--weights", hub_ids[0]], ["--weights", hub_ids[1]]):

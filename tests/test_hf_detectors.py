@@ -16,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_checks import offline_hub, refused_in_one_line
 from controlnet import annotators
 from controlnet.annotators import hf_detectors as hf
 from controlnet.annotators.palettes import ADE20K
 from controlnet.cli import main
-from controlnet.errors import EXIT_BAD_INPUT, UserError
+from controlnet.errors import UserError
 from hubcache import add_to_hub_cache
 
 H, W = 48, 64  # the test photo
@@ -193,15 +194,6 @@ def _annotate(args: list[str]) -> int:
     return main(["annotate", *args, "-q"])
 
 
-def _offline_hub(monkeypatch, cache: Path) -> None:
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
 # --------------------------------------------------------------------------- the tiny models, end to end
 
 
@@ -287,7 +279,7 @@ def test_hub_ids_resolve_from_a_prepared_cache_offline(tiny, photo, tmp_path, mo
     cache = tmp_path / "hub"
     for name, folder in tiny.items():
         add_to_hub_cache(cache, REPO[name], {f.name: f for f in folder.iterdir()})
-    _offline_hub(monkeypatch, cache)
+    offline_hub(monkeypatch, cache)
     hf.clear_cache()
     for args in (["depth"], ["depth", "--model", "depth_anything_v2", "--weights", REPO["depth_anything_v2"]],
                  ["segmentation"], ["segmentation", "--model", "upernet"], ["pose"]):
@@ -458,15 +450,11 @@ def test_coco17_to_openpose18():
 
 
 def _bad(args: list[str], capsys, out: Path) -> str:
-    assert _annotate(args) == EXIT_BAD_INPUT
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("controlnet annotate: error: "), err
-    assert not out.exists()
-    return err
+    return refused_in_one_line(_annotate(args), capsys, out)
 
 
 def test_missing_weights_offline(photo, tmp_path, monkeypatch, capsys):
-    _offline_hub(monkeypatch, tmp_path / "empty")
+    offline_hub(monkeypatch, tmp_path / "empty")
     out = tmp_path / "out.png"
     err = _bad(["depth", str(photo), str(out)], capsys, out)
     assert "Intel/dpt-hybrid-midas" in err and "`hf download Intel/dpt-hybrid-midas`" in err

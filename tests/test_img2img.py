@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from builders import build_text_encoder, build_tokenizer, build_unet, build_vae, unet_config
+from builders import build_diffusers_pipeline, build_unet, tiny_components, trained_like
 from controlnet.a1111 import parameters_text, parse_parameters
 from controlnet.diffusers_compat import diffusers_image_call_kwargs, diffusers_image_pipeline
 from controlnet.errors import UserError
@@ -27,36 +27,18 @@ WORDS = ["red", "circle", "blue", "square", "ugly"]
 PROMPT, NEGATIVE = "red circle", "ugly"
 WIDTH, HEIGHT = 64, 48
 STEPS = 4
-SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
-                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-
-
-def _trained_like(cn: ControlNet, seed: int) -> ControlNet:
-    """Perturb every parameter (zero convs included), so the ControlNet changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in cn.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return cn.eval()
 
 
 def _components(in_channels: int = 4) -> dict:
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-
-    tok = build_tokenizer(WORDS)
-    if in_channels == 4:
-        unet = build_unet("sd1", seed=1)
-    else:  # an inpainting UNet: latents + mask + masked-image latents
-        torch.manual_seed(7)
-        unet = UNet2DConditionModel(**{**unet_config("sd1"), "in_channels": in_channels}).eval()
-    return dict(unet=unet, vae=build_vae(seed=3), tokenizer=tok, scheduler=DDIMScheduler(**SD_SCHEDULE),
-                text_encoder=build_text_encoder(len(tok.get_vocab()), hidden_size=32, seed=4))
+    """The tiny seeded SD1 components; ``in_channels`` 9: an inpainting UNet (latents, mask, masked-image latents)."""
+    inpainting = build_unet("sd1", seed=7, in_channels=in_channels) if in_channels != 4 else None
+    return tiny_components(WORDS, unet=inpainting)
 
 
 @pytest.fixture(scope="module")
 def sd1():
     comps = _components()
-    cns = [_trained_like(ControlNet.from_unet(comps["unet"]), seed) for seed in (10, 11)]
+    cns = [trained_like(ControlNet.from_unet(comps["unet"]), seed) for seed in (10, 11)]
     return Pipeline(**comps, dtype="fp32", device="cpu"), comps, cns
 
 
@@ -130,7 +112,7 @@ def test_inpaint_matches_diffusers_and_pastes_back_only_the_kept_pixels(sd1, n_c
 def test_inpainting_unet_matches_diffusers(n_controlnets, denoise):
     """A 9-channel inpainting UNet gets [latents, mask, masked-image latents]; its ControlNets get the latents."""
     comps = _components(in_channels=9)
-    cns = [_trained_like(ControlNet.from_unet(build_unet("sd1", seed=1)), seed) for seed in (10, 11)][:n_controlnets]
+    cns = [trained_like(ControlNet.from_unet(build_unet("sd1", seed=1)), seed) for seed in (10, 11)][:n_controlnets]
     pipe = Pipeline(**comps, dtype="fp32", device="cpu")
     mask = _mask()
     expected = _theirs("inpaint", comps, cns, denoise, mask=mask)
@@ -592,10 +574,7 @@ def test_ui_img2img_tab_paints_a_mask_and_reaches_the_pipeline(sd1, tmp_path):
 
 def test_cli_inpainting_base_without_a_mask_exits_2(tmp_path, capsys):
     """An inpainting base (9-channel UNet) called for text-to-image: one line, exit 2."""
-    from diffusers import StableDiffusionPipeline
-
-    StableDiffusionPipeline(**_components(in_channels=9), safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(tmp_path / "inpainting-base")
+    build_diffusers_pipeline(_components(in_channels=9)).save_pretrained(tmp_path / "inpainting-base")
     capsys.readouterr()  # the saving's progress bar
     argv = ["generate", "--base", str(tmp_path / "inpainting-base"), "--prompt", PROMPT, "--steps", "1", "-q",
             "--dtype", "fp32", "--out", str(tmp_path / "o")]

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from builders import TINY_SDXL_TEXT_EMBED_DIM, build_text_encoder, build_tokenizer, build_unet, build_vae
+from builders import (TINY_SDXL_TEXT_EMBED_DIM, build_diffusers_pipeline, build_text_encoder_2, build_tokenizer,
+                      tiny_components)
 from controlnet.errors import UserError
 from controlnet.lora import parse_lora_spec, split_prompt_loras
 from controlnet.pipeline import Pipeline
@@ -32,18 +33,11 @@ TOL = 1e-5
 
 
 def _components(family: str = "sd1") -> dict:
+    """The tiny seeded components with diffusers' default DDIM scheduler."""
     from diffusers import DDIMScheduler
 
-    tok = build_tokenizer(WORDS)
-    comps = dict(unet=build_unet(family, seed=1), vae=build_vae(seed=3), tokenizer=tok, scheduler=DDIMScheduler())
-    if family == "sdxl":
-        comps["text_encoder"] = build_text_encoder(len(tok.get_vocab()), hidden_size=32, seed=4)
-        comps["tokenizer_2"] = build_tokenizer(WORDS)
-        comps["text_encoder_2"] = build_text_encoder(len(tok.get_vocab()), projection_dim=TINY_SDXL_TEXT_EMBED_DIM,
-                                                     seed=5)
-    else:
-        comps["text_encoder"] = build_text_encoder(len(tok.get_vocab()), seed=4)
-    return comps
+    comps = tiny_components(WORDS, family, scheduler=DDIMScheduler())
+    return {**comps, **build_text_encoder_2(WORDS, seed=5)} if family == "sdxl" else comps
 
 
 def _lora_layers(comps: dict, seed: int, parts=("unet", "text_encoder", "text_encoder_2")) -> dict[str, torch.Tensor]:
@@ -163,12 +157,9 @@ def test_lora_equals_the_weights_merged_by_hand(tmp_path, layout, family):
 
 @pytest.mark.parametrize("layout", ["kohya", "peft"])
 def test_unet_lora_equals_diffusers_pipeline_with_the_same_file(tmp_path, layout):
-    from diffusers import StableDiffusionPipeline
-
     layers = _lora_layers(_components(), seed=12, parts=("unet",))
     path = _write(layers, layout, tmp_path / "unet_only.safetensors")
-    oracle = StableDiffusionPipeline(**_components(), safety_checker=None, feature_extractor=None,
-                                     requires_safety_checker=False)
+    oracle = build_diffusers_pipeline(_components())
     oracle.load_lora_weights(str(tmp_path), weight_name=path.name, adapter_name="x")
     oracle.set_adapters(["x"], [0.6])
     pipe = Pipeline(**_components(), dtype="fp32", device="cpu")

@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 
 from builders import (
-    TINY_SDXL_TEXT_EMBED_DIM,
-    build_text_encoder,
-    build_tokenizer,
+    SD_SCHEDULE,
+    build_diffusers_pipeline,
+    build_text_encoder_2,
     build_unet,
-    build_vae,
+    tiny_components,
+    trained_like,
 )
 from controlnet.conditions import condition_to_pil, resize_cover, round_size, to_condition_array
 from controlnet.diffusers_compat import diffusers_call_kwargs, diffusers_pipeline, guess_mode_scales
@@ -32,49 +33,21 @@ PROMPT, NEGATIVE = "red circle", "ugly"
 WIDTH, HEIGHT = 64, 48  # non-square catches (H, W) mix-ups; latents (B, 4, 6, 8)
 STEPS = 4
 
-# Stable Diffusion's training schedule (runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json).
-SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
-                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-
-
-def _trained_like(cn: ControlNet, seed: int) -> ControlNet:
-    """Give every parameter (zero convs included) a seeded non-zero perturbation, so control changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in cn.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return cn.eval()
-
 
 def _components(family: str = "sd1", prediction_type: str = "epsilon") -> dict:
+    """The tiny seeded components of ``family``, DDIM with Stable Diffusion's schedule and ``prediction_type``."""
     from diffusers import DDIMScheduler
 
-    tok = build_tokenizer(WORDS)
-    if family == "sdxl":
-        tok2 = build_tokenizer(WORDS)
-        extra = dict(
-            text_encoder_2=build_text_encoder(len(tok2.get_vocab()), projection_dim=TINY_SDXL_TEXT_EMBED_DIM, seed=2),
-            tokenizer_2=tok2,
-        )
-        hidden = 32  # two encoders of 32 → the tiny SDXL UNet's 64-wide context
-    else:
-        extra = {}
-        hidden = build_unet(family).config.cross_attention_dim
-    return dict(
-        unet=build_unet(family, seed=1),
-        vae=build_vae(seed=3),
-        text_encoder=build_text_encoder(len(tok.get_vocab()), hidden_size=hidden, seed=4),
-        tokenizer=tok,
-        scheduler=DDIMScheduler(**SD_SCHEDULE, prediction_type=prediction_type),
-        **extra,
-    )
+    second = build_text_encoder_2(WORDS, seed=2) if family == "sdxl" else {}
+    scheduler = DDIMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
+    return tiny_components(WORDS, family, scheduler=scheduler, **second)
 
 
 @pytest.fixture(scope="module")
 def sd1():
     comps = _components("sd1")
     pipe = Pipeline(**comps, dtype="fp32", device="cpu")
-    cns = [_trained_like(ControlNet.from_unet(comps["unet"]), seed) for seed in (10, 11)]
+    cns = [trained_like(ControlNet.from_unet(comps["unet"]), seed) for seed in (10, 11)]
     return pipe, comps, cns
 
 
@@ -125,7 +98,7 @@ def test_matches_diffusers_controlnet_pipeline(sd1, n_controlnets, guess_mode, s
 def test_matches_diffusers_sd2_vpred_and_sdxl(family):
     """SD2 with v-prediction (the scheduler's prediction_type) and SDXL (two text encoders, added_cond_kwargs)."""
     comps = _components(family, prediction_type="v_prediction" if family == "sd2" else "epsilon")
-    cn = _trained_like(ControlNet.from_unet(comps["unet"]), 12)
+    cn = trained_like(ControlNet.from_unet(comps["unet"]), 12)
     pipe = Pipeline(**comps, dtype="fp32", device="cpu")
     image, noise = _condition(30), _noise(6, batch=2)
     oracle = diffusers_pipeline(**comps, controlnets=[cn])
@@ -399,11 +372,8 @@ def test_png_metadata_per_image():
 def test_from_pretrained_folder_with_fp16_variant_files(sd1, tmp_path):
     """A diffusers folder whose weights exist only as *.fp16.safetensors loads, and generates what the same
     components do in memory."""
-    from diffusers import StableDiffusionPipeline
-
     pipe, comps, _ = sd1
-    StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(tmp_path / "base", variant="fp16")
+    build_diffusers_pipeline(comps).save_pretrained(tmp_path / "base", variant="fp16")
     assert list((tmp_path / "base" / "unet").glob("*.fp16.safetensors"))
     loaded = Pipeline.from_pretrained(tmp_path / "base", dtype="fp32", device="cpu")
     kw = dict(steps=2, size=(WIDTH, HEIGHT), progress=False, output_type="latent")
