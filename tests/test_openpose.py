@@ -15,12 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_checks import offline_hub, refused_in_one_line
 from controlnet import annotators
 from controlnet.annotators import openpose as op
 from controlnet.annotators.networks import load_network
 from controlnet.annotators.networks import openpose as nets
 from controlnet.cli import main
-from controlnet.errors import EXIT_BAD_INPUT, UserError
+from controlnet.errors import UserError
 from fixture_weights import FIXTURES, fixture_weights, load_io, state_dict_digest
 
 MAX_ABS = 1e-4  # the issue's bound on raw outputs against the reference
@@ -343,11 +344,7 @@ def test_openpose_hand_places_hands_in_photo_pixels(monkeypatch, tmp_path):
 
 
 def _bad(args: list[str], capsys, out: Path) -> str:
-    assert main(["annotate", *args, "-q"]) == EXIT_BAD_INPUT
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("controlnet annotate: error: "), err
-    assert not out.exists()
-    return err
+    return refused_in_one_line(main(["annotate", *args, "-q"]), capsys, out)
 
 
 def test_wrong_or_corrupt_weights_are_refused_in_one_line(weight_files, photo, tmp_path, capsys):
@@ -370,13 +367,8 @@ def test_wrong_or_corrupt_weights_are_refused_in_one_line(weight_files, photo, t
 
 
 def test_missing_weights_offline_name_repo_file_and_command(photo, tmp_path, capsys, monkeypatch):
-    import huggingface_hub.constants
-
     _registered()
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    offline_hub(monkeypatch, tmp_path / "empty")
     out = tmp_path / "out.png"
     err = _bad(["openpose", str(photo), str(out)], capsys, out)
     assert "`hf download lllyasviel/Annotators body_pose_model.pth`" in err
@@ -386,18 +378,13 @@ def test_default_weights_come_from_a_prepared_hub_cache_offline(weight_files, ph
                                                                capsys):
     """Without --weights the released files come from lllyasviel/Annotators in the hub cache; the hand file is
     taken from the same repository as a body file given by hub id; --list reports both cached."""
-    import huggingface_hub.constants
-
     from hubcache import add_to_hub_cache
 
     _registered()
     cache = tmp_path / "hub"
     add_to_hub_cache(cache, "lllyasviel/Annotators", {op.BODY_FILE: weight_files["openpose_body"],
                                                       op.HAND_FILE: weight_files["openpose_hand"]})
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    offline_hub(monkeypatch, cache)
     out, local = tmp_path / "hub.png", tmp_path / "local.png"
     assert main(["annotate", "openpose", str(photo), str(out), "--detect_resolution", "64", "-q"]) == 0
     assert main(["annotate", "openpose", str(photo), str(local), "--detect_resolution", "64", "--weights",
