@@ -410,6 +410,7 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
                        callback=_stop_if_not_finite(run.callback, len(timesteps)), inpainting=inpainting)
         return final, prepared
 
+    @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents ``(B, C, h, w)`` → images ``(B, H, W, 3)`` uint8, one image at a time (bounded memory)."""
         scaling = self.vae.config.scaling_factor
