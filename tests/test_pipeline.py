@@ -349,6 +349,10 @@ def test_condition_inputs_and_resize_rule():
 def test_dtypes_per_device():
     assert default_dtype("cuda") == torch.float16 and default_dtype("mps") == torch.float32
     assert default_dtype("cpu") in (torch.float32, torch.bfloat16)
+    # The embedded tiny base stays fp32 on the CPU unless a dtype is asked for.
+    assert default_dtype("cpu", tiny=True) == torch.float32 and default_dtype("cuda", tiny=True) == torch.float16
+    assert Pipeline.from_pretrained(device="cpu").dtype == torch.float32
+    assert Pipeline.from_pretrained(dtype="bf16", device="cpu").dtype == torch.bfloat16
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16 and resolve_dtype(None, "cuda") == torch.float16
     with pytest.raises(UserError, match="dtype"):
         resolve_dtype("int8", "cpu")
