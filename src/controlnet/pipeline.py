@@ -326,10 +326,9 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
 
         # 3. Decode, paste back, report.
         settings = generation_settings(
-            prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, scheduler=scheduler,
-            guidance=guidance, width=width, height=height, eta=eta, guess_mode=guess_mode,
-            reuse_residuals=reuse_residuals, num_images=num_images, controls=controls,
-            dtype=DTYPE_NAMES.get(self.dtype, str(self.dtype)), base=self.base)
+            prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, scheduler=scheduler, eta=eta,
+            guidance=guidance, width=width, height=height, guess_mode=guess_mode, reuse_residuals=reuse_residuals,
+            num_images=num_images, controls=controls, dtype=DTYPE_NAMES.get(self.dtype, str(self.dtype)), base=self.base)
         settings.update(image_settings(init_image=init_image, denoise=denoise, mask=mask, mask_blur=mask_blur,
                                        mask_invert=mask_invert, full_res=inpaint_full_res, padding=inpaint_padding,
                                        hires=hires, steps=steps))
