@@ -4,11 +4,20 @@ the weights' values).
     .venv/bin/python -m benchmarks.detectors                       # every detector, 3 timed calls each
     .venv/bin/python -m benchmarks.detectors hed mlsd --threads 1  # some detectors, one core
     .venv/bin/python -m benchmarks.detectors --json out.json
+    .venv/bin/python -m benchmarks.detectors hed --batch-size 4    # also: 4 images per forward (folder mode)
+    .venv/bin/python -m benchmarks.detectors --reference /tmp/cnaux  # our networks against controlnet_aux's
 
 Each detector is called as ``controlnet annotate`` calls it (``annotators.get(name)(image, weights=FILE)``) on a
 512x512 RGB picture at the default detect resolution (512): resize, network forward, post-processing. The first
 call loads the weights file (a random state dict saved in the released file's layout) and is not timed; the
 fastest and the median of the timed calls are reported, with the network forward alone for comparison.
+
+With ``--batch-size N`` the detectors that have a batch form (``controlnet annotate`` folder mode) are also timed
+on N pictures per call, per picture. With ``--reference DIR`` (a folder holding the ``controlnet_aux`` package, e.g.
+``pip install --no-deps --target DIR controlnet_aux``; it is never imported as a package nor installed) the script
+instead compares the HED and OpenPose body and hand networks with the reference implementations (see
+:func:`reference_networks`): the same random weights in the released layouts, the outputs' largest difference,
+and interleaved forward times on one ``--size`` input (median, and ours / reference).
 
 Detectors register here in :data:`CASES`: ``name -> prepare(folder) -> (annotator keyword arguments, network)``,
 where ``prepare`` writes the weights file into ``folder``. Other detectors (OpenPose, ...) add their entry the same
@@ -250,47 +259,197 @@ def _times(fn: Callable[[], Any], repeats: int) -> list[float]:
     return out
 
 
-def time_detector(name: str, repeats: int = 3, size: int = SIZE) -> dict[str, Any]:
-    """One row: the detector's time per ``size`` x ``size`` image (whole annotator, and network forward alone)."""
+def time_detector(name: str, repeats: int = 3, size: int = SIZE, batch_size: int = 1) -> dict[str, Any]:
+    """One row: the detector's time per ``size`` x ``size`` image (whole annotator, and network forward alone);
+    with ``batch_size`` > 1 and a batch form, also per image of ``batch_size`` annotated in one call, in rounds
+    alternating with the one-image calls (``batch_over_single``: the median of the rounds' ratios)."""
+    from benchmarks.run import paired_times
+
     from controlnet import annotators
 
     image = picture(size)
+    annotator = annotators.get(ANNOTATOR_OF.get(name, name))
+    batched = batch_size > 1 and annotator.batch is not None
     with tempfile.TemporaryDirectory() as tmp:
         params, model = CASES[name](Path(tmp))
-        annotator = annotators.get(ANNOTATOR_OF.get(name, name))
         annotator(image, **params)  # loads and caches the network
-        calls = _times(lambda: annotator(image, **params), repeats)
+        if batched:
+            batch = [image] * batch_size
+            annotator.call_batch(batch, **params)
+            calls, batch_calls = paired_times(lambda: annotator(image, **params),
+                                              lambda: annotator.call_batch(batch, **params), repeats,
+                                              torch.device("cpu"))
+            batch_calls = [t / batch_size for t in batch_calls]
+        else:
+            calls = _times(lambda: annotator(image, **params), repeats)
     x = torch.rand(1, _INPUT_CHANNELS.get(name, 3), size, size)
     with torch.inference_mode():
         model(x)
         forwards = _times(lambda: model(x), repeats)
-    return {
+    row = {
         "detector": name, "size": size, "threads": torch.get_num_threads(), "repeats": repeats,
         "annotate_s": min(calls), "annotate_median_s": statistics.median(calls),
         "forward_s": min(forwards), "forward_median_s": statistics.median(forwards),
     }
+    if batched:
+        row.update(batch_size=batch_size, batch_annotate_s=min(batch_calls),
+                   batch_annotate_median_s=statistics.median(batch_calls),
+                   batch_over_single=statistics.median(b / c for b, c in zip(batch_calls, calls)))
+    return row
+
+
+# --- against the reference implementation ----------------------------------------------------------------------
+
+# The network definitions of controlnet_aux (identical to ControlNet-v1-1-nightly annotator/hed/__init__.py and
+# annotator/openpose/model.py): (our network, file under DIR/controlnet_aux, reference class).
+REFERENCES = {
+    "hed": ("hed", "hed/__init__.py", "ControlNetHED_Apache2"),
+    "openpose_body": ("openpose_body", "open_pose/model.py", "bodypose_model"),
+    "openpose_hand": ("openpose_hand", "open_pose/model.py", "handpose_model"),
+}
+# What hed/__init__.py imports beside the network (its detector's pre- and post-processing): empty stand-ins.
+_REFERENCE_STUBS = {"einops": ("rearrange",), "util": ("HWC3", "nms", "resize_image", "safe_step")}
+_REFERENCE_PACKAGE = "_controlnet_aux_reference"  # the name the loaded files get; never "controlnet_aux"
+
+
+def _stub(name: str, attributes: tuple[str, ...]) -> Any:
+    import types
+
+    module = types.ModuleType(name)
+    for attribute in attributes:
+        setattr(module, attribute, None)
+    return module
+
+
+def reference_class(folder: Path, file: str, cls: str) -> type:
+    """Class ``cls`` of ``folder/controlnet_aux/file``, loaded by path with importlib: the package's
+    ``__init__`` (which imports timm, torchvision, ...) is not run, and the few other imports of the file are empty
+    stand-ins while it loads (``sys.modules`` is restored afterwards)."""
+    import importlib.util
+    from unittest import mock
+
+    root = folder / "controlnet_aux"
+    path = root / file
+    if not path.is_file():
+        raise SystemExit(f"--reference {folder}: no {path}; `pip install --no-deps --target {folder} controlnet_aux`")
+    package = _stub(_REFERENCE_PACKAGE, ())
+    package.__path__ = [str(root)]
+    stubs = {_REFERENCE_PACKAGE: package, f"{_REFERENCE_PACKAGE}.util": _stub("util", _REFERENCE_STUBS["util"])}
+    if importlib.util.find_spec("einops") is None:
+        stubs["einops"] = _stub("einops", _REFERENCE_STUBS["einops"])
+    name = f"{_REFERENCE_PACKAGE}.{Path(file).parent.name}"
+    is_package = path.name == "__init__.py"
+    spec = importlib.util.spec_from_file_location(name, path,
+                                                  submodule_search_locations=[str(path.parent)] if is_package else None)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    with mock.patch.dict(sys.modules, {**stubs, name: module}):
+        spec.loader.exec_module(module)
+    return getattr(module, cls)
+
+
+def reference_networks(folder: Path, name: str, weights_dir: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(ours, reference) for ``name`` of :data:`REFERENCES`, both in eval mode with one random state dict saved
+    in the released file's layout: ours through :func:`controlnet.annotators.networks.load_network`, the reference
+    as its detector loads it (HED: ``load_state_dict(torch.load(file))``; OpenPose: ``util.transfer``, the
+    released key without the model's first component)."""
+    from controlnet.annotators.networks import NETWORKS, load_network
+    from controlnet.annotators.networks.openpose import released_key
+
+    network, file, cls = REFERENCES[name]
+    spec = NETWORKS[network]
+    torch.manual_seed(0)
+    state = spec.build().state_dict()
+    released = {released_key(k): v for k, v in state.items()} if network.startswith("openpose") else state
+    path = weights_dir / str(spec.filename)
+    torch.save(released, path)
+    reference = reference_class(folder, file, cls)()
+    loaded = torch.load(path, weights_only=True)
+    if network.startswith("openpose"):
+        loaded = {k: loaded[released_key(k)] for k in reference.state_dict()}
+    reference.load_state_dict(loaded)
+    return load_network(network, path), reference.float().eval()
+
+
+def _reference_input(name: str, size: int) -> torch.Tensor:
+    """The ``(1, 3, size, size)`` input each detector builds: HED a channels-last view of RGB 0..255 (einops
+    ``h w c -> 1 c h w``), OpenPose a contiguous BGR / 256 - 0.5."""
+    image = picture(size)
+    if name == "hed":
+        return torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1).unsqueeze(0)
+    bgr = np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1))
+    return torch.from_numpy(bgr).float().unsqueeze(0) / 256 - 0.5
+
+
+def compare_reference(folder: Path, name: str, repeats: int = 7, size: int = SIZE) -> dict[str, Any]:
+    """One row: ours against the reference network ``name`` on one ``size`` input: the largest output difference
+    and interleaved forward times (ours under ``inference_mode`` as :func:`controlnet.annotators.detectors.
+    run_network` calls it, both OpenPose nets and the reference HED under ``no_grad`` as their detectors do)."""
+    from benchmarks.run import max_abs_diff, paired_times, summarize
+
+    x = _reference_input(name, size)
+    ours_context = torch.inference_mode if name == "hed" else torch.no_grad
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, reference = reference_networks(folder, name, Path(tmp))
+
+    def run_ours() -> Any:
+        with ours_context():
+            return ours(x)
+
+    def run_reference() -> Any:
+        with torch.no_grad():
+            return reference(x)
+
+    ours_out, reference_out = _tensors(run_ours()), _tensors(run_reference())  # also the warm-up
+    diffs = [max_abs_diff(a, b) for a, b in zip(ours_out, reference_out, strict=True)]
+    if any(d is None for d in diffs):
+        raise SystemExit(f"{name}: our outputs and the reference's differ in shape")
+    ours_t, reference_t = paired_times(run_ours, run_reference, repeats, torch.device("cpu"))
+    return summarize(name, ours_t, reference_t, size=size, threads=torch.get_num_threads(), max_abs_diff=max(diffs),
+                     largest_output=max(float(b.abs().max()) for b in reference_out))
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    return list(output) if isinstance(output, (tuple, list)) else [output]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("detectors", nargs="*", help=f"default: all of {', '.join(CASES)}")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per detector")
+    parser.add_argument("detectors", nargs="*", help=f"default: all of {', '.join(CASES)} (with --reference: "
+                        f"{', '.join(REFERENCES)})")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per detector (--reference: rounds)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--size", type=int, default=SIZE, help="square picture size in pixels")
+    parser.add_argument("--batch-size", type=int, default=1, help="also time this many pictures per call")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="folder holding controlnet_aux: compare our networks with its HED and OpenPose")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
-    unknown = [d for d in args.detectors if d not in CASES]
+    known = REFERENCES if args.reference else CASES
+    unknown = [d for d in args.detectors if d not in known]
     if unknown:
-        parser.error(f"unknown detector(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+        parser.error(f"unknown detector(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    print(f"{'detector':16s} {'annotate s/img':>15s} {'median':>8s} {'forward s':>10s} {'median':>8s}")
-    for name in args.detectors or list(CASES):
-        row = time_detector(name, args.repeats, args.size)
-        rows.append(row)
-        print(f"{name:16s} {row['annotate_s']:15.3f} {row['annotate_median_s']:8.3f} {row['forward_s']:10.3f} "
-              f"{row['forward_median_s']:8.3f}", flush=True)
+    if args.reference:
+        print(f"{'network':14s} {'ours s':>8s} {'reference s':>12s} {'ours/ref':>9s} {'range':>12s} "
+              f"{'max |diff|':>11s}")
+        for name in args.detectors or list(REFERENCES):
+            row = compare_reference(args.reference, name, args.repeats, args.size)
+            rows.append(row)
+            print(f"{name:14s} {row['ours_s']:8.3f} {row['reference_s']:12.3f} {row['ratio']:9.3f} "
+                  f"{row['ratio_min']:5.2f}-{row['ratio_max']:<5.2f} {row['max_abs_diff']:11.2e}", flush=True)
+    else:
+        batch = f" {'batch ' + str(args.batch_size) + ' s/img':>16s} {'/single':>8s}" if args.batch_size > 1 else ""
+        print(f"{'detector':16s} {'annotate s/img':>15s} {'median':>8s} {'forward s':>10s} {'median':>8s}{batch}")
+        for name in args.detectors or list(CASES):
+            row = time_detector(name, args.repeats, args.size, args.batch_size)
+            rows.append(row)
+            extra = (f" {row['batch_annotate_median_s']:16.3f} {row['batch_over_single']:8.3f}"
+                     if "batch_over_single" in row else "")
+            print(f"{name:16s} {row['annotate_s']:15.3f} {row['annotate_median_s']:8.3f} {row['forward_s']:10.3f} "
+                  f"{row['forward_median_s']:8.3f}{extra}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

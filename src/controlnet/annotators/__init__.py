@@ -55,13 +55,15 @@ def register(
     input_kind: str = "image",
     replace: bool = False,
     weights: Callable[[], str] | None = None,
+    batch: Callable[..., list[np.ndarray]] | None = None,
 ) -> Annotator:
     """Add an annotator ``fn(image, **params) -> (H, W, 3) uint8`` under ``name``; return its :class:`Annotator`.
 
     ``params`` declares every keyword ``fn`` takes (name, type, default, help); ``input_kind`` is one of
     ``image``, ``depth``, ``labels``, ``keypoints`` (what ``image`` is); ``weights`` (detectors with a network)
-    returns a one-line status of the default weights, shown by ``controlnet annotate --list``. A name already
-    taken raises unless ``replace=True``.
+    returns a one-line status of the default weights, shown by ``controlnet annotate --list``; ``batch`` is ``fn``
+    over a list of images (``batch(images, **params) -> list``, outputs equal to ``fn``'s), which folder mode uses
+    to run several images per network forward. A name already taken raises unless ``replace=True``.
     """
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"annotator name must be letters, digits, '-' or '_'; got {name!r}")
@@ -74,7 +76,7 @@ def register(
     if len(set(names)) != len(names):
         raise ValueError(f"annotator {name!r}: duplicate parameter names in {names}")
     annotator = Annotator(name=name, fn=fn, description=description, params=params, input_kind=input_kind,
-                          weights=weights)
+                          weights=weights, batch=batch)
     REGISTRY[name] = annotator
     return annotator
 

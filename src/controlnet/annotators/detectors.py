@@ -10,6 +10,12 @@ trained with. Weights: ``weights=""`` takes the released file from the ``lllyasv
 (the huggingface_hub cache, downloaded on first use unless ``HF_HUB_OFFLINE=1``); otherwise a file, a folder
 holding the released file name, or a hub id (``org/name`` or ``org/name/file.pth``). Models are loaded once per
 process and weights file.
+
+Each detector also has a batch form (``hed_batch(images, ...)`` -> a list), registered as the annotator's
+``batch``: images whose network inputs have the same size go through one forward together. Every layer of these
+networks works on each image alone (convolutions, pooling, ReLU, instance norm, BatchNorm in eval mode), so a
+batch gives each image the outputs it gets alone, up to the float rounding of the convolution kernels a batch
+size selects (within 1e-7 here); folder mode (``controlnet annotate NAME IN/ OUT/ --batch-size N``) uses it.
 """
 
 from __future__ import annotations
@@ -97,12 +103,33 @@ def to_condition(grey: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def run_network(net: torch.nn.Module, image: np.ndarray) -> Any:
     """``net`` on an ``(H, W, C)`` float32 array given as ``(1, C, H, W)`` (a channels-last view, as the annotators'
     einops ``h w c -> 1 c h w`` of ``torch.from_numpy`` makes it), on the network's device, without autograd."""
+    return run_network_batch(net, [image])[0]
+
+
+def _item(output: Any, i: int) -> Any:
+    """Image ``i`` of a batched network output (a tensor, or a tuple/list of them), keeping a batch of one."""
+    if isinstance(output, (tuple, list)):
+        return type(output)(o[i : i + 1] for o in output)
+    return output[i : i + 1]
+
+
+def run_network_batch(net: torch.nn.Module, images: list[np.ndarray]) -> list[Any]:
+    """:func:`run_network` for each of ``images``: those of one shape go through ``net`` together as
+    ``(B, C, H, W)`` (channels-last, as one image is given); each image's output keeps a batch of one."""
     import torch
 
     device = next(net.parameters()).device
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).to(device)
-    with torch.inference_mode():
-        return net(x)
+    outputs: list[Any] = [None] * len(images)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(image.shape, []).append(i)
+    for indices in groups.values():
+        x = torch.from_numpy(np.stack([images[i] for i in indices])).permute(0, 3, 1, 2).to(device)
+        with torch.inference_mode():
+            batch = net(x)
+        for k, i in enumerate(indices):
+            outputs[i] = _item(batch, k)
+    return outputs
 
 
 def _device(device: str) -> torch.device:
@@ -165,6 +192,15 @@ def _soft_edges(grey: np.ndarray, size: tuple[int, int], scribble: bool) -> np.n
     return condition
 
 
+def hed_batch(images: list[np.ndarray], weights: str = "", detect_resolution: int = DETECT_RESOLUTION,
+              safe: bool = False, scribble: bool = False, device: str = "cpu") -> list[np.ndarray]:
+    """:func:`hed` of each image, several per forward."""
+    net = _network("hed", weights, device)
+    smalls = [resize_for_detection(image, detect_resolution).astype(np.float32) for image in images]
+    outputs = run_network_batch(net, smalls)
+    return [_soft_edges(hed_edge_map(out, safe), image.shape[:2], scribble) for out, image in zip(outputs, images)]
+
+
 def hed(image: np.ndarray, weights: str = "", detect_resolution: int = DETECT_RESOLUTION, safe: bool = False,
         scribble: bool = False, device: str = "cpu") -> np.ndarray:
     """HED soft edges (ControlNet 1.1 ``ControlNetHED.pth``; softedge and scribble ControlNets).
@@ -172,10 +208,18 @@ def hed(image: np.ndarray, weights: str = "", detect_resolution: int = DETECT_RE
     Input: RGB 0..255 as float, not scaled (the network subtracts its own ``norm``). Output: sigmoid of the mean of
     the five side outputs; ``safe`` quantises to 3 levels; ``scribble`` thins to strokes (gradio_scribble.py).
     """
-    net = _network("hed", weights, device)
-    small = resize_for_detection(image, detect_resolution)
-    projections = run_network(net, small.astype(np.float32))
-    return _soft_edges(hed_edge_map(projections, safe), image.shape[:2], scribble)
+    return hed_batch([image], weights, detect_resolution, safe, scribble, device)[0]
+
+
+def pidinet_batch(images: list[np.ndarray], weights: str = "", detect_resolution: int = DETECT_RESOLUTION,
+                  safe: bool = False, scribble: bool = False, device: str = "cpu") -> list[np.ndarray]:
+    """:func:`pidinet` of each image, several per forward."""
+    net = _network("pidinet", weights, device)
+    smalls = [resize_for_detection(image, detect_resolution)[:, :, ::-1].astype(np.float32) / 255.0
+              for image in images]  # RGB → BGR
+    outputs = run_network_batch(net, smalls)
+    return [_soft_edges(pidinet_edge_map(out[-1], safe), image.shape[:2], scribble)
+            for out, image in zip(outputs, images)]
 
 
 def pidinet(image: np.ndarray, weights: str = "", detect_resolution: int = DETECT_RESOLUTION, safe: bool = False,
@@ -185,10 +229,7 @@ def pidinet(image: np.ndarray, weights: str = "", detect_resolution: int = DETEC
     Input: the image reversed to **BGR**, divided by 255. Output: the fused sigmoid map; ``safe`` quantises to 3
     levels; ``scribble`` thins to strokes (gradio_scribble.py).
     """
-    net = _network("pidinet", weights, device)
-    small = resize_for_detection(image, detect_resolution)
-    fused = run_network(net, small[:, :, ::-1].astype(np.float32) / 255.0)[-1]  # RGB → BGR
-    return _soft_edges(pidinet_edge_map(fused, safe), image.shape[:2], scribble)
+    return pidinet_batch([image], weights, detect_resolution, safe, scribble, device)[0]
 
 
 # --- lineart -------------------------------------------------------------------------------------------------
@@ -200,24 +241,37 @@ def lineart_drawing(output: torch.Tensor) -> np.ndarray:
     return to_uint8(output[0, 0].detach().cpu().numpy())
 
 
-def _lineart(name: str, image: np.ndarray, weights: str, detect_resolution: int, device: str) -> np.ndarray:
+def _lineart(name: str, images: list[np.ndarray], weights: str, detect_resolution: int,
+             device: str) -> list[np.ndarray]:
     net = _network(name, weights, device)
-    small = resize_for_detection(image, detect_resolution)
-    output = run_network(net, small.astype(np.float32) / 255.0)
+    smalls = [resize_for_detection(image, detect_resolution).astype(np.float32) / 255.0 for image in images]
+    outputs = run_network_batch(net, smalls)
     # gradio_lineart.py feeds 1 - drawing / 255 (after resizing) to the ControlNet: white lines on black.
-    return 255 - to_condition(lineart_drawing(output), image.shape[:2])
+    return [255 - to_condition(lineart_drawing(out), image.shape[:2]) for out, image in zip(outputs, images)]
+
+
+def lineart_batch(images: list[np.ndarray], weights: str = "", detect_resolution: int = DETECT_RESOLUTION,
+                  device: str = "cpu") -> list[np.ndarray]:
+    """:func:`lineart` of each image, several per forward."""
+    return _lineart("lineart", images, weights, detect_resolution, device)
 
 
 def lineart(image: np.ndarray, weights: str = "", detect_resolution: int = DETECT_RESOLUTION,
             device: str = "cpu") -> np.ndarray:
     """Realistic line art (``sk_model.pth``; lineart ControlNet): RGB / 255 in, white lines on black out."""
-    return _lineart("lineart", image, weights, detect_resolution, device)
+    return _lineart("lineart", [image], weights, detect_resolution, device)[0]
+
+
+def lineart_coarse_batch(images: list[np.ndarray], weights: str = "", detect_resolution: int = DETECT_RESOLUTION,
+                         device: str = "cpu") -> list[np.ndarray]:
+    """:func:`lineart_coarse` of each image, several per forward."""
+    return _lineart("lineart_coarse", images, weights, detect_resolution, device)
 
 
 def lineart_coarse(image: np.ndarray, weights: str = "", detect_resolution: int = DETECT_RESOLUTION,
                    device: str = "cpu") -> np.ndarray:
     """Coarse line art (``sk_model2.pth``; lineart ControlNet): RGB / 255 in, white lines on black out."""
-    return _lineart("lineart_coarse", image, weights, detect_resolution, device)
+    return _lineart("lineart_coarse", [image], weights, detect_resolution, device)[0]
 
 
 # --- M-LSD -----------------------------------------------------------------------------------------------------
@@ -237,15 +291,10 @@ def draw_segments(lines: np.ndarray, height: int, width: int) -> np.ndarray:
     return canvas
 
 
-def mlsd(image: np.ndarray, weights: str = "", model: str = "large", detect_resolution: int = DETECT_RESOLUTION,
-         thr_v: float = MLSD_SCORE_THRESHOLD, thr_d: float = MLSD_DISTANCE_THRESHOLD,
-         device: str = "cpu") -> np.ndarray:
-    """M-LSD straight lines (``mlsd_large_512_fp32.pth``, or M-LSD tiny with ``model="tiny"``; mlsd ControlNet).
-
-    Input: RGB plus a plane of ones, x / 127.5 - 1. Decoding: the 200 strongest 3x3 local maxima of the centre
-    map whose score > ``thr_v`` and whose segment is longer than ``thr_d`` (half-resolution pixels) become
-    segments, drawn 1 px wide, white on black.
-    """
+def mlsd_batch(images: list[np.ndarray], weights: str = "", model: str = "large",
+               detect_resolution: int = DETECT_RESOLUTION, thr_v: float = MLSD_SCORE_THRESHOLD,
+               thr_d: float = MLSD_DISTANCE_THRESHOLD, device: str = "cpu") -> list[np.ndarray]:
+    """:func:`mlsd` of each image, several per forward."""
     name = "mlsd" if model == "large" else "mlsd_tiny"
     try:
         net = _network(name, weights, device)
@@ -255,9 +304,22 @@ def mlsd(image: np.ndarray, weights: str = "", model: str = "large", detect_reso
         raise
     from controlnet.annotators.networks.mlsd import decode_lines
 
-    small = resize_for_detection(image, detect_resolution)
-    lines = decode_lines(run_network(net, mlsd_input(small)), thr_v, thr_d)
-    return to_condition(draw_segments(lines, *small.shape[:2]), image.shape[:2])
+    smalls = [resize_for_detection(image, detect_resolution) for image in images]
+    outputs = run_network_batch(net, [mlsd_input(small) for small in smalls])
+    return [to_condition(draw_segments(decode_lines(out, thr_v, thr_d), *small.shape[:2]), image.shape[:2])
+            for out, small, image in zip(outputs, smalls, images)]
+
+
+def mlsd(image: np.ndarray, weights: str = "", model: str = "large", detect_resolution: int = DETECT_RESOLUTION,
+         thr_v: float = MLSD_SCORE_THRESHOLD, thr_d: float = MLSD_DISTANCE_THRESHOLD,
+         device: str = "cpu") -> np.ndarray:
+    """M-LSD straight lines (``mlsd_large_512_fp32.pth``, or M-LSD tiny with ``model="tiny"``; mlsd ControlNet).
+
+    Input: RGB plus a plane of ones, x / 127.5 - 1. Decoding: the 200 strongest 3x3 local maxima of the centre
+    map whose score > ``thr_v`` and whose segment is longer than ``thr_d`` (half-resolution pixels) become
+    segments, drawn 1 px wide, white on black.
+    """
+    return mlsd_batch([image], weights, model, detect_resolution, thr_v, thr_d, device)[0]
 
 
 # --- registration ------------------------------------------------------------------------------------------------
@@ -287,15 +349,15 @@ _SCRIBBLE = Param("scribble", bool, False, "thin to scribble strokes (nms + blur
 
 def register_network_detectors(register: Callable[..., object]) -> None:
     """Register ``hed``, ``pidinet``, ``lineart``, ``lineart_coarse`` and ``mlsd`` with ``register`` (the signature
-    of :func:`controlnet.annotators.register`)."""
+    of :func:`controlnet.annotators.register`), each with its batch form."""
     register("hed", hed, "HED soft edges, ControlNet 1.1 network (softedge, scribble ControlNets)",
-             _common("hed") + [_SAFE, _SCRIBBLE, _DEVICE], weights=_status("hed"))
+             _common("hed") + [_SAFE, _SCRIBBLE, _DEVICE], weights=_status("hed"), batch=hed_batch)
     register("pidinet", pidinet, "PiDiNet soft edges, ControlNet 1.1 network (softedge, scribble ControlNets)",
-             _common("pidinet") + [_SAFE, _SCRIBBLE, _DEVICE], weights=_status("pidinet"))
+             _common("pidinet") + [_SAFE, _SCRIBBLE, _DEVICE], weights=_status("pidinet"), batch=pidinet_batch)
     register("lineart", lineart, "realistic line art, white on black (lineart ControlNet)",
-             _common("lineart") + [_DEVICE], weights=_status("lineart"))
+             _common("lineart") + [_DEVICE], weights=_status("lineart"), batch=lineart_batch)
     register("lineart_coarse", lineart_coarse, "coarse line art, white on black (lineart ControlNet)",
-             _common("lineart_coarse") + [_DEVICE], weights=_status("lineart_coarse"))
+             _common("lineart_coarse") + [_DEVICE], weights=_status("lineart_coarse"), batch=lineart_coarse_batch)
     register(
         "mlsd", mlsd, "M-LSD straight lines, white on black (mlsd ControlNets)",
         _common("mlsd") + [
@@ -307,4 +369,5 @@ def register_network_detectors(register: Callable[..., object]) -> None:
             _DEVICE,
         ],
         weights=_status("mlsd"),
+        batch=mlsd_batch,
     )

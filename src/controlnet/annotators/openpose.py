@@ -36,7 +36,6 @@ from controlnet.annotators import pose as render
 from controlnet.annotators.detectors import DETECT_RESOLUTION, resize_for_detection, weights_file
 from controlnet.annotators.registry import Param
 from controlnet.annotators.weights import ANNOTATORS_REPO, weights_status
-from controlnet.errors import UserError
 
 BODY_FILE = "body_pose_model.pth"
 HAND_FILE = "hand_pose_model.pth"

@@ -128,7 +128,9 @@ class Annotator:
     ``"image"`` (a photo/drawing, RGB), ``"depth"`` (a depth map, raw values kept), ``"labels"`` (class indices)
     or ``"keypoints"`` (the image only gives the canvas size; the keypoints come as a parameter or a JSON file).
     ``weights``, for a detector with a network, returns a one-line status of its weights for listings (e.g.
-    whether they are in the hub cache, :func:`controlnet.annotators.weights.weights_status`).
+    whether they are in the hub cache, :func:`controlnet.annotators.weights.weights_status`). ``batch``, when
+    given, is ``fn`` for a list of inputs (``batch(images, **params) -> list``) that runs the network on several
+    images per forward; :meth:`call_batch` uses it.
     """
 
     name: str
@@ -137,6 +139,7 @@ class Annotator:
     params: tuple[Param, ...] = field(default_factory=tuple)
     input_kind: str = "image"
     weights: Callable[[], str] | None = None
+    batch: Callable[..., list[np.ndarray]] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -194,6 +197,16 @@ class Annotator:
             array = self.load(image)
         out = self.fn(array, **resolved)
         return _check_output(self.name, out, array.shape[:2])
+
+    def call_batch(self, images: list[Any], **params: Any) -> list[np.ndarray]:
+        """This annotator on each of ``images`` with the same ``params``: through :attr:`batch` (several images
+        per network forward) when the annotator has one, else one call per image."""
+        if self.batch is None:
+            return [self(image, **params) for image in images]
+        resolved = self.resolve(params)
+        arrays = [self.load(image) for image in images]
+        outs = self.batch(arrays, **resolved)
+        return [_check_output(self.name, out, array.shape[:2]) for out, array in zip(outs, arrays, strict=True)]
 
 
 def _check_output(name: str, out: Any, hw: tuple[int, int]) -> np.ndarray:

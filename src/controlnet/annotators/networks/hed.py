@@ -28,7 +28,7 @@ class HEDBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for conv in self.convs:
-            x = F.relu(conv(x))
+            x = F.relu(conv(x), inplace=True)
         return x, self.projection(x)  # (B, C, H, W), (B, 1, H, W)
 
 
