@@ -168,27 +168,16 @@ def _hf_case(annotator_model: str, kind: str) -> Callable[[Path], tuple[dict[str
 def _oneformer_case(folder: Path) -> tuple[dict[str, Any], torch.nn.Module]:
     """OneFormer Swin-T (transformers' default OneFormerConfig), 512 px short side, with a CLIP tokenizer spelling
     the task prompt (the real one has CLIP's 49k-token vocabulary; the task token is a fixed 77-token input)."""
-    import json as jsonlib
-
     import transformers as T
     from PIL import Image
     from transformers.models.oneformer.image_processing_pil_oneformer import OneFormerImageProcessorPil
 
+    from tests.builders import ONEFORMER_TASK_WORDS, write_clip_vocabulary
+
     torch.manual_seed(0)
     model = T.OneFormerModel(T.OneFormerConfig(num_labels=150)).eval()
     model.save_pretrained(folder)
-    vocab, merges = {"<|startoftext|>": 0, "<|endoftext|>": 1}, []
-    for word in ("the", "task", "is", "semantic"):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        merged = pieces[0]
-        for piece in pieces:
-            vocab.setdefault(piece, len(vocab))
-        for piece in pieces[1:]:
-            merges.append(f"{merged} {piece}")
-            merged += piece
-            vocab.setdefault(merged, len(vocab))
-    (folder / "vocab.json").write_text(jsonlib.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    write_clip_vocabulary(folder, ONEFORMER_TASK_WORDS)
     tokenizer = T.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
     image_processor = OneFormerImageProcessorPil(size={"shortest_edge": 512, "longest_edge": 2048}, num_labels=150)
     processor = T.OneFormerProcessor(image_processor=image_processor, tokenizer=tokenizer)

@@ -10,6 +10,8 @@ CLIP text encoders, tokenizers and a DDIM scheduler join them into a pipeline's 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -215,3 +217,23 @@ def trained_like(model: M, seed: int) -> M:
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return model.eval()
+
+
+# The words of OneFormer's task prompt ("the task is semantic"), which its tokenizer must spell.
+ONEFORMER_TASK_WORDS = ("the", "task", "is", "semantic")
+
+
+def write_clip_vocabulary(folder: Path, words: tuple[str, ...]) -> None:
+    """CLIP BPE files (vocab.json, merges.txt, as hub repositories ship them) whose vocabulary spells ``words``."""
+    vocab, merges = {"<|startoftext|>": 0, "<|endoftext|>": 1}, []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        for piece in pieces:
+            vocab.setdefault(piece, len(vocab))
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            merges.append(f"{merged} {piece}")
+            merged += piece
+            vocab.setdefault(merged, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")

@@ -6,7 +6,6 @@ bad weights and photos given to map-only annotators are refused in one line."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from builders import ONEFORMER_TASK_WORDS, write_clip_vocabulary
 from cli_checks import offline_hub, refused_in_one_line
 from controlnet import annotators
 from controlnet.annotators import hf_detectors as hf
@@ -33,23 +33,6 @@ def _registered() -> None:
 
 
 # --------------------------------------------------------------------------- tiny models of the real architectures
-
-
-def _tiny_clip_vocabulary(folder: Path) -> None:
-    """CLIP BPE files (vocab.json, merges.txt, as the OneFormer hub repository ships them) whose vocabulary spells
-    OneFormer's task prompt "the task is semantic"."""
-    vocab, merges = {"<|startoftext|>": 0, "<|endoftext|>": 1}, []
-    for word in ("the", "task", "is", "semantic"):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        for piece in pieces:
-            vocab.setdefault(piece, len(vocab))
-        merged = pieces[0]
-        for piece in pieces[1:]:
-            merges.append(f"{merged} {piece}")
-            merged += piece
-            vocab.setdefault(merged, len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
 
 
 def build_tiny(name: str, folder: Path) -> Path:
@@ -160,7 +143,7 @@ def _build_oneformer(folder: Path) -> Path:
     processor.update(image_processor_type="OneFormerImageProcessor", class_info_file="ade20k_panoptic.json",
                      repo_path="shi-labs/oneformer_demo")
     (folder / "preprocessor_config.json").write_text(json.dumps(processor))
-    _tiny_clip_vocabulary(folder)
+    write_clip_vocabulary(folder, ONEFORMER_TASK_WORDS)
     return folder
 
 
