@@ -100,6 +100,39 @@ def test_controlnet_and_lora_by_hub_id(hub, tmp_path):
         pipe("red", controls=[ControlUnit("someone/other", condition)], **GEN)
 
 
+def test_any_hub_id_takes_a_revision_after_an_at_sign(hub, tmp_path, base_folder):
+    """``org/name@REV`` picks the revision of that repository (base, ControlNet, VAE, LoRA file, embedding file);
+    a repository cached only at another revision is missing (one line naming --revision in the fetch command)."""
+    from controlnet.embeddings import find_embedding
+    from controlnet.hub import HubRef, hub_ref
+    from controlnet.loading import resolve_controlnet_source
+    from controlnet.lora import find_lora
+
+    assert hub_ref("org/name@v2") == HubRef("org/name", None, "v2")
+    assert hub_ref("org/name/sub/w.safetensors@refs/pr/1") == HubRef("org/name", "sub/w.safetensors", "refs/pr/1")
+    assert hub_ref("org/name", revision="v3") == HubRef("org/name", None, "v3")
+    assert hub_ref(str(tmp_path)) is None and hub_ref("not an id@v2") is None
+    with pytest.raises(UserError, match="names revision 'v2' and --revision says 'v3'"):
+        hub_ref("org/name@v2", revision="v3")
+
+    add_to_hub_cache(hub, "org/tiny-sd", {".": base_folder}, revision="v2")
+    add_to_hub_cache(hub, "org/tiny-vae", {".": base_folder / "vae"}, revision="v2")
+    add_to_hub_cache(hub, "org/files", {"w.safetensors": b"lora", "e.pt": b"embedding"}, revision="v2")
+    pipe = Pipeline.from_pretrained("org/tiny-sd@v2", dtype="fp32", device="cpu")
+    assert pipe.base == "org/tiny-sd@v2"
+    assert resolve_controlnet_source("org/tiny-sd/unet/diffusion_pytorch_model.safetensors@v2").is_file()
+    assert find_lora("org/files/w.safetensors@v2").read_bytes() == b"lora"
+    assert find_embedding("org/files/e.pt@v2").read_bytes() == b"embedding"
+    pipe.load_vae("org/tiny-vae@v2")
+    assert pipe.vae_source == "org/tiny-vae@v2"
+    for call in (lambda: Pipeline.from_pretrained("org/tiny-sd", device="cpu"),
+                 lambda: find_lora("org/files/w.safetensors@v3")):
+        with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
+            call()
+    with pytest.raises(UserError, match=re.escape("--revision v3")):
+        find_lora("org/files/w.safetensors@v3")
+
+
 # --------------------------------------------------------------------------- VAE
 
 

@@ -47,9 +47,9 @@ def find_embedding(source: str | os.PathLike) -> Path:
     path = Path(source).expanduser()
     if path.is_file():
         return path
-    file_id = hub.split_file_id(str(source))
-    if file_id is not None:
-        return hub.hub_file(*file_id)
+    ref = hub.hub_ref(source)
+    if ref is not None and ref.filename is not None:
+        return hub.hub_file(ref.repo_id, ref.filename, revision=ref.revision)
     raise UserError(f"embedding {source} not found; give a .pt/.bin/.safetensors file or a hub file id "
                     "(org/name/file.safetensors)")
 

@@ -3,13 +3,16 @@
 A name that is an existing local path is used as it is. Otherwise ``org/name`` (a repository) or
 ``org/name/file.ext`` (one file inside it) is looked up in the hub cache (``HF_HUB_CACHE``, by default
 ``~/.cache/huggingface/hub``) and downloaded there on first use, unless ``HF_HUB_OFFLINE=1``. Offline and not
-cached, the error is one line naming the repository, the file and the command that fetches it.
+cached, the error is one line naming the repository, the file and the command that fetches it. Any id may end in
+``@REV`` (a branch, tag or commit: ``lllyasviel/control_v11p_sd15_canny@main``), as pip and git name revisions;
+:func:`hub_ref` reads it.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from controlnet.errors import UserError
@@ -33,6 +36,37 @@ def split_file_id(text: str | os.PathLike) -> tuple[str, str] | None:
     if not Path(parts[-1]).suffix:
         return None
     return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A model on the hub: its repository, one file in it (None: the repository) and the revision (None: main)."""
+
+    repo_id: str
+    filename: str | None
+    revision: str | None
+
+
+# "org/name[/file]@REV": git's ref characters, without "@" itself.
+_REVISION = re.compile(r"^(?P<id>[^@]+)@(?P<rev>[\w.\-/]+)$")
+
+
+def hub_ref(text: str | os.PathLike, revision: str | None = None) -> HubRef | None:
+    """``org/name``, ``org/name/file.ext``, either with ``@REV``, as a :class:`HubRef` (``revision`` applies when
+    the text names none; two different ones are a :class:`UserError`); ``None`` for an existing path or a text
+    that is no hub id."""
+    text = str(text)
+    if Path(text).expanduser().exists():
+        return None
+    match = _REVISION.match(text)
+    if match is not None:
+        if revision is not None and revision != match["rev"]:
+            raise UserError(f"{text} names revision {match['rev']!r} and --revision says {revision!r}; give one")
+        text, revision = match["id"], match["rev"]
+    file_id = split_file_id(text)
+    if file_id is not None:
+        return HubRef(file_id[0], file_id[1], revision)
+    return HubRef(text, None, revision) if is_repo_id(text) else None
 
 
 def fetch_command(repo_id: str, filename: str | None = None, revision: str | None = None) -> str:
@@ -104,16 +138,16 @@ def is_cached(repo_id: str, filename: str, revision: str | None = None) -> bool:
 
 
 def resolve(name: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local path for ``name``: the path itself if it exists, else a hub file (``org/name/file``) or a hub
-    repository snapshot (``org/name``). Anything else is a one-line :class:`UserError`."""
+    """A local path for ``name``: the path itself if it exists, else a hub file (``org/name/file[@REV]``) or a hub
+    repository snapshot (``org/name[@REV]``). Anything else is a one-line :class:`UserError`."""
     path = Path(name).expanduser()
     if path.exists():
         return path
-    file_id = split_file_id(name)
-    if file_id is not None:
-        return hub_file(*file_id, revision=revision)
-    if is_repo_id(name):
-        return hub_folder(str(name), revision=revision)
+    ref = hub_ref(name, revision)
+    if ref is not None and ref.filename is not None:
+        return hub_file(ref.repo_id, ref.filename, revision=ref.revision)
+    if ref is not None:
+        return hub_folder(ref.repo_id, revision=ref.revision)
     raise UserError(f"{name} not found: give an existing file or folder, or a hub id like org/name")
 
 

@@ -198,11 +198,11 @@ def resolve_base(name: str | os.PathLike, revision: str | None = None, variant: 
     path = Path(name).expanduser()
     if path.exists():
         return path
-    file_id = hub.split_file_id(name)
-    if file_id is not None:
-        return hub.hub_file(*file_id, revision=revision)
-    if hub.is_repo_id(name):
-        return hub.pipeline_folder(str(name), revision=revision, variant=variant)
+    ref = hub.hub_ref(name, revision)
+    if ref is not None and ref.filename is not None:
+        return hub.hub_file(ref.repo_id, ref.filename, revision=ref.revision)
+    if ref is not None:
+        return hub.pipeline_folder(ref.repo_id, revision=ref.revision, variant=variant)
     raise UserError(f"base model {name} not found; pass a diffusers folder, a .safetensors/.ckpt file or a hub id "
                     "(org/name, or org/name/file.safetensors)")
 
@@ -361,10 +361,11 @@ def load_vae(source: str | os.PathLike, like: nn.Module, dtype: torch.dtype, rev
 
     path = Path(source).expanduser()
     if not path.exists():
-        if hub.split_file_id(source) is not None:
-            path = hub.hub_file(*hub.split_file_id(source), revision=revision)
-        elif hub.is_repo_id(source):
-            path = hub.model_file(str(source), DIFFUSERS_WEIGHTS, revision, variant).parent
+        ref = hub.hub_ref(source, revision)
+        if ref is not None and ref.filename is not None:
+            path = hub.hub_file(ref.repo_id, ref.filename, revision=ref.revision)
+        elif ref is not None:
+            path = hub.model_file(ref.repo_id, DIFFUSERS_WEIGHTS, ref.revision, variant).parent
         else:
             raise UserError(f"VAE {source} not found; pass a diffusers folder, a .safetensors/.ckpt file or a hub id")
     try:
@@ -412,8 +413,9 @@ def resolve_controlnet_source(name: str | os.PathLike, revision: str | None = No
     text = str(name)
     if text in bundled_controlnets() or Path(text).expanduser().exists():
         return resolve_controlnet(text)
-    if hub.split_file_id(text) is not None:
-        return hub.hub_file(*hub.split_file_id(text), revision=revision)
-    if hub.is_repo_id(text):
-        return hub.model_file(text, DIFFUSERS_WEIGHTS, revision, variant)
+    ref = hub.hub_ref(text, revision)
+    if ref is not None and ref.filename is not None:
+        return hub.hub_file(ref.repo_id, ref.filename, revision=ref.revision)
+    if ref is not None:
+        return hub.model_file(ref.repo_id, DIFFUSERS_WEIGHTS, ref.revision, variant)
     return resolve_controlnet(text)  # its one-line error

@@ -108,10 +108,9 @@ def find_lora(source: str, lora_dir: str | os.PathLike | None = None, revision: 
         found = sorted(p for p in root.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and source in (p.stem, p.name))
         if found:
             return found[0]
-    if hub.split_file_id(source) is not None:
-        return hub.hub_file(*hub.split_file_id(source), revision=revision)
-    if hub.is_repo_id(source):
-        return hub.hub_file(source, DIFFUSERS_LORA_FILE, revision=revision)
+    ref = hub.hub_ref(source, revision)
+    if ref is not None:
+        return hub.hub_file(ref.repo_id, ref.filename or DIFFUSERS_LORA_FILE, revision=ref.revision)
     where = f" or in --lora-dir {lora_dir}" if lora_dir is not None else " (give --lora-dir DIR to find LoRAs by name)"
     raise UserError(f"LoRA {source!r} not found as a file, a hub id{where}")
 

@@ -78,7 +78,8 @@ def register(subparsers: Any) -> None:
                    help="output size, multiples of 8 (default: the first control image's aspect ratio at the base's resolution)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic sampling")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_CHOICES],
-                   help="model precision (auto: fp16 on cuda, fp32 on mps, bf16 on CPUs with AMX or AVX-512 BF16, else fp32)")
+                   help="model precision (auto: fp16 on cuda, fp32 on mps, bf16 on CPUs with AMX or AVX-512 BF16, else "
+                   "fp32; the embedded base: fp32 on CPUs)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--guess-mode", action="store_true",
                    help="control on the conditional branch only, residual scales 0.825**(N-1-i) (works with an empty prompt)")
@@ -284,7 +285,7 @@ def write_outputs(out: Path, result: Any) -> list[Path]:
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """The options of the base model as practitioners have it (:mod:`controlnet.base_model`)."""
     g = parser.add_argument_group("your models (LoRA, embeddings, VAE, text) and memory/speed")
-    g.add_argument("--revision", default=None, metavar="REV", help="branch, tag or commit of a hub --base")
+    g.add_argument("--revision", default=None, metavar="REV", help="branch, tag or commit of a hub --base (any hub id also takes org/name@REV)")
     g.add_argument("--variant", default=None, metavar="NAME",
                    help="weights variant of hub/diffusers models, e.g. fp16 (*.fp16.safetensors), where they have it")
     g.add_argument("--lora", action="append", default=[], metavar="FILE_OR_ID[:WEIGHT]",
