@@ -110,8 +110,12 @@ if sys.argv[1] == "tiles":
     from controlnet.upscale import upscale
 # Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS, so the peak below is the
 # generation's own, not the loading's (proc(5), /proc/[pid]/clear_refs).
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    print("unsupported")
+    sys.exit(0)
 if sys.argv[1] == "tiles":
     out = upscale(pipe, sample.target, 4.0, controlnet=sys.argv[2], steps=2).image
 else:
@@ -136,6 +140,8 @@ def test_tiled_4x_upscale_peaks_below_a_one_shot_generation_of_the_output_size()
         proc = subprocess.run([sys.executable, "-c", _PEAK, mode, controlnet], capture_output=True, text=True,
                               timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-2000:]
+        if proc.stdout.split()[-1] == "unsupported":
+            pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
         peaks[mode] = int(proc.stdout.split()[-1])
     assert peaks["tiles"] < peaks["one-shot"], peaks
 
