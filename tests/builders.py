@@ -167,11 +167,11 @@ def build_text_encoder(vocab_size: int, hidden_size: int = 32, layers: int = 2, 
     return model.eval()
 
 
-
-def build_text_encoder_2(words: list[str], seed: int) -> dict[str, Any]:
+def build_text_encoder_2(words: list[str], seed: int, layers: int = 2) -> dict[str, Any]:
     """SDXL's second tokenizer and text encoder (with projection), tiny and seeded."""
     tok = build_tokenizer(words)
-    encoder = build_text_encoder(len(tok.get_vocab()), projection_dim=TINY_SDXL_TEXT_EMBED_DIM, seed=seed)
+    encoder = build_text_encoder(len(tok.get_vocab()), projection_dim=TINY_SDXL_TEXT_EMBED_DIM, layers=layers,
+                                 seed=seed)
     return dict(text_encoder_2=encoder, tokenizer_2=tok)
 
 
@@ -183,8 +183,9 @@ SD_SCHEDULE: dict[str, Any] = dict(beta_schedule="scaled_linear", beta_start=0.0
 
 
 def tiny_components(words: list[str], family: str = "sd1", scheduler: Any = None, unet: Any = None,
-                    vae_seed: int = 3, **extra: Any) -> dict[str, Any]:
-    """Seeded tiny pipeline components: UNet (seed 1), VAE, text encoder (seed 4), tokenizer, DDIM scheduler."""
+                    vae_seed: int = 3, text_layers: int = 2, **extra: Any) -> dict[str, Any]:
+    """Seeded tiny pipeline components: UNet (seed 1), VAE, text encoder (seed 4, ``text_layers`` layers),
+    tokenizer, DDIM scheduler."""
     from diffusers import DDIMScheduler
 
     tok = build_tokenizer(words)
@@ -193,7 +194,7 @@ def tiny_components(words: list[str], family: str = "sd1", scheduler: Any = None
     return dict(
         unet=build_unet(family, seed=1) if unet is None else unet,
         vae=build_vae(seed=vae_seed),
-        text_encoder=build_text_encoder(len(tok.get_vocab()), hidden_size=hidden, seed=4),
+        text_encoder=build_text_encoder(len(tok.get_vocab()), hidden_size=hidden, layers=text_layers, seed=4),
         tokenizer=tok,
         scheduler=DDIMScheduler(**SD_SCHEDULE) if scheduler is None else scheduler,
         **extra,

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from builders import TINY_SDXL_TEXT_EMBED_DIM, build_text_encoder, build_tokenizer, build_unet, build_vae
+from builders import TINY_SDXL_TEXT_EMBED_DIM, build_diffusers_pipeline, build_text_encoder_2, tiny_components
 from controlnet.errors import UserError
 from controlnet.pipeline import Pipeline
 from controlnet.prompts import BREAK, COMMA_BACKTRACK, make_chunks, parse_emphasis
@@ -26,38 +26,23 @@ LONG = " ".join(["red circle blue square"] * 5)  # 20 one-token words: two chunk
 
 
 def _components(family: str = "sd1", layers: int = 2) -> dict:
+    """The tiny seeded components, text encoders of ``layers`` layers, diffusers' default DDIM scheduler."""
     from diffusers import DDIMScheduler
 
-    tok = build_tokenizer(WORDS)
-    comps = dict(unet=build_unet(family, seed=1), vae=build_vae(seed=3), tokenizer=tok, scheduler=DDIMScheduler())
-    if family == "sdxl":
-        comps["text_encoder"] = build_text_encoder(len(tok.get_vocab()), hidden_size=32, layers=layers, seed=4)
-        comps["tokenizer_2"] = build_tokenizer(WORDS)
-        comps["text_encoder_2"] = build_text_encoder(len(tok.get_vocab()), projection_dim=TINY_SDXL_TEXT_EMBED_DIM,
-                                                     layers=layers, seed=5)
-    else:
-        comps["text_encoder"] = build_text_encoder(len(tok.get_vocab()), layers=layers, seed=4)
-    return comps
-
-
-def _diffusers(comps: dict):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    if "text_encoder_2" in comps:
-        return StableDiffusionXLPipeline(**comps)
-    return StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    comps = tiny_components(WORDS, family, scheduler=DDIMScheduler(), text_layers=layers)
+    return {**comps, **build_text_encoder_2(WORDS, seed=5, layers=layers)} if family == "sdxl" else comps
 
 
 @pytest.fixture(scope="module")
 def sd1():
     comps = _components("sd1", layers=3)
-    return Pipeline(**comps, dtype="fp32", device="cpu"), _diffusers(comps)
+    return Pipeline(**comps, dtype="fp32", device="cpu"), build_diffusers_pipeline(comps)
 
 
 @pytest.fixture(scope="module")
 def sdxl():
     comps = _components("sdxl", layers=3)
-    return Pipeline(**comps, dtype="fp32", device="cpu"), _diffusers(comps)
+    return Pipeline(**comps, dtype="fp32", device="cpu"), build_diffusers_pipeline(comps)
 
 
 # --------------------------------------------------------------------------- parsing and chunking
