@@ -71,8 +71,7 @@ def load_pipeline(base: str | Path | None = None) -> Any:
     """The inference pipeline on ``base`` (None: the embedded tiny base)."""
     from controlnet.pipeline import Pipeline
 
-    # fp32: the embedded model's convolutions have 16-64 channels, where oneDNN's bf16 kernels are slower than fp32
-    # even on CPUs with AMX (a 20-step demo generation measured 75 s in bf16 against about 1 s in fp32).
+    # fp32 on every device: the demo's figures (README) are fp32 figures, whatever base it is given.
     return Pipeline.from_pretrained(None if base is None else str(base), dtype="fp32")
 
 
