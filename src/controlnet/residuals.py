@@ -50,8 +50,9 @@ class Residuals:
     """Tensors a control branch adds to the locked base, keyed by location ``(kind, index)``.
 
     ``tensors`` is in the order the base meets the locations; nothing is copied, so a tensor handed to the base
-    is the one the branch made. Build a UNet's with :meth:`for_unet`; ``Residuals()`` adds nothing (it is the
-    start of a sum)::
+    is the one the branch made. Build a UNet's with :meth:`for_unet`, any other from the mapping itself (a Flux
+    branch: ``Residuals({("block", i): r_i, ..., ("single", j): s_j, ...})``); ``Residuals()`` adds nothing
+    (it is the start of a sum)::
 
         res = controlnet(latents, t, text, hint)          # Residuals: ("down", 0..N-2), ("mid", 0)
         res = res + other(latents, t, text, hint2)        # two ControlNets: added location by location
