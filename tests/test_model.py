@@ -259,6 +259,8 @@ def test_architecture_names_build_their_classes():
         config = ControlNet.from_unet(unet, architecture=name).config
         assert config.architecture == name and type(build_controlnet(config)) is cls
         assert type(cls.from_unet(unet)) is cls  # the class's own architecture by default
+    # Both run the shared forward (x + E(c) in, zero convs out); only their encoders differ.
+    assert ControlNet.forward is ControlNetLite.forward is UNetControlNet.forward
     copy_config = ControlNet.from_unet(unet).config
     with pytest.raises(ValueError, match="ControlNetLite builds architecture 'lite'.*build_controlnet"):
         ControlNetLite(copy_config)
@@ -378,3 +380,14 @@ def test_paper_hint_encoder_needs_enough_convs_for_the_vae():
         ControlNet.from_unet(build_unet("sd1"), hint_encoder="paper", vae_scale_factor=32)
     with pytest.raises(UserError, match="vae_scale_factor must be a power of two"):
         ControlNet.from_unet(build_unet("sd1"), vae_scale_factor=6)
+
+
+def test_config_checks_run_without_torch():
+    """The config module imports no torch, so a config can be checked before any model library loads."""
+    import subprocess
+    import sys
+
+    code = ("import sys, controlnet.model_config as m; m.ControlNetConfig(); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
