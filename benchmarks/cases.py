@@ -254,10 +254,10 @@ def make_call(impl: str, pipe: Any, models: Models, case: Case, setting: Setting
     images = condition_images(r, case.controlnets)
     noise = initial_noise(models, r)
     if impl == "ours":
-        from controlnet.diffusers_compat import guess_mode_scales
+        from controlnet.diffusers_compat import diffusers_guess_mode_scales
         from controlnet.pipeline import ControlUnit
 
-        scales = guess_mode_scales(models.ours_cn.num_residuals) if case.guess_mode else None
+        scales = diffusers_guess_mode_scales(models.ours_cn.num_residuals) if case.guess_mode else None
         units = [ControlUnit(controlnet=models.ours_cn, image=im, end=case.end, residual_scales=scales) for im in images]
 
         def call() -> torch.Tensor:

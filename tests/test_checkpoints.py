@@ -25,6 +25,7 @@ from controlnet.checkpoints import (
     load_controlnet,
     original_state_dict,
     save_controlnet,
+    save_diffusers_folder,
 )
 from builders import FAMILIES, SD15_UNET, SD21_UNET, SDXL_UNET, build_unet, unet_config
 from controlnet.errors import EXIT_BAD_INPUT, UserError
@@ -57,7 +58,7 @@ def residuals(model, inputs: dict) -> list[torch.Tensor]:
         if isinstance(model, ControlNet):
             out = model(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], inputs["hint"],
                         added_cond_kwargs=inputs["added_cond_kwargs"])
-            return [*out.down_residuals, out.mid_residual]
+            return [*out.down, out.mid]
         out = model(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], controlnet_cond=inputs["hint"],
                     added_cond_kwargs=inputs["added_cond_kwargs"], return_dict=True)
         return [*out.down_block_res_samples, out.mid_block_res_sample]
@@ -87,7 +88,7 @@ def test_diffusers_loads_our_folder(family, tmp_path):
     from diffusers import ControlNetModel
 
     unet, cn = trained_controlnet(family, seed=1)
-    cn.save_pretrained(str(tmp_path / "cn"))
+    save_diffusers_folder(cn, tmp_path / "cn")
     theirs = ControlNetModel.from_pretrained(tmp_path / "cn").eval()
     assert theirs.state_dict().keys() == cn.state_dict().keys()
     print(f"\n{family}: ours -> diffusers max err {assert_same_outputs(cn, theirs, make_inputs(unet)):.2e}")

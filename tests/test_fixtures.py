@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from controlnet.checkpoints import check_compatible, detect_family, load_controlnet, save_controlnet
 from controlnet.errors import UserError
-from controlnet.model import guess_mode_scales
+from controlnet.residuals import original_guess_mode_scales
 
 # Override with CONTROLNET_FIXTURES=/path/to/original-controlnet; default: the copy in this repository.
 FIXTURES = Path(os.environ.get("CONTROLNET_FIXTURES", Path(__file__).resolve().parent / "fixtures" / "original-controlnet"))
@@ -58,12 +58,12 @@ def test_reproduces_the_original_implementation(variant, record_property):
     errors: dict[str, float] = {}
     with torch.no_grad():
         out = cn(x, t, context, hint)
-        for i, residual in enumerate([*out.down_residuals, out.mid_residual]):
+        for i, residual in enumerate([*out.down, out.mid]):
             errors[f"control_{i:02d}"] = (residual - io[f"control_{i:02d}"]).abs().max().item()
         errors["eps_no_control"] = (unet(x, t, context).sample - io["eps_no_control"]).abs().max().item()
         eps = unet(x, t, context, **out.unet_kwargs()).sample
         errors["eps_control"] = (eps - io["eps_control"]).abs().max().item()
-        guess = cn(x, t, context, hint, conditioning_scale=guess_mode_scales(n))
+        guess = cn(x, t, context, hint, conditioning_scale=original_guess_mode_scales(n))
         eps = unet(x, t, context, **guess.unet_kwargs()).sample
         errors["eps_guess_mode_scales"] = (eps - io["eps_guess_mode_scales"]).abs().max().item()
         # The original's only_mid_control=True: the mid residual alone (down residuals scaled by 0).

@@ -20,7 +20,8 @@ from controlnet.diffusers_compat import diffusers_image_call_kwargs, diffusers_i
 from controlnet.errors import UserError
 from controlnet.img2img import feather, full_res_box, latent_mask, paste_back
 from controlnet.images import png_metadata
-from controlnet.model import ControlNet, guess_mode_scales
+from controlnet.model import ControlNet
+from controlnet.residuals import original_guess_mode_scales
 from controlnet.pipeline import ControlUnit, HiresFix, Pipeline
 
 WORDS = ["red", "circle", "blue", "square", "ugly"]
@@ -291,7 +292,7 @@ def test_control_modes_are_their_formulas(sd1):
     pipe, _, cns = sd1
     cn, image = cns[0], CONDITIONS[0]
     n = cn.num_residuals
-    soft = guess_mode_scales(n, 0.7)
+    soft = original_guess_mode_scales(n, 0.7)
     assert soft == pytest.approx([0.7 * 0.825 ** (n - 1 - j) for j in range(n)])
 
     def run(guess_mode=False, **unit):

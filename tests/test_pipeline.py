@@ -20,7 +20,7 @@ from builders import (
     trained_like,
 )
 from controlnet.conditions import condition_to_pil, resize_cover, round_size, to_condition_array
-from controlnet.diffusers_compat import diffusers_call_kwargs, diffusers_pipeline, guess_mode_scales
+from controlnet.diffusers_compat import diffusers_call_kwargs, diffusers_guess_mode_scales, diffusers_pipeline
 from controlnet.errors import UserError
 from controlnet.images import png_metadata
 from controlnet.loading import DTYPES, default_dtype, resolve_dtype
@@ -85,7 +85,7 @@ def test_matches_diffusers_controlnet_pipeline(sd1, n_controlnets, guess_mode, s
         images, steps=STEPS, guidance=7.5, size=(WIDTH, HEIGHT), latents=noise.clone(), strengths=strengths,
         guess_mode=guess_mode)).images
     # diffusers' guess mode scales residual j of N by logspace(-1, 0, N)[j]; pass those scales to ours.
-    scales = [guess_mode_scales(cn.num_residuals) for cn in cns] if guess_mode else None
+    scales = [diffusers_guess_mode_scales(cn.num_residuals) for cn in cns] if guess_mode else None
     ours = _ours(pipe, cns, images, scales=scales, strengths=strengths, guidance=7.5, latents=noise.clone(),
                  scheduler=scheduler, guess_mode=guess_mode)
     torch.testing.assert_close(ours.latents, expected, atol=1e-4, rtol=0)
@@ -135,9 +135,9 @@ def test_two_controlnets_add_their_residuals(sd1):
             h.remove()
     assert len(outs[0]) == len(outs[1]) == len(received) == STEPS
     for a, b, kw in zip(outs[0], outs[1], received):
-        for ra, rb, got in zip(a.down_residuals, b.down_residuals, kw["down_block_additional_residuals"]):
+        for ra, rb, got in zip(a.down, b.down, kw["down_block_additional_residuals"]):
             assert torch.equal(got, ra + rb)
-        assert torch.equal(kw["mid_block_additional_residual"], a.mid_residual + b.mid_residual)
+        assert torch.equal(kw["mid_block_additional_residual"], a.mid + b.mid)
     # Exact identity: two copies at strength 0.5 each are one at strength 1.0 (x/2 + x/2 == x in floating point).
     cn, image = cns[0], _condition(3)
     half = _ours(pipe, [cn, cn], [image, image], strengths=[0.5, 0.5])
@@ -197,7 +197,7 @@ def test_reuse_residuals_computes_every_nth_active_step_and_reuses_the_rest(sd1)
     assert all("down_block_additional_residuals" not in kw for kw in received[:3])
     for i, kw in enumerate(received[3:], start=3):
         source = outs[(i - 3) // 3]
-        assert all(got is r for got, r in zip(kw["down_block_additional_residuals"], source.down_residuals))
+        assert all(got is r for got, r in zip(kw["down_block_additional_residuals"], source.down))
     every = pipe(PROMPT, controls=[unit], steps=10, size=(WIDTH, HEIGHT), progress=False, output_type="latent")
     once = pipe(PROMPT, controls=[unit], steps=10, size=(WIDTH, HEIGHT), progress=False, output_type="latent",
                 reuse_residuals=1)

@@ -83,6 +83,7 @@ def build_tiny_base(root: Path) -> tuple[Path, Path]:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from builders import TINY_SD1_UNET, build_text_encoder, build_tokenizer, build_unet, build_vae
+    from controlnet.checkpoints import save_diffusers_folder
     from controlnet.model import ControlNet
 
     unet = build_unet("sd1", "tiny", seed=0)
@@ -97,7 +98,7 @@ def build_tiny_base(root: Path) -> tuple[Path, Path]:
     base = root / "tiny-base"
     pipe.save_pretrained(base)
     controlnet = root / "tiny-controlnet"
-    ControlNet.from_unet(unet).save_pretrained(str(controlnet))
+    save_diffusers_folder(ControlNet.from_unet(unet), controlnet)
     return base, controlnet
 
 

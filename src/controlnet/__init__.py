@@ -17,9 +17,9 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "ControlNet": "controlnet.model",
-    "ControlNetConfig": "controlnet.model",
-    "ControlNetOutput": "controlnet.model",
-    "guess_mode_scales": "controlnet.model",
+    "ControlNetConfig": "controlnet.model_config",
+    "Residuals": "controlnet.residuals",
+    "original_guess_mode_scales": "controlnet.residuals",
     "UserError": "controlnet.errors",
     "load_controlnet": "controlnet.checkpoints",
     "save_controlnet": "controlnet.checkpoints",

@@ -32,17 +32,8 @@ from controlnet.embedded import resolve_controlnet
 from controlnet.errors import UserError
 from controlnet.fileio import atomic_path
 from controlnet.loading import DTYPES
-from controlnet.model import (
-    CONFIG_NAME,
-    DIFFUSERS_WEIGHT_NAMES,
-    LITE_CLASS_NAME,
-    WEIGHTS_NAME,
-    ControlNet,
-    ControlNetConfig,
-    build_controlnet,
-    check_folder_destination,
-    write_error,
-)
+from controlnet.model import ControlNet, build_controlnet
+from controlnet.model_config import LITE_CLASS_NAME, ControlNetConfig
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 # Text-encoder context width of each family's base: CLIP ViT-L/14 (SD1.x), OpenCLIP ViT-H/14 (SD2.x),
@@ -67,6 +58,12 @@ GLOBAL_POOL_NAME_HINT = "shuffle"
 ORIGINAL_PREFIX = "control_model."
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 FORMATS = ("diffusers", "original")
+
+# The native (diffusers ControlNetModel) folder layout.
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# Weight files of a diffusers folder, in order of preference.
+DIFFUSERS_WEIGHT_NAMES = (WEIGHTS_NAME, "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin")
 
 # Original ResBlock (ldm openaimodel.py) sub-modules → diffusers ResnetBlock2D names.
 _RESNET_RENAMES = (
@@ -701,7 +698,7 @@ def save_controlnet(
 
     ``format="diffusers"``: a folder with config.json + diffusion_pytorch_model.safetensors, loadable by diffusers'
     ``ControlNetModel.from_pretrained`` (keys it does not know, like ``hint_encoder``, are ignored there); see
-    :meth:`ControlNet.save_pretrained`. ``format="original"``: one file with the released checkpoints'
+    :func:`save_diffusers_folder`. ``format="original"``: one file with the released checkpoints'
     ``control_model.*`` keys, ``.safetensors`` or ``.pth`` by the suffix of ``path``. ``dtype``: cast on the way
     out (default: the model's). A failed write (no space, no permission) is a one-line :class:`UserError` and
     leaves nothing behind.
@@ -712,7 +709,7 @@ def save_controlnet(
     path = check_destination(path, format)
     dtype = parse_dtype(dtype)
     if format == "diffusers":
-        return controlnet.save_pretrained(path, dtype)
+        return save_diffusers_folder(controlnet, path, dtype)
     sd = {k: _for_file(v, dtype) for k, v in original_state_dict(controlnet).items()}
     try:
         with atomic_path(path) as tmp:
@@ -725,6 +722,51 @@ def save_controlnet(
     except RuntimeError:  # torch.save's zip writer reports a failed write as "[enforce fail ...] unexpected pos"
         raise write_error(path, "the write stopped part-way: no space left or a file-size limit") from None
     return path
+
+
+def save_diffusers_folder(controlnet: ControlNet, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the native layout, atomically: ``directory/config.json`` + ``diffusion_pytorch_model.safetensors``.
+
+    That is diffusers' ControlNetModel folder: ``ControlNetModel.from_pretrained`` reads it (keys it does not
+    know, like ``hint_encoder``, are ignored there). ``dtype``: cast on the way out (default: the model's).
+    A file, or a folder holding other files, is not replaced; a failed write leaves nothing behind.
+    Other layouts: :func:`save_controlnet`.
+    """
+    import diffusers
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    path = Path(directory).expanduser()
+    check_folder_destination(path)
+    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in controlnet.state_dict().items()}
+    config = {**controlnet.config.to_dict(), "_diffusers_version": diffusers.__version__}
+    try:
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    except (OSError, SafetensorError) as err:
+        raise write_error(path, err) from None
+    return path
+
+
+def check_folder_destination(path: Path) -> None:
+    """Refuse to write a ControlNet folder over a file, or over a folder holding files a ControlNet folder does
+    not (replacing a folder removes what it holds)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} exists and is not a ControlNet folder (a file); choose a new folder name")
+    if path.is_dir():
+        foreign = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG_NAME, *DIFFUSERS_WEIGHT_NAMES))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f", ... ({len(foreign)} in all)" if len(foreign) > 3 else "")
+            raise UserError(f"{path} exists and is not a ControlNet folder ({shown}); choose a new folder name")
+
+
+def write_error(path: Path, err: BaseException | str) -> UserError:
+    """A failed checkpoint write (no space, no permission, a file-size limit) as a one-line :class:`UserError`;
+    ``err`` is the exception or the words for its cause."""
+    cause = err if isinstance(err, str) else getattr(err, "strerror", None) or str(err).strip() or type(err).__name__
+    return UserError(f"{path}: cannot write the ControlNet ({cause}); check the folder's permissions and free space")
 
 
 def _for_file(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

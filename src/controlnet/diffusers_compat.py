@@ -9,7 +9,7 @@ its state dict as it is, loaded strictly. The rest maps our settings to diffuser
     Pipeline(...)(prompt, controls=...)    pipe(prompt, image=..., **diffusers_call_kwargs(...))
     ControlUnit.strength / .end            controlnet_conditioning_scale / control_guidance_end
     guess_mode + residual_scales=          guess_mode=True (its residual scales: logspace(-1, 0, N),
-      guess_mode_scales(N)                   not the original's 0.825**(N-1-j))
+      diffusers_guess_mode_scales(N)         not the original's 0.825**(N-1-j))
     steps, guidance, num_images            num_inference_steps, guidance_scale, num_images_per_prompt
     init_image, denoise, mask              image, strength, mask_image of StableDiffusionControlNet{Img2Img,
                                              Inpaint}Pipeline (their ControlNet images: control_image)
@@ -51,9 +51,10 @@ def to_diffusers(controlnet: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def guess_mode_scales(num_residuals: int) -> list[float]:
+def diffusers_guess_mode_scales(num_residuals: int) -> list[float]:
     """diffusers' guess-mode residual scales, ``logspace(-1, 0, N)``: give them to our units as
-    ``residual_scales`` (with ``guess_mode=True``) to reproduce diffusers' guess mode."""
+    ``residual_scales`` (with ``guess_mode=True``) to reproduce diffusers' guess mode. Our guess mode is the
+    original's, :func:`controlnet.residuals.original_guess_mode_scales` (``0.825**(N-1-j)``)."""
     return torch.logspace(-1, 0, num_residuals).tolist()
 
 

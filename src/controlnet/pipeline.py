@@ -26,7 +26,7 @@ Python use::
 Decisions (the sampler's and the conditions' own are in :mod:`controlnet.sampling` and :mod:`controlnet.conditions`):
 
 * Guess mode (lllyasviel/ControlNet gradio_*.py, "guess_mode"): control on the conditional half of the CFG batch
-  only, residual j of N scaled by ``strength * 0.825**(N-1-j)`` (:func:`controlnet.model.guess_mode_scales`).
+  only, residual j of N scaled by ``strength * 0.825**(N-1-j)`` (:func:`controlnet.residuals.original_guess_mode_scales`).
   ``residual_scales`` on a unit overrides the per-residual factors (e.g. diffusers' ``logspace(-1, 0, N)``).
 * Size: multiples of the VAE factor (8); other sizes are rounded to the nearest multiple, with a warning.
   Without ``size``: the first control image's aspect ratio with its short side at the base's native
@@ -78,7 +78,8 @@ from controlnet.errors import UserError
 from controlnet.img2img import HiresFix, ImageToImageMixin, Source, load_source
 from controlnet.limits import check_output_size, check_seed
 from controlnet.loading import DTYPE_NAMES, load_base, move, placement, quiet_loading, resolve_device, resolve_dtype
-from controlnet.model import ControlNet, guess_mode_scales
+from controlnet.model import ControlNet, UNetControlNet
+from controlnet.residuals import original_guess_mode_scales
 from controlnet.sampling import Control, in_step_range, make_scheduler, sample
 from controlnet.settings import generation_settings, image_settings
 
@@ -229,7 +230,7 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
 
     def load_controlnet(self, name_or_path: ControlNetRef) -> ControlNet:
         """A ControlNet by bundled name or path (cached), or a given model, checked against the base's family."""
-        if isinstance(name_or_path, ControlNet):
+        if isinstance(name_or_path, UNetControlNet):
             cn = name_or_path
         else:
             from controlnet.checkpoints import load_controlnet
@@ -367,7 +368,7 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
             if len(scales) != cn.num_residuals:
                 raise UserError(f"residual_scales has {len(scales)} values; this ControlNet has {cn.num_residuals} residuals")
         elif guess_mode or unit.control_mode != "balanced":  # the soft injection of "prompt" and "controlnet"
-            scales = guess_mode_scales(cn.num_residuals, unit.strength)
+            scales = original_guess_mode_scales(cn.num_residuals, unit.strength)
         else:
             scales = unit.strength
         hint = torch.from_numpy(condition).permute(2, 0, 1)[None]  # (1, 3, H, W) in [0, 1], masked pixels -1

@@ -54,7 +54,8 @@ from torch import nn
 from controlnet.defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, scheduler_name
 from controlnet.errors import UserError
 from controlnet.loading import placement
-from controlnet.model import ControlNet, ControlNetOutput
+from controlnet.model import UNetControlNet
+from controlnet.residuals import Residuals
 
 __all__ = ["DEFAULT_GUIDANCE", "DEFAULT_SCHEDULER", "DEFAULT_STEPS", "SCHEDULERS", "Control", "Inpainting",
            "control_residuals", "in_step_range", "make_scheduler", "sample"]
@@ -85,7 +86,7 @@ def in_step_range(start: float, end: float, step: int, num_steps: int) -> bool:
 class Control:
     """A ControlNet ready for :func:`sample`: its model, its condition, and when and how strongly it acts."""
 
-    controlnet: ControlNet
+    controlnet: UNetControlNet
     condition: torch.Tensor  # (1, 3, H, W) in [0, 1] (masked pixels -1), at the output size
     scales: float | list[float]  # conditioning_scale of ControlNet.forward (the unit's strength included)
     start: float = 0.0
@@ -157,21 +158,21 @@ def sample(unet: nn.Module, scheduler: Any, latents: torch.Tensor, timesteps: Se
     hints = {k: c.controlnet.encode_hint(c.condition.to(**placement(c.controlnet)))  # (1, C0, h, w)
              for k, c in enumerate(controls) if any(c.active(i, n) for i in range(n))}
     step_kwargs = _step_kwargs(scheduler, eta, generators)
-    last: dict[int, tuple[int, ControlNetOutput]] = {}  # control → (step, residuals) last computed
+    last: dict[int, tuple[int, Residuals]] = {}  # control → (step, residuals) last computed
     for i, t in enumerate(tqdm(timesteps, desc="sampling", unit="step", disable=not progress, leave=False)):
         x = torch.cat([latents] * 2) if cfg else latents  # (2B or B, C, h, w)
         x = scheduler.scale_model_input(x, t).to(model["dtype"])
-        residuals: ControlNetOutput | None = None
+        residuals = Residuals()  # nothing added: the plain UNet
         for k, c in enumerate(controls):
             if not c.active(i, n):
                 continue  # not computed at all
             if k not in last or i - last[k][0] >= reuse:
                 last[k] = (i, control_residuals(c, hints[k], x, t, text, added, cfg, model))
-            residuals = last[k][1] if residuals is None else residuals + last[k][1]
-        unet_kwargs = residuals.unet_kwargs() if residuals is not None else {}
+            residuals = residuals + last[k][1]
         extra = inpainting.unet_channels(cfg) if inpainting is not None else None
         unet_in = x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=1)  # (2B or B, 4 [+ 5], h, w)
-        eps = unet(unet_in, t, encoder_hidden_states=text, added_cond_kwargs=added, **unet_kwargs).sample.float()
+        eps = unet(unet_in, t, encoder_hidden_states=text, added_cond_kwargs=added,
+                   **residuals.unet_kwargs()).sample.float()
         if cfg:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
@@ -184,7 +185,7 @@ def sample(unet: nn.Module, scheduler: Any, latents: torch.Tensor, timesteps: Se
 
 
 def control_residuals(control: Control, hint: torch.Tensor, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                      added: dict[str, torch.Tensor] | None, cfg: bool, out: dict[str, Any]) -> ControlNetOutput:
+                      added: dict[str, torch.Tensor] | None, cfg: bool, out: dict[str, Any]) -> Residuals:
     """One ControlNet's residuals for the batch ``x`` (scaled by its ``scales``), as tensors placed like ``out``
     (``Tensor.to`` keyword arguments). With ``cond_only`` under CFG, computed on the conditional half of the batch
     and zero on the unconditional half (which stays uncontrolled)."""
@@ -201,12 +202,9 @@ def control_residuals(control: Control, hint: torch.Tensor, x: torch.Tensor, t: 
         conditioning_scale=control.scales,
         added_cond_kwargs={k: v.to(**where) for k, v in added.items()} if added else None,
     )
-    if split:
-        res = ControlNetOutput(tuple(torch.cat([torch.zeros_like(r), r]) for r in res.down_residuals),
-                               torch.cat([torch.zeros_like(res.mid_residual), res.mid_residual]))
-    if where != out:
-        res = ControlNetOutput(tuple(r.to(**out) for r in res.down_residuals), res.mid_residual.to(**out))
-    return res
+    if split:  # the unconditional rows get zeros: no control there
+        res = res.map(lambda r: torch.cat([torch.zeros_like(r), r]))
+    return res.to(**out) if where != out else res
 
 
 def _step_kwargs(scheduler: Any, eta: float, generators: list[torch.Generator] | None) -> dict[str, Any]:

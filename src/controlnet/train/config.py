@@ -177,7 +177,7 @@ def _check_counts(config: TrainConfig) -> None:
 
 
 def _check_choices(config: TrainConfig) -> None:
-    from controlnet.model import ARCHITECTURES
+    from controlnet.model_config import ARCHITECTURES
     from controlnet.train.validation import scorer_names
 
     choices = {"mixed_precision": MIXED_PRECISIONS, "zero_conv_init": ZERO_CONV_INITS,

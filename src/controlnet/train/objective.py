@@ -38,8 +38,7 @@ def denoising_loss(controlnet: Callable, unet: Callable, scheduler: Any, batch: 
     pred = unet(
         noisy.to(unet_dtype), t, text.to(unet_dtype),
         added_cond_kwargs={k: v.to(unet_dtype) for k, v in added.items()} if added else None,
-        down_block_additional_residuals=[r.to(unet_dtype) for r in res.down_residuals],
-        mid_block_additional_residual=res.mid_residual.to(unet_dtype),
+        **res.to(unet_dtype).unet_kwargs(),
     ).sample  # (B, C, h, w)
     if prediction_type == "epsilon":
         target = noise
