@@ -177,9 +177,39 @@ def test_sizes_beyond_the_page_are_refused_before_anything_runs(tmp_path):
 def test_a_generation_past_the_timeout_is_stopped(tmp_path):
     pipe = RecordingPipeline(delay=0.05)
     outcome = ui.UiBackend(pipe, tmp_path, timeout=0.12).generate(request(steps=100))
-    assert not outcome.ok and "generation stopped after 0.12 s (the server's --timeout)" in outcome.status
+    assert not outcome.ok and "generation stopped" in outcome.status and "the server's --timeout" in outcome.status
     assert pipe.steps_run < 10 and list(tmp_path.iterdir()) == []
     assert ui.UiBackend(RecordingPipeline(), tmp_path, timeout=60).generate(request(steps=3)).ok
+
+
+def test_a_generation_that_would_end_past_the_timeout_stops_at_its_second_step(tmp_path):
+    pipe = RecordingPipeline(delay=0.05)  # 100 steps x 0.05 s: about 5 s, past a 2 s timeout
+    outcome = ui.UiBackend(pipe, tmp_path, timeout=2.0).generate(request(steps=100))
+    assert not outcome.ok and "past the server's --timeout of 2 s" in outcome.status, outcome.status
+    assert pipe.steps_run == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_a_request_too_large_for_the_timeout_is_refused_before_it_starts(tmp_path):
+    pipe = RecordingPipeline(delay=0.02)
+    backend = ui.UiBackend(pipe, tmp_path, timeout=60)
+    assert backend.generate(request(steps=5)).ok  # measures the pace: about 0.02 s a step at 64x64
+    assert backend.seconds_per_pixel_step is not None
+    runs = len(pipe.calls)
+    # 2048 x 2048 x 4 images x 100 steps at that pace: about 2048 x 4 x 100 x 0.02 s, far past 60 s
+    outcome = backend.generate(request(steps=100, width=2048, height=2048, num_images=4))
+    assert not outcome.ok and "more than the server's --timeout of 60 s" in outcome.status, outcome.status
+    assert len(pipe.calls) == runs  # the pipeline never ran
+    assert backend.generate(request(steps=5)).ok  # a request of the measured size still runs
+
+
+def test_sampling_work_counts_pixels_images_steps_and_the_hires_pass():
+    from controlnet.img2img import HiresFix
+
+    assert ui.sampling_work(dict(size=(64, 32), num_images=3, steps=10)) == 64 * 32 * 3 * 10
+    hires = dict(size=(64, 32), num_images=1, steps=10, hires=HiresFix(2.0, 0.5, 4))
+    assert ui.sampling_work(hires) == 64 * 32 * 10 + 64 * 32 * 4 * 4
+    picture = Image.new("RGB", (40, 20))
+    assert ui.sampling_work(dict(size=None, init_image=picture, num_images=1, steps=2)) == 40 * 20 * 2
 
 
 # --------------------------------------------------------------------------- launching
