@@ -701,8 +701,8 @@ def _hub_cache_dir() -> Path:
 
 class RequestSizeLimit:
     """ASGI middleware: a request whose body is larger than ``max_bytes`` (``upload_bytes`` on ``upload_path``) is
-    answered 413 and its body dropped, never kept nor logged, whether its Content-Length says so at once or a
-    chunked body grows past the bound."""
+    answered 413 and its body dropped, never kept nor logged. A Content-Length over the bound is refused before
+    the body is read; a chunked body (no length) is read up to the bound first, then passed on or refused."""
 
     def __init__(self, app: Any, max_bytes: int = MAX_REQUEST_BODY, upload_bytes: int = MAX_UPLOAD_BODY,
                  upload_path: str = UPLOAD_ROUTE):
@@ -714,30 +714,28 @@ class RequestSizeLimit:
             return
         path = scope.get("path", "")
         bound = self.upload_bytes if path.rstrip("/").endswith(self.upload_path) else self.max_bytes
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > bound:
-            await self._refuse(send, path, bound)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:  # the server delivers no more than a declared length
+            if not declared.isdigit() or int(declared) > bound:
+                await self._refuse(send, path, bound)
+            else:
+                await self.app(scope, receive, send)
             return
-        seen, started = 0, False
-
-        async def counted_receive() -> dict:
-            nonlocal seen
+        messages, seen = [], 0
+        while True:
             message = await receive()
+            messages.append(message)
             seen += len(message.get("body", b""))
             if seen > bound:
-                raise _BodyTooLarge
-            return message
-
-        async def tracked_send(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _BodyTooLarge:
-            if not started:
                 await self._refuse(send, path, bound)
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
     @staticmethod
     async def _refuse(send: Callable, path: str, bound: int) -> None:
@@ -746,10 +744,6 @@ class RequestSizeLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _BodyTooLarge(Exception):
-    """Raised inside :class:`RequestSizeLimit` when a chunked body passes its bound."""
 
 
 def body_limit_middleware() -> Any:
