@@ -27,6 +27,8 @@ from controlnet.images import save_png
 from hubcache import add_to_hub_cache
 
 SIZE = 64
+PROMPT_LORAS = 10  # LoRA files in the served --models-dir: more than ui.MAX_PROMPT_LORAS
+BIG_BODY = 2 * 2**20  # bytes: over ui.MAX_REQUEST_BODY, far under an upload's bound
 
 
 class RecordingPipeline:
@@ -330,7 +332,7 @@ def served(tmp_path_factory):
         try:
             backend = captured["backend"]
             unet = backend.pipeline.unet
-            for k in range(ui.MAX_PROMPT_LORAS + 2):
+            for k in range(PROMPT_LORAS):
                 _tiny_lora(unet, models / f"style{k}.safetensors", seed=k)
             _tiny_lora(unet, outside / "secret.safetensors", seed=99)
             (outside / "corrupt.safetensors").write_bytes(b"Zcorrupt bytes")
@@ -398,13 +400,13 @@ def test_served_lora_tags_reach_only_the_models_folder_with_one_message(served):
 
 @pytest.mark.slow
 def test_served_prompt_loras_are_bounded_least_recently_used_first(served):
-    names = [f"style{k}" for k in range(ui.MAX_PROMPT_LORAS + 2)]
+    names = [f"style{k}" for k in range(PROMPT_LORAS)]
     for name in names:
         assert _generate(served, f"a red circle <lora:{name}>").startswith("Done")
         if name == names[3]:
             assert _generate(served, "a red circle <lora:style0>").startswith("Done")  # style0 used again
     loaded = set(served.adapters())
-    assert len(loaded) == ui.MAX_PROMPT_LORAS, loaded
+    assert PROMPT_LORAS - 2 == ui.MAX_PROMPT_LORAS
     # The least recently used went first: style1 and style2 (style0 was used after them).
     assert loaded == {"style0", *names[3:]}
 
@@ -414,7 +416,7 @@ def test_served_request_bodies_are_bounded_on_every_endpoint(served):
     import http.client
 
     join = "/gradio_api/queue/join"
-    big = b'{"data": ["' + b"x" * (ui.MAX_REQUEST_BODY + 1) + b'"], "fn_index": 0, "session_hash": "abc"}'
+    big = b'{"data": ["' + b"x" * BIG_BODY + b'"], "fn_index": 0, "session_hash": "abc"}'
 
     def post(path: str, body, headers: dict) -> tuple[int, bytes]:
         connection = http.client.HTTPConnection("127.0.0.1", int(served.url.rsplit(":", 1)[1]), timeout=30)
@@ -431,9 +433,9 @@ def test_served_request_bodies_are_bounded_on_every_endpoint(served):
     assert post("/gradio_api/info", big, {"Content-Length": str(len(big))})[0] == 413
     boundary = "b0undary"
     upload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n"
-              f"Content-Type: image/png\r\n\r\n").encode() + b"\x89PNG" + b"\0" * (2 * ui.MAX_REQUEST_BODY) \
+              f"Content-Type: image/png\r\n\r\n").encode() + b"\x89PNG" + b"\0" * BIG_BODY \
         + f"\r\n--{boundary}--\r\n".encode()
-    status, _ = post(ui.UPLOAD_ROUTE, upload, {"Content-Type": f"multipart/form-data; boundary={boundary}",
+    status, _ = post("/gradio_api/upload", upload, {"Content-Type": f"multipart/form-data; boundary={boundary}",
                                                "Content-Length": str(len(upload))})
     assert status == 200  # an upload may be larger than other requests (up to MAX_UPLOAD)
 
