@@ -24,6 +24,7 @@ from PIL import Image
 from controlnet import ui
 from controlnet.errors import UserError
 from controlnet.images import save_png
+from cli_checks import offline_hub
 from hubcache import add_to_hub_cache
 
 SIZE = 64
@@ -103,8 +104,8 @@ def test_paths_outside_the_roots_get_one_message_whether_they_exist_or_not(model
                        ("etc", "/etc/passwd"), ("home", "~/.ssh/id_rsa")]:
         outcome = backend.generate(request(text))
         assert not outcome.ok
-        statuses[name] = outcome.status.replace(text, "PATH")
-    assert set(statuses.values()) == {"Error: ControlNet unit 1: model path PATH is outside the server's model "
+        statuses[name] = outcome.status.replace(repr(text), "PATH")
+    assert set(statuses.values()) == {"Error: ControlNet unit 1: model path PATH is not a file in the allowed "
                                       "folders; put the model in a --models-dir folder, or choose a bundled one"}
     assert pipe.calls == []
 
@@ -112,8 +113,7 @@ def test_paths_outside_the_roots_get_one_message_whether_they_exist_or_not(model
 def test_hub_ids_come_from_the_cache_only_and_never_from_local_paths(models, tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     snapshot = add_to_hub_cache(cache, "org/cn", {"config.json": b"{}", "model.safetensors": b"w"})
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline_hub(monkeypatch, cache)
     pipe = RecordingPipeline()
     backend = ui.UiBackend(pipe, tmp_path / "out", model_roots=[models, cache])
     assert backend.generate(request("org/cn")).ok
@@ -140,14 +140,14 @@ def test_fifos_are_refused_without_blocking(models, tmp_path):
     worker.join(10)
     assert not worker.is_alive(), "a FIFO blocked the generation slot"
     assert [o.ok for o in outcomes] == [False, False]
-    assert "fifo.safetensors: it is not a regular file" in outcomes[0].status
+    assert "fifo.safetensors' is not a file in the allowed folders" in outcomes[0].status  # the one message
     assert "diffusion_pytorch_model.safetensors in it is not a regular file" in outcomes[1].status
 
 
 def test_allow_any_path_and_the_config_roots(models, tmp_path, monkeypatch):
     pipe = RecordingPipeline()
     assert ui.UiBackend(pipe, tmp_path / "out").generate(request(str(tmp_path / "secret.safetensors"))).ok
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    offline_hub(monkeypatch, tmp_path / "hub")
     roots = ui.UiConfig(models_dirs=(str(models),)).model_roots()
     assert roots[0] == models and roots[-1] == tmp_path / "hub" and roots[1].name == "controlnets"
     assert ui.UiConfig(models_dirs=(str(models),), allow_any_path=True).model_roots() is None

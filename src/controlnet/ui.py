@@ -27,10 +27,8 @@ import dataclasses
 import itertools
 import logging
 import os
-import re
 import secrets
 import socket
-import stat
 import sys
 import tempfile
 import threading
@@ -46,7 +44,8 @@ from controlnet.defaults import (
 )
 from controlnet.errors import UserError
 from controlnet.limits import check_seed
-from controlnet.untrusted import is_inside
+from controlnet.hub import spelled_as_hub_id
+from controlnet.untrusted import resolve_untrusted_input
 
 log = logging.getLogger(__name__)
 
@@ -439,13 +438,14 @@ class UiBackend:
         if self.model_roots is None or not text or text in self.controlnet_choices():
             return unit
         name = f"ControlNet unit {index + 1}"
-        path = Path(os.path.realpath(Path(text).expanduser()))  # symlinks followed: no way out of a root
-        if not is_inside(path, self.model_roots):
-            if not _looks_like_hub_id(text):
-                raise UserError(f"{name}: model path {text} is outside the server's model folders; put the model "
-                                "in a --models-dir folder, or choose a bundled one")
+        try:
+            path = resolve_untrusted_input(text, self.model_roots, f"{name}: model path", folders=True,
+                                           hint="put the model in a --models-dir folder, or choose a bundled one")
+        except UserError:
+            if not spelled_as_hub_id(text):
+                raise
             path = _cached_hub_model(text, name)
-        _check_regular(path, f"{name}: {text}")
+        _check_folder_files(path, f"{name}: {text}")
         return dataclasses.replace(unit, model_path=str(path))
 
     def _check_time_budget(self, kwargs: dict[str, Any]) -> None:
@@ -601,47 +601,35 @@ def sampling_work(kwargs: dict[str, Any]) -> float:
     return work
 
 
-# A hub repository id, "org/name" (the characters huggingface_hub's validate_repo_id allows).
-_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    """``org/name`` or ``org/name/path/file.ext`` by its spelling alone (whether a local file exists plays no part:
-    the answer must not tell a client what the server's disk holds)."""
-    parts = text.split("/")
-    return (len(parts) >= 2 and not any(part in ("", ".", "..") for part in parts)
-            and bool(_HUB_REPO_ID.fullmatch("/".join(parts[:2]))))
-
-
 def _cached_hub_model(text: str, name: str) -> Path:
-    """The local path of hub id ``text`` if it is in the Hugging Face cache (nothing is downloaded)."""
-    from huggingface_hub import hf_hub_download, snapshot_download
+    """The real path of hub id ``text`` (``org/name`` or ``org/name/file``) if it is in the Hugging Face cache;
+    nothing is downloaded on a client's request."""
+    from controlnet import hub
 
     parts = text.split("/")
     repo_id = "/".join(parts[:2])
-    cache = str(_hub_cache_dir())
     try:
         if len(parts) == 2:
-            return Path(os.path.realpath(snapshot_download(repo_id, cache_dir=cache, local_files_only=True)))
-        return Path(os.path.realpath(hf_hub_download(repo_id, "/".join(parts[2:]), cache_dir=cache,
-                                                     local_files_only=True)))
-    except Exception:  # noqa: BLE001 - not cached, or not a valid id: one message either way
+            return Path(os.path.realpath(hub.hub_folder(repo_id, cached_only=True)))
+        return Path(os.path.realpath(hub.hub_file(repo_id, "/".join(parts[2:]), cached_only=True)))
+    except UserError:  # not cached, or not a valid id: one message either way
         raise UserError(f"{name}: {text} is not a bundled name, a path in the server's model folders, or a hub id "
                         "in its Hugging Face cache") from None
 
 
-def _check_regular(path: Path, label: str) -> None:
-    """Refuse what is not a regular file or a folder of regular files and folders (a FIFO would block the one
+def _check_folder_files(path: Path, label: str) -> None:
+    """Refuse a model folder holding something other than regular files and folders (a FIFO would block the one
     generation slot)."""
-    try:
-        mode = path.stat().st_mode
-        entries = list(os.scandir(path)) if stat.S_ISDIR(mode) else []
-    except OSError as err:
-        raise UserError(f"{label}: cannot read it ({err.strerror or err})") from None
-    bad = [e.name for e in entries if not (e.is_file() or e.is_dir())]  # both follow symlinks
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) or bad:
-        what = f"{bad[0]} in it is" if bad else "it is"
-        raise UserError(f"{label}: {what} not a regular file (a FIFO, a device, ...); give a model file or folder")
+    from controlnet.checkpoints import check_regular_file
+
+    if path.is_dir():
+        for entry in os.scandir(path):
+            if not entry.is_dir():  # follows symlinks, as the loader will
+                try:
+                    check_regular_file(Path(entry.path))
+                except UserError:
+                    raise UserError(f"{label}: {entry.name} in it is not a regular file (a FIFO, a device, ...); "
+                                    "give a model file or folder") from None
 
 
 # --------------------------------------------------------------------------- gradio
@@ -685,18 +673,12 @@ class UiConfig:
         (None with ``allow_any_path``)."""
         if self.allow_any_path:
             return None
+        from huggingface_hub import constants
+
         from controlnet.embedded import assets_dir
 
         return [Path(folder).expanduser() for folder in self.models_dirs] + [assets_dir() / "controlnets",
-                                                                             _hub_cache_dir()]
-
-
-def _hub_cache_dir() -> Path:
-    """The Hugging Face hub cache folder (huggingface_hub's rule: HF_HUB_CACHE, else HF_HOME/hub)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+                                                                             Path(constants.HF_HUB_CACHE)]
 
 
 class RequestSizeLimit:
