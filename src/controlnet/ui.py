@@ -15,8 +15,11 @@ analytics and the Hugging Face Hub's telemetry are switched off before gradio is
 What a client can reach (:class:`UiConfig`): the PNGs the UI wrote, in a folder it created for this run (never
 the rest of ``--outputs``); models by bundled name, hub id (from the Hugging Face cache) or path inside a
 ``--models-dir`` (any path only with ``--allow-any-path``), regular files only, and the same message whether or
-not a refused path exists; generations one at a time, each stopped after ``--timeout`` seconds. A ``--host``
-other than loopback is announced with a warning, and ``--auth USER:PASSWORD`` asks for a login.
+not a refused path exists (:mod:`controlnet.untrusted`); ``<lora:NAME>`` tags only by name in the first
+``--models-dir``; no annotator parameter that names a file. Bounded: request bodies (:class:`RequestSizeLimit`),
+generations (one at a time, each refused before it starts or stopped at a step boundary when it would pass
+``--timeout``), LoRAs kept loaded for prompt tags (:data:`MAX_PROMPT_LORAS`). A ``--host`` other than loopback
+is announced with a warning, and ``--auth USER:PASSWORD`` asks for a login. docs/security.md has the whole list.
 """
 
 from __future__ import annotations
