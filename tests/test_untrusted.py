@@ -94,3 +94,13 @@ def test_the_command_lines_prompt_tags_do_not_leave_the_lora_dir(tmp_path, capsy
         err = capsys.readouterr().err
         assert f"LoRA tag <lora:{name}>: no LoRA of that name in the LoRA folder" in err, err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_hub_ids_are_told_by_their_spelling_alone(tmp_path, monkeypatch):
+    from controlnet.hub import spelled_as_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "name").mkdir(parents=True)  # a local folder of the same name changes nothing
+    assert spelled_as_hub_id("org/name") and spelled_as_hub_id("org/name/sub/model.safetensors")
+    for text in ["org", "/org/name", "org//name", "../org/name", "org/../x", "-org/name", "org/name/", "./org/name"]:
+        assert not spelled_as_hub_id(text), text
