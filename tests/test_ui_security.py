@@ -24,9 +24,12 @@ from PIL import Image
 from controlnet import ui
 from controlnet.errors import UserError
 from controlnet.images import save_png
+from cli_checks import offline_hub
 from hubcache import add_to_hub_cache
 
 SIZE = 64
+PROMPT_LORAS = 10  # LoRA files in the served --models-dir: more than ui.MAX_PROMPT_LORAS
+BIG_BODY = 2 * 2**20  # bytes: over ui.MAX_REQUEST_BODY, far under an upload's bound
 
 
 class RecordingPipeline:
@@ -101,8 +104,8 @@ def test_paths_outside_the_roots_get_one_message_whether_they_exist_or_not(model
                        ("etc", "/etc/passwd"), ("home", "~/.ssh/id_rsa")]:
         outcome = backend.generate(request(text))
         assert not outcome.ok
-        statuses[name] = outcome.status.replace(text, "PATH")
-    assert set(statuses.values()) == {"Error: ControlNet unit 1: model path PATH is outside the server's model "
+        statuses[name] = outcome.status.replace(repr(text), "PATH")
+    assert set(statuses.values()) == {"Error: ControlNet unit 1: model path PATH is not a file in the allowed "
                                       "folders; put the model in a --models-dir folder, or choose a bundled one"}
     assert pipe.calls == []
 
@@ -110,8 +113,7 @@ def test_paths_outside_the_roots_get_one_message_whether_they_exist_or_not(model
 def test_hub_ids_come_from_the_cache_only_and_never_from_local_paths(models, tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     snapshot = add_to_hub_cache(cache, "org/cn", {"config.json": b"{}", "model.safetensors": b"w"})
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline_hub(monkeypatch, cache)
     pipe = RecordingPipeline()
     backend = ui.UiBackend(pipe, tmp_path / "out", model_roots=[models, cache])
     assert backend.generate(request("org/cn")).ok
@@ -138,14 +140,14 @@ def test_fifos_are_refused_without_blocking(models, tmp_path):
     worker.join(10)
     assert not worker.is_alive(), "a FIFO blocked the generation slot"
     assert [o.ok for o in outcomes] == [False, False]
-    assert "fifo.safetensors: it is not a regular file" in outcomes[0].status
+    assert "fifo.safetensors' is not a file in the allowed folders" in outcomes[0].status  # the one message
     assert "diffusion_pytorch_model.safetensors in it is not a regular file" in outcomes[1].status
 
 
 def test_allow_any_path_and_the_config_roots(models, tmp_path, monkeypatch):
     pipe = RecordingPipeline()
     assert ui.UiBackend(pipe, tmp_path / "out").generate(request(str(tmp_path / "secret.safetensors"))).ok
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    offline_hub(monkeypatch, tmp_path / "hub")
     roots = ui.UiConfig(models_dirs=(str(models),)).model_roots()
     assert roots[0] == models and roots[-1] == tmp_path / "hub" and roots[1].name == "controlnets"
     assert ui.UiConfig(models_dirs=(str(models),), allow_any_path=True).model_roots() is None
@@ -177,9 +179,39 @@ def test_sizes_beyond_the_page_are_refused_before_anything_runs(tmp_path):
 def test_a_generation_past_the_timeout_is_stopped(tmp_path):
     pipe = RecordingPipeline(delay=0.05)
     outcome = ui.UiBackend(pipe, tmp_path, timeout=0.12).generate(request(steps=100))
-    assert not outcome.ok and "generation stopped after 0.12 s (the server's --timeout)" in outcome.status
+    assert not outcome.ok and "generation stopped" in outcome.status and "the server's --timeout" in outcome.status
     assert pipe.steps_run < 10 and list(tmp_path.iterdir()) == []
     assert ui.UiBackend(RecordingPipeline(), tmp_path, timeout=60).generate(request(steps=3)).ok
+
+
+def test_a_generation_that_would_end_past_the_timeout_stops_at_its_second_step(tmp_path):
+    pipe = RecordingPipeline(delay=0.05)  # 100 steps x 0.05 s: about 5 s, past a 2 s timeout
+    outcome = ui.UiBackend(pipe, tmp_path, timeout=2.0).generate(request(steps=100))
+    assert not outcome.ok and "past the server's --timeout of 2 s" in outcome.status, outcome.status
+    assert pipe.steps_run == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_a_request_too_large_for_the_timeout_is_refused_before_it_starts(tmp_path):
+    pipe = RecordingPipeline(delay=0.02)
+    backend = ui.UiBackend(pipe, tmp_path, timeout=60)
+    assert backend.generate(request(steps=5)).ok  # measures the pace: about 0.02 s a step at 64x64
+    assert backend.seconds_per_pixel_step is not None
+    runs = len(pipe.calls)
+    # 2048 x 2048 x 4 images x 100 steps at that pace: about 2048 x 4 x 100 x 0.02 s, far past 60 s
+    outcome = backend.generate(request(steps=100, width=2048, height=2048, num_images=4))
+    assert not outcome.ok and "more than the server's --timeout of 60 s" in outcome.status, outcome.status
+    assert len(pipe.calls) == runs  # the pipeline never ran
+    assert backend.generate(request(steps=5)).ok  # a request of the measured size still runs
+
+
+def test_sampling_work_counts_pixels_images_steps_and_the_hires_pass():
+    from controlnet.img2img import HiresFix
+
+    assert ui.sampling_work(dict(size=(64, 32), num_images=3, steps=10)) == 64 * 32 * 3 * 10
+    hires = dict(size=(64, 32), num_images=1, steps=10, hires=HiresFix(2.0, 0.5, 4))
+    assert ui.sampling_work(hires) == 64 * 32 * 10 + 64 * 32 * 4 * 4
+    picture = Image.new("RGB", (40, 20))
+    assert ui.sampling_work(dict(size=None, init_image=picture, num_images=1, steps=2)) == 40 * 20 * 2
 
 
 # --------------------------------------------------------------------------- launching
@@ -251,3 +283,168 @@ def test_served_files_are_only_the_uis_own_and_a_login_guards_them(tmp_path, mon
             assert _get(file_url + str(outputs / other), cookie) == 403, other
     finally:
         app.close()
+
+
+# --------------------------------------------------------------------------- the served page, over HTTP
+
+
+def _tiny_lora(unet, path: Path, seed: int) -> Path:
+    """A diffusers/peft-layout LoRA on the attention projections of ``unet`` (rank 2), saved at ``path``."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for name, module in unet.named_modules():
+        if name.endswith(("to_q", "to_v")) and isinstance(module, torch.nn.Linear):
+            layers[f"unet.{name}.lora_A.weight"] = torch.randn(2, module.in_features, generator=g) * 0.1
+            layers[f"unet.{name}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=g) * 0.1
+    save_file(layers, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The page served on a free local port (embedded model, --models-dir holding LoRAs, a 120 s --timeout), with
+    files outside the models folder a client must not reach: a LoRA, a corrupt file, a PNG, a file to overwrite."""
+    pytest.importorskip("gradio", reason="the web UI's extra is not installed")
+    gradio_client = pytest.importorskip("gradio_client")
+    from controlnet.lora import adapters_in
+
+    root = tmp_path_factory.mktemp("served")
+    models, outside = root / "models", root / "outside"
+    models.mkdir()
+    outside.mkdir()
+    captured = {}
+    create = ui.create_backend
+
+    def keep(config):
+        captured["backend"] = create(config)
+        return captured["backend"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_TEMP_DIR", str(root / "gradio"))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(ui, "create_backend", keep)
+        port = _free_port()
+        app = ui.launch(ui.UiConfig(port=port, output_dir=str(root / "out"), models_dirs=(str(models),),
+                                    timeout=120), block=False, quiet=True)
+        try:
+            backend = captured["backend"]
+            unet = backend.pipeline.unet
+            for k in range(PROMPT_LORAS):
+                _tiny_lora(unet, models / f"style{k}.safetensors", seed=k)
+            _tiny_lora(unet, outside / "secret.safetensors", seed=99)
+            (outside / "corrupt.safetensors").write_bytes(b"Zcorrupt bytes")
+            (models / "escape.safetensors").symlink_to(outside / "secret.safetensors")
+            secret_png = save_png(outside / "secret.png", Image.new("RGB", (SIZE, SIZE), (12, 34, 56)))
+            target = outside / "keep.json"
+            target.write_text("mine")
+            image = save_png(root / "upload.png", Image.new("RGB", (SIZE, SIZE), (200, 200, 200)))
+            client = gradio_client.Client(f"http://127.0.0.1:{port}", verbose=False)
+            yield SimpleNamespace(
+                url=f"http://127.0.0.1:{port}", client=client, backend=backend, models=models, outside=outside,
+                secret_png=secret_png, target=target, image=gradio_client.handle_file(str(image)),
+                adapters=lambda: adapters_in(unet))
+        finally:
+            app.close()
+
+
+def _generate(served, prompt: str, **fields) -> str:
+    """Press Generate over HTTP (the page's own endpoint); returns the status line."""
+    # Each unit's model path, image and parameters box (and the img2img pictures) have no default value.
+    values = {f"param_{10 * unit + k}": "" if k != 5 else None for unit in range(ui.MAX_UNITS) for k in (4, 5, 7)}
+    values.update(data=prompt, param_33=None, param_34=None, param_40=2, param_43=1, param_44=SIZE, param_45=SIZE)
+    values.update(fields)
+    result = served.client.predict(**values, api_name="/on_generate")
+    return result[3]
+
+
+def _preview(served, annotator: str, params: str) -> tuple:
+    """Press a unit's Preview over HTTP; returns (condition, status)."""
+    return served.client.predict(served.image, annotator, params, SIZE, SIZE, api_name="/lambda")
+
+
+@pytest.mark.slow
+def test_served_annotator_parameters_never_name_server_files(served):
+    for annotator, params in [("inpaint", f"mask={served.secret_png}"), ("openpose", f"json={served.target}"),
+                              ("openpose", "weights=/etc"), ("hed", "weights=org/repo"),
+                              ("pose_json", f"keypoints={served.target}"), ("inpaint", "MASK=x".lower())]:
+        condition, status = _preview(served, annotator, params)
+        assert condition is None, (annotator, params)
+        assert "names a file on the server, which the page does not take from a browser" in status, status
+    assert served.target.read_text() == "mine"
+    # Generate takes the same parameters box: the same refusal, nothing written.
+    status = _generate(served, "a red circle", param_2=True, param_5=served.image, param_6="openpose",
+                       param_7=f"json={served.target}")
+    assert "json= names a file on the server" in status, status
+    assert served.target.read_text() == "mine"
+    condition, status = _preview(served, "canny", "low_threshold=50")  # other parameters still work
+    assert condition is not None and status.startswith("Condition from canny"), status
+
+
+@pytest.mark.slow
+def test_served_lora_tags_reach_only_the_models_folder_with_one_message(served):
+    statuses = {}
+    outside = served.outside
+    for name in ["/etc/passwd", "/etc/nonexistent", str(outside / "secret.safetensors"), str(outside / "secret"),
+                 "../outside/secret", str(outside / "corrupt.safetensors"), "escape", "org/repo", "missing"]:
+        status = _generate(served, f"a red circle <lora:{name}>")
+        statuses[name] = status.replace(name, "NAME")
+    assert len(set(statuses.values())) == 1, statuses
+    (message,) = set(statuses.values())
+    assert message.startswith("Error: LoRA tag <lora:NAME>: no LoRA of that name in the LoRA folder"), message
+    assert not any("secret" in name or "corrupt" in name for name in served.adapters())
+    assert _generate(served, "a red circle <lora:style0:0.5>").startswith("Done"), "a LoRA in --models-dir loads"
+
+
+@pytest.mark.slow
+def test_served_prompt_loras_are_bounded_least_recently_used_first(served):
+    names = [f"style{k}" for k in range(PROMPT_LORAS)]
+    for name in names:
+        assert _generate(served, f"a red circle <lora:{name}>").startswith("Done")
+        if name == names[3]:
+            assert _generate(served, "a red circle <lora:style0>").startswith("Done")  # style0 used again
+    loaded = set(served.adapters())
+    assert PROMPT_LORAS - 2 == ui.MAX_PROMPT_LORAS
+    # The least recently used went first: style1 and style2 (style0 was used after them).
+    assert loaded == {"style0", *names[3:]}
+
+
+@pytest.mark.slow
+def test_served_request_bodies_are_bounded_on_every_endpoint(served):
+    import http.client
+
+    join = "/gradio_api/queue/join"
+    big = b'{"data": ["' + b"x" * BIG_BODY + b'"], "fn_index": 0, "session_hash": "abc"}'
+
+    def post(path: str, body, headers: dict) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", int(served.url.rsplit(":", 1)[1]), timeout=30)
+        try:
+            connection.request("POST", path, body=body, headers=headers, encode_chunked="Content-Length" not in headers)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    assert post(join, big, {"Content-Type": "application/json", "Content-Length": str(len(big))})[0] == 413
+    chunks = (big[i:i + 65536] for i in range(0, len(big), 65536))  # no Content-Length: counted as it arrives
+    assert post(join, chunks, {"Content-Type": "application/json", "Transfer-Encoding": "chunked"})[0] == 413
+    assert post("/gradio_api/info", big, {"Content-Length": str(len(big))})[0] == 413
+    boundary = "b0undary"
+    upload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n"
+              f"Content-Type: image/png\r\n\r\n").encode() + b"\x89PNG" + b"\0" * BIG_BODY \
+        + f"\r\n--{boundary}--\r\n".encode()
+    status, _ = post("/gradio_api/upload", upload, {"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                               "Content-Length": str(len(upload))})
+    assert status == 200  # an upload may be larger than other requests (up to MAX_UPLOAD)
+
+
+@pytest.mark.slow
+def test_served_request_too_large_for_the_timeout_is_refused_before_it_starts(served):
+    assert _generate(served, "a red circle", param_40=4).startswith("Done")  # the server measures its pace
+    assert served.backend.seconds_per_pixel_step is not None
+    outputs = set(served.backend.output_dir.iterdir())
+    status = _generate(served, "a red circle", param_40=100, param_44=2048, param_45=2048, param_46=4)
+    assert "more than the server's --timeout of 120 s" in status, status
+    assert set(served.backend.output_dir.iterdir()) == outputs

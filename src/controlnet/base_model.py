@@ -143,7 +143,8 @@ class BaseModelMixin(TextualInversionLoaderMixin):
         """``prompt`` without its ``<lora:name:w>`` tags, and those LoRAs (loaded from :attr:`lora_dir` on first
         use) as name → (UNet weight, text-encoder weight)."""
         text, specs = lora_lib.split_prompt_loras(prompt)
-        return text, {self._inject_lora(spec.source, None): spec.weights for spec in specs}
+        files = [str(lora_lib.find_tag_lora(spec.source, self.lora_dir)) for spec in specs]  # names in lora_dir only
+        return text, {self._inject_lora(file, None): spec.weights for file, spec in zip(files, specs)}
 
     def _inject_lora(self, source: str, revision: str | None) -> str:
         """The adapter name of LoRA ``source``, loading it into the models first if it is new."""

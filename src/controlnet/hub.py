@@ -27,6 +27,14 @@ def is_repo_id(text: str | os.PathLike) -> bool:
     return bool(_REPO_ID.match(text)) and not Path(text).expanduser().exists()
 
 
+def spelled_as_hub_id(text: str) -> bool:
+    """Whether ``text`` is spelled ``org/name`` or ``org/name/path/file``, by its spelling alone: what the local
+    disk holds plays no part (for names from an untrusted source, whose answer must not tell what exists)."""
+    parts = text.split("/")
+    return len(parts) >= 2 and "" not in parts and not {".", ".."} & set(parts) \
+        and bool(_REPO_ID.match("/".join(parts[:2])))
+
+
 def split_file_id(text: str | os.PathLike) -> tuple[str, str] | None:
     """``org/name/path/to/file.ext`` → (``org/name``, ``path/to/file.ext``); ``None`` for anything else."""
     text = str(text)
@@ -77,22 +85,26 @@ def fetch_command(repo_id: str, filename: str | None = None, revision: str | Non
     return " ".join(words)
 
 
-def hub_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
-    """The local path of ``filename`` in hub repository ``repo_id``, downloading it on first use."""
+def hub_file(repo_id: str, filename: str, revision: str | None = None, cached_only: bool = False) -> Path:
+    """The local path of ``filename`` in hub repository ``repo_id``, downloading it on first use (never with
+    ``cached_only``: then it must be in the cache already)."""
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
+        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=cached_only))
     except Exception as err:  # noqa: BLE001 - offline, missing repo/file, network: the user needs one line
         raise UserError(_not_available(repo_id, filename, revision, err)) from None
 
 
-def hub_folder(repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
-    """The local snapshot folder of hub repository ``repo_id``, downloading it on first use."""
+def hub_folder(repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None,
+               cached_only: bool = False) -> Path:
+    """The local snapshot folder of hub repository ``repo_id``, downloading it on first use (never with
+    ``cached_only``)."""
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns,
+                                      local_files_only=cached_only))
     except Exception as err:  # noqa: BLE001 - as in hub_file
         raise UserError(_not_available(repo_id, None, revision, err)) from None
 

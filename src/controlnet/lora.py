@@ -92,6 +92,33 @@ def split_prompt_loras(prompt: str) -> tuple[str, list[LoraSpec]]:
     return _PROMPT_TAG.sub("", prompt), specs
 
 
+# How a refused or unknown prompt tag is answered (one line, whether or not a file of that name exists elsewhere).
+_TAG_HINT = ("a <lora:NAME> tag names a LoRA file (its name, with or without its suffix) inside the LoRA folder "
+             "(--lora-dir; in the web UI, the first --models-dir); paths and hub ids are not read from a prompt")
+
+
+def find_tag_lora(name: str, lora_dir: str | os.PathLike | None) -> Path:
+    """The file of prompt tag ``<lora:NAME>``: a LoRA file named ``NAME`` (its stem or its full name) anywhere
+    under ``lora_dir``, as A1111 finds it, and nothing else: a path, ``..``, a symlink leading out of the folder
+    or a hub id is refused. A prompt is untrusted (it comes from a web client or a shared PNG's settings), so the
+    rule is :func:`controlnet.untrusted.resolve_untrusted_input`'s, with one message for every refusal."""
+    from controlnet.untrusted import resolve_untrusted_input
+
+    what = f"LoRA tag <lora:{name}>"
+    if lora_dir is None:
+        raise UserError(f"{what}: there is no LoRA folder to look in; {_TAG_HINT}")
+    root = Path(lora_dir).expanduser()
+    plain = bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in LORA_SUFFIXES and name in (p.stem, p.name)) \
+        if plain else []
+    for candidate in found:
+        try:
+            return resolve_untrusted_input(candidate, [root], what)
+        except UserError:
+            continue  # a link out of the folder, a FIFO: the next candidate, else the one message below
+    raise UserError(f"{what}: no LoRA of that name in the LoRA folder; {_TAG_HINT}")
+
+
 def find_lora(source: str, lora_dir: str | os.PathLike | None = None, revision: str | None = None) -> Path:
     """The file of a LoRA named ``source``: a path, a file in a hub repository (``org/name/file.safetensors``), a
     hub repository holding diffusers' ``pytorch_lora_weights.safetensors``, or a file name (without suffix, as

@@ -15,27 +15,30 @@ analytics and the Hugging Face Hub's telemetry are switched off before gradio is
 What a client can reach (:class:`UiConfig`): the PNGs the UI wrote, in a folder it created for this run (never
 the rest of ``--outputs``); models by bundled name, hub id (from the Hugging Face cache) or path inside a
 ``--models-dir`` (any path only with ``--allow-any-path``), regular files only, and the same message whether or
-not a refused path exists; generations one at a time, each stopped after ``--timeout`` seconds. A ``--host``
-other than loopback is announced with a warning, and ``--auth USER:PASSWORD`` asks for a login.
+not a refused path exists (:mod:`controlnet.untrusted`); ``<lora:NAME>`` tags only by name in the first
+``--models-dir``; no annotator parameter that names a file. Bounded: request bodies (:class:`RequestSizeLimit`),
+generations (one at a time, each refused before it starts or stopped at a step boundary when it would pass
+``--timeout``), LoRAs kept loaded for prompt tags (:data:`MAX_PROMPT_LORAS`). A ``--host`` other than loopback
+is announced with a warning, and ``--auth USER:PASSWORD`` asks for a login. docs/security.md has the whole list.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
 import os
-import re
 import secrets
 import socket
-import stat
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from controlnet.defaults import (
     CONTROL_MODES, DEFAULT_DENOISE, DEFAULT_GUIDANCE, DEFAULT_HIRES_DENOISE, DEFAULT_HIRES_SCALE,
@@ -43,7 +46,9 @@ from controlnet.defaults import (
     SCHEDULERS,
 )
 from controlnet.errors import UserError
+from controlnet.hub import spelled_as_hub_id
 from controlnet.limits import check_seed
+from controlnet.untrusted import resolve_untrusted_input
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,10 @@ SEED_MAX = 2**31 - 1  # seeds drawn for SEED_RANDOM lie in [0, SEED_MAX]; any se
 DEFAULT_TIMEOUT = 600.0  # seconds a generation may run before it is stopped (--timeout)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_UPLOAD = "50mb"  # largest upload gradio accepts (a condition image; 50 MB holds any photo)
+MAX_UPLOAD_BODY = 50 * 1000**2 + 2**20  # bytes of an upload request: MAX_UPLOAD (gradio counts 1 MB = 10**6) + 1 MiB
+MAX_REQUEST_BODY = 2**20  # bytes of any other request: the page sends text and settings; images travel as uploads
+UPLOAD_ROUTE = "/gradio_api/upload"  # gradio's upload endpoint (gradio.route_utils.API_PREFIX + "/upload")
+MAX_PROMPT_LORAS = 8  # LoRAs named by prompt tags kept loaded between generations (least recently used go first)
 
 # The demos' n_prompt (used for real bases; the embedded model gets none, as controlnet.demo).
 DEFAULT_NEGATIVE = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, "
@@ -210,7 +219,38 @@ def annotator_params(annotator: str | None, text: str | None) -> dict[str, Any]:
         return {}
     from controlnet import annotators
 
+    _refuse_path_params(annotator, pairs)
     return annotators.parse_params(annotator, pairs)
+
+
+# Why the page refuses each kind of file parameter, and what to do instead.
+_PATH_PARAM_HINTS = {
+    "json": "the page writes no files for an annotator; run `controlnet annotate --json` on the server instead",
+    "mask": "for inpainting, upload or draw the mask in the 'Image to image / inpaint' tab",
+    "keypoints": "run `controlnet generate --annotator pose_json` on the server instead",
+}
+_WEIGHTS_HINT = "the annotator uses the weights the server is configured with; leave it out"
+
+
+def _path_params(annotator: str) -> set[str]:
+    """The parameters of ``annotator`` that name a file or folder on the server: its ``Path``-typed ones (an
+    input mask or JSON, an output JSON) and where its weights are (``weights``, ``hand_weights``,
+    ``detector_weights``: a file, folder or hub id)."""
+    from controlnet import annotators
+
+    return {p.name for p in annotators.get(annotator).params if p.type is Path or p.name.endswith("weights")}
+
+
+def _refuse_path_params(annotator: str, pairs: Sequence[str]) -> None:
+    """A :class:`UserError` for any ``key=value`` of ``pairs`` that names a file on the server: a browser may
+    neither read nor write the server's files through an annotator, whatever the value."""
+    refused = _path_params(annotator)
+    for pair in pairs:
+        key = pair.partition("=")[0].strip().replace("-", "_")
+        if key in refused:
+            hint = _WEIGHTS_HINT if key.endswith("weights") else _PATH_PARAM_HINTS.get(key, "leave it out")
+            raise UserError(f"{annotator}: parameter {key}= names a file on the server, which the page does not take "
+                            f"from a browser; {hint}")
 
 
 def _checked_size(width: Any, height: Any, generating: bool = True) -> tuple[int, int]:
@@ -262,6 +302,9 @@ class UiBackend:
         self.examples = list(examples)  # one-click settings shown under the page (the embedded model's)
         self._counter = itertools.count()
         self._lock = threading.Lock()  # one generation at a time: the model is shared
+        # Seconds one sampling step takes per pixel and image, as this server measured it (None: not yet).
+        self.seconds_per_pixel_step: float | None = None
+        self._prompt_loras: collections.OrderedDict[str, None] = collections.OrderedDict()  # LRU order, oldest first
 
     # -- choices shown in the page
 
@@ -292,9 +335,10 @@ class UiBackend:
             annotator = annotators.get(name)
         except (ImportError, UserError) as err:
             return "", str(err)
-        if not annotator.params:
+        shown = [p for p in annotator.params if p.name not in _path_params(name)]  # files: never from the page
+        if not shown:
             return "", f"{name}: {annotator.description}; no parameters"
-        defaults = ", ".join(f"{p.name}={'...' if p.required else p.default}" for p in annotator.params)
+        defaults = ", ".join(f"{p.name}={'...' if p.required else p.default}" for p in shown)
         return defaults, f"{name}: {annotator.description}"
 
     def scheduler_choices(self) -> list[str]:
@@ -325,11 +369,13 @@ class UiBackend:
             units = [self._allowed_model(i, request.units[i]) for i in enabled]
             controls = [self._control_unit(i, unit) for i, unit in zip(enabled, units)]
             kwargs = self._pipeline_kwargs(request, seed)
+            self._check_time_budget(kwargs)
             if progress is not None:
                 progress(0.0, "starting")
-            with self._lock:
-                callback = self._with_deadline(self._step_callback(progress, kwargs["steps"]))
+            with self._lock, self._bounded_prompt_loras() as used_loras:
+                callback = self._with_deadline(self._step_callback(progress, kwargs["steps"]), kwargs)
                 result = self.pipeline(controls=controls, callback=callback, progress=False, **kwargs)
+                used_loras.update(result.settings.get("loras", {}))
             used_seed = int(result.seed)
             paths = self._save(result)
         except UserError as err:
@@ -395,29 +441,77 @@ class UiBackend:
         if self.model_roots is None or not text or text in self.controlnet_choices():
             return unit
         name = f"ControlNet unit {index + 1}"
-        path = Path(os.path.realpath(Path(text).expanduser()))  # symlinks followed: no way out of a root
-        if not _is_inside(path, self.model_roots):
-            if not _looks_like_hub_id(text):
-                raise UserError(f"{name}: model path {text} is outside the server's model folders; put the model "
-                                "in a --models-dir folder, or choose a bundled one")
+        try:
+            path = resolve_untrusted_input(text, self.model_roots, f"{name}: model path", folders=True,
+                                           hint="put the model in a --models-dir folder, or choose a bundled one")
+        except UserError:
+            if not spelled_as_hub_id(text):
+                raise
             path = _cached_hub_model(text, name)
-        _check_regular(path, f"{name}: {text}")
+        _check_folder_files(path, f"{name}: {text}")
         return dataclasses.replace(unit, model_path=str(path))
 
-    def _with_deadline(self, callback: Callable[..., None] | None) -> Callable[..., None] | None:
-        """``callback`` after a check that stops the generation once it has run :attr:`timeout` seconds."""
-        if self.timeout is None:
-            return callback
-        timeout, deadline = self.timeout, time.monotonic() + self.timeout
+    def _check_time_budget(self, kwargs: dict[str, Any]) -> None:
+        """Refuse, before it starts, a generation whose size (:func:`sampling_work`) at the step cost this server
+        measured (:attr:`seconds_per_pixel_step`) would take longer than :attr:`timeout`."""
+        if self.timeout is None or self.seconds_per_pixel_step is None:
+            return
+        estimate = sampling_work(kwargs) * self.seconds_per_pixel_step
+        if estimate > self.timeout:
+            raise UserError(f"this request would take about {estimate:.0f} s, more than the server's --timeout of "
+                            f"{self.timeout:g} s; use fewer steps, fewer images or a smaller size")
+
+    def _with_deadline(self, callback: Callable[..., None] | None,
+                       kwargs: dict[str, Any]) -> Callable[..., None] | None:
+        """``callback`` after a check, at every step boundary, that stops the generation once it has run
+        :attr:`timeout` seconds or once the steps left, at the pace of those run, would end past it. The pace is
+        kept as :attr:`seconds_per_pixel_step` for :meth:`_check_time_budget`."""
+        start, steps = time.monotonic(), int(kwargs["steps"])
+        size = kwargs.get("size") or getattr(kwargs.get("init_image"), "size", None)
+        pixel_images = None if size is None or kwargs.get("hires") else size[0] * size[1] * kwargs["num_images"]
+        stamps: list[float] = []
 
         def on_step(*args: Any) -> None:
-            if time.monotonic() > deadline:
-                raise UserError(f"generation stopped after {timeout:g} s (the server's --timeout); use fewer steps "
-                                "or a smaller size")
+            now = time.monotonic()
+            stamps.append(now)
+            if len(stamps) >= 2:
+                pace = (stamps[-1] - stamps[0]) / (len(stamps) - 1)  # seconds per step, the first one excluded
+                if pixel_images:
+                    self.seconds_per_pixel_step = pace / pixel_images
+                ends = now + pace * max(steps - len(stamps), 0)
+                if self.timeout is not None and ends > start + self.timeout and now <= start + self.timeout:
+                    raise UserError(f"generation stopped: at {pace:.2f} s a step it would end after "
+                                    f"{ends - start:.0f} s, past the server's --timeout of {self.timeout:g} s; use "
+                                    "fewer steps, fewer images or a smaller size")
+            if self.timeout is not None and now > start + self.timeout:
+                raise UserError(f"generation stopped after {self.timeout:g} s (the server's --timeout); use fewer "
+                                "steps or a smaller size")
             if callback is not None:
                 callback(*args)
 
         return on_step
+
+    @contextlib.contextmanager
+    def _bounded_prompt_loras(self) -> Iterator[dict[str, Any]]:
+        """Around a generation: the LoRAs it used (the caller fills the dict: the result's ``settings["loras"]``)
+        become the most recent, and the prompt-tag LoRAs beyond :data:`MAX_PROMPT_LORAS` are unloaded, least
+        recently used first (also after a failed generation, which may have loaded some)."""
+        used: dict[str, Any] = {}
+        try:
+            yield used
+        finally:
+            from controlnet.lora import adapters_in
+
+            parts = ("unet", "text_encoder", "text_encoder_2")
+            loaded = {n for part in parts for n in adapters_in(getattr(self.pipeline, part, None))}
+            loaded -= set(getattr(self.pipeline, "loras", {}))  # loaded by the server's own configuration: kept
+            for name in [n for n in self._prompt_loras if n not in loaded]:
+                del self._prompt_loras[name]
+            for name in sorted(loaded - set(self._prompt_loras)) + [n for n in used if n in loaded]:
+                self._prompt_loras[name] = None
+                self._prompt_loras.move_to_end(name)
+            while len(self._prompt_loras) > MAX_PROMPT_LORAS:
+                self.pipeline.unload_lora(self._prompt_loras.popitem(last=False)[0])
 
     @staticmethod
     def _control_unit(index: int, unit: UnitInput) -> Any:
@@ -498,51 +592,47 @@ def _image_kwargs(request: GenerateRequest) -> dict[str, Any]:
     return kwargs
 
 
-def _is_inside(path: Path, roots: Sequence[Path]) -> bool:
-    return any(path == root or root in path.parents for root in roots)
-
-
-# A hub repository id, "org/name" (the characters huggingface_hub's validate_repo_id allows).
-_HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    """``org/name`` or ``org/name/path/file.ext`` by its spelling alone (whether a local file exists plays no part:
-    the answer must not tell a client what the server's disk holds)."""
-    parts = text.split("/")
-    return (len(parts) >= 2 and not any(part in ("", ".", "..") for part in parts)
-            and bool(_HUB_REPO_ID.fullmatch("/".join(parts[:2]))))
+def sampling_work(kwargs: dict[str, Any]) -> float:
+    """Pixels x images x sampling steps of a generation (the hires pass's at its size): what its time grows with.
+    An init image's own size counts where it replaces the page's size."""
+    size = kwargs.get("size") or getattr(kwargs.get("init_image"), "size", None) or (MAX_SIZE, MAX_SIZE)
+    pixels, images, steps = size[0] * size[1], int(kwargs["num_images"]), int(kwargs["steps"])
+    work = float(pixels * images * steps)
+    hires = kwargs.get("hires")
+    if hires is not None:
+        work += pixels * float(hires.scale) ** 2 * images * (hires.steps or steps)
+    return work
 
 
 def _cached_hub_model(text: str, name: str) -> Path:
-    """The local path of hub id ``text`` if it is in the Hugging Face cache (nothing is downloaded)."""
-    from huggingface_hub import hf_hub_download, snapshot_download
+    """The real path of hub id ``text`` (``org/name`` or ``org/name/file``) if it is in the Hugging Face cache;
+    nothing is downloaded on a client's request."""
+    from controlnet import hub
 
     parts = text.split("/")
     repo_id = "/".join(parts[:2])
-    cache = str(_hub_cache_dir())
     try:
         if len(parts) == 2:
-            return Path(os.path.realpath(snapshot_download(repo_id, cache_dir=cache, local_files_only=True)))
-        return Path(os.path.realpath(hf_hub_download(repo_id, "/".join(parts[2:]), cache_dir=cache,
-                                                     local_files_only=True)))
-    except Exception:  # noqa: BLE001 - not cached, or not a valid id: one message either way
+            return Path(os.path.realpath(hub.hub_folder(repo_id, cached_only=True)))
+        return Path(os.path.realpath(hub.hub_file(repo_id, "/".join(parts[2:]), cached_only=True)))
+    except UserError:  # not cached, or not a valid id: one message either way
         raise UserError(f"{name}: {text} is not a bundled name, a path in the server's model folders, or a hub id "
                         "in its Hugging Face cache") from None
 
 
-def _check_regular(path: Path, label: str) -> None:
-    """Refuse what is not a regular file or a folder of regular files and folders (a FIFO would block the one
+def _check_folder_files(path: Path, label: str) -> None:
+    """Refuse a model folder holding something other than regular files and folders (a FIFO would block the one
     generation slot)."""
-    try:
-        mode = path.stat().st_mode
-        entries = list(os.scandir(path)) if stat.S_ISDIR(mode) else []
-    except OSError as err:
-        raise UserError(f"{label}: cannot read it ({err.strerror or err})") from None
-    bad = [e.name for e in entries if not (e.is_file() or e.is_dir())]  # both follow symlinks
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) or bad:
-        what = f"{bad[0]} in it is" if bad else "it is"
-        raise UserError(f"{label}: {what} not a regular file (a FIFO, a device, ...); give a model file or folder")
+    from controlnet.checkpoints import check_regular_file
+
+    if path.is_dir():
+        for entry in os.scandir(path):
+            if not entry.is_dir():  # follows symlinks, as the loader will
+                try:
+                    check_regular_file(Path(entry.path))
+                except UserError:
+                    raise UserError(f"{label}: {entry.name} in it is not a regular file (a FIFO, a device, ...); "
+                                    "give a model file or folder") from None
 
 
 # --------------------------------------------------------------------------- gradio
@@ -586,18 +676,66 @@ class UiConfig:
         (None with ``allow_any_path``)."""
         if self.allow_any_path:
             return None
+        from huggingface_hub import constants
+
         from controlnet.embedded import assets_dir
 
         return [Path(folder).expanduser() for folder in self.models_dirs] + [assets_dir() / "controlnets",
-                                                                             _hub_cache_dir()]
+                                                                             Path(constants.HF_HUB_CACHE)]
 
 
-def _hub_cache_dir() -> Path:
-    """The Hugging Face hub cache folder (huggingface_hub's rule: HF_HUB_CACHE, else HF_HOME/hub)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+class RequestSizeLimit:
+    """ASGI middleware: a request whose body is larger than ``max_bytes`` (``upload_bytes`` on ``upload_path``) is
+    answered 413 and its body dropped, never kept nor logged. A Content-Length over the bound is refused before
+    the body is read; a chunked body (no length) is read up to the bound first, then passed on or refused."""
+
+    def __init__(self, app: Any, max_bytes: int = MAX_REQUEST_BODY, upload_bytes: int = MAX_UPLOAD_BODY,
+                 upload_path: str = UPLOAD_ROUTE):
+        self.app, self.max_bytes, self.upload_bytes, self.upload_path = app, max_bytes, upload_bytes, upload_path
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        bound = self.upload_bytes if path.rstrip("/").endswith(self.upload_path) else self.max_bytes
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:  # the server delivers no more than a declared length
+            if not declared.isdigit() or int(declared) > bound:
+                await self._refuse(send, path, bound)
+            else:
+                await self.app(scope, receive, send)
+            return
+        messages, seen = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            seen += len(message.get("body", b""))
+            if seen > bound:
+                await self._refuse(send, path, bound)
+                return
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(send: Callable, path: str, bound: int) -> None:
+        log.warning("refused a request to %s: its body is over %d bytes", path[:200], bound)
+        body = f"request body too large: at most {bound} bytes\n".encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def body_limit_middleware() -> Any:
+    """:class:`RequestSizeLimit` as the ``middleware=`` entry of gradio's FastAPI app."""
+    from starlette.middleware import Middleware
+
+    return Middleware(RequestSizeLimit)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -838,6 +976,8 @@ def create_backend(config: UiConfig) -> UiBackend:
     config.check()
     pipeline = Pipeline.from_pretrained(base=config.base)
     pipeline.max_pixels = config.max_pixels
+    # <lora:NAME> tags name files in the first --models-dir (controlnet.lora.find_tag_lora); none without one.
+    pipeline.lora_dir = Path(config.models_dirs[0]).expanduser() if config.models_dirs else None
     output_dir = own_output_folder(config.output_dir)
     limits = dict(model_roots=config.model_roots(), timeout=config.timeout)
     if config.base is None:
@@ -870,7 +1010,7 @@ def launch(config: UiConfig, block: bool = True, quiet: bool = False) -> Any:
             server_name=config.host, server_port=config.port, share=False, inbrowser=False,
             prevent_thread_lock=not block, quiet=quiet, show_error=False, ssr_mode=False,
             allowed_paths=[str(backend.output_dir)], mcp_server=False, auth=config.auth,
-            max_file_size=MAX_UPLOAD,
+            max_file_size=MAX_UPLOAD, app_kwargs={"middleware": [body_limit_middleware()]},
         )
     except OSError:  # gradio: "Cannot find empty port"; the OS: address not available
         raise UserError(f"cannot serve on {config.host}:{config.port}: the port is taken or the address is not this "
