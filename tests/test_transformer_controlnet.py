@@ -399,6 +399,26 @@ def test_diffusers_single_files_and_folders_load_both_ways(tmp_path, family):
     assert load_transformer_controlnet(ours_folder).config == src.config  # base depth kept in config.json
 
 
+def test_cli_converts_an_xlabs_file_to_a_diffusers_folder(tmp_path, capsys):
+    from controlnet.cli import main
+    from controlnet.errors import EXIT_BAD_INPUT
+
+    base = flux_base(in_channels=64, guidance_embeds=True)
+    ref = diffusers_flux(trained_like(FluxControlNet.from_transformer(base, 2, 0, conditioning_embedding_channels=16), 8))
+    ref.save_pretrained(tmp_path / "ref")
+    xlabs = tmp_path / "flux-depth-controlnet.safetensors"
+    save_file({k: v.contiguous() for k, v in to_xlabs(ref.state_dict(), 2).items()}, str(xlabs))
+    # Tiny heads: the rotary axes come from a config.json, as for any file whose shapes do not tell everything.
+    config = str(tmp_path / "ref" / "config.json")
+    assert main(["convert", str(xlabs), str(tmp_path / "out"), "--to", "diffusers", "--config", config]) == 0
+    again = FluxControlNetModel.from_pretrained(tmp_path / "out")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    capsys.readouterr()
+    assert main(["convert", str(xlabs), str(tmp_path / "x.safetensors"), "--to", "original"]) == EXIT_BAD_INPUT
+    assert "diffusers layout only" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------- refusals
 
 

@@ -20,6 +20,7 @@ line naming both.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -392,6 +393,8 @@ def transformer_controlnet_from_state_dict(
         cfg = infer_flux_config(sd, name, base)
     else:
         cfg = infer_sd3_config(sd, name, base, layout, control_type)
+    if layout == "stability" and cfg.family == SD3 and cfg.control_type is None:
+        cfg = dataclasses.replace(cfg, control_type=control_type)
     if cfg.family != family:
         raise UserError(f"{name} holds a {FAMILY_NAMES[family]} ControlNet but its config describes a "
                         f"{FAMILY_NAMES[cfg.family]} one")
@@ -436,10 +439,52 @@ def _read_folder(path: Path) -> tuple[Path, dict[str, Any]]:
     return weights, config
 
 
+def is_transformer_controlnet(path: str | Path) -> bool:
+    """Whether ``path`` holds a Flux or SD3 ControlNet: a folder whose config.json names one, or a .safetensors
+    file with their keys (read from the header only). False for anything else, including what does not exist."""
+    from safetensors import SafetensorError, safe_open
+
+    from controlnet.model import CONFIG_NAME
+
+    path = Path(path).expanduser()
+    try:
+        if path.is_dir():
+            return json.loads((path / CONFIG_NAME).read_text()).get("_class_name") in CLASS_NAMES.values()
+        if path.is_file() and path.suffix.lower() == ".safetensors":
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                keys = dict.fromkeys(f.keys())
+            detect_layout(keys)
+            return True
+    except (OSError, ValueError, AttributeError, SafetensorError, UserError, RecursionError):
+        return False
+    return False
+
+
+def _config_argument(config: Any) -> Any:
+    """A config given as a path to a config.json (or a folder holding one) → its dict; anything else as it is."""
+    if not isinstance(config, (str, Path)):
+        return config
+    from controlnet.checkpoints import MAX_CONFIG_BYTES, check_regular_file
+    from controlnet.model import CONFIG_NAME
+
+    path = Path(config).expanduser()
+    path = path / CONFIG_NAME if path.is_dir() else path
+    if not path.exists():
+        raise UserError(f"config file {path} does not exist")
+    check_regular_file(path, MAX_CONFIG_BYTES)
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as err:
+        raise UserError(f"{path} is not a readable JSON config: {str(err).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_transformer_controlnet(
     path: str | Path,
     base: nn.Module | Any = None,
-    config: TransformerControlNetConfig | Mapping[str, Any] | None = None,
+    config: TransformerControlNetConfig | Mapping[str, Any] | str | Path | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> TransformerControlNet:
@@ -447,10 +492,12 @@ def load_transformer_controlnet(
 
     ``base``: the diffusers transformer it will control (or its config): the file must fit it, and it supplies
     the residuals' placement (and SD3.5's patch embedding). ``config``: overrides the folder's config.json or the
-    config inferred from the shapes. ``dtype``: default float32. Bad files are a one-line :class:`UserError`.
+    config inferred from the shapes (a config, a dict, or a config.json path). ``dtype``: default float32. Bad
+    files are a one-line :class:`UserError`.
     """
     from controlnet.checkpoints import _read_file, parse_dtype, read_safetensors, refuse_non_finite
 
+    config = _config_argument(config)
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"ControlNet {path} does not exist")
