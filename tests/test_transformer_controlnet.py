@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 
 from builders import build_unet, trained_like
 from controlnet.errors import UserError
-from controlnet.transformer_controlnet import (FLUX_UNION_MODES, FluxControlNet, SD3ControlNet, TransformerResiduals,
-                                               latent_image_ids, pack_latents, residual_index)
+from controlnet.residuals import Residuals
+from controlnet.transformer_controlnet import (FLUX_UNION_MODES, FluxControlNet, SD3ControlNet, latent_image_ids,
+                                               pack_latents, residual_index, transformer_kwargs)
 from controlnet.transformer_formats import (check_fits, control_type_name, load_transformer_controlnet,
                                             save_transformer_controlnet, transformer_controlnet_from_state_dict)
 
@@ -89,11 +90,11 @@ def diffusers_flux_call(ref, inputs, cond, mode=None, scale=1.0):
                i["timestep"], i["img_ids"], i["txt_ids"], i["guidance"], return_dict=False)
 
 
-def max_error(ours: TransformerResiduals, kind: str, theirs, placement: str) -> float:
+def max_error(ours: Residuals, kind: str, theirs, placement: str) -> float:
     """Largest difference between our residual of every base block of ``kind`` and diffusers' residual that
     diffusers' own placement sends to that block."""
-    blocks = sorted(i for k, i in ours.blocks if k == kind)
-    errors = [(ours.blocks[(kind, b)] - theirs[residual_index(placement, b, len(blocks) + (placement == "sd3"),
+    blocks = sorted(i for k, i in ours.tensors if k == kind)
+    errors = [(ours.tensors[(kind, b)] - theirs[residual_index(placement, b, len(blocks) + (placement == "sd3"),
                                                               len(theirs))]).abs().max().item() for b in blocks]
     return max(errors)
 
@@ -117,9 +118,9 @@ def test_flux_from_transformer_reproduces_the_base_bit_for_bit(variant):
     cond = torch.rand(2, 3, 8 * H * 2, 8 * W * 2) if variant == "xlabs" else torch.randn(2, H * W, 16)
     with torch.no_grad():
         res = cn(**inputs, condition=cond, mode="depth" if variant == "union" else None)
-        assert set(res.blocks) == {("double", i) for i in range(3)} | {("single", i) for i in range(5)}
+        assert set(res.tensors) == {("block", i) for i in range(3)} | {("single", i) for i in range(5)}
         plain = flux_base_output(base, inputs)
-        controlled = flux_base_output(base, inputs, **res.diffusers_kwargs(base))
+        controlled = flux_base_output(base, inputs, **transformer_kwargs(res, base))
     assert torch.equal(plain, controlled)
     assert all(p.requires_grad for p in cn.parameters())
 
@@ -131,10 +132,10 @@ def test_sd3_from_transformer_reproduces_the_base_bit_for_bit():
     with torch.no_grad():
         res = cn(**inputs, condition=torch.randn(2, 8, H, W))
         # 4 base blocks, 2 residuals: blocks 0, 1 get residual 0, block 2 residual 1, the last block (context-pre-only) none.
-        assert set(res.blocks) == {("joint", 0), ("joint", 1), ("joint", 2)}
-        assert res.blocks[("joint", 0)] is res.blocks[("joint", 1)]
+        assert set(res.tensors) == {("block", 0), ("block", 1), ("block", 2)}
+        assert res.tensors[("block", 0)] is res.tensors[("block", 1)]
         plain = base(**inputs).sample
-        controlled = base(**inputs, **res.diffusers_kwargs(base)).sample
+        controlled = base(**inputs, **transformer_kwargs(res, base)).sample
     assert torch.equal(plain, controlled)
     with pytest.raises(UserError, match="copy 1..3"):
         SD3ControlNet.from_transformer(base, num_layers=4)
@@ -173,12 +174,12 @@ def test_flux_matches_diffusers(variant):
         res = cn(**inputs, condition=ours_cond, mode="depth" if mode is not None else None, conditioning_scale=0.7)
         double, single = diffusers_flux_call(ref, inputs, their_cond, mode, 0.7)
         placement = "repeat" if xlabs else "interval"
-        assert max_error(res, "double", double, placement) < TOL
+        assert max_error(res, "block", double, placement) < TOL
         if single is not None:
             assert max_error(res, "single", single, "interval") < TOL
         theirs = flux_base_output(base, inputs, controlnet_block_samples=double, controlnet_single_block_samples=single,
                                   controlnet_blocks_repeat=xlabs)
-        ours = flux_base_output(base, inputs, **res.diffusers_kwargs(base))
+        ours = flux_base_output(base, inputs, **transformer_kwargs(res, base))
     assert (theirs - ours).abs().max() < TOL
     assert (theirs - flux_base_output(base, inputs)).abs().max() > 1e-3  # the residuals do change the output
 
@@ -201,10 +202,10 @@ def test_two_flux_controlnets_and_union_passes_sum_as_in_diffusers():
         ours = a(**inputs, condition=c1, conditioning_scale=0.5) + b(**inputs, condition=c2, conditioning_scale=0.8)
         double, single = FluxMultiControlNetModel([diffusers_flux(a), diffusers_flux(b)])(
             i["hidden_states"], [c1, c2], no_mode, [0.5, 0.8], *rest)
-        assert max_error(ours, "double", double, "interval") < TOL
+        assert max_error(ours, "block", double, "interval") < TOL
         assert max_error(ours, "single", single, "interval") < TOL
         theirs = flux_base_output(base, inputs, controlnet_block_samples=double, controlnet_single_block_samples=single)
-        assert (theirs - flux_base_output(base, inputs, **ours.diffusers_kwargs(base))).abs().max() < TOL
+        assert (theirs - flux_base_output(base, inputs, **transformer_kwargs(ours, base))).abs().max() < TOL
         # Different depths (diffusers' wrapper cannot mix them): each base block gets the sum of what diffusers
         # places there for each ControlNet alone.
         mixed = a(**inputs, condition=c1) + deep(**inputs, condition=c2)
@@ -212,18 +213,18 @@ def test_two_flux_controlnets_and_union_passes_sum_as_in_diffusers():
         dd, sd = diffusers_flux_call(diffusers_flux(deep), inputs, c2)
         for blk in range(3):
             want = da[residual_index("interval", blk, 3, 2)] + dd[residual_index("interval", blk, 3, 3)]
-            assert (mixed.blocks[("double", blk)] - want).abs().max() < TOL
+            assert (mixed.tensors[("block", blk)] - want).abs().max() < TOL
         for blk in range(5):
             want = sa[residual_index("interval", blk, 5, 2)] + sd[residual_index("interval", blk, 5, 1)]
-            assert (mixed.blocks[("single", blk)] - want).abs().max() < TOL
+            assert (mixed.tensors[("single", blk)] - want).abs().max() < TOL
         # Union: one ControlNet, one pass per (condition, mode), summed.
         ours_u = union(**inputs, condition=c1, mode="canny") + union(**inputs, condition=c2, mode="pose")
         modes = [torch.full((2,), FLUX_UNION_MODES.index("canny")), torch.full((2,), FLUX_UNION_MODES.index("pose"))]
         du, su = FluxMultiControlNetModel([diffusers_flux(union)])(i["hidden_states"], [c1, c2], modes, [1.0, 1.0], *rest)
-        assert max_error(ours_u, "double", du, "interval") < TOL
+        assert max_error(ours_u, "block", du, "interval") < TOL
         assert max_error(ours_u, "single", su, "interval") < TOL
         theirs = flux_base_output(base, inputs, controlnet_block_samples=du, controlnet_single_block_samples=su)
-        assert (theirs - flux_base_output(base, inputs, **ours_u.diffusers_kwargs(base))).abs().max() < TOL
+        assert (theirs - flux_base_output(base, inputs, **transformer_kwargs(ours_u, base))).abs().max() < TOL
 
 
 def sd35_pair(base: SD3Transformer2DModel, seed: int) -> tuple[SD3ControlNet, SD3ControlNetModel]:
@@ -260,9 +261,9 @@ def test_sd3_matches_diffusers_one_two_and_sd35_layout():
             ours = cn(**inputs, condition=cond, conditioning_scale=0.6)
             enc = None if cn.context_embedder is None else i["encoder_hidden_states"]
             (theirs,) = ref(i["hidden_states"], cond, 0.6, enc, i["pooled_projections"], i["timestep"], return_dict=False)
-            assert max_error(ours, "joint", theirs, "sd3") < TOL
+            assert max_error(ours, "block", theirs, "sd3") < TOL
             out_theirs = base(**inputs, block_controlnet_hidden_states=theirs).sample
-            out_ours = base(**inputs, **ours.diffusers_kwargs(base)).sample
+            out_ours = base(**inputs, **transformer_kwargs(ours, base)).sample
             assert (out_theirs - out_ours).abs().max() < TOL
         # Two ControlNets of the same depth, summed, against SD3MultiControlNetModel.
         a2 = trained_like(SD3ControlNet.from_transformer(base, 2), seed=9)
@@ -271,7 +272,7 @@ def test_sd3_matches_diffusers_one_two_and_sd35_layout():
         ours = a(**inputs, condition=c1, conditioning_scale=0.5) + a2(**inputs, condition=c2, conditioning_scale=0.9)
         (theirs,) = SD3MultiControlNetModel([refs[0], ref2.eval()])(
             i["hidden_states"], [c1, c2], [0.5, 0.9], i["pooled_projections"], i["encoder_hidden_states"], i["timestep"])
-        assert max_error(ours, "joint", theirs, "sd3") < TOL
+        assert max_error(ours, "block", theirs, "sd3") < TOL
 
 
 # --------------------------------------------------------------------------------------------- released layouts
@@ -344,7 +345,7 @@ def test_xlabs_file_loads_and_matches_diffusers(tmp_path):
     with torch.no_grad():
         res = cn(**inputs, condition=hint)
         double, _ = diffusers_flux_call(ref, inputs, hint * 2 - 1)
-    assert max_error(res, "double", double, "repeat") < TOL
+    assert max_error(res, "block", double, "repeat") < TOL
 
 
 def test_stability_sd35_file_loads_with_control_type(tmp_path):
@@ -362,14 +363,14 @@ def test_stability_sd35_file_loads_with_control_type(tmp_path):
     with torch.no_grad():
         res = cn(**inputs, condition=cond)
         (theirs,) = ref(i["hidden_states"], cond, 1.0, None, i["pooled_projections"], i["timestep"], return_dict=False)
-    assert max_error(res, "joint", theirs, "sd3") < TOL
+    assert max_error(res, "block", theirs, "sd3") < TOL
     # Converted to our diffusers folder, diffusers reads it.
     folder = save_transformer_controlnet(cn, tmp_path / "converted")
     again = SD3ControlNetModel.from_pretrained(folder).eval()
     again.pos_embed = again._get_pos_embed_from_transformer(base)
     with torch.no_grad():
         (back,) = again(i["hidden_states"], cond, 1.0, None, i["pooled_projections"], i["timestep"], return_dict=False)
-    assert max_error(res, "joint", back, "sd3") < TOL
+    assert max_error(res, "block", back, "sd3") < TOL
     assert json.loads((folder / "config.json").read_text())["control_type"] == 2
 
 

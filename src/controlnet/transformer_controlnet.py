@@ -16,8 +16,10 @@ Two models, one per backbone, with the module names of diffusers' ``FluxControlN
   ControlNets, ``SD3SingleTransformerBlock`` blocks over the image tokens alone, which share the base's patch
   embedding.
 
-Both return :class:`TransformerResiduals`, keyed by the base block each residual is added to, placed by the
-family's rule (:func:`residual_index`).
+Both return :class:`~controlnet.residuals.Residuals` keyed by the base block each residual is added to:
+``("block", i)`` for Flux's double-stream and SD3's joint block i, ``("single", i)`` for Flux's single-stream
+block i, placed by the family's rule (:func:`residual_index`); :func:`transformer_kwargs` hands them to a diffusers
+transformer.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from controlnet.errors import UserError
+from controlnet.residuals import BLOCK, SINGLE, Residuals
 
 FLUX = "flux"
 SD3 = "sd3"
@@ -85,45 +88,21 @@ def residual_index(placement: str, block: int, num_base: int, num_control: int) 
 # --------------------------------------------------------------------------------------------- residuals
 
 
-@dataclass
-class TransformerResiduals:
-    """Residuals for a locked transformer base, keyed by the base block they are added to.
+def transformer_kwargs(residuals: Residuals, base: nn.Module) -> dict[str, Any]:
+    """Keyword arguments that add ``residuals`` (keyed by base block) in a diffusers ``FluxTransformer2DModel`` or
+    ``SD3Transformer2DModel`` call: one sample per base block (zeros where none is added), so diffusers' own
+    placement maps block i to sample i."""
+    config = base.config
 
-    Keys are ``("double", i)`` / ``("single", i)`` (Flux's double- and single-stream blocks) or ``("joint", i)``
-    (SD3's joint blocks); each value (B, L_image, D) is added to the image tokens that block outputs. Several
-    residuals may be the same tensor (one ControlNet block feeds several base blocks).
-    """
-
-    blocks: dict[tuple[str, int], torch.Tensor]
-
-    def __add__(self, other: "TransformerResiduals") -> "TransformerResiduals":
-        """Several ControlNets: their residuals add (the paper, Sec. 3.4, "Composing multiple ControlNets")."""
-        out = dict(self.blocks)
-        for key, value in other.blocks.items():
-            out[key] = out[key] + value if key in out else value
-        return TransformerResiduals(out)
-
-    def __mul__(self, scale: float) -> "TransformerResiduals":
-        return TransformerResiduals({k: v * scale for k, v in self.blocks.items()})
-
-    def per_block(self, kind: str, num_blocks: int) -> list[torch.Tensor] | None:
-        """One residual per base block of ``kind`` (zeros where none is added); None when none of them has one."""
-        present = [self.blocks.get((kind, i)) for i in range(num_blocks)]
+    def per_block(kind: str, num_blocks: int) -> list[torch.Tensor] | None:
+        present = [residuals.tensors.get((kind, i)) for i in range(num_blocks)]
         like = next((t for t in present if t is not None), None)
-        if like is None:
-            return None
-        return [torch.zeros_like(like) if t is None else t for t in present]
+        return None if like is None else [torch.zeros_like(like) if t is None else t for t in present]
 
-    def diffusers_kwargs(self, base: nn.Module) -> dict[str, Any]:
-        """Keyword arguments that add these residuals in a diffusers ``FluxTransformer2DModel`` or
-        ``SD3Transformer2DModel`` call: one sample per base block, so its own placement maps block i to sample i."""
-        config = base.config
-        if base_family(base) == FLUX:
-            return {
-                "controlnet_block_samples": self.per_block("double", config.num_layers),
-                "controlnet_single_block_samples": self.per_block("single", config.num_single_layers),
-            }
-        return {"block_controlnet_hidden_states": self.per_block("joint", config.num_layers)}
+    if base_family(base) == FLUX:
+        return {"controlnet_block_samples": per_block(BLOCK, config.num_layers),
+                "controlnet_single_block_samples": per_block(SINGLE, config.num_single_layers)}
+    return {"block_controlnet_hidden_states": per_block(BLOCK, config.num_layers)}
 
 
 def base_family(base: Any) -> str:
@@ -353,17 +332,17 @@ class TransformerControlNet(nn.Module):
             self.config = dataclasses.replace(self.config, base_num_layers=c.num_layers)
         return self
 
-    def place(self, kind: str, residuals: Sequence[torch.Tensor], base_kind: str | None = None) -> dict[tuple[str, int], torch.Tensor]:
-        """Key this ControlNet's ``residuals`` of ``kind`` ("double", "single", "joint") by base block."""
+    def place(self, kind: str, residuals: Sequence[torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
+        """Key this ControlNet's ``residuals`` of ``kind`` ("block" or "single") by the base block they go to."""
         if not residuals:
             return {}
         num_base = self._base_depths()[kind]
-        placement = self.config.placement if kind != "single" else "interval"
+        placement = self.config.placement if kind == BLOCK else "interval"
         out = {}
         for block in range(num_base):
             index = residual_index(placement, block, num_base, len(residuals))
             if index is not None:
-                out[(base_kind or kind, block)] = residuals[index]
+                out[(kind, block)] = residuals[index]
         return out
 
     def _missing_base(self) -> UserError:
@@ -414,7 +393,7 @@ class FluxControlNet(TransformerControlNet):
 
         cn = FluxControlNet.from_transformer(transformer, num_layers=4, num_single_layers=10)
         res = cn(tokens, t, text, pooled, img_ids, txt_ids, condition=pack_latents(cond_latents))
-        out = transformer(tokens, text, pooled, t, img_ids, txt_ids, **res.diffusers_kwargs(transformer))
+        out = transformer(tokens, text, pooled, t, img_ids, txt_ids, **transformer_kwargs(res, transformer))
     """
 
     new_modules = ("controlnet_blocks", "controlnet_single_blocks", "controlnet_mode_embedder", "input_hint_block",
@@ -496,7 +475,7 @@ class FluxControlNet(TransformerControlNet):
         c = self.config
         if c.base_num_layers is None or c.base_num_single_layers is None:
             raise self._missing_base()
-        return {"double": c.base_num_layers, "single": c.base_num_single_layers}
+        return {BLOCK: c.base_num_layers, SINGLE: c.base_num_single_layers}
 
     def embed_condition(self, condition: torch.Tensor) -> torch.Tensor:
         """The condition as tokens (B, L, in_channels): packed VAE latents as given ((B, C, h, w) latents are
@@ -520,7 +499,7 @@ class FluxControlNet(TransformerControlNet):
         mode: int | str | torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
         conditioning_scale: float = 1.0,
-    ) -> TransformerResiduals:
+    ) -> Residuals:
         """Residuals for the locked Flux base.
 
         Args:
@@ -554,7 +533,7 @@ class FluxControlNet(TransformerControlNet):
             single.append(h)
         double = [z(s) * conditioning_scale for z, s in zip(self.controlnet_blocks, double)]
         single = [z(s) * conditioning_scale for z, s in zip(self.controlnet_single_blocks, single)]
-        return TransformerResiduals({**self.place("double", double), **self.place("single", single)})
+        return Residuals({**self.place(BLOCK, double), **self.place(SINGLE, single)})
 
     def _mode_token(self, mode: int | str | torch.Tensor | None, context: torch.Tensor,
                     txt_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -572,7 +551,7 @@ class SD3ControlNet(TransformerControlNet):
     """A ControlNet for SD3 / SD3.5 (InstantX SD3 layout, Stability's SD3.5 layout).
 
     ``cn(latents, t, text, pooled, condition=cond_latents)`` → residuals for the locked
-    ``SD3Transformer2DModel``; ``transformer(..., **res.diffusers_kwargs(transformer))`` adds them.
+    ``SD3Transformer2DModel``; ``transformer(..., **transformer_kwargs(res, transformer))`` adds them.
     """
 
     new_modules = ("controlnet_blocks", "pos_embed_input")
@@ -657,7 +636,7 @@ class SD3ControlNet(TransformerControlNet):
     def _base_depths(self) -> dict[str, int]:
         if self.config.base_num_layers is None:
             raise self._missing_base()
-        return {"joint": self.config.base_num_layers}
+        return {BLOCK: self.config.base_num_layers}
 
     def forward(
         self,
@@ -667,7 +646,7 @@ class SD3ControlNet(TransformerControlNet):
         pooled_projections: torch.Tensor,
         condition: torch.Tensor,
         conditioning_scale: float = 1.0,
-    ) -> TransformerResiduals:
+    ) -> Residuals:
         """Residuals for the locked SD3 base.
 
         Args:
@@ -694,7 +673,7 @@ class SD3ControlNet(TransformerControlNet):
                 h = block(h, temb)
                 samples.append(h)
         residuals = [z(s) * conditioning_scale for z, s in zip(self.controlnet_blocks, samples)]
-        return TransformerResiduals(self.place("joint", residuals))
+        return Residuals(self.place(BLOCK, residuals))
 
 
 def build_transformer_controlnet(config: TransformerControlNetConfig) -> TransformerControlNet:
