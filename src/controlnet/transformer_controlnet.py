@@ -33,10 +33,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import diffusers
 import torch
+from diffusers.models.attention import JointTransformerBlock
+from diffusers.models.embeddings import (CombinedTimestepGuidanceTextProjEmbeddings, CombinedTimestepTextProjEmbeddings,
+                                         PatchEmbed)
+from diffusers.models.transformers.transformer_flux import FluxPosEmbed, FluxSingleTransformerBlock, FluxTransformerBlock
+from diffusers.models.transformers.transformer_sd3 import SD3SingleTransformerBlock
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 from torch import nn
 
+from controlnet.checkpoints import CONFIG_NAME, WEIGHTS_NAME, check_folder_destination, write_error
 from controlnet.errors import UserError
+from controlnet.fileio import atomic_path
+from controlnet.model import HintEncoder  # XLabs' hint encoder has the released UNet ControlNets' layout
 from controlnet.residuals import BLOCK, SINGLE, Residuals
 
 FLUX = "flux"
@@ -356,13 +367,6 @@ class TransformerControlNet(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write diffusers' folder layout, atomically: ``config.json`` + ``diffusion_pytorch_model.safetensors``,
         which diffusers' ``FluxControlNetModel`` / ``SD3ControlNetModel.from_pretrained`` read."""
-        import diffusers
-        from safetensors import SafetensorError
-        from safetensors.torch import save_file
-
-        from controlnet.fileio import atomic_path
-        from controlnet.model import CONFIG_NAME, WEIGHTS_NAME, check_folder_destination, write_error
-
         path = Path(directory).expanduser()
         check_folder_destination(path)
         tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in self.persistent_state_dict().items()}
@@ -400,11 +404,6 @@ class FluxControlNet(TransformerControlNet):
                    "controlnet_x_embedder")
 
     def __init__(self, config: FluxControlNetConfig):
-        from diffusers.models.embeddings import (CombinedTimestepGuidanceTextProjEmbeddings,
-                                                 CombinedTimestepTextProjEmbeddings)
-        from diffusers.models.transformers.transformer_flux import (FluxPosEmbed, FluxSingleTransformerBlock,
-                                                                    FluxTransformerBlock)
-
         super().__init__()
         self.config = c = config
         d = c.inner_dim
@@ -422,8 +421,6 @@ class FluxControlNet(TransformerControlNet):
 
     def _new(self) -> dict[str, nn.Module | None]:
         """The modules a new ControlNet starts with: zero linears, zero condition embedder, mode embedding."""
-        from controlnet.model import HintEncoder
-
         c = self.config
         d = c.inner_dim
         hint = c.conditioning_embedding_channels
@@ -557,10 +554,6 @@ class SD3ControlNet(TransformerControlNet):
     new_modules = ("controlnet_blocks", "pos_embed_input")
 
     def __init__(self, config: SD3ControlNetConfig):
-        from diffusers.models.attention import JointTransformerBlock
-        from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings
-        from diffusers.models.transformers.transformer_sd3 import SD3SingleTransformerBlock
-
         super().__init__()
         self.config = c = config
         d = c.inner_dim
@@ -585,8 +578,6 @@ class SD3ControlNet(TransformerControlNet):
         return () if self.config.use_pos_embed else ("pos_embed",)
 
     def _patch_embed(self, channels: int, pos_embed_type: str | None, max_size: int | None) -> nn.Module:
-        from diffusers.models.embeddings import PatchEmbed
-
         c = self.config
         return PatchEmbed(height=c.sample_size, width=c.sample_size, patch_size=c.patch_size, in_channels=channels,
                           embed_dim=c.inner_dim, pos_embed_max_size=max_size, pos_embed_type=pos_embed_type)

@@ -30,6 +30,19 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from controlnet.checkpoints import (
+    CONFIG_NAME,
+    DIFFUSERS_WEIGHT_NAMES,
+    MAX_CONFIG_BYTES,
+    _check_tensors,
+    _read_file,
+    check_destination,
+    check_regular_file,
+    detect_family,
+    parse_dtype,
+    read_safetensors,
+    refuse_non_finite,
+)
 from controlnet.errors import UserError
 from controlnet.transformer_controlnet import (
     CLASS_NAMES,
@@ -112,8 +125,6 @@ def _unet_family(sd: Mapping[str, Any]) -> str | None:
     if not any(k.startswith(("control_model.", "controlnet_cond_embedding.", "zero_convs.", "controlnet_down_blocks."))
                for k in sd):
         return None
-    from controlnet.checkpoints import detect_family
-
     try:
         return detect_family(dict(sd))
     except UserError:
@@ -369,8 +380,6 @@ def transformer_controlnet_from_state_dict(
     the ControlNet is checked to fit it and attached (:meth:`TransformerControlNet.attach_base`). Missing,
     extra, mis-shaped or non-finite tensors are a one-line :class:`UserError` naming ``name``.
     """
-    from controlnet.checkpoints import _check_tensors
-
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise UserError(f"{name}: entries that are not tensors: {', '.join(sorted(bad)[:3])}")
@@ -420,31 +429,19 @@ def _materialize_buffers(cn: TransformerControlNet) -> None:
 
 
 def _read_folder(path: Path) -> tuple[Path, dict[str, Any]]:
-    from controlnet.checkpoints import MAX_CONFIG_BYTES, check_regular_file
-    from controlnet.model import CONFIG_NAME, DIFFUSERS_WEIGHT_NAMES
-
-    config_path = path / CONFIG_NAME
-    if not config_path.is_file():
+    """A diffusers folder's weights file and config.json."""
+    if not (path / CONFIG_NAME).is_file():
         raise UserError(f"{path} has no {CONFIG_NAME}; pass a diffusers ControlNet folder or a checkpoint file")
-    check_regular_file(config_path, MAX_CONFIG_BYTES)
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError, RecursionError) as err:
-        raise UserError(f"{config_path} is not a readable JSON config: {str(err).splitlines()[0]}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
     weights = next((path / n for n in DIFFUSERS_WEIGHT_NAMES if (path / n).is_file()), None)
     if weights is None:
         raise UserError(f"{path} has no {' / '.join(DIFFUSERS_WEIGHT_NAMES)}; is it a diffusers ControlNet folder?")
-    return weights, config
+    return weights, _config_argument(path)
 
 
 def is_transformer_controlnet(path: str | Path) -> bool:
     """Whether ``path`` holds a Flux or SD3 ControlNet: a folder whose config.json names one, or a .safetensors
     file with their keys (read from the header only). False for anything else, including what does not exist."""
     from safetensors import SafetensorError, safe_open
-
-    from controlnet.model import CONFIG_NAME
 
     path = Path(path).expanduser()
     try:
@@ -464,9 +461,6 @@ def _config_argument(config: Any) -> Any:
     """A config given as a path to a config.json (or a folder holding one) → its dict; anything else as it is."""
     if not isinstance(config, (str, Path)):
         return config
-    from controlnet.checkpoints import MAX_CONFIG_BYTES, check_regular_file
-    from controlnet.model import CONFIG_NAME
-
     path = Path(config).expanduser()
     path = path / CONFIG_NAME if path.is_dir() else path
     if not path.exists():
@@ -495,8 +489,6 @@ def load_transformer_controlnet(
     config inferred from the shapes (a config, a dict, or a config.json path). ``dtype``: default float32. Bad
     files are a one-line :class:`UserError`.
     """
-    from controlnet.checkpoints import _read_file, parse_dtype, read_safetensors, refuse_non_finite
-
     config = _config_argument(config)
     path = Path(path).expanduser()
     if not path.exists():
@@ -521,8 +513,6 @@ def save_transformer_controlnet(controlnet: TransformerControlNet, path: str | P
                                 dtype: str | torch.dtype | None = None) -> Path:
     """Write ``controlnet`` as a diffusers folder (config.json + diffusion_pytorch_model.safetensors), atomically;
     diffusers' ``FluxControlNetModel`` / ``SD3ControlNetModel.from_pretrained`` read it."""
-    from controlnet.checkpoints import check_destination, parse_dtype
-
     return controlnet.save_pretrained(check_destination(path, "diffusers"), parse_dtype(dtype))
 
 
