@@ -468,3 +468,18 @@ def test_union_modes_and_packing_are_checked():
     # Packing is diffusers' FluxControlNetPipeline._pack_latents.
     latents = torch.randn(1, 16, 6, 4)
     assert torch.equal(pack_latents(latents), FluxControlNetPipeline._pack_latents(latents, 1, 16, 6, 4))
+
+
+def test_configs_round_trip_through_json_and_refuse_bad_values():
+    from controlnet.transformer_controlnet import FluxControlNetConfig, SD3ControlNetConfig
+
+    flux = FluxControlNetConfig(**{**FLUX_BASE, "num_layers": 2, "num_mode": 10, "base_num_layers": 19})
+    assert FluxControlNetConfig.from_dict(json.loads(json.dumps(flux.to_dict()))) == flux
+    sd3 = SD3ControlNetConfig(**{**SD3_BASE, "dual_attention_layers": [0, 1], "control_type": 1})
+    assert SD3ControlNetConfig.from_dict(json.loads(json.dumps(sd3.to_dict()))) == sd3
+    with pytest.raises(UserError, match="num_layers must be a non-negative integer, got -1"):
+        FluxControlNetConfig.from_dict({**FLUX_BASE, "num_layers": -1})
+    with pytest.raises(UserError, match="axes_dims_rope .* must add up to attention_head_dim 16"):
+        FluxControlNetConfig.from_dict({**FLUX_BASE, "axes_dims_rope": [4, 4, 4]})
+    with pytest.raises(UserError, match="qk_norm"):
+        SD3ControlNetConfig.from_dict({**SD3_BASE, "qk_norm": "l2"})

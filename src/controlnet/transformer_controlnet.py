@@ -54,6 +54,7 @@ FLUX = "flux"
 SD3 = "sd3"
 # diffusers' class names, written into config.json so that diffusers' from_pretrained reads our folders.
 CLASS_NAMES = {FLUX: "FluxControlNetModel", SD3: "SD3ControlNetModel"}
+FAMILY_TITLES = {FLUX: "Flux", SD3: "SD3"}
 
 # Where residual i of a ControlNet with n blocks goes among the N blocks of the base:
 #   "interval" (InstantX/Shakker Flux, diffusers FluxTransformer2DModel): base block b gets b // ceil(N / n);
@@ -176,23 +177,39 @@ def union_mode_index(mode: int | str, num_mode: int) -> int:
 # --------------------------------------------------------------------------------------------- configs
 
 
-def _config_from_dict(cls: type, config: Mapping[str, Any]) -> Any:
-    """A config dataclass from a config.json dict: unknown keys (diffusers' ``_class_name``, ...) ignored, lists
-    made tuples."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
-    return cls(**kwargs)
+class _TransformerConfig:
+    """What the Flux and SD3 configs share: the width, integer checks, the config.json round trip (lists in JSON,
+    tuples here; unknown keys such as diffusers' ``_class_name`` ignored)."""
 
+    family: str
+    integers: tuple[str, ...] = ()  # fields that must be non-negative integers (or null)
 
-def _check_positive(config: Any, names: Sequence[str], what: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise UserError(f"invalid {what} config: {name} must be a non-negative integer, got {value!r}")
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if isinstance(getattr(self, f.name), list):
+                setattr(self, f.name, tuple(getattr(self, f.name)))
+        for name in self.integers:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise UserError(f"invalid {FAMILY_TITLES[self.family]} ControlNet config: {name} must be a "
+                                f"non-negative integer, got {value!r}")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {"_class_name": CLASS_NAMES[self.family], **d}
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> Any:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
 
 
 @dataclass
-class FluxControlNetConfig:
+class FluxControlNetConfig(_TransformerConfig):
     """A Flux ControlNet; field names and defaults are diffusers' ``FluxControlNetModel`` config.json's.
 
     ``conditioning_embedding_channels`` set: the condition is pixels through XLabs' hint encoder (residuals placed
@@ -216,36 +233,23 @@ class FluxControlNetConfig:
     base_num_single_layers: int | None = None
 
     family = FLUX
+    integers = ("patch_size", "in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+                "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "num_mode",
+                "conditioning_embedding_channels", "base_num_layers", "base_num_single_layers")
 
     def __post_init__(self) -> None:
-        self.axes_dims_rope = tuple(self.axes_dims_rope)
-        _check_positive(self, ("patch_size", "in_channels", "num_layers", "num_single_layers", "attention_head_dim",
-                               "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "num_mode",
-                               "conditioning_embedding_channels", "base_num_layers", "base_num_single_layers"), "Flux ControlNet")
+        super().__post_init__()
         if sum(self.axes_dims_rope) != self.attention_head_dim:
             raise UserError(f"invalid Flux ControlNet config: axes_dims_rope {list(self.axes_dims_rope)} must add up to "
                             f"attention_head_dim {self.attention_head_dim}")
 
     @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    @property
     def placement(self) -> str:
         return "repeat" if self.conditioning_embedding_channels else "interval"
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["axes_dims_rope"] = list(self.axes_dims_rope)
-        return {"_class_name": CLASS_NAMES[FLUX], **d}
-
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> "FluxControlNetConfig":
-        return _config_from_dict(cls, config)
-
 
 @dataclass
-class SD3ControlNetConfig:
+class SD3ControlNetConfig(_TransformerConfig):
     """An SD3/SD3.5 ControlNet; field names and defaults are diffusers' ``SD3ControlNetModel`` config.json's.
 
     ``joint_attention_dim`` None and ``use_pos_embed`` False: Stability's SD3.5 layout (blocks over the image tokens
@@ -274,30 +278,16 @@ class SD3ControlNetConfig:
     base_num_layers: int | None = None
 
     family = SD3
+    integers = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+                "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "pos_embed_max_size",
+                "extra_conditioning_channels", "base_num_layers")
+    placement = "sd3"
 
     def __post_init__(self) -> None:
-        self.dual_attention_layers = tuple(self.dual_attention_layers)
-        _check_positive(self, ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim",
-                               "num_attention_heads", "joint_attention_dim", "caption_projection_dim",
-                               "pooled_projection_dim", "pos_embed_max_size", "extra_conditioning_channels",
-                               "base_num_layers"), "SD3 ControlNet")
+        super().__post_init__()
         if self.qk_norm not in (None, "rms_norm", "layer_norm"):
             raise UserError(f"invalid SD3 ControlNet config: qk_norm must be null, rms_norm or layer_norm, got {self.qk_norm!r}")
 
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
-
-    placement = "sd3"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["dual_attention_layers"] = list(self.dual_attention_layers)
-        return {"_class_name": CLASS_NAMES[SD3], **d}
-
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> "SD3ControlNetConfig":
-        return _config_from_dict(cls, config)
 
 
 TransformerControlNetConfig = FluxControlNetConfig | SD3ControlNetConfig
