@@ -386,6 +386,9 @@ def test_diffusers_single_files_and_folders_load_both_ways(tmp_path, family):
         ref = diffusers_flux(src)
     # diffusers' folder (written by diffusers) and a bare .safetensors of its keys (no config).
     ref.save_pretrained(tmp_path / "theirs")
+    if family == "sd3":  # as InstantX/SD3-Controlnet-Canny's first config.json names the class
+        config_json = tmp_path / "theirs" / "config.json"
+        config_json.write_text(json.dumps({**json.loads(config_json.read_text()), "_class_name": "ControlNetSD3Model"}))
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "bare.safetensors"))
     for path in (tmp_path / "theirs", tmp_path / "bare.safetensors"):
         cn = load_transformer_controlnet(path, base=base)
@@ -483,3 +486,48 @@ def test_configs_round_trip_through_json_and_refuse_bad_values():
         FluxControlNetConfig.from_dict({**FLUX_BASE, "axes_dims_rope": [4, 4, 4]})
     with pytest.raises(UserError, match="qk_norm"):
         SD3ControlNetConfig.from_dict({**SD3_BASE, "qk_norm": "l2"})
+
+
+# The published configs (config.json on the Hub; Stability's as diffusers' conversion script writes it), whose
+# key lists at full size, built on the meta device, must give these configs back without a config file.
+RELEASED = {
+    "InstantX/FLUX.1-dev-Controlnet-Union": dict(family="flux", num_layers=5, num_single_layers=10, num_mode=10),
+    "InstantX/FLUX.1-dev-Controlnet-Canny": dict(family="flux", num_layers=5, num_single_layers=10),
+    "Shakker-Labs/FLUX.1-dev-ControlNet-Union-Pro-2.0": dict(family="flux", num_layers=6, num_single_layers=0),
+    "XLabs-AI/flux-controlnet-canny-v3": dict(family="xlabs", num_layers=2, num_single_layers=0),
+    "InstantX/SD3-Controlnet-Canny": dict(family="sd3", num_layers=6),
+    "stabilityai/stable-diffusion-3.5-controlnets (canny)": dict(family="stability", num_layers=19),
+}
+FLUX1 = dict(in_channels=64, attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+             pooled_projection_dim=768, guidance_embeds=True)
+SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, attention_head_dim=64, num_attention_heads=24,
+                  joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+                  pos_embed_max_size=192)
+# caption_projection_dim is unused without a text stream (diffusers' conversion script writes 2048; shapes say nothing).
+SD35_LARGE_CONTROLNET = dict(patch_size=2, in_channels=16, attention_head_dim=64, num_attention_heads=38,
+                             joint_attention_dim=None, caption_projection_dim=2432, pooled_projection_dim=2048,
+                             out_channels=16, pos_embed_max_size=None, pos_embed_type=None, use_pos_embed=False,
+                             force_zeros_for_pooled_projection=False, control_type=1)
+
+
+@pytest.mark.parametrize("repo", sorted(RELEASED))
+def test_released_key_lists_at_full_size_infer_the_published_configs(repo):
+    from controlnet.transformer_controlnet import FluxControlNetConfig, SD3ControlNetConfig
+
+    spec = dict(RELEASED[repo])
+    family = spec.pop("family")
+    if family in ("flux", "xlabs"):
+        hint = {"conditioning_embedding_channels": 16, "patch_size": 2} if family == "xlabs" else {}
+        config = FluxControlNetConfig(**FLUX1, **spec, **hint)
+        with torch.device("meta"):
+            sd = FluxControlNet(config).state_dict()
+        if family == "xlabs":
+            sd = to_xlabs(sd, spec["num_layers"])
+    else:
+        config = SD3ControlNetConfig(**(SD3_MEDIUM if family == "sd3" else SD35_LARGE_CONTROLNET), **spec)
+        with torch.device("meta"):
+            sd = SD3ControlNet(config).state_dict()
+        if family == "stability":
+            sd = to_stability(sd, spec["num_layers"], control_type=1)
+    cn = transformer_controlnet_from_state_dict(sd, name=repo)
+    assert cn.config == config

@@ -62,6 +62,9 @@ from controlnet.transformer_controlnet import (
 StateDict = dict[str, torch.Tensor]
 
 LAYOUTS = ("diffusers", "xlabs", "stability")
+# The class name InstantX's first SD3 ControlNet configs carry (InstantX/SD3-Controlnet-Canny config.json, diffusers
+# 0.29.0.dev0), before diffusers named the class SD3ControlNetModel.
+OLD_SD3_CLASS_NAME = "ControlNetSD3Model"
 # SD3 and SD3.5 use 64-wide attention heads (stabilityai/stable-diffusion-3-medium-diffusers and
 # stable-diffusion-3.5-large transformer/config.json `attention_head_dim`); shapes cannot tell without qk-norm.
 SD3_HEAD_DIM = 64
@@ -327,7 +330,7 @@ def config_from_dict(config: Mapping[str, Any], source: str = "config",
     class_name = config.get("_class_name") or (CLASS_NAMES[family] if family else None)
     if class_name == CLASS_NAMES[FLUX]:
         return FluxControlNetConfig.from_dict(config)
-    if class_name == CLASS_NAMES[SD3]:
+    if class_name in (CLASS_NAMES[SD3], OLD_SD3_CLASS_NAME):
         return SD3ControlNetConfig.from_dict(config)
     if class_name in ("ControlNetModel", "ControlNetLiteModel", "ControlNetUnionModel", "ControlNetXSAdapter"):
         raise UserError(f"{source} describes a {class_name}, a UNet ControlNet, not one for a Flux or SD3 transformer")
@@ -421,9 +424,9 @@ def transformer_controlnet_from_state_dict(
 
 def _materialize_buffers(cn: TransformerControlNet) -> None:
     """Rebuild what a file does not hold and the meta build left empty: SD3's computed position grid."""
-    if getattr(cn, "pos_embed", None) is not None and any(b.is_meta for b in cn.pos_embed.buffers()):
+    c = cn.config
+    if c.family == SD3 and c.use_pos_embed and c.pos_embed_type and not c.pos_embed_max_size:  # a buffer not saved
         proj = cn.pos_embed.proj
-        c = cn.config
         cn.pos_embed = cn._patch_embed(c.in_channels, c.pos_embed_type, c.pos_embed_max_size)
         cn.pos_embed.proj.load_state_dict(proj.state_dict(), assign=True)
 
@@ -446,7 +449,8 @@ def is_transformer_controlnet(path: str | Path) -> bool:
     path = Path(path).expanduser()
     try:
         if path.is_dir():
-            return json.loads((path / CONFIG_NAME).read_text()).get("_class_name") in CLASS_NAMES.values()
+            class_name = json.loads((path / CONFIG_NAME).read_text()).get("_class_name")
+            return class_name in (*CLASS_NAMES.values(), OLD_SD3_CLASS_NAME)
         if path.is_file() and path.suffix.lower() == ".safetensors":
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 keys = dict.fromkeys(f.keys())
