@@ -401,6 +401,9 @@ def test_diffusers_single_files_and_folders_load_both_ways(tmp_path, family):
     for k, v in src.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
     assert load_transformer_controlnet(ours_folder).config == src.config  # base depth kept in config.json
+    # A base given by its config (a dict) is enough for the placement.
+    bare = load_transformer_controlnet(tmp_path / "bare.safetensors", base=dict(base.config))
+    assert bare.config.base_num_layers == base.config.num_layers
 
 
 def test_cli_converts_an_xlabs_file_to_a_diffusers_folder(tmp_path, capsys):

@@ -320,17 +320,16 @@ class TransformerControlNet(nn.Module):
     def _base_depths(self) -> dict[str, int]:
         raise NotImplementedError
 
-    def attach_base(self, base: nn.Module) -> "TransformerControlNet":
-        """Record the base's depth (for the placement) after checking this ControlNet fits it; returns self."""
-        from controlnet.transformer_formats import check_fits
+    def attach_base(self, base: nn.Module | Mapping[str, Any]) -> "TransformerControlNet":
+        """Record the base's depth (for the placement) after checking this ControlNet fits ``base`` (a diffusers
+        transformer, or its config); returns self."""
+        from controlnet.transformer_formats import check_fits, config_value
 
         check_fits(self, base)
-        c = base.config
+        depth = {"base_num_layers": config_value(base, "num_layers")}
         if self.family == FLUX:
-            self.config = dataclasses.replace(self.config, base_num_layers=c.num_layers,
-                                              base_num_single_layers=c.num_single_layers)
-        else:
-            self.config = dataclasses.replace(self.config, base_num_layers=c.num_layers)
+            depth["base_num_single_layers"] = config_value(base, "num_single_layers")
+        self.config = dataclasses.replace(self.config, **depth)
         return self
 
     def place(self, kind: str, residuals: Sequence[torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
@@ -606,10 +605,11 @@ class SD3ControlNet(TransformerControlNet):
         parameter = next(base.parameters())
         return cn.requires_grad_(True).to(device=parameter.device, dtype=parameter.dtype)
 
-    def attach_base(self, base: nn.Module) -> "SD3ControlNet":
-        """As :meth:`TransformerControlNet.attach_base`; the SD3.5 layout also takes the base's patch embedding."""
+    def attach_base(self, base: nn.Module | Mapping[str, Any]) -> "SD3ControlNet":
+        """As :meth:`TransformerControlNet.attach_base`; the SD3.5 layout also takes the base's patch embedding
+        (from a transformer; a config has none)."""
         super().attach_base(base)
-        if not self.config.use_pos_embed:
+        if not self.config.use_pos_embed and isinstance(base, nn.Module):
             parameter = next(self.parameters())
             self.pos_embed = copy.deepcopy(base.pos_embed).to(device=parameter.device, dtype=parameter.dtype)
         return self

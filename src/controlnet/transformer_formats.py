@@ -255,6 +255,11 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
     return config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
 
 
+def config_value(base: Any, key: str) -> Any:
+    """Entry ``key`` of a base's config (``base``: a diffusers model, its config, or a dict); None if absent."""
+    return _get(_base_config(base), key)
+
+
 def infer_flux_config(sd: Mapping[str, torch.Tensor], name: str = "state dict", base: Any = None) -> FluxControlNetConfig:
     """The config of a diffusers-layout Flux ControlNet state dict, from its shapes; the rotary axes (which
     shapes cannot tell) from ``base`` (a FluxTransformer2DModel or its config), else FLUX.1's."""
@@ -417,8 +422,7 @@ def transformer_controlnet_from_state_dict(
     _materialize_buffers(cn)
     if base is not None:
         check_fits(cn, base, name)
-        if isinstance(base, nn.Module):
-            cn.attach_base(base)
+        cn.attach_base(base)
     return cn.eval()
 
 
