@@ -137,6 +137,8 @@ def test_sd3_from_transformer_reproduces_the_base_bit_for_bit():
         plain = base(**inputs).sample
         controlled = base(**inputs, **transformer_kwargs(res, base)).sample
     assert torch.equal(plain, controlled)
+    with pytest.raises(UserError, match="give a condition of the image's size"):
+        cn(**inputs, condition=torch.randn(2, 8, 2 * H, 2 * W))
     with pytest.raises(UserError, match="copy 1..3"):
         SD3ControlNet.from_transformer(base, num_layers=4)
 
@@ -469,6 +471,8 @@ def test_union_modes_and_packing_are_checked():
         union(**inputs, condition=cond)
     with pytest.raises(UserError, match="unknown control mode 'sketch'"):
         union(**inputs, condition=cond, mode="sketch")
+    with pytest.raises(UserError, match="the condition gives 4 tokens .* but the image has 16"):
+        union(**inputs, condition=torch.randn(2, 16, 4, 4), mode=0)  # latents of a quarter of the image
     with pytest.raises(UserError, match="cannot be packed"):
         pack_latents(torch.zeros(1, 16, 5, 4))
     # Packing is diffusers' FluxControlNetPipeline._pack_latents.

@@ -300,8 +300,6 @@ class TransformerControlNet(nn.Module):
     """What the Flux and SD3 ControlNets share: the zero linears' output, placement, saving, the base's depth."""
 
     config: TransformerControlNetConfig
-    # Modules built new (not copied from the base) by from_transformer.
-    new_modules: tuple[str, ...] = ()
     # Modules the checkpoint does not hold (taken from the base by attach_base).
     from_base: tuple[str, ...] = ()
 
@@ -346,7 +344,7 @@ class TransformerControlNet(nn.Module):
         return out
 
     def _missing_base(self) -> UserError:
-        return UserError(f"this {self.family.upper()} ControlNet does not know its base's depth; load it with the base "
+        return UserError(f"this {FAMILY_TITLES[self.family]} ControlNet does not know its base's depth; load it with the base "
                          "(load_transformer_controlnet(..., base=transformer)) or call attach_base(transformer)")
 
     def persistent_state_dict(self) -> dict[str, torch.Tensor]:
@@ -388,9 +386,6 @@ class FluxControlNet(TransformerControlNet):
         res = cn(tokens, t, text, pooled, img_ids, txt_ids, condition=pack_latents(cond_latents))
         out = transformer(tokens, text, pooled, t, img_ids, txt_ids, **transformer_kwargs(res, transformer))
     """
-
-    new_modules = ("controlnet_blocks", "controlnet_single_blocks", "controlnet_mode_embedder", "input_hint_block",
-                   "controlnet_x_embedder")
 
     def __init__(self, config: FluxControlNetConfig):
         super().__init__()
@@ -498,7 +493,11 @@ class FluxControlNet(TransformerControlNet):
             guidance: (B,) distilled guidance scale (FLUX.1-dev).
         """
         c = self.config
-        h = self.x_embedder(hidden_states) + self.controlnet_x_embedder(self.embed_condition(condition))  # x + Z(c)
+        tokens = self.embed_condition(condition)
+        if tokens.shape[:2] != hidden_states.shape[:2]:
+            raise UserError(f"the condition gives {tokens.shape[1]} tokens (batch {tokens.shape[0]}) but the image has "
+                            f"{hidden_states.shape[1]} (batch {hidden_states.shape[0]}); give a condition of the image's size")
+        h = self.x_embedder(hidden_states) + self.controlnet_x_embedder(tokens)  # x + Z(c)
         t = timestep.to(h.dtype) * 1000
         if c.guidance_embeds:
             if guidance is None:
@@ -539,8 +538,6 @@ class SD3ControlNet(TransformerControlNet):
     ``cn(latents, t, text, pooled, condition=cond_latents)`` → residuals for the locked
     ``SD3Transformer2DModel``; ``transformer(..., **transformer_kwargs(res, transformer))`` adds them.
     """
-
-    new_modules = ("controlnet_blocks", "pos_embed_input")
 
     def __init__(self, config: SD3ControlNetConfig):
         super().__init__()
@@ -640,6 +637,9 @@ class SD3ControlNet(TransformerControlNet):
         if self.pos_embed is None:
             raise UserError("this SD3.5 ControlNet uses its base's patch embedding; load it with the base "
                             "(load_transformer_controlnet(..., base=transformer)) or call attach_base(transformer)")
+        if condition.shape[0] != hidden_states.shape[0] or condition.shape[-2:] != hidden_states.shape[-2:]:
+            raise UserError(f"the condition latents are {list(condition.shape)}, the image latents "
+                            f"{list(hidden_states.shape)}; give a condition of the image's size")
         h = self.pos_embed(hidden_states)  # patches + position embedding, (B, L, D)
         temb = self.time_text_embed(timestep, pooled_projections)
         h = h + self.pos_embed_input(condition)  # x + Z(c)
