@@ -39,10 +39,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Check DST, load SRC, write DST in the ``--to`` layout, print one summary line."""
     from controlnet.checkpoints import check_destination, load_controlnet, save_controlnet
+    from controlnet.errors import UserError
+    from controlnet.transformer_formats import (is_transformer_controlnet, load_transformer_controlnet,
+                                                save_transformer_controlnet)
 
     check_destination(args.dst, args.to)  # before loading: a bad DST is refused at once
-    cn = load_controlnet(args.src, config=args.config)
-    out = save_controlnet(cn, args.dst, format=args.to, dtype=args.dtype)
+    if is_transformer_controlnet(args.src):  # Flux / SD3 (diffusers, XLabs, Stability files) → a diffusers folder
+        if args.to != "diffusers":
+            raise UserError(f"{args.src} is a Flux/SD3 ControlNet; it is written in the diffusers layout only (--to diffusers)")
+        cn = load_transformer_controlnet(args.src, config=args.config)
+        out = save_transformer_controlnet(cn, args.dst, dtype=args.dtype)
+    else:
+        cn = load_controlnet(args.src, config=args.config)
+        out = save_controlnet(cn, args.dst, format=args.to, dtype=args.dtype)
     if not args.quiet:
         params = sum(p.numel() for p in cn.parameters())
         print(f"wrote {out} ({args.to} layout, {params / 1e6:.2f}M parameters, {args.dtype or 'fp32'})")
