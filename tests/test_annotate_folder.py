@@ -61,8 +61,9 @@ def photo_folder(folder: Path) -> list[Path]:
 
 @pytest.mark.parametrize("name", BATCHED)
 def test_batch_form_equals_one_image_at_a_time(name, weights):
-    """Network outputs within 1e-5 and the uint8 conditions identical, batched or not (four pictures share a
-    network input size, the square one is a batch of one)."""
+    """Network outputs within 1e-5 and the uint8 conditions equal, batched or not (four pictures share a network
+    input size, the square one is a batch of one): the truncation to uint8 may fall on the other side of a level
+    where the kernels' float rounding differs, so at most 1 level on at most 0.1 % of the values."""
     from controlnet.annotators.networks import load_network
 
     annotator = annotators.get(name)
@@ -72,7 +73,8 @@ def test_batch_form_equals_one_image_at_a_time(name, weights):
     batched = annotator.call_batch(images, **params)
     alone = [annotator(image, **params) for image in images]
     for a, b in zip(batched, alone):
-        assert a.dtype == np.uint8 and np.array_equal(a, b)
+        diff = np.abs(a.astype(int) - b.astype(int))
+        assert a.dtype == np.uint8 and diff.max() <= 1 and np.count_nonzero(diff) <= 1e-3 * diff.size
 
     net = load_network(name, weights[name])
     channels = 4 if name == "mlsd" else 3
