@@ -113,7 +113,7 @@ def _openpose_case(hands: bool) -> Callable[[Path], tuple[dict[str, Any], torch.
 
 def _hf_model(kind: str) -> tuple[Any, Any]:
     """A randomly initialised transformers model of the real checkpoint's architecture, with its processor as the
-    hub repository configures it (annotators.hf_detectors lists the repositories)."""
+    hub repository configures it (annotators.transformers_detectors lists the repositories)."""
     import transformers as T
     from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil as DPT
 
@@ -372,7 +372,7 @@ def _reference_input(name: str, size: int) -> torch.Tensor:
 
 def compare_reference(folder: Path, name: str, repeats: int = 7, size: int = SIZE) -> dict[str, Any]:
     """One row: ours against the reference network ``name`` on one ``size`` input: the largest output difference
-    and interleaved forward times (ours under ``inference_mode`` as :func:`controlnet.annotators.detectors.
+    and interleaved forward times (ours under ``inference_mode`` as :func:`controlnet.annotators.released.
     run_network` calls it, both OpenPose nets and the reference HED under ``no_grad`` as their detectors do)."""
     from benchmarks.run import max_abs_diff, paired_times, summarize
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from controlnet import annotators
-from controlnet.annotators import detectors
+from controlnet.annotators import released as detectors
 from controlnet.images import load_image
 from cli_checks import refused_in_one_line
 from fixture_weights import write_released_weights
@@ -61,8 +61,9 @@ def photo_folder(folder: Path) -> list[Path]:
 
 @pytest.mark.parametrize("name", BATCHED)
 def test_batch_form_equals_one_image_at_a_time(name, weights):
-    """Network outputs within 1e-5 and the uint8 conditions identical, batched or not (four pictures share a
-    network input size, the square one is a batch of one)."""
+    """Network outputs within 1e-5 and the uint8 conditions equal, batched or not (four pictures share a network
+    input size, the square one is a batch of one): the truncation to uint8 may fall on the other side of a level
+    where the kernels' float rounding differs, so at most 1 level on at most 0.1 % of the values."""
     from controlnet.annotators.networks import load_network
 
     annotator = annotators.get(name)
@@ -72,7 +73,8 @@ def test_batch_form_equals_one_image_at_a_time(name, weights):
     batched = annotator.call_batch(images, **params)
     alone = [annotator(image, **params) for image in images]
     for a, b in zip(batched, alone):
-        assert a.dtype == np.uint8 and np.array_equal(a, b)
+        diff = np.abs(a.astype(int) - b.astype(int))
+        assert a.dtype == np.uint8 and diff.max() <= 1 and np.count_nonzero(diff) <= 1e-3 * diff.size
 
     net = load_network(name, weights[name])
     channels = 4 if name == "mlsd" else 3
@@ -100,8 +102,10 @@ def test_folder_mode_batches_by_input_size_and_matches_single_images(tmp_path, w
     monkeypatch.setattr(detectors, "run_network_batch", spy)
     hed = ["--weights", str(weights["hed"]), "--detect_resolution", str(DETECT)]
     assert cli(["annotate", "hed", str(src), str(dest), *hed, "--workers", "1", "--batch-size", "2", "-q"]) == 0
-    assert sorted(len(f) for f in forwards) == [1, 2, 2]  # the four 3:4 pictures in chunks of 2, the square alone
-    assert all(len(set(f)) == 1 for f in forwards)
+    # The check before the first file is the batch form on no image; then the four 3:4 pictures in chunks of 2 and
+    # the square alone.
+    assert sorted(len(f) for f in forwards) == [0, 1, 2, 2]
+    assert all(len(set(f)) == 1 for f in forwards if f)
     out = capsys.readouterr().out
     assert "wrote 5 hed images" in out and "images/s" in out
     for path in [*paths, src / "4.png"]:
@@ -113,13 +117,13 @@ def test_folder_mode_batches_by_input_size_and_matches_single_images(tmp_path, w
     forwards.clear()  # the default on the CPU: one image per forward
     redo = tmp_path / "redo"
     assert cli(["annotate", "hed", str(src), str(redo), *hed, "--workers", "1", "-q"]) == 0
-    assert all(len(f) == 1 for f in forwards) and len(forwards) == 5
+    assert sorted(len(f) for f in forwards) == [0, 1, 1, 1, 1, 1]
     for path in dest.rglob("*.png"):
         assert np.array_equal(load_image(path), load_image(redo / path.relative_to(dest)))
 
 
 def test_batch_size_default_is_one_on_the_cpu():
-    from controlnet.commands.annotate import batch_size_for
+    from controlnet.annotators.folder import batch_size_for
 
     hed, canny = annotators.get("hed"), annotators.get("canny")
     assert batch_size_for(hed, {}) == 1 and batch_size_for(hed, {"device": "cpu"}) == 1
@@ -216,3 +220,92 @@ def test_bad_combinations_are_one_line_exit_2_and_write_nothing(tmp_path, weight
     if case == "json_without_keypoints":  # single-image mode too
         argv = ["annotate", "canny", str(src / "0.png"), str(tmp_path / "o.png"), "--json", "k.json"]
         assert message in refused_in_one_line(cli(argv), capsys, tmp_path / "o.png")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checked once, before the first file
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("device", "device cuda:99 is not available"),
+        ("missing_weights", "not found"),
+        ("folder_without_weights", "has no ControlNetHED.pth"),
+        ("weights_of_another_network", "this is a PiDiNet file (table5_pidinet.pth), not the HED weights"),
+        ("default_weights_offline", "HF_HUB_OFFLINE is set"),
+        ("openpose_missing_weights", "not found"),
+        ("transformers_missing_folder", "not found"),
+        ("required_parameter", "parameter 'mask' is required"),
+    ],
+)
+def test_folder_mode_checks_device_weights_and_parameters_before_the_first_file(tmp_path, weights, capsys,
+                                                                               monkeypatch, case, message):
+    """One line naming the problem, exit 2, nothing written, and no image annotated (not "N of N files failed")."""
+    from cli_checks import offline_hub
+
+    from controlnet.annotators import folder
+
+    src, dest = tmp_path / "in", tmp_path / "out"
+    photo_folder(src)
+    (tmp_path / "empty").mkdir()
+    offline_hub(monkeypatch, tmp_path / "empty-cache")
+    annotated: list[Path] = []
+    real_work = folder._work
+    monkeypatch.setattr(folder, "_work", lambda job: annotated.extend(job[1]) or real_work(job))
+    hed = ["hed", str(src), str(dest), "--workers", "1"]
+    argv = {
+        "device": [*hed, "--weights", str(weights["hed"]), "--device", "cuda:99"],
+        "missing_weights": [*hed, "--weights", str(tmp_path / "no-such.pth")],
+        "folder_without_weights": [*hed, "--weights", str(tmp_path / "empty")],
+        "weights_of_another_network": [*hed, "--weights", str(weights["pidinet"])],
+        "default_weights_offline": hed,
+        "openpose_missing_weights": ["openpose", str(src), str(dest), "--weights", str(tmp_path / "no-such.pth")],
+        "transformers_missing_folder": ["depth", str(src), str(dest), "--weights", str(tmp_path / "no-such")],
+        "required_parameter": ["inpaint", str(src), str(dest)],
+    }[case]
+    err = refused_in_one_line(cli(["annotate", *argv]), capsys, dest)
+    assert message in err and "files failed" not in err
+    assert annotated == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batch size bounded by memory
+
+
+def test_memory_per_image_and_batch_cap_known_numbers():
+    from controlnet.annotators.folder import (DETECT_BYTES_PER_PIXEL, IMAGE_BYTES_PER_PIXEL, bytes_per_image,
+                                              cap_batch_size, max_batch_size)
+
+    # 64 x 48 at detect resolution 128: network input 128 x 170 (21,845 px; the long side is not rounded here).
+    assert bytes_per_image(64, 48, 128) == 21_845 * DETECT_BYTES_PER_PIXEL + 64 * 48 * IMAGE_BYTES_PER_PIXEL
+    assert bytes_per_image(48, 64, 128) == bytes_per_image(64, 48, 128)
+    assert bytes_per_image(100, 100, 512) == 512 * 512 * 2048 + 100 * 100 * 16
+    # Half of 1e9 bytes over 2 workers of 1e6-byte images: 250; never below 1.
+    assert max_batch_size(10**6, 10**9, workers=2) == 250
+    assert max_batch_size(10**9, 10**6, workers=4) == 1
+    # 100000 small images per batch over 1 GiB with 2 workers: 44,787,712 bytes each, 2**29 // (2 * that) = 5.
+    size, note = cap_batch_size(100_000, {"detect_resolution": 128}, [(64, 48), (32, 32)], 2, memory=2**30)
+    assert size == 5 and note.startswith("--batch-size 100000 lowered to 5: 2 worker(s) x 5 images")
+    assert cap_batch_size(5, {"detect_resolution": 128}, [(64, 48)], 2, memory=2**30) == (5, None)
+    assert cap_batch_size(1, {}, [(10**4, 10**4)], 16, memory=1) == (1, None)
+
+
+def test_folder_mode_lowers_a_batch_size_over_memory_with_a_note(tmp_path, weights, monkeypatch, capsys):
+    """--batch-size 100000 with 100 MiB for batches: 2 images of about 45 MB per forward, and a note saying so."""
+    from controlnet import limits
+
+    src, dest = tmp_path / "in", tmp_path / "out"
+    photo_folder(src)
+    Image.fromarray(picture(24, 32, 7)).save(src / "4.png")
+    monkeypatch.setattr(limits, "device_memory", lambda device=None: (200 * 2**20, "test"))
+    forwards: list[int] = []
+    run_batch = detectors.run_network_batch
+    monkeypatch.setattr(detectors, "run_network_batch", lambda net, images: forwards.append(len(images))
+                        or run_batch(net, images))
+    hed = ["--weights", str(weights["hed"]), "--detect_resolution", str(DETECT)]
+    assert cli(["annotate", "hed", str(src), str(dest), *hed, "--workers", "1", "--batch-size", "100000", "-q"]) == 0
+    assert sorted(forwards) == [0, 1, 2, 2]  # the check, then the four 3:4 pictures in twos and the square alone
+    err = capsys.readouterr().err
+    assert "note: --batch-size 100000 lowered to 2: 1 worker(s) x 2 images of up to 43 MiB each" in err
+    assert "of the test memory (0.2 GiB)" in err

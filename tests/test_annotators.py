@@ -617,3 +617,27 @@ def test_full_dispatcher(tmp_path, capsys):
     assert err.startswith("controlnet annotate: error:") and "notes.txt" in err and "\n" not in err
     Image.fromarray(shapes_image()).save(tmp_path / "in.png")
     assert main(["annotate", "invert", str(tmp_path / "in.png"), str(tmp_path / "o.png")]) == 0
+
+
+def test_path_params_name_every_parameter_that_is_a_file_or_folder():
+    """Known answers for the built-in annotators; every ``Path`` parameter and every ``*weights`` one is a path
+    parameter, and nothing else is (a web client or a settings file may set all the others)."""
+    from controlnet.annotators import path_params
+
+    assert path_params("canny") == set() and path_params("depth_map") == set()
+    assert path_params("inpaint") == {"mask"}
+    assert path_params("pose_json") == {"keypoints"}
+    assert path_params("hed") == path_params("mlsd") == path_params("depth") == {"weights"}
+    assert path_params("openpose") == {"weights", "json"}
+    assert path_params("openpose_hand") == {"weights", "hand_weights", "json"}
+    assert path_params("pose") == {"weights", "detector_weights", "json"}
+    for name in annotators.list_annotators():
+        annotator = annotators.get(name)
+        expected = {p.name for p in annotator.params if p.type is Path or p.name.endswith("weights")}
+        assert path_params(name) == expected, name
+    plugin = annotators.register("path_param_probe", lambda image, model_file=None, flag=False: image,
+                                 "probe", [Param("model_file", Path, None, "a file"), Param("flag", bool, False, "x")])
+    try:
+        assert path_params("path_param_probe") == {"model_file"} == plugin.path_params()
+    finally:
+        del annotators.REGISTRY["path_param_probe"]

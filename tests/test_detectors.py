@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from cli_checks import offline_hub, refused_in_one_line
-from controlnet.annotators import detectors
-from controlnet.annotators.networks import NETWORKS, clear_cache, load_network
+from controlnet.annotators import released as detectors
+from controlnet.annotators.loader import clear_cache
+from controlnet.annotators.networks import NETWORKS, load_network
 from controlnet.annotators.networks.mlsd import decode_lines, line_centres
 from controlnet.cli import main
 from controlnet.errors import UserError

@@ -18,7 +18,8 @@ from PIL import Image
 from builders import ONEFORMER_TASK_WORDS, write_clip_vocabulary
 from cli_checks import offline_hub, refused_in_one_line
 from controlnet import annotators
-from controlnet.annotators import hf_detectors as hf
+from controlnet.annotators import transformers_detectors as hf
+from controlnet.annotators.loader import clear_cache
 from controlnet.annotators.palettes import ADE20K
 from controlnet.cli import main
 from controlnet.errors import UserError
@@ -263,7 +264,7 @@ def test_hub_ids_resolve_from_a_prepared_cache_offline(tiny, photo, tmp_path, mo
     for name, folder in tiny.items():
         add_to_hub_cache(cache, REPO[name], {f.name: f for f in folder.iterdir()})
     offline_hub(monkeypatch, cache)
-    hf.clear_cache()
+    clear_cache()
     for args in (["depth"], ["depth", "--model", "depth_anything_v2", "--weights", REPO["depth_anything_v2"]],
                  ["segmentation"], ["segmentation", "--model", "upernet"], ["pose"]):
         out = tmp_path / f"{'-'.join(args)}.png"
@@ -489,3 +490,16 @@ def test_photos_are_refused_by_map_only_annotators(photo, tmp_path):
     assert annotators.get("segmentation_map")(np.repeat(grey[..., None], 3, axis=2)).shape == (32, 64, 3)
     with pytest.raises(UserError, match="openpose or pose annotator"):
         annotators.get("pose_json")(photo)
+
+
+def test_one_model_cache_for_released_networks_and_transformers_checkpoints(tiny, tmp_path):
+    """Both kinds of detector keep one model per weights and device in one cache; one clear_cache empties it."""
+    from controlnet.annotators.networks import load_network
+    from fixture_weights import write_released_weights
+
+    hed_file = write_released_weights("hed", tmp_path)
+    spec, folder = hf.DEPTH_MODELS["depth_anything_v2"], str(tiny["depth_anything_v2"])
+    depth, hed = hf.load(spec, folder, "cpu"), load_network("hed", hed_file)
+    assert hf.load(spec, folder, "cpu") is depth and load_network("hed", hed_file) is hed
+    clear_cache()
+    assert hf.load(spec, folder, "cpu")[0] is not depth[0] and load_network("hed", hed_file) is not hed

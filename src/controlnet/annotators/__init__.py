@@ -41,6 +41,7 @@ __all__ = [
     "inpaint_condition_from_uint8",
     "list_annotators",
     "parse_params",
+    "path_params",
     "register",
 ]
 
@@ -56,6 +57,7 @@ def register(
     replace: bool = False,
     weights: Callable[[], str] | None = None,
     batch: Callable[..., list[np.ndarray]] | None = None,
+    check: Callable[[dict[str, Any]], object] | None = None,
 ) -> Annotator:
     """Add an annotator ``fn(image, **params) -> (H, W, 3) uint8`` under ``name``; return its :class:`Annotator`.
 
@@ -63,7 +65,8 @@ def register(
     ``image``, ``depth``, ``labels``, ``keypoints`` (what ``image`` is); ``weights`` (detectors with a network)
     returns a one-line status of the default weights, shown by ``controlnet annotate --list``; ``batch`` is ``fn``
     over a list of images (``batch(images, **params) -> list``, outputs equal to ``fn``'s), which folder mode uses
-    to run several images per network forward. A name already taken raises unless ``replace=True``.
+    to run several images per network forward; ``check(params)`` raises for what would make every image fail
+    (see :meth:`Annotator.check_ready`). A name already taken raises unless ``replace=True``.
     """
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"annotator name must be letters, digits, '-' or '_'; got {name!r}")
@@ -76,7 +79,7 @@ def register(
     if len(set(names)) != len(names):
         raise ValueError(f"annotator {name!r}: duplicate parameter names in {names}")
     annotator = Annotator(name=name, fn=fn, description=description, params=params, input_kind=input_kind,
-                          weights=weights, batch=batch)
+                          weights=weights, batch=batch, check=check)
     REGISTRY[name] = annotator
     return annotator
 
@@ -92,6 +95,13 @@ def get(name: str) -> Annotator:
 def list_annotators() -> list[str]:
     """Names of all registered annotators, sorted."""
     return sorted(REGISTRY)
+
+
+def path_params(name: str) -> set[str]:
+    """The parameters of annotator ``name`` whose values are paths on this machine (``Path``-typed ones such as
+    ``mask``, ``keypoints`` and ``json``, and those declared with ``path=True`` such as ``weights``): what a web
+    client or a settings file from elsewhere must not set."""
+    return get(name).path_params()
 
 
 def parse_params(name: str, pairs: Iterable[str]) -> dict[str, Any]:
@@ -213,11 +223,11 @@ def _register_builtins() -> None:
         ],
         input_kind="depth",
     )
-    from controlnet.annotators import detectors, hf_detectors, openpose
+    from controlnet.annotators import openpose, released, transformers_detectors
 
-    detectors.register_network_detectors(register)  # hed, pidinet, lineart, lineart_coarse, mlsd
+    released.register_network_detectors(register)  # hed, pidinet, lineart, lineart_coarse, mlsd
     openpose.register_photo_detectors(register)  # openpose, openpose_hand
-    hf_detectors.register_photo_detectors(register)  # depth, normal, segmentation, pose (transformers models)
+    transformers_detectors.register_photo_detectors(register)  # depth, normal, segmentation, pose
 
 
 _register_builtins()

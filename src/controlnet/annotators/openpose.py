@@ -5,7 +5,7 @@ annotator (ControlNet-v1-1-nightly ``annotator/openpose``: ``body.py``, ``hand.p
 numpy and OpenCV:
 
 1. The photo is resized so that its short side is ``detect_resolution`` (sides rounded to multiples of 64, as
-   the 1.1 demos' ``resize_image``; :func:`controlnet.annotators.detectors.resize_for_detection`), in BGR.
+   the 1.1 demos' ``resize_image``; :func:`controlnet.annotators.released.resize_for_detection`), in BGR.
 2. Body: heatmaps and part affinity fields at the image's size (``networks.openpose.body_maps``),
    Gaussian-smoothed heatmap peaks (:func:`find_peaks`), limb candidates scored by the line integral of the PAF
    between two peaks (:func:`connect_limbs`), and a greedy grouping of limbs into people (:func:`group_people`).
@@ -33,7 +33,8 @@ import cv2
 import numpy as np
 
 from controlnet.annotators import pose as render
-from controlnet.annotators.detectors import DETECT_RESOLUTION, resize_for_detection, weights_file
+from controlnet.annotators.loader import DEVICE, torch_device
+from controlnet.annotators.released import DETECT_RESOLUTION, resize_for_detection, weights_file
 from controlnet.annotators.registry import Param
 from controlnet.annotators.weights import ANNOTATORS_REPO, weights_status
 
@@ -289,9 +290,8 @@ def _hand_weights_file(weights: str, hand_weights: str) -> Path:
 
 def _net(name: str, path: Path, device: str) -> Any:
     from controlnet.annotators.networks import load_network
-    from controlnet.loading import resolve_device
 
-    return load_network(name, path, resolve_device(None if device == "auto" else device))
+    return load_network(name, path, torch_device(device))
 
 
 def _detect_people(bgr: np.ndarray, body_file: Path, hand_file: Path | None, device: str) -> list[dict[str, Any]]:
@@ -343,11 +343,21 @@ def people_json(people: list[dict[str, np.ndarray]], width: int, height: int) ->
     return {"people": out, "canvas_width": int(width), "canvas_height": int(height)}
 
 
+def _networks(weights: str, hand_weights: str, hands: bool, device: str) -> tuple[Path, Path | None]:
+    """The body weights file and (with ``hands``) the hand one, both networks loaded on ``device`` (cached): a
+    missing or wrong file, or a device this machine lacks, fails here, before any image is read."""
+    body_file = weights_file("openpose_body", weights)
+    hand_file = _hand_weights_file(weights, hand_weights) if hands else None
+    _net("openpose_body", body_file, device)
+    if hand_file is not None:
+        _net("openpose_hand", hand_file, device)
+    return body_file, hand_file
+
+
 def detect_pose(image: np.ndarray, detect_resolution: int = DETECT_RESOLUTION, weights: str = "",
                 hand_weights: str = "", hands: bool = False, device: str = "cpu") -> dict[str, Any]:
     """OpenPose JSON (see :func:`people_json`) of an RGB uint8 photo, in the photo's pixels."""
-    body_file = weights_file("openpose_body", weights)
-    hand_file = _hand_weights_file(weights, hand_weights) if hands else None
+    body_file, hand_file = _networks(weights, hand_weights, hands, device)
     small = resize_for_detection(image, detect_resolution)
     people = _detect_people(np.ascontiguousarray(small[:, :, ::-1]), body_file, hand_file, device)  # RGB → BGR
     sx, sy = image.shape[1] / small.shape[1], image.shape[0] / small.shape[0]
@@ -406,18 +416,20 @@ def _status(*files: str) -> Callable[[], str]:
 def register_photo_detectors(register: Callable[..., Any]) -> None:
     """Register ``openpose`` and ``openpose_hand`` with ``register`` (:func:`controlnet.annotators.register`)."""
     weights = Param("weights", str, "", f"{BODY_FILE}, a folder holding it, or a hub id "
-                    f"(default: {ANNOTATORS_REPO}/{BODY_FILE})")
+                    f"(default: {ANNOTATORS_REPO}/{BODY_FILE})", path=True)
     hand_weights = Param("hand_weights", str, "", f"{HAND_FILE}, a folder or a hub id (default: beside the body "
-                         f"weights, else {ANNOTATORS_REPO}/{HAND_FILE})")
+                         f"weights, else {ANNOTATORS_REPO}/{HAND_FILE})", path=True)
     common = [
         Param("detect_resolution", int, DETECT_RESOLUTION, "short side the network sees (rounded to 64)",
               minimum=64, maximum=4096),
         Param("json", Path, None, "also write the keypoints to this file as OpenPose JSON (pose_json reads it)"),
         Param("stick_width", int, render.STICK_WIDTH, "limb half-width (px)", minimum=1, maximum=64),
         Param("joint_radius", int, render.JOINT_RADIUS, "joint circle radius (px)", minimum=1, maximum=64),
-        Param("device", str, "cpu", "torch device: cpu, cuda, cuda:N, mps or auto"),
+        DEVICE,
     ]
     register("openpose", openpose, "OpenPose body keypoints from a photo, COCO-18 skeletons (openpose ControlNets)",
-             [weights] + common, weights=_status(BODY_FILE))
+             [weights] + common, weights=_status(BODY_FILE),
+             check=lambda p: _networks(p["weights"], "", False, p["device"]))
     register("openpose_hand", openpose_hand, "OpenPose body and hand keypoints from a photo (openpose ControlNets)",
-             [weights, hand_weights] + common, weights=_status(BODY_FILE, HAND_FILE))
+             [weights, hand_weights] + common, weights=_status(BODY_FILE, HAND_FILE),
+             check=lambda p: _networks(p["weights"], p["hand_weights"], True, p["device"]))

@@ -33,7 +33,9 @@ class Param:
     """One declared parameter of an annotator: its name, type, default and a one-line help text.
 
     ``choices`` restricts a ``str`` parameter; ``minimum``/``maximum`` bound a number (inclusive); a parameter with
-    ``required=True`` has no default and must be given.
+    ``required=True`` has no default and must be given. ``path=True`` marks a ``str`` parameter whose value names
+    a file or folder (a ``weights`` file, folder or hub id); ``Path``-typed parameters are paths anyway
+    (:attr:`is_path`).
     """
 
     name: str
@@ -44,12 +46,19 @@ class Param:
     minimum: float | None = None
     maximum: float | None = None
     required: bool = False
+    path: bool = False
 
     def __post_init__(self) -> None:
         if self.type not in PARAM_TYPES:
             raise ValueError(f"Param {self.name!r}: type must be one of int, float, bool, str, Path; got {self.type!r}")
         if not self.name.isidentifier():
             raise ValueError(f"Param name must be a Python identifier; got {self.name!r}")
+
+    @property
+    def is_path(self) -> bool:
+        """Whether the value names a file or folder on this machine (read or written): a web client or a shared
+        settings file must not choose it."""
+        return self.type is Path or self.path
 
     @property
     def type_name(self) -> str:
@@ -130,7 +139,9 @@ class Annotator:
     ``weights``, for a detector with a network, returns a one-line status of its weights for listings (e.g.
     whether they are in the hub cache, :func:`controlnet.annotators.weights.weights_status`). ``batch``, when
     given, is ``fn`` for a list of inputs (``batch(images, **params) -> list``) that runs the network on several
-    images per forward; :meth:`call_batch` uses it.
+    images per forward; :meth:`call_batch` uses it. ``check``, given the resolved parameters, raises
+    :class:`UserError` for what would make every image fail (a device this machine lacks, weights that are missing
+    or of another model) without running on an image; :meth:`check_ready` calls it.
     """
 
     name: str
@@ -140,6 +151,7 @@ class Annotator:
     input_kind: str = "image"
     weights: Callable[[], str] | None = None
     batch: Callable[..., list[np.ndarray]] | None = None
+    check: Callable[[dict[str, Any]], object] | None = None
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -180,6 +192,21 @@ class Annotator:
                 raise UserError(f"{self.name}: parameter {p.name!r} is required ({p.help}); give {p.name}=VALUE")
             else:
                 resolved[p.name] = p.default
+        return resolved
+
+    def path_params(self) -> set[str]:
+        """The names of the parameters whose values are paths on this machine (:attr:`Param.is_path`)."""
+        return {p.name for p in self.params if p.is_path}
+
+    def check_ready(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` resolved (:meth:`resolve`), then checked once for what would fail every image: through
+        :attr:`check`, else, for an annotator with a batch form, its batch of no images (which loads the network
+        on its device). Returns the resolved parameters."""
+        resolved = self.resolve(params)
+        if self.check is not None:
+            self.check(resolved)
+        elif self.batch is not None:
+            self.batch([], **resolved)
         return resolved
 
     def load(self, image: Any) -> np.ndarray:

@@ -17,18 +17,6 @@ from controlnet.errors import UserError
 ANNOTATORS_REPO = "lllyasviel/Annotators"
 
 
-def weights_path(weights: str | os.PathLike | None, repo_id: str, filename: str | None = None) -> Path:
-    """The local weights of a detector: ``weights`` if given (an existing path, or a hub id), else ``filename``
-    of ``repo_id`` (a whole snapshot when ``filename`` is None) from the hub cache."""
-    from controlnet import hub
-
-    if weights:
-        return hub.resolve(weights)
-    if filename is None:
-        return hub.hub_folder(repo_id)
-    return hub.hub_file(repo_id, filename)
-
-
 def weights_status(repo_id: str, filename: str) -> str:
     """A short line for listings: whether the default weights are in the hub cache (no network)."""
     from controlnet import hub

@@ -3,8 +3,8 @@
 Each network is described by a :class:`NetworkSpec`: how to build it, the file it ships as in the
 ``lllyasviel/Annotators`` hub repository, and how that file's layout maps onto the model's state dict (the
 annotator's own loading transform). :func:`load_network` reads a file safely (``weights_only``), recognises a
-file of another network and refuses it in one line naming both, loads strictly, and caches one model per process
-and weights file::
+file of another network and refuses it in one line naming both, loads strictly, and keeps one model per process,
+weights file and device (the cache of :mod:`controlnet.annotators.loader`)::
 
     from controlnet.annotators.networks import load_network
     model = load_network("pidinet", "table5_pidinet.pth")   # PiDiNet in eval mode, on the CPU
@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # torch is imported when a network is built, so listing annot
     import torch
     from torch import nn
 
-__all__ = ["NETWORKS", "NetworkSpec", "clear_cache", "identify", "load_network", "to_model_state_dict"]
+__all__ = ["NETWORKS", "NetworkSpec", "identify", "load_network", "to_model_state_dict"]
 
 
 def _plain(obj: dict[str, Any]) -> dict[str, Any]:
@@ -159,31 +159,22 @@ def to_model_state_dict(spec: NetworkSpec, obj: dict[str, Any], model: nn.Module
     return loaded
 
 
-# One model per (network, weights file, device) and process: annotating a folder loads each file once.
-_CACHE: dict[tuple[str, str, int, int, str], nn.Module] = {}
-
-
 def load_network(name: str, path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Network ``name`` (a key of :data:`NETWORKS`) with the weights of the released file ``path`` (.pth read with
-    ``weights_only=True``, or .safetensors), in eval mode on ``device``; cached per process."""
-    from controlnet.annotators.weights import read_state_dict
+    ``weights_only=True``, or .safetensors), in eval mode on ``device``; cached per process
+    (:func:`controlnet.annotators.loader.cached`)."""
+    from controlnet.annotators.loader import cache_key, cached
 
     if name not in NETWORKS:
         raise ValueError(f"unknown annotator network {name!r}; choose one of {', '.join(NETWORKS)}")
     path = Path(path)
-    stat = path.stat() if path.is_file() else None
-    key = (name, str(path.resolve()), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0, str(device))
-    if key in _CACHE:
-        return _CACHE[key]
-    spec = NETWORKS[name]
+    return cached(("network", name, *cache_key(path), str(device)), lambda: _build(NETWORKS[name], path, device))
+
+
+def _build(spec: NetworkSpec, path: Path, device: str | torch.device) -> nn.Module:
+    from controlnet.annotators.weights import read_state_dict
+
     obj = read_state_dict(path)  # missing, unreadable or code-carrying files: one-line UserError
     model = spec.build()
     model.load_state_dict(to_model_state_dict(spec, obj, model, str(path)), strict=True)
-    model = model.to(device).eval().requires_grad_(False)
-    _CACHE[key] = model
-    return model
-
-
-def clear_cache() -> None:
-    """Forget every loaded network (tests; freeing memory)."""
-    _CACHE.clear()
+    return model.to(device).eval().requires_grad_(False)

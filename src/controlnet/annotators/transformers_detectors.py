@@ -41,6 +41,7 @@ import cv2
 import numpy as np
 
 from controlnet.annotators import openpose, pose as render, structured
+from controlnet.annotators.loader import DEVICE, WeightsSource, cache_key, cached, locate, torch_device
 from controlnet.annotators.registry import Param
 from controlnet.errors import UserError
 
@@ -125,19 +126,7 @@ def _snapshot(repo_id: str) -> Path:
 
 def model_folder(spec: HubModel, weights: str) -> Path:
     """The local folder of ``spec``'s checkpoint: ``weights`` (a folder or a hub id) or the default repository."""
-    from controlnet import hub
-
-    if not weights:
-        return _snapshot(spec.repo_id)
-    path = Path(weights).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise UserError(f"{path} is a file; {spec.title} needs a model folder (config.json, preprocessor config and "
-                        f"weights, as save_pretrained writes them) or a hub id like {spec.repo_id}")
-    if hub.is_repo_id(weights):
-        return _snapshot(str(weights))
-    raise UserError(f"{weights} not found: give a {spec.title} model folder or a hub id like {spec.repo_id}")
+    return locate(WeightsSource(spec.title, spec.repo_id, fetch_folder=_snapshot), weights)
 
 
 def _check_folder(folder: Path, spec: HubModel, family: dict[str, HubModel]) -> None:
@@ -195,27 +184,26 @@ def _from_folder(spec: HubModel, folder: Path) -> tuple[Any, Any]:
     return model, processor
 
 
-_CACHE: dict[tuple[str, str, str], tuple[Any, Any]] = {}
-
-
 def load(spec: HubModel, weights: str, device: str, family: dict[str, HubModel] | None = None) -> tuple[Any, Any]:
     """``(model, processor)`` of ``spec`` from ``weights`` (see :func:`model_folder`) on ``device``, in eval mode;
-    loaded once per process, folder and device."""
-    from controlnet.loading import resolve_device
+    loaded once per process, folder and device (:func:`controlnet.annotators.loader.cached`)."""
+    folder = check(spec, weights, device, family)
+    target = torch_device(device)
 
+    def build() -> tuple[Any, Any]:
+        model, processor = _from_folder(spec, folder)
+        return model.to(target).eval(), processor
+
+    return cached(("transformers", spec.name, *cache_key(folder), str(target)), build)
+
+
+def check(spec: HubModel, weights: str, device: str, family: dict[str, HubModel] | None = None) -> Path:
+    """The checkpoint folder of ``spec``, checked without loading it: it is found, its config.json names
+    ``spec``'s architecture, and ``device`` exists."""
     folder = model_folder(spec, weights)
     _check_folder(folder, spec, family or {spec.name: spec})
-    target = resolve_device(None if device == "auto" else device)
-    key = (spec.name, str(folder.resolve()), str(target))
-    if key not in _CACHE:
-        model, processor = _from_folder(spec, folder)
-        _CACHE[key] = (model.to(target).eval(), processor)
-    return _CACHE[key]
-
-
-def clear_cache() -> None:
-    """Forget every loaded model (tests; freeing memory)."""
-    _CACHE.clear()
+    torch_device(device)
+    return folder
 
 
 def _device_of(model: Any) -> torch.device:
@@ -488,15 +476,25 @@ def _status(*specs: HubModel) -> Callable[[], str]:
 
 
 def _weights(spec: HubModel, what: str = "weights") -> Param:
-    return Param(what, str, "", f"model folder (save_pretrained layout) or hub id (default: {spec.repo_id})")
-
-
-_DEVICE = Param("device", str, "cpu", "torch device: cpu, cuda, cuda:N, mps or auto")
+    return Param(what, str, "", f"model folder (save_pretrained layout) or hub id (default: {spec.repo_id})", path=True)
 
 
 def _depth_model(help_extra: str = "") -> Param:
     return Param("model", str, "dpt_hybrid", "depth model: dpt_hybrid (MiDaS v3.0), depth_anything_v2 or zoedepth"
                  + help_extra, choices=tuple(DEPTH_MODELS))
+
+
+def _check_depth(params: dict[str, Any]) -> None:
+    check(_choice(DEPTH_MODELS, params["model"]), params["weights"], params["device"], DEPTH_MODELS)
+
+
+def _check_segmentation(params: dict[str, Any]) -> None:
+    check(_choice(SEGMENTATION_MODELS, params["model"]), params["weights"], params["device"], SEGMENTATION_MODELS)
+
+
+def _check_pose(params: dict[str, Any]) -> None:
+    check(POSE_MODEL, params["weights"], params["device"])
+    check(PERSON_DETECTOR, params["detector_weights"], params["device"])
 
 
 def register_photo_detectors(register: Callable[..., Any]) -> None:
@@ -509,7 +507,7 @@ def register_photo_detectors(register: Callable[..., Any]) -> None:
                  Param("low", float, None, "percentile mapped to far (default 0; zoedepth 2)", minimum=0, maximum=100),
                  Param("high", float, None, "percentile mapped to near (default 100; zoedepth 85)", minimum=0,
                        maximum=100),
-                 _DEVICE], weights=_status(default_depth))
+                 DEVICE], weights=_status(default_depth), check=_check_depth)
     register("normal", normal, "normals from a photo: predicted depth, then ControlNet 1.0's normals from depth "
              "(normal ControlNet)", [
                  _depth_model(), _weights(default_depth),
@@ -521,13 +519,14 @@ def register_photo_detectors(register: Callable[..., Any]) -> None:
                        minimum=1e-6),
                  Param("layout", str, "xyz", "xyz: R=x, G=y, B=z; zyx: reversed, as control_sd15_normal was fed",
                        choices=("xyz", "zyx")),
-                 _DEVICE], weights=_status(default_depth))
+                 DEVICE], weights=_status(default_depth), check=_check_depth)
     register("segmentation", segmentation, "ADE20K segmentation from a photo (OneFormer or UperNet), ADE20K palette "
              "(seg ControlNets)", [
                  Param("model", str, "oneformer", "oneformer (Swin-T, ControlNet 1.1's) or upernet (ConvNeXt-S)",
                        choices=tuple(SEGMENTATION_MODELS)),
-                 _weights(SEGMENTATION_MODELS["oneformer"]), _DEVICE],
-             weights=_status(SEGMENTATION_MODELS["oneformer"]))
+                 _weights(SEGMENTATION_MODELS["oneformer"]), DEVICE],
+             weights=_status(SEGMENTATION_MODELS["oneformer"]),
+             check=_check_segmentation)
     register("pose", pose, "human pose from a photo: RT-DETR person boxes + ViTPose, COCO-18 skeletons (openpose "
              "ControlNets)", [
                  _weights(POSE_MODEL), _weights(PERSON_DETECTOR, "detector_weights"),
@@ -538,4 +537,4 @@ def register_photo_detectors(register: Callable[..., Any]) -> None:
                        "reads it)"),
                  Param("stick_width", int, render.STICK_WIDTH, "limb half-width (px)", minimum=1, maximum=64),
                  Param("joint_radius", int, render.JOINT_RADIUS, "joint circle radius (px)", minimum=1, maximum=64),
-                 _DEVICE], weights=_status(POSE_MODEL, PERSON_DETECTOR))
+                 DEVICE], weights=_status(POSE_MODEL, PERSON_DETECTOR), check=_check_pose)

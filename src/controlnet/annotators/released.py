@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import cv2
 import numpy as np
 
+from controlnet.annotators.loader import DEVICE, WeightsSource, locate, torch_device
 from controlnet.annotators.networks import MLSD_TINY_FILE, NETWORKS, load_network
 from controlnet.annotators.registry import Param
-from controlnet.annotators.weights import ANNOTATORS_REPO, weights_path, weights_status
+from controlnet.annotators.weights import ANNOTATORS_REPO, weights_status
 from controlnet.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported on first use, so listing annotators stays fast
@@ -132,37 +133,25 @@ def run_network_batch(net: torch.nn.Module, images: list[np.ndarray]) -> list[An
     return outputs
 
 
-def _device(device: str) -> torch.device:
-    """``device`` as a torch device (``auto``: cuda, then mps, then cpu); an unknown or absent one → UserError."""
-    from controlnet.loading import resolve_device
-
-    return resolve_device(None if device == "auto" else device)
+def weights_source(name: str) -> WeightsSource:
+    """Where network ``name`` (a key of :data:`NETWORKS`) takes its weights from: its released file in
+    ``lllyasviel/Annotators``."""
+    spec = NETWORKS[name]
+    missing = None
+    if spec.filename is None:
+        missing = (f"{spec.title} has no default weights file in {ANNOTATORS_REPO}; pass --weights FILE "
+                   f"({_NOT_ON_HUB.get(name, 'the released file')})")
+    return WeightsSource(spec.title, ANNOTATORS_REPO, spec.filename, missing=missing)
 
 
 def weights_file(name: str, weights: str) -> Path:
     """The weights file of network ``name``: ``weights`` (a file, a folder holding the released file name, or a hub
     id ``org/name`` / ``org/name/file``) or, when empty, the released file from ``lllyasviel/Annotators``."""
-    from controlnet import hub
-
-    spec = NETWORKS[name]
-    if not weights:
-        if spec.filename is None:
-            raise UserError(f"{spec.title} has no default weights file in {ANNOTATORS_REPO}; pass --weights FILE "
-                            f"({_NOT_ON_HUB.get(name, 'the released file')})")
-        return weights_path(None, ANNOTATORS_REPO, spec.filename)
-    if spec.filename and hub.is_repo_id(weights):
-        return hub.hub_file(weights, spec.filename)  # one file, not a whole snapshot of the repository
-    path = weights_path(weights, ANNOTATORS_REPO, spec.filename)
-    if path.is_dir():
-        if spec.filename and (path / spec.filename).is_file():
-            return path / spec.filename
-        wanted = spec.filename or "the weights file"
-        raise UserError(f"{name}: folder {path} has no {wanted}; pass the file itself with --weights FILE")
-    return path
+    return locate(weights_source(name), weights)
 
 
 def _network(name: str, weights: str, device: str) -> torch.nn.Module:
-    return load_network(name, weights_file(name, weights), _device(device))
+    return load_network(name, weights_file(name, weights), torch_device(device))
 
 
 # --- HED and PiDiNet soft edges -----------------------------------------------------------------------------
@@ -336,13 +325,12 @@ def _common(name: str) -> list[Param]:
     spec = NETWORKS[name]
     default = f"{ANNOTATORS_REPO}/{spec.filename}"
     return [
-        Param("weights", str, "", f"weights file, folder or hub id (default: {default})"),
+        Param("weights", str, "", f"weights file, folder or hub id (default: {default})", path=True),
         Param("detect_resolution", int, DETECT_RESOLUTION, "short side the network sees (rounded to 64)",
               minimum=64, maximum=4096),
     ]
 
 
-_DEVICE = Param("device", str, "cpu", "torch device: cpu, cuda, cuda:N, mps or auto")
 _SAFE = Param("safe", bool, False, "quantise to 3 levels (ControlNet 1.1 'safe' softedge)")
 _SCRIBBLE = Param("scribble", bool, False, "thin to scribble strokes (nms + blur, scribble ControlNets)")
 
@@ -351,13 +339,13 @@ def register_network_detectors(register: Callable[..., object]) -> None:
     """Register ``hed``, ``pidinet``, ``lineart``, ``lineart_coarse`` and ``mlsd`` with ``register`` (the signature
     of :func:`controlnet.annotators.register`), each with its batch form."""
     register("hed", hed, "HED soft edges, ControlNet 1.1 network (softedge, scribble ControlNets)",
-             _common("hed") + [_SAFE, _SCRIBBLE, _DEVICE], weights=_status("hed"), batch=hed_batch)
+             _common("hed") + [_SAFE, _SCRIBBLE, DEVICE], weights=_status("hed"), batch=hed_batch)
     register("pidinet", pidinet, "PiDiNet soft edges, ControlNet 1.1 network (softedge, scribble ControlNets)",
-             _common("pidinet") + [_SAFE, _SCRIBBLE, _DEVICE], weights=_status("pidinet"), batch=pidinet_batch)
+             _common("pidinet") + [_SAFE, _SCRIBBLE, DEVICE], weights=_status("pidinet"), batch=pidinet_batch)
     register("lineart", lineart, "realistic line art, white on black (lineart ControlNet)",
-             _common("lineart") + [_DEVICE], weights=_status("lineart"), batch=lineart_batch)
+             _common("lineart") + [DEVICE], weights=_status("lineart"), batch=lineart_batch)
     register("lineart_coarse", lineart_coarse, "coarse line art, white on black (lineart ControlNet)",
-             _common("lineart_coarse") + [_DEVICE], weights=_status("lineart_coarse"), batch=lineart_coarse_batch)
+             _common("lineart_coarse") + [DEVICE], weights=_status("lineart_coarse"), batch=lineart_coarse_batch)
     register(
         "mlsd", mlsd, "M-LSD straight lines, white on black (mlsd ControlNets)",
         _common("mlsd") + [
@@ -366,7 +354,7 @@ def register_network_detectors(register: Callable[..., object]) -> None:
             Param("thr_v", float, MLSD_SCORE_THRESHOLD, "line-centre score threshold", minimum=0, maximum=1),
             Param("thr_d", float, MLSD_DISTANCE_THRESHOLD, "minimum segment length (half-resolution px)",
                   minimum=0),
-            _DEVICE,
+            DEVICE,
         ],
         weights=_status("mlsd"),
         batch=mlsd_batch,
