@@ -232,19 +232,12 @@ _PATH_PARAM_HINTS = {
 _WEIGHTS_HINT = "the annotator uses the weights the server is configured with; leave it out"
 
 
-def _path_params(annotator: str) -> set[str]:
-    """The parameters of ``annotator`` that name a file or folder on the server: its ``Path``-typed ones (an
-    input mask or JSON, an output JSON) and where its weights are (``weights``, ``hand_weights``,
-    ``detector_weights``: a file, folder or hub id)."""
-    from controlnet import annotators
-
-    return {p.name for p in annotators.get(annotator).params if p.type is Path or p.name.endswith("weights")}
-
-
 def _refuse_path_params(annotator: str, pairs: Sequence[str]) -> None:
     """A :class:`UserError` for any ``key=value`` of ``pairs`` that names a file on the server: a browser may
     neither read nor write the server's files through an annotator, whatever the value."""
-    refused = _path_params(annotator)
+    from controlnet import annotators
+
+    refused = annotators.path_params(annotator)
     for pair in pairs:
         key = pair.partition("=")[0].strip().replace("-", "_")
         if key in refused:
@@ -335,7 +328,7 @@ class UiBackend:
             annotator = annotators.get(name)
         except (ImportError, UserError) as err:
             return "", str(err)
-        shown = [p for p in annotator.params if p.name not in _path_params(name)]  # files: never from the page
+        shown = [p for p in annotator.params if not p.is_path]  # files: never from the page
         if not shown:
             return "", f"{name}: {annotator.description}; no parameters"
         defaults = ", ".join(f"{p.name}={'...' if p.required else p.default}" for p in shown)
