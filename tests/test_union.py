@@ -58,8 +58,8 @@ def run_oracle(model, x: dict, types: list[int], scales: list[float]):
 
 def run_ours(model: UnionControlNet, x: dict, types, scales):
     out = model(x["sample"], x["timestep"], x["encoder_hidden_states"], x["hints"], control_type=types,
-                condition_scale=scales, added_cond_kwargs=x["added_cond_kwargs"])
-    return [*out.down_residuals, out.mid_residual]
+                condition_scale=scales, added_cond_kwargs=x["added_cond_kwargs"]).unet_kwargs()
+    return [*out["down_block_additional_residuals"], out["mid_block_additional_residual"]]
 
 
 def max_error(a, b) -> float:

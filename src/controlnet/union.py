@@ -200,7 +200,16 @@ class UnionControlNet(ControlNet):
         emb = self.time_embed(sample, timestep, added_cond_kwargs, class_labels)  # (B, 4*C0), includes SDXL's
         emb = emb + self.control_embedding(types, sample.shape[0], emb.dtype)
         h = self.conv_in(sample)
-        h = h + self.fuse(h, conditions, types, scales)
+        skips, h = self.encode(h + self.fuse(h, conditions, types, scales), emb, encoder_hidden_states)
+        if len(conditions) == 1:  # one condition: its strength scales the residuals
+            conditioning_scale = ([s * scales[0] for s in conditioning_scale]
+                                  if isinstance(conditioning_scale, Sequence) else conditioning_scale * scales[0])
+        return self._residuals(skips, h, conditioning_scale)
+
+    def encode(self, h: torch.Tensor, emb: torch.Tensor,
+               encoder_hidden_states: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The trainable copy from conv_in(latent) + fused conditions ``h``: its skip activations (one per zero
+        conv) and the mid block's output."""
         skips = [h]
         for block in self.down_blocks:
             if getattr(block, "has_cross_attention", False):
@@ -209,24 +218,28 @@ class UnionControlNet(ControlNet):
                 h, res = block(hidden_states=h, temb=emb)
             skips.extend(res)
         if getattr(self.mid_block, "has_cross_attention", False):
-            h = self.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
-        else:
-            h = self.mid_block(h, emb)
-        if len(conditions) == 1:  # one condition: its strength scales the residuals
-            conditioning_scale = ([s * scales[0] for s in conditioning_scale]
-                                  if isinstance(conditioning_scale, Sequence) else conditioning_scale * scales[0])
-        return self._residuals(skips, h, conditioning_scale)
+            return skips, self.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
+        return skips, self.mid_block(h, emb)
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-        """diffusers' ControlNetUnionModel folder (config.json + weights), atomically."""
-        path = super().save_pretrained(directory, dtype)
-        config = json.loads((path / "config.json").read_text())
-        config.update(asdict(self.union_config), _class_name=UNION_CLASS_NAME)
-        from controlnet.fileio import atomic_write_text
+        """Write diffusers' ControlNetUnionModel folder (config.json + weights) atomically; refuses a file."""
+        import diffusers
+        from safetensors.torch import save_file
 
-        atomic_write_text(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+        from controlnet.fileio import atomic_path
+        from controlnet.families import WEIGHT_NAMES
+
+        path = Path(directory).expanduser()
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{path} exists and is a file; choose a folder name for the Union ControlNet")
+        config = {**self.config.to_dict(), **asdict(self.union_config), "_class_name": UNION_CLASS_NAME,
+                  "_diffusers_version": diffusers.__version__}
+        tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            save_file(tensors, str(tmp / WEIGHT_NAMES[0]), metadata={"format": "pt"})
         return path
-
 
 # --------------------------------------------------------------------------------------------- loading
 
