@@ -75,5 +75,9 @@ def test_a_file_of_another_family_is_refused_naming_both(files):
 def test_unknown_keys_are_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match="no control model we know"):
         detect_family(write({"first_stage_model.encoder.conv_in.weight": torch.zeros(1)}, tmp_path / "vae.safetensors"))
+    style_adapter = {"style_embedding": torch.zeros(1, 8, 16), "ln_pre.weight": torch.zeros(16),
+                     "transformer_layes.0.attn.in_proj_weight": torch.zeros(48, 16), "proj": torch.zeros(16, 32)}
+    with pytest.raises(UserError, match="no control model we know"):  # TencentARC's style adapter: not a Union
+        detect_family(style_adapter)
     with pytest.raises(UserError, match="does not exist"):
         detect_family(tmp_path / "missing.safetensors")

@@ -34,8 +34,9 @@ CONTROLNET_FAMILIES = ("controlnet", "controlnet-diffusers")
 # Stability's Control-LoRA files carry this key (an empty tensor) as their marker (ComfyUI comfy/controlnet.py
 # `if "lora_controlnet" in controlnet_data`, diffusers `is_sai_sd_control_lora`).
 CONTROL_LORA_MARKER = "lora_controlnet"
-# Keys only xinsir's Union/ProMax ControlNets have (diffusers ControlNetUnionModel's extra modules).
-UNION_PREFIXES = ("task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding.")
+# Keys only xinsir's Union/ProMax ControlNets have (diffusers ControlNetUnionModel's extra modules). Not
+# "transformer_layes.": TencentARC's style adapter has that module name too.
+UNION_PREFIXES = ("task_embedding", "spatial_ch_projs.", "control_add_embedding.")
 # diffusers' class names in config.json, for folders.
 CLASS_FAMILIES = {"T2IAdapter": "t2i-adapter", "ControlNetUnionModel": "union", "ControlNetModel": "controlnet-diffusers"}
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",

@@ -260,18 +260,10 @@ def _original_module_map(config: T2IAdapterConfig) -> dict[str, str]:
 
 
 def _rename(state_dict: Mapping[str, torch.Tensor], mapping: Mapping[str, str], name: str) -> StateDict:
-    from controlnet.checkpoints import _rename as rename_by_prefix  # the longest module prefix in mapping
+    """Every key renamed by its longest module prefix in ``mapping``; keys without one are refused."""
+    from controlnet.checkpoints import _rename_all
 
-    out, unknown = {}, []
-    for key, value in state_dict.items():
-        new = rename_by_prefix(key, mapping)
-        if new is None:
-            unknown.append(key)
-        else:
-            out[new] = value
-    if unknown:
-        raise UserError(f"{name}: {len(unknown)} keys are not a T2I-Adapter's, e.g. {', '.join(sorted(unknown)[:3])}")
-    return out
+    return _rename_all(state_dict, mapping, f"{name}: {{n}} keys are not a T2I-Adapter's, e.g. {{examples}}")
 
 
 def original_to_native(state_dict: Mapping[str, torch.Tensor], config: T2IAdapterConfig, name: str = "state dict") -> StateDict:
