@@ -134,7 +134,7 @@ def test_strict_loading():
     unet = build_unet("sd1")
     file_sd = control_lora_file(unet, rank=8)
     no_zero_conv = {k: v for k, v in file_sd.items() if not k.startswith("middle_block_out.")}
-    with pytest.raises(UserError, match="missing keys .*controlnet_mid_block"):
+    with pytest.raises(UserError, match="missing keys .*middle_block_out.0"):
         control_lora_from_state_dict(no_zero_conv, unet)
     unpaired = {k: v for k, v in file_sd.items() if k != "input_blocks.1.0.in_layers.2.down"}
     with pytest.raises(UserError, match="no down factor"):
@@ -143,8 +143,11 @@ def test_strict_loading():
     with pytest.raises(UserError, match="does not make its weight"):
         control_lora_from_state_dict(wrong_rank, unet)
     nan = dict(file_sd, **{"zero_convs.0.0.bias": torch.full_like(file_sd["zero_convs.0.0.bias"], float("nan"))})
-    with pytest.raises(UserError, match="NaN"):
+    with pytest.raises(UserError, match="zero_convs.0.0.bias holds NaN"):
         control_lora_from_state_dict(nan, unet)
+    inf = dict(file_sd, **{"input_blocks.1.0.in_layers.2.up": file_sd["input_blocks.1.0.in_layers.2.up"] / 0})
+    with pytest.raises(UserError, match="input_blocks.1.0.in_layers.2.up holds"):
+        control_lora_from_state_dict(inf, unet)
 
 
 def test_a_t2i_adapter_is_refused_where_a_control_lora_is_needed(tmp_path):

@@ -131,3 +131,19 @@ def test_one_condition_strength_scales_residuals_several_scale_inputs():
         one = run_ours(ours, y, ["depth", "depth"], [1.0, 1.0])
         scaled = run_ours(ours, y, ["depth", "depth"], [0.5, 0.5])
     assert max_error(scaled, [r * 0.5 for r in one]) > 1e-4  # the fused input is scaled, not the residuals
+
+
+def test_hint_embeddings_computed_once_give_the_same_residuals():
+    unet, ref = oracle(8, seed=11)
+    ours = union_from_state_dict(ref.state_dict(), dict(ref.config)).eval()
+    x = inputs(unet, 2)
+    with torch.no_grad():
+        from_images = run_ours(ours, x, ["depth", "canny"], [0.9, 0.4])
+        embeddings = [ours.encode_hint(h) for h in x["hints"]]
+        out = ours(x["sample"], x["timestep"], x["encoder_hidden_states"], hint_embedding=embeddings,
+                   control_type=["depth", "canny"], condition_scale=[0.9, 0.4],
+                   added_cond_kwargs=x["added_cond_kwargs"]).unet_kwargs()
+    assert max_error([*out["down_block_additional_residuals"], out["mid_block_additional_residual"]], from_images) == 0.0
+    with pytest.raises(UserError, match="2 conditions need as many control types and strengths"):
+        ours(x["sample"], x["timestep"], x["encoder_hidden_states"], x["hints"], control_type=["depth"],
+             added_cond_kwargs=x["added_cond_kwargs"])

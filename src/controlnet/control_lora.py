@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +96,10 @@ def _controlnet_for(unet: nn.Module, sd: Mapping[str, torch.Tensor], name: str) 
     return cn
 
 
-def _split(sd: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
-           name: str) -> tuple[StateDict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(full tensors, {weight key: (up, down)}); an unpaired or mis-shaped low-rank factor is refused."""
+def _split(sd: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], name: str,
+           file_key: Callable[[str], str]) -> tuple[StateDict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(full tensors, {weight key: (up, down)}) of a state dict in our names; an unpaired or mis-shaped
+    low-rank factor is refused (``file_key`` spells a key as the file does)."""
     full = {k: v for k, v in sd.items() if not k.endswith((UP, DOWN))}
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key in sorted(k for k in sd if k.endswith((UP, DOWN))):
@@ -108,7 +109,9 @@ def _split(sd: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor],
             continue
         up, down = sd.get(module + UP), sd.get(module + DOWN)
         if up is None or down is None:
-            raise UserError(f"{name}: {key} has no {'down' if down is None else 'up'} factor; the file is damaged")
+            raise UserError(f"{name}: {file_key(key)} has no {'down' if down is None else 'up'} factor; the file is "
+                            "damaged")
+        module = file_key(module + UP).removesuffix(UP)
         if not (up.is_floating_point() and down.is_floating_point()):
             raise UserError(f"{name}: {module}'s low-rank factors are not floating point")
         if weight not in params:
@@ -130,7 +133,7 @@ def control_lora_from_state_dict(state_dict: Mapping[str, Any], unet: nn.Module,
     low-rank layer. Every key must find its place, the hint encoder and zero convs must all be in the file, and
     every tensor must be finite; otherwise a one-line :class:`UserError` naming ``name``.
     """
-    from controlnet.checkpoints import original_to_diffusers, refuse_non_finite
+    from controlnet.checkpoints import diffusers_to_original, original_to_diffusers, refuse_non_finite
 
     if not is_control_lora(state_dict):
         require_family(state_dict, "control-lora", name)
@@ -138,16 +141,19 @@ def control_lora_from_state_dict(state_dict: Mapping[str, Any], unet: nn.Module,
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise UserError(f"{name}: entries that are not tensors: {', '.join(sorted(bad)[:3])}")
-    sd = original_to_diffusers(sd, name)
-    _check_base(sd, unet, name)
-    cn = _controlnet_for(unet, sd, name)
+    native = original_to_diffusers(sd, name)
+    _check_base(native, unet, name)
+    cn = _controlnet_for(unet, native, name)
     params = cn.state_dict()
-    full, pairs = _split(sd, params, name)
+    # Messages name keys as the file spells them (the original layout).
+    spelled = dict(zip(params, diffusers_to_original(dict.fromkeys(params), name))) | dict(zip(native, sd))
+    file_key = lambda key: spelled.get(key, key)  # noqa: E731
+    full, pairs = _split(native, params, name, file_key)
     own = {k: tuple(v.shape) for k, v in params.items() if k.startswith(OWN_MODULES)}
     from_base = {k: tuple(v.shape) for k, v in params.items() if k in full and k not in own}
-    check_tensors(full, {**own, **from_base}, name, "ControlNet of this base model")
-    refuse_non_finite({k.removesuffix(".weight") + s: t for k, (u, d) in pairs.items() for s, t in ((UP, u), (DOWN, d))},
-                      name)
+    check_tensors(full, {**own, **from_base}, name, "ControlNet of this base model", file_key)
+    refuse_non_finite({file_key(k.removesuffix(".weight") + s): t for k, (u, d) in pairs.items()
+                       for s, t in ((UP, u), (DOWN, d))}, name)
     with torch.no_grad():
         for key, value in full.items():
             params[key].copy_(value)
