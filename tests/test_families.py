@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from builders import build_unet
-from controlnet.checkpoints import original_state_dict
+from controlnet.checkpoints import original_state_dict, save_controlnet
 from controlnet.errors import UserError
 from controlnet.families import FAMILIES, detect_family, require_family
 from controlnet.model import ControlNet
@@ -32,7 +32,7 @@ def files(tmp_path_factory) -> dict[str, list[str]]:
     root = tmp_path_factory.mktemp("families")
     unet = build_unet("sd1")
     cn = ControlNet.from_unet(unet)
-    cn.save_pretrained(root / "controlnet_folder")
+    save_controlnet(cn, root / "controlnet_folder")
     torch.manual_seed(0)
     adapter = diffusers.T2IAdapter(channels=[32, 64], num_res_blocks=2)
     adapter.save_pretrained(root / "adapter_folder")
