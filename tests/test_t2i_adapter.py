@@ -8,10 +8,11 @@ import re
 import pytest
 import torch
 
-from builders import build_unet, sdxl_added_cond_kwargs
+from builders import SD15_UNET, SDXL_UNET, build_unet, sdxl_added_cond_kwargs
 from controlnet.errors import UserError
 from controlnet.t2i_adapter import (
     T2IAdapterConfig,
+    check_compatible,
     infer_config,
     load_t2i_adapter,
     native_to_original,
@@ -33,6 +34,10 @@ TINY = {
 SDXL3 = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
              block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4))
+# A 3-block SD1-like UNet for the light adapter, whose last stage repeats the last width at half the resolution
+# (SD1.5: widths 320, 640, 1280, 1280).
+SD1_3 = dict(down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64, 64))
 IMAGE = 64  # condition side: latents are 8x8
 
 
@@ -129,7 +134,7 @@ def unet_outputs(unet, features):
 
 
 @pytest.mark.parametrize("kind,family,overrides", [
-    ("full_adapter", "sd1", {}), ("light_adapter", "sd1", {}), ("full_adapter_xl", "sdxl", SDXL3),
+    ("full_adapter", "sd1", {}), ("light_adapter", "sd1", SD1_3), ("full_adapter_xl", "sdxl", SDXL3),
 ])
 def test_unet_with_our_features_equals_oracle(kind, family, overrides):
     unet = build_unet(family, **overrides)
@@ -142,6 +147,34 @@ def test_unet_with_our_features_equals_oracle(kind, family, overrides):
         plain = unet_outputs(unet, None)
     assert (got - expected).abs().max().item() <= 1e-5
     assert (got - plain).abs().max().item() > 1e-3  # the features act inside the UNet
+    check_compatible(ours, unet.config)
+
+
+# The released adapters' configs (diffusers' config.json of TencentARC/t2iadapter_*_sd14v1, *_sd15v2,
+# t2iadapter_color_sd14v1, t2i-adapter-*-sdxl-1.0).
+RELEASED = {
+    "full_adapter": (T2IAdapterConfig(3, (320, 640, 1280, 1280), 2, 8, "full_adapter"), SD15_UNET),
+    "light_adapter": (T2IAdapterConfig(3, (320, 640, 1280), 4, 8, "light_adapter"), SD15_UNET),
+    "full_adapter_xl": (T2IAdapterConfig(3, (320, 640, 1280, 1280), 2, 16, "full_adapter_xl"), SDXL_UNET),
+}
+
+
+def test_released_adapters_fit_their_base_and_no_other():
+    for kind, (config, unet_config) in RELEASED.items():
+        check_compatible(config, unet_config)
+        other = SDXL_UNET if unet_config is SD15_UNET else SD15_UNET
+        with pytest.raises(UserError, match=f"{kind}, feature widths"):
+            check_compatible(config, other)
+
+
+def test_an_adapter_for_another_base_is_refused_in_one_line():
+    sd1_adapter = t2i_adapter_from_state_dict(oracle("full_adapter").state_dict())
+    xl_adapter = t2i_adapter_from_state_dict(oracle("full_adapter_xl").state_dict())
+    with pytest.raises(UserError, match="full_adapter, feature widths \\[32, 64\\]\\) does not fit") as err:
+        check_compatible(sd1_adapter, build_unet("sdxl", **SDXL3).config)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="full_adapter_xl"):
+        check_compatible(xl_adapter, build_unet("sd1").config)
 
 
 def test_infer_config_reads_image_channels_and_factor():

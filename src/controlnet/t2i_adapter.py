@@ -58,6 +58,8 @@ FULL_RES_BLOCKS = 2
 LIGHT_RES_BLOCKS = 4
 # A light stage's inner width is a quarter of its output (TencentARC `extractor(inter_c=channels[i] // 4)`).
 LIGHT_SQUEEZE = 4
+# The SD-family VAEs downsample 8x: the latent is the image / 8.
+LATENT_DOWNSCALE = 8
 # Condition images have 1 (sketch) or 3 (RGB) channels; the unshuffled width tells the factor only with that.
 IMAGE_CHANNELS = (1, 3)
 MAX_CHANNELS = 16_384
@@ -330,6 +332,46 @@ def _full_kind(unshuffled: int, name: str) -> tuple[str, int]:
             return kind, factor
     raise UserError(f"{name}: conv_in takes {unshuffled} channels, which is no released T2I-Adapter's "
                     "(64/192 for SD, 256/768 for SDXL); pass its config.json")
+
+
+# --------------------------------------------------------------------------------------------- fitting a base
+
+
+def feature_layout(config: T2IAdapterConfig) -> list[tuple[int, int]]:
+    """(channels, downsampling relative to the latent) of each feature map, for an 8x VAE."""
+    layout, factor = [], config.downscale_factor // LATENT_DOWNSCALE
+    for _, c_out, pool in config.stages():
+        factor *= 2 if pool else 1
+        layout.append((c_out, factor))
+    return layout
+
+
+def unet_intrablock_layout(unet_config: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """(channels, downsampling relative to the latent) a diffusers UNet2DConditionModel adds each feature at.
+
+    A cross-attention down block adds its feature before its downsampler, a plain one after it (the last block
+    has none); a feature left over after the down blocks goes to the mid block if its shape fits
+    (``UNet2DConditionModel.forward``, ``down_intrablock_additional_residuals``).
+    """
+    types, widths = unet_config["down_block_types"], unet_config["block_out_channels"]
+    last = len(widths) - 1
+    places = [(w, 2 ** i if "CrossAttn" in t or i == last else 2 ** (i + 1))
+              for i, (t, w) in enumerate(zip(types, widths))]
+    return places + [(widths[-1], 2**last)]
+
+
+def check_compatible(adapter: T2IAdapter | T2IAdapterConfig, unet_config: Mapping[str, Any]) -> None:
+    """Refuse, in one line, an adapter whose feature maps do not land where ``unet_config``'s UNet adds them
+    (an SDXL adapter on an SD1.x base, or the reverse). The mid block's place is optional."""
+    config = adapter.config if isinstance(adapter, T2IAdapter) else adapter
+    features, places = feature_layout(config), unet_intrablock_layout(unet_config)
+    num_blocks = len(places) - 1
+    fits = len(features) in (num_blocks, num_blocks + 1) and features == places[: len(features)]
+    if not fits:
+        raise UserError(
+            f"this T2I-Adapter ({config.adapter_type}, feature widths {[c for c, _ in features]}) does not fit the "
+            f"base UNet (block widths {list(unet_config['block_out_channels'])}); use an adapter made for this base "
+            "(full_adapter/light_adapter for SD1.x, full_adapter_xl for SDXL)")
 
 
 # --------------------------------------------------------------------------------------------- loading
