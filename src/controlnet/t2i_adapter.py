@@ -295,8 +295,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], layout: str, name: str = "state
     """
     light = "body.0.in_conv.weight" in sd and "conv_in.weight" not in sd
     if light:
-        stage_key = (r"body\.(\d+)\.out_conv\.weight")
-        stages = sorted({int(m.group(1)) for k in sd if (m := re.fullmatch(stage_key, k))})
+        stages = sorted({int(m.group(1)) for k in sd if (m := re.fullmatch(r"body\.(\d+)\.out_conv\.weight", k))})
         blocks = {m.group(1) for k in sd if (m := re.match(r"body\.0\.(?:resnets|body)\.(\d+)\.", k))}
         channels = tuple(sd[f"body.{i}.out_conv.weight"].shape[0] for i in stages)[:-1]
         unshuffled = sd["body.0.in_conv.weight"].shape[1]
@@ -310,7 +309,7 @@ def infer_config(sd: Mapping[str, torch.Tensor], layout: str, name: str = "state
             stages = sorted({int(m.group(1)) for k in sd if (m := re.match(r"body\.(\d+)\.resnets\.0\.block1\.weight$", k))})
             blocks = {m.group(1) for k in sd if (m := re.match(r"body\.0\.resnets\.(\d+)\.block1\.weight$", k))}
             widths = [sd[f"body.{i}.resnets.0.block1.weight"].shape[0] for i in stages]
-        else:  # one flat list; a stage starts where a block has an in_conv, or the width changes
+        else:  # one flat list of blocks: the first with an in_conv (the width changes) starts stage 1
             flat = sorted({int(m.group(1)) for k in sd if (m := re.match(r"body\.(\d+)\.block1\.weight$", k))})
             blocks = {str(j) for j in range(next((i for i in flat[1:] if f"body.{i}.in_conv.weight" in sd), len(flat)))}
             n = len(blocks)
