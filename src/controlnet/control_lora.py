@@ -28,7 +28,8 @@ from torch import nn
 
 from controlnet.errors import UserError
 from controlnet.families import CONTROL_LORA_MARKER, check_tensors, require_family
-from controlnet.model import ControlNet, HintEncoder
+from controlnet.hint_encoders import HintEncoder
+from controlnet.model import ControlNet
 
 StateDict = dict[str, torch.Tensor]
 UP, DOWN = ".up", ".down"

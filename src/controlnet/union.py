@@ -39,7 +39,8 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from controlnet.errors import UserError
-from controlnet.model import ControlNet, ControlNetConfig, ControlNetOutput
+from controlnet.model import ControlNet, ControlNetConfig
+from controlnet.residuals import Residuals
 
 # xinsir's control types and their indices in task_embedding (ComfyUI comfy/cldm/control_types.py,
 # UNION_CONTROLNET_TYPES; xinsir's model card). Names after the first of a line are the conditions trained in
@@ -175,7 +176,7 @@ class UnionControlNet(ControlNet):
         class_labels: torch.Tensor | None = None,
         control_type: int | str | Sequence[int | str] = (),
         condition_scale: float | Sequence[float] = 1.0,
-    ) -> ControlNetOutput:
+    ) -> Residuals:
         """Residuals for the locked SDXL UNet from one or several conditions in one pass.
 
         ``hint``: one condition image (B, 3, H, W) in [0, 1] or a list of them (or their :meth:`encode_hint`
@@ -205,21 +206,6 @@ class UnionControlNet(ControlNet):
             conditioning_scale = ([s * scales[0] for s in conditioning_scale]
                                   if isinstance(conditioning_scale, Sequence) else conditioning_scale * scales[0])
         return self._residuals(skips, h, conditioning_scale)
-
-    def encode(self, h: torch.Tensor, emb: torch.Tensor,
-               encoder_hidden_states: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The trainable copy from conv_in(latent) + fused conditions ``h``: its skip activations (one per zero
-        conv) and the mid block's output."""
-        skips = [h]
-        for block in self.down_blocks:
-            if getattr(block, "has_cross_attention", False):
-                h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states)
-            else:
-                h, res = block(hidden_states=h, temb=emb)
-            skips.extend(res)
-        if getattr(self.mid_block, "has_cross_attention", False):
-            return skips, self.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
-        return skips, self.mid_block(h, emb)
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write diffusers' ControlNetUnionModel folder (config.json + weights) atomically; refuses a file."""
