@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from controlnet.loading import DTYPE_NAMES, DTYPES
+from controlnet.devices import DTYPE_NAMES, DTYPES
 
 PROMPT = "a red circle on a white background, best quality"
 # diffusers' StableDiffusion(ControlNet)Pipeline default guidance_scale; > 1 turns CFG on in both pipelines.

@@ -153,7 +153,7 @@ def _hf_case(annotator_model: str, kind: str) -> Callable[[Path], tuple[dict[str
     def prepare(folder: Path) -> tuple[dict[str, Any], torch.nn.Module]:
         from PIL import Image
 
-        from controlnet.loading import quiet_loading
+        from controlnet.hub import quiet_loading
 
         model, processor = _hf_model(kind)
         with quiet_loading():

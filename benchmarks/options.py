@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from controlnet.loading import DTYPE_NAMES, default_dtype, resolve_dtype
+from controlnet.devices import DTYPE_NAMES, default_dtype, resolve_dtype
 
 RESOLUTION = 256
 TEXT_TOKENS = 77  # SD1.5's text encoder context (CLIP ViT-L/14)

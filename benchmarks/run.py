@@ -37,7 +37,7 @@ import torch
 
 from benchmarks import cases as bc
 from controlnet.defaults import DTYPE_CHOICES
-from controlnet.loading import DTYPES
+from controlnet.devices import DTYPES
 
 REPO = Path(__file__).resolve().parents[1]
 EXTRA_CASES = ("load", "train", "options")
@@ -378,7 +378,7 @@ def build_plan(args: argparse.Namespace, device: torch.device) -> list[tuple[int
     if args.quick:
         base = QUICK_PLAN
     else:
-        from controlnet.loading import cpu_bf16_flags
+        from controlnet.devices import cpu_bf16_flags
 
         if device.type == "cuda":
             base = FULL_PLAN_CUDA

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from controlnet.loading import DTYPE_NAMES, DTYPES
+from controlnet.devices import DTYPE_NAMES, DTYPES
 
 CASES = ("controlnet_cached", "controlnet_diffusers_way", "full_finetune")
 REPO = Path(__file__).resolve().parents[1]

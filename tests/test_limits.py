@@ -202,7 +202,7 @@ def test_generation_stops_at_the_first_non_finite_latents(pipe):
 
 
 def test_absent_device_is_refused():
-    from controlnet.loading import resolve_device
+    from controlnet.devices import resolve_device
 
     with pytest.raises(UserError, match="cuda:99 is not available"):
         resolve_device("cuda:99")

@@ -23,7 +23,7 @@ from controlnet.conditions import condition_to_pil, resize_cover, round_size, to
 from controlnet.diffusers_compat import diffusers_call_kwargs, diffusers_pipeline, guess_mode_scales
 from controlnet.errors import UserError
 from controlnet.images import png_metadata
-from controlnet.loading import DTYPES, default_dtype, resolve_dtype
+from controlnet.devices import DTYPES, default_dtype, resolve_dtype
 from controlnet.model import ControlNet
 from controlnet.pipeline import ControlUnit, Pipeline
 from controlnet.sampling import SCHEDULERS, make_scheduler

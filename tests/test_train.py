@@ -506,9 +506,9 @@ def test_export_original_and_init_are_checked_before_anything_is_written(tiny, t
             _config(tiny, setting.pop("out", out), **setting).check()
 
 
-def test_scorers_are_a_registry_that_the_fill_data_registers_into(tiny):
+def test_the_scorer_table_holds_the_fill_score(tiny):
     from controlnet.data.fill import FillSample, fill_scorer
-    from controlnet.train.validation import choose_scorer, scorers
+    from controlnet.train.scores import choose_scorer, scorers
 
     assert scorers()["fill"].make is fill_scorer and {"canny", "ssim"} <= set(scorers())
     assert choose_scorer("auto", None, {}, ["red circle with blue background"])[0] == "fill_iou"

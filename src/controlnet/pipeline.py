@@ -77,7 +77,9 @@ from controlnet.defaults import CONTROL_MODES, DEFAULT_INPAINT_PADDING, DEFAULT_
 from controlnet.errors import UserError
 from controlnet.img2img import HiresFix, ImageToImageMixin, Source, load_source
 from controlnet.limits import check_output_size, check_seed
-from controlnet.loading import DTYPE_NAMES, load_base, move, placement, quiet_loading, resolve_device, resolve_dtype
+from controlnet.devices import DTYPE_NAMES, move, placement, resolve_device, resolve_dtype
+from controlnet.hub import quiet_loading
+from controlnet.loading import load_base
 from controlnet.model import ControlNet, guess_mode_scales
 from controlnet.sampling import Control, in_step_range, make_scheduler, sample
 from controlnet.settings import generation_settings, image_settings

@@ -134,7 +134,7 @@ def run_network_batch(net: torch.nn.Module, images: list[np.ndarray]) -> list[An
 
 def _device(device: str) -> torch.device:
     """``device`` as a torch device (``auto``: cuda, then mps, then cpu); an unknown or absent one → UserError."""
-    from controlnet.loading import resolve_device
+    from controlnet.devices import resolve_device
 
     return resolve_device(None if device == "auto" else device)
 

@@ -159,7 +159,7 @@ def _quiet() -> Iterator[None]:
     """transformers' loading bars and warnings hidden while loading (restored afterwards)."""
     from transformers.utils import logging as transformers_logging
 
-    from controlnet.loading import quiet_loading
+    from controlnet.hub import quiet_loading
 
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
@@ -201,7 +201,7 @@ _CACHE: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 def load(spec: HubModel, weights: str, device: str, family: dict[str, HubModel] | None = None) -> tuple[Any, Any]:
     """``(model, processor)`` of ``spec`` from ``weights`` (see :func:`model_folder`) on ``device``, in eval mode;
     loaded once per process, folder and device."""
-    from controlnet.loading import resolve_device
+    from controlnet.devices import resolve_device
 
     folder = model_folder(spec, weights)
     _check_folder(folder, spec, family or {spec.name: spec})

@@ -289,7 +289,7 @@ def _hand_weights_file(weights: str, hand_weights: str) -> Path:
 
 def _net(name: str, path: Path, device: str) -> Any:
     from controlnet.annotators.networks import load_network
-    from controlnet.loading import resolve_device
+    from controlnet.devices import resolve_device
 
     return load_network(name, path, resolve_device(None if device == "auto" else device))
 

@@ -384,7 +384,7 @@ def batch_size_for(annotator: Any, params: dict[str, Any], requested: int | None
     device = params.get("device", "cpu")
     if device == "cpu":
         return 1
-    from controlnet.loading import resolve_device
+    from controlnet.devices import resolve_device
 
     on_cpu = resolve_device(None if device == "auto" else device).type == "cpu"
     return 1 if on_cpu else ACCELERATOR_BATCH_SIZE

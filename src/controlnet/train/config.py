@@ -36,7 +36,7 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")
 # The paper's zero-convolution ablation (Sec. 4.2, Fig. 8): "replacing the zero convolutions with standard
 # convolution layers initialized with Gaussian weights".
 ZERO_CONV_INITS = ("zero", "gaussian")
-AUTO_SCORE = "auto"  # --score: the scorer that fits the data (controlnet.train.validation.choose_scorer)
+AUTO_SCORE = "auto"  # --score: the scorer that fits the data (controlnet.train.scores.choose_scorer)
 
 # The option groups of `controlnet train --help`.
 DATA, RECIPE, OUTPUT = "data and model", "recipe", "checkpoints, validation, output"
@@ -178,7 +178,7 @@ def _check_counts(config: TrainConfig) -> None:
 
 def _check_choices(config: TrainConfig) -> None:
     from controlnet.model import ARCHITECTURES
-    from controlnet.train.validation import scorer_names
+    from controlnet.train.scores import scorer_names
 
     choices = {"mixed_precision": MIXED_PRECISIONS, "zero_conv_init": ZERO_CONV_INITS,
                "architecture": ARCHITECTURES, "score": (AUTO_SCORE, *scorer_names())}

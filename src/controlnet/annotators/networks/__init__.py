@@ -166,7 +166,7 @@ _CACHE: dict[tuple[str, str, int, int, str], nn.Module] = {}
 def load_network(name: str, path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Network ``name`` (a key of :data:`NETWORKS`) with the weights of the released file ``path`` (.pth read with
     ``weights_only=True``, or .safetensors), in eval mode on ``device``; cached per process."""
-    from controlnet.annotators.weights import read_state_dict
+    from controlnet.safe_io import read_state_dict
 
     if name not in NETWORKS:
         raise ValueError(f"unknown annotator network {name!r}; choose one of {', '.join(NETWORKS)}")
