@@ -33,6 +33,7 @@ import numpy as np
 from controlnet.defaults import FILL_SIZE
 from controlnet.errors import UserError
 from controlnet.fileio import atomic_path
+from controlnet.images import save_png
 from controlnet.limits import check_output_size
 
 # The palette: name → RGB. Well separated in RGB so "the nearest palette colour" is unambiguous.
@@ -143,8 +144,6 @@ def make_fill_dataset(out: str | Path, n: int, size: int = DEFAULT_SIZE, seed: i
     ``max_pixels`` None: derived from this machine's memory). Every file write is checked: a failed one (no space,
     a file-size limit) is a one-line :class:`UserError` naming the file, and nothing is left at ``out``.
     """
-    from controlnet.images import save_png
-
     out = Path(out)
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")

@@ -14,7 +14,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from controlnet import annotators
 from controlnet.data import fill
+from controlnet.metrics import edge_f1, ssim
 
 # ``score(sample, condition, prompt, target) -> float``: sample, condition and the dataset's image (target) are
 # (R, R, 3) uint8 arrays.
@@ -34,9 +36,6 @@ class Scorer:
 
 def _canny_scorer(annotator: str | None, params: dict[str, Any]) -> ScoreFn:
     """Edge F1 between the sample's Canny edges (the run's Canny parameters) and the condition."""
-    from controlnet import annotators
-    from controlnet.metrics import edge_f1
-
     canny = annotators.get("canny")
     canny_params = params if annotator == "canny" else {}
     return lambda sample, condition, prompt, target: float(edge_f1(canny(sample, **canny_params), condition))
@@ -44,9 +43,6 @@ def _canny_scorer(annotator: str | None, params: dict[str, Any]) -> ScoreFn:
 
 def _ssim_scorer(annotator: str | None, params: dict[str, Any]) -> ScoreFn:
     """SSIM of the condition re-extracted by the run's annotator; without one, SSIM of sample and dataset image."""
-    from controlnet import annotators
-    from controlnet.metrics import ssim
-
     if annotator is None:
         return lambda sample, condition, prompt, target: float(ssim(sample, target))
     annotate = annotators.get(annotator)

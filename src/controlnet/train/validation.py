@@ -9,13 +9,15 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from controlnet.data.datasets import PreparedExample, load_rgb, to_resolution
+from controlnet.images import save_png
+from controlnet.pipeline import ControlUnit, Pipeline
 from controlnet.train.scores import choose_scorer
 
 if TYPE_CHECKING:
     import torch
 
     from controlnet.data.cache import CacheStore
-    from controlnet.data.datasets import PreparedExample
     from controlnet.model import ControlNet
     from controlnet.train.config import TrainConfig
 
@@ -33,8 +35,6 @@ class Validator:
                  resolution: int, dtype: torch.dtype, out: Path):
         from diffusers import DDIMScheduler
 
-        from controlnet.data.datasets import load_rgb, to_resolution
-
         self.components = dict(
             unet=base.unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
             scheduler=DDIMScheduler.from_config(base.scheduler_config),  # the original's sampler
@@ -48,9 +48,6 @@ class Validator:
 
     def run(self, step: int, controlnet: ControlNet) -> dict[str, Any]:
         """Sample and score every validation condition; write the grid; return the log record."""
-        from controlnet.images import save_png
-        from controlnet.pipeline import ControlUnit, Pipeline
-
         pipe = Pipeline(**self.components, dtype=self.dtype, device=self.device)
         was_training = controlnet.training
         controlnet.eval()
