@@ -172,7 +172,7 @@ def _oneformer_case(folder: Path) -> tuple[dict[str, Any], torch.nn.Module]:
     from PIL import Image
     from transformers.models.oneformer.image_processing_pil_oneformer import OneFormerImageProcessorPil
 
-    from tests.builders import ONEFORMER_TASK_WORDS, write_clip_vocabulary
+    from controlnet.testing import ONEFORMER_TASK_WORDS, write_clip_vocabulary
 
     torch.manual_seed(0)
     model = T.OneFormerModel(T.OneFormerConfig(num_labels=150)).eval()

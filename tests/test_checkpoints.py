@@ -26,7 +26,7 @@ from controlnet.checkpoints import (
     original_state_dict,
     save_controlnet,
 )
-from builders import FAMILIES, SD15_UNET, SD21_UNET, SDXL_UNET, build_unet, unet_config
+from controlnet.testing import FAMILIES, SD15_UNET, SD21_UNET, SDXL_UNET, build_unet, unet_config
 from controlnet.errors import EXIT_BAD_INPUT, UserError
 from controlnet.model import ControlNet, ControlNetConfig
 from test_fixtures import FIXTURES
