@@ -5,7 +5,10 @@ A name that is an existing local path is used as it is. Otherwise ``org/name`` (
 ``~/.cache/huggingface/hub``) and downloaded there on first use, unless ``HF_HUB_OFFLINE=1``. Offline and not
 cached, the error is one line naming the repository, the file and the command that fetches it. Any id may end in
 ``@REV`` (a branch, tag or commit: ``lllyasviel/control_v11p_sd15_canny@main``), as pip and git name revisions;
-:func:`hub_ref` reads it.
+:func:`hub_ref` reads it. :func:`quiet_loading` hides the libraries' per-file bars while models load.
+
+This module sits near the bottom of the package: it imports only the error type, and huggingface_hub,
+diffusers and transformers when a function needs them.
 """
 
 from __future__ import annotations

@@ -174,7 +174,7 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
     """Text-to-image with ControlNets over an SD-family base (SD1.x, SD2.x incl. v-prediction, SDXL).
 
     Build it with :meth:`from_pretrained` (embedded base, a diffusers folder or a single file; dtype None → the
-    device's default, :func:`controlnet.loading.default_dtype`) or from diffusers/transformers components
+    device's default, :func:`controlnet.devices.default_dtype`) or from diffusers/transformers components
     (dtype/device None → the components run as given; otherwise they are moved and cast in place). Call it to
     generate; see the module docstring for the steps and the rules they follow. LoRAs, embeddings, another VAE,
     clip skip, text conditioning, offload and compile: :class:`~controlnet.base_model.BaseModelMixin`; the

@@ -30,7 +30,7 @@ DEFAULT_EMPTY_PROMPT_PROB = 0.5  # paper Sec. 3.3: "randomly replace 50% text pr
 DEFAULT_MAX_GRAD_NORM = 1.0  # diffusers examples/controlnet/train_controlnet.py `--max_grad_norm` default
 DEFAULT_WEIGHT_DECAY = 1e-2  # torch.optim.AdamW's default, which the original uses (cldm.py configure_optimizers)
 
-# accelerate's names of the mixed-precision modes (Accelerator(mixed_precision=...)); controlnet.loading.DTYPES
+# accelerate's names of the mixed-precision modes (Accelerator(mixed_precision=...)); controlnet.devices.DTYPES
 # maps each to its torch dtype ("no": float32).
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 # The paper's zero-convolution ablation (Sec. 4.2, Fig. 8): "replacing the zero convolutions with standard
