@@ -149,6 +149,9 @@ def test_every_import_of_a_package_name_finds_it(folder):
     missing = []
     for path in sorted(root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                missing += [f"{path.relative_to(SRC.parent)}:{node.lineno}: no module {alias.name}"
+                            for alias in node.names if alias.name.split(".")[0] == PACKAGE and alias.name not in MODULES]
             if not isinstance(node, ast.ImportFrom) or node.level or not (node.module or "").startswith(PACKAGE):
                 continue
             if node.module not in MODULES:
