@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from controlnet.loading import DTYPE_NAMES, DTYPES
+from controlnet.devices import DTYPE_NAMES, DTYPES
 
 PROMPT = "a red circle on a white background, best quality"
 # diffusers' StableDiffusion(ControlNet)Pipeline default guidance_scale; > 1 turns CFG on in both pipelines.
@@ -63,7 +63,7 @@ class Case:
     end: float = 1.0
     steps: int | None = None  # None: the per-step cases' generation length (``--step-steps``)
     output_type: str = "latent"
-    target: float | None = 1.0  # ours/diffusers, the issue's target
+    target: float | None = 1.0  # the target for ours/diffusers (1.0: no slower than diffusers)
     reuse: int = 1  # ours only: Pipeline(reuse_residuals=...); > 1 is an option whose outputs differ from diffusers'
     min_steps: int = 2  # a per-step case times a generation of max(--step-steps, min_steps) steps
 
@@ -158,8 +158,8 @@ def build_models(size: str, dtype: torch.dtype, device: torch.device, controlnet
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     from controlnet.diffusers_compat import diffusers_config, to_diffusers
-    from tests.builders import build_text_encoder, build_tokenizer, build_unet, build_vae, unet_config
     from controlnet.model import ControlNet
+    from controlnet.testing import build_text_encoder, build_tokenizer, build_unet, build_vae, unet_config
 
     cfg = unet_config("sd1", size)
     if fast_init:

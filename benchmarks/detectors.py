@@ -153,7 +153,7 @@ def _hf_case(annotator_model: str, kind: str) -> Callable[[Path], tuple[dict[str
     def prepare(folder: Path) -> tuple[dict[str, Any], torch.nn.Module]:
         from PIL import Image
 
-        from controlnet.loading import quiet_loading
+        from controlnet.hub import quiet_loading
 
         model, processor = _hf_model(kind)
         with quiet_loading():
@@ -172,7 +172,7 @@ def _oneformer_case(folder: Path) -> tuple[dict[str, Any], torch.nn.Module]:
     from PIL import Image
     from transformers.models.oneformer.image_processing_pil_oneformer import OneFormerImageProcessorPil
 
-    from tests.builders import ONEFORMER_TASK_WORDS, write_clip_vocabulary
+    from controlnet.testing import ONEFORMER_TASK_WORDS, write_clip_vocabulary
 
     torch.manual_seed(0)
     model = T.OneFormerModel(T.OneFormerConfig(num_labels=150)).eval()

@@ -26,7 +26,7 @@ from PIL import Image
 
 from benchmarks import cases as bc
 from controlnet.diffusers_compat import diffusers_image_call_kwargs, diffusers_image_pipeline
-from controlnet.loading import DTYPES
+from controlnet.devices import DTYPES
 from controlnet.pipeline import ControlUnit, Pipeline
 
 DENOISE = 0.5

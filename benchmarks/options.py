@@ -6,7 +6,7 @@ denoising step and the compile time; ``--offload`` memory on the device.
     .venv/bin/python -m benchmarks.options offload                     # device-resident weights per offload mode
     .venv/bin/python -m benchmarks.options offload --device cuda       # + measured peak GPU memory of a generation
 
-Models (no download): the SD1.5 UNet architecture (``tests.builders.unet_config("sd1", "full")``) with seeded random
+Models (no download): the SD1.5 UNet architecture (``controlnet.testing.unet_config("sd1", "full")``) with seeded random
 weights and our ControlNet copied from it; for ``offload`` also SD1.5's VAE and text-encoder architectures.
 
 ``compile``: one denoising step is what :func:`controlnet.sampling.sample` runs per step under CFG: the ControlNet
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from controlnet.loading import DTYPE_NAMES, default_dtype, resolve_dtype
+from controlnet.devices import DTYPE_NAMES, default_dtype, resolve_dtype
 
 RESOLUTION = 256
 TEXT_TOKENS = 77  # SD1.5's text encoder context (CLIP ViT-L/14)
@@ -45,7 +45,7 @@ CFG_BATCH = 2  # unconditional + conditional rows in one batch
 
 def _models(size: str, dtype: torch.dtype):
     from controlnet.model import ControlNet
-    from tests.builders import build_unet
+    from controlnet.testing import build_unet
 
     unet = build_unet("sd1", size, seed=0).requires_grad_(False)
     controlnet = ControlNet.from_unet(unet).requires_grad_(False).eval()
@@ -120,7 +120,7 @@ def offload_residency(size: str = "full", bytes_per_param: int = 2) -> dict[str,
 
     from benchmarks.training import SD15_TEXT, SD15_VAE
     from controlnet.model import ControlNet
-    from tests.builders import TINY_VAE, unet_config
+    from controlnet.testing import TINY_VAE, unet_config
 
     from diffusers import UNet2DConditionModel
 
@@ -152,7 +152,7 @@ def measure_offload_cuda(size: str, steps: int) -> dict[str, float]:
     from benchmarks.training import SD15_TEXT, SD15_VAE
     from controlnet.model import ControlNet
     from controlnet.pipeline import ControlUnit, Pipeline
-    from tests.builders import TINY_VAE, build_tokenizer, build_unet
+    from controlnet.testing import TINY_VAE, build_tokenizer, build_unet
 
     peaks = {}
     for mode in (None, "model", "sequential"):

@@ -37,22 +37,23 @@ import torch
 
 from benchmarks import cases as bc
 from controlnet.defaults import DTYPE_CHOICES
-from controlnet.loading import DTYPES
+from controlnet.devices import DTYPES
 
 REPO = Path(__file__).resolve().parents[1]
 EXTRA_CASES = ("load", "train", "options")
 ALL_CASES = (*bc.CASES, *EXTRA_CASES)
-# The issue's target for a controlled step over a plain UNet step (both ours) at 256x256 bf16; the FLOP floor
-# is about 1.35 (SD1.5 at 512x512: UNet 803 GFLOP, ControlNet +283 GFLOP; DESIGN.md).
+# The target for a controlled step over a plain UNet step (both ours) at 256x256 bf16. The FLOP floor is about
+# 1.35: one forward of SD1.5 at 512x512, batch 1, is 803 GFLOP for the UNet and 283 GFLOP for the ControlNet
+# (torch.utils.flop_counter on the meta device).
 CONTROLLED_OVER_PLAIN_TARGET = 1.45
 # Training targets as benchmarks/training.py states them: step time ours/diffusers' way <= 0.8, peak memory
 # ours/full fine-tuning <= 0.8.
 TRAIN_TIME_TARGET = 0.8
 TRAIN_MEMORY_TARGET = 0.8
 
-# The full run on this project's 2-core CPUs, trimmed to what one session can spend (the README); (resolution,
-# dtype, cases), used when neither --resolutions, --dtypes nor --cases is given. With hardware bf16 (AVX-512 BF16
-# or AMX): every case at 256x256 in bf16 (the issue's reference setting), cases 1-2 in fp32 and at 512x512.
+# The full run on a CPU, (resolution, dtype, cases), used when neither --resolutions, --dtypes nor --cases is
+# given. It is trimmed for 2-core CPUs: the fp32 table of docs/performance.md (7 cases at 256 px) took 20 minutes on one. With hardware bf16 (AVX-512 BF16
+# or AMX): every case at 256x256 in bf16 (the setting the targets are stated for), cases 1-2 in fp32 and at 512x512.
 FULL_PLAN_CPU: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (256, "bf16", tuple(bc.CASES)),
     (256, "fp32", ("unet", "controlnet")),
@@ -378,7 +379,7 @@ def build_plan(args: argparse.Namespace, device: torch.device) -> list[tuple[int
     if args.quick:
         base = QUICK_PLAN
     else:
-        from controlnet.loading import cpu_bf16_flags
+        from controlnet.devices import cpu_bf16_flags
 
         if device.type == "cuda":
             base = FULL_PLAN_CUDA

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from controlnet.loading import DTYPE_NAMES, DTYPES
+from controlnet.devices import DTYPE_NAMES, DTYPES
 
 CASES = ("controlnet_cached", "controlnet_diffusers_way", "full_finetune")
 REPO = Path(__file__).resolve().parents[1]
@@ -82,8 +82,8 @@ def run_case(case: str, resolution: int, batch: int, dtype: torch.dtype, steps: 
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tests.builders import TINY_VAE, build_unet, unet_config
     from controlnet.model import ControlNet
+    from controlnet.testing import TINY_VAE, build_unet, unet_config
     from controlnet.train.config import DEFAULT_LR, DEFAULT_MAX_GRAD_NORM
     from controlnet.train.objective import denoising_loss, make_adamw
 
@@ -166,8 +166,8 @@ def count_tflops(resolution: int = 256, batch: int = 2, size: str = "full") -> d
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tests.builders import TINY_VAE, unet_config
     from controlnet.model import ControlNet
+    from controlnet.testing import TINY_VAE, unet_config
     from controlnet.train.objective import denoising_loss
 
     meta = torch.device("meta")

@@ -1,4 +1,4 @@
-"""Measure the embedded model against the issue's targets on 64 held-out random conditions, 20 steps.
+"""Measure the embedded model against its quality targets on 64 held-out random conditions, 20 steps.
 
     OMP_NUM_THREADS=2 .venv/bin/python scripts/evaluate_demo.py [--n 64] [--steps 20] [--out docs/evaluation.json]
     OMP_NUM_THREADS=2 .venv/bin/python scripts/evaluate_demo.py --controlnet outputs/train_fill/lite/controlnet \

@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -34,10 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests.builders
-from tests.builders import build_text_encoder, build_tokenizer, build_vae  # noqa: E402
 from controlnet.data.fill import COLOURS, random_condition
 from controlnet.fileio import atomic_path, atomic_write_text
+from controlnet.testing import build_text_encoder, build_tokenizer, build_vae
 
 IMAGE_SIZE = 128
 VAE_CONFIG = dict(

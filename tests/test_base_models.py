@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from builders import TINY_VAE, build_diffusers_pipeline, build_text_encoder_2, build_vae, tiny_components
+from controlnet.testing import TINY_VAE, build_diffusers_pipeline, build_text_encoder_2, build_vae, tiny_components
 from cli_checks import offline_hub
 from controlnet.defaults import SCHEDULERS, scheduler_name
 from controlnet.errors import EXIT_BAD_INPUT, UserError
@@ -235,16 +235,16 @@ def test_sdxl_embedding_goes_into_both_text_encoders(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sd1():
+def sd1_pipeline():
     return Pipeline(**_components(), dtype="fp32", device="cpu")
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
-def test_every_scheduler_runs_a_controlled_generation(sd1, name):
-    cn = ControlNet.from_unet(sd1.unet)
+def test_every_scheduler_runs_a_controlled_generation(sd1_pipeline, name):
+    cn = ControlNet.from_unet(sd1_pipeline.unet)
     condition = np.zeros((32, 32, 3), dtype=np.uint8)
     try:
-        result = sd1("red", controls=[ControlUnit(cn, condition)], scheduler=name, **{**GEN, "steps": 4})
+        result = sd1_pipeline("red", controls=[ControlUnit(cn, condition)], scheduler=name, **{**GEN, "steps": 4})
     except UserError as err:  # LMS needs scipy, an optional dependency of diffusers
         assert name.startswith("lms") and "scipy" in str(err)
         return
@@ -259,9 +259,9 @@ def test_a1111_scheduler_names(a1111, ours):
     assert scheduler_name(a1111) == ours
 
 
-def test_unknown_scheduler_is_a_user_error(sd1):
+def test_unknown_scheduler_is_a_user_error(sd1_pipeline):
     with pytest.raises(UserError, match=re.escape("unknown scheduler 'DPM+++'")):
-        sd1("red", scheduler="DPM+++", **GEN)
+        sd1_pipeline("red", scheduler="DPM+++", **GEN)
 
 
 def test_lcm_runs_four_steps_with_a_controlnet_on_the_embedded_model():

@@ -111,11 +111,11 @@ def test_quick_run_produces_every_record(tmp_path, capsys):
 
 def test_the_full_cpu_plan_follows_hardware_bf16(monkeypatch):
     """Without hardware bf16 every case runs in fp32 (the dtype `auto` picks there), with it in bf16."""
-    import controlnet.loading as loading
+    import controlnet.devices as devices
 
     args = bench.parse_args([])
-    monkeypatch.setattr(loading, "cpu_bf16_flags", lambda: [])
+    monkeypatch.setattr(devices, "cpu_bf16_flags", lambda: [])
     plan = bench.build_plan(args, torch.device("cpu"))
     assert (256, "fp32", tuple(bc.CASES)) in plan and all(set(c) < set(bc.CASES) for _, d, c in plan if d == "bf16")
-    monkeypatch.setattr(loading, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    monkeypatch.setattr(devices, "cpu_bf16_flags", lambda: ["avx512_bf16"])
     assert (256, "bf16", tuple(bc.CASES)) in bench.build_plan(args, torch.device("cpu"))

@@ -27,7 +27,7 @@ from controlnet.checkpoints import (
     save_controlnet,
     save_diffusers_folder,
 )
-from builders import FAMILIES, SD15_UNET, SD21_UNET, SDXL_UNET, build_unet, unet_config
+from controlnet.testing import FAMILIES, SD15_UNET, SD21_UNET, SDXL_UNET, build_unet, unet_config
 from controlnet.errors import EXIT_BAD_INPUT, UserError
 from controlnet.model import ControlNet, ControlNetConfig
 from test_fixtures import FIXTURES

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from builders import build_unet, sdxl_added_cond_kwargs
+from controlnet.testing import build_unet, sdxl_added_cond_kwargs
 from controlnet.checkpoints import diffusers_to_original
 from controlnet.control_lora import control_lora_from_state_dict, is_control_lora, load_control_lora
 from controlnet.errors import UserError

@@ -28,7 +28,7 @@ REAL_PIDINET = REAL / "table5_pidinet.pth"
 REAL_MLSD_TINY = REAL / "mlsd_tiny_512_fp32.pth"
 NEEDS_REAL_PIDINET = pytest.mark.skipif(not REAL_PIDINET.is_file(), reason=f"real PiDiNet weights not in {REAL}")
 NEEDS_REAL_MLSD = pytest.mark.skipif(not REAL_MLSD_TINY.is_file(), reason=f"real M-LSD tiny weights not in {REAL}")
-MAX_ABS = 1e-4  # the bound on raw outputs against the reference (README: fp32 re-implementations ~1e-5)
+MAX_ABS = 1e-4  # the bound on raw outputs against the reference implementation (README: fp32 re-implementations ~1e-5)
 FIXTURE_OF = {name: fixture for name, (fixture, _) in ANNOTATOR_FIXTURES.items()}
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from builders import build_unet
+from controlnet.testing import build_unet
 from controlnet.checkpoints import original_state_dict, save_controlnet
 from controlnet.errors import UserError
 from controlnet.families import FAMILIES, detect_family, require_family

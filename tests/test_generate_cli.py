@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from builders import build_text_encoder, build_tokenizer, build_unet, build_vae
+from controlnet.testing import build_text_encoder, build_tokenizer, build_unet, build_vae
 from controlnet.errors import EXIT_BAD_INPUT
 from controlnet.model import ControlNet
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from builders import ONEFORMER_TASK_WORDS, write_clip_vocabulary
+from controlnet.testing import ONEFORMER_TASK_WORDS, write_clip_vocabulary
 from cli_checks import offline_hub, refused_in_one_line
 from controlnet import annotators
 from controlnet.annotators import transformers_detectors as hf

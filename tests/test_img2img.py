@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from builders import build_diffusers_pipeline, build_unet, tiny_components, trained_like
+from controlnet.testing import build_diffusers_pipeline, build_unet, tiny_components, trained_like
 from controlnet.a1111 import parameters_text, parse_parameters
 from controlnet.diffusers_compat import diffusers_image_call_kwargs, diffusers_image_pipeline
 from controlnet.errors import UserError
@@ -34,13 +34,6 @@ def _components(in_channels: int = 4) -> dict:
     """The tiny seeded SD1 components; ``in_channels`` 9: an inpainting UNet (latents, mask, masked-image latents)."""
     inpainting = build_unet("sd1", seed=7, in_channels=in_channels) if in_channels != 4 else None
     return tiny_components(WORDS, unet=inpainting)
-
-
-@pytest.fixture(scope="module")
-def sd1():
-    comps = _components()
-    cns = [trained_like(ControlNet.from_unet(comps["unet"]), seed) for seed in (10, 11)]
-    return Pipeline(**comps, dtype="fp32", device="cpu"), comps, cns
 
 
 def _picture(seed: int) -> Image.Image:
@@ -80,10 +73,10 @@ def _theirs(task, comps, cns, denoise, mask=None, num_images=1, strengths=(0.8, 
 
 
 @pytest.mark.parametrize("n_controlnets,denoise,num_images", [(1, 0.5, 1), (2, 0.75, 2), (1, 1.0, 1), (2, 1.0, 1)])
-def test_img2img_matches_diffusers(sd1, n_controlnets, denoise, num_images):
+def test_img2img_matches_diffusers(sd1_with_controlnets, n_controlnets, denoise, num_images):
     """Same weights, seeds (generator k = seed + k: the image's posterior sample, then the noise) and DDIM; the
     second ControlNet ends at 0.5 of the steps that run (2 or 3 of 4), as diffusers measures it."""
-    pipe, comps, cns = sd1
+    pipe, comps, cns = sd1_with_controlnets
     expected = _theirs("img2img", comps, cns[:n_controlnets], denoise, num_images=num_images)
     ours = _ours(pipe, cns[:n_controlnets], denoise=denoise, num_images=num_images, output_type="latent")
     torch.testing.assert_close(ours.latents, expected, atol=1e-4, rtol=0)
@@ -93,10 +86,10 @@ def test_img2img_matches_diffusers(sd1, n_controlnets, denoise, num_images):
 
 
 @pytest.mark.parametrize("n_controlnets,denoise", [(1, 1.0), (2, 0.75), (2, 0.5)])
-def test_inpaint_matches_diffusers_and_pastes_back_only_the_kept_pixels(sd1, n_controlnets, denoise):
+def test_inpaint_matches_diffusers_and_pastes_back_only_the_kept_pixels(sd1_with_controlnets, n_controlnets, denoise):
     """Latent blending as diffusers (final latents within 1e-4); after decoding, ours differs from diffusers'
     image only where the README says: the unmasked pixels are the input's, bit for bit."""
-    pipe, comps, cns = sd1
+    pipe, comps, cns = sd1_with_controlnets
     mask = _mask()
     expected = _theirs("inpaint", comps, cns[:n_controlnets], denoise, mask=mask)
     ours = _ours(pipe, cns[:n_controlnets], denoise=denoise, mask=mask, mask_blur=0, output_type="np")
@@ -129,8 +122,8 @@ def test_inpainting_unet_matches_diffusers(n_controlnets, denoise):
 # --------------------------------------------------------------------------- img2img rules
 
 
-def test_denoise_zero_is_the_vae_round_trip(sd1):
-    pipe = sd1[0]
+def test_denoise_zero_is_the_vae_round_trip(sd1_with_controlnets):
+    pipe = sd1_with_controlnets[0]
     out = pipe(PROMPT, init_image=INIT, denoise=0.0, steps=STEPS, seed=3, progress=False, output_type="np")
     with torch.no_grad():
         latents = pipe.encode(np.asarray(INIT), [torch.Generator().manual_seed(3)])
@@ -138,9 +131,9 @@ def test_denoise_zero_is_the_vae_round_trip(sd1):
         assert np.array_equal(out.images[0], pipe.decode(latents)[0])
 
 
-def test_steps_that_run_and_the_unit_range_measured_on_them(sd1):
+def test_steps_that_run_and_the_unit_range_measured_on_them(sd1_with_controlnets):
     """round(denoise * steps) steps run (half up); a unit's end is a fraction of them."""
-    pipe, _, cns = sd1
+    pipe, _, cns = sd1_with_controlnets
     for denoise, steps, expected in [(0.5, 4, 2), (0.3, 5, 2), (0.7, 10, 7), (0.125, 4, 1), (0.1, 4, 0), (1.0, 3, 3)]:
         seen = []
         pipe(PROMPT, init_image=INIT, denoise=denoise, steps=steps, progress=False, output_type="latent",
@@ -156,16 +149,16 @@ def test_steps_that_run_and_the_unit_range_measured_on_them(sd1):
     assert len(calls) == 2  # 4 steps run; the unit acts on the first half of them
 
 
-def test_img2img_output_size_and_resizing(sd1):
-    pipe = sd1[0]
+def test_img2img_output_size_and_resizing(sd1_with_controlnets):
+    pipe = sd1_with_controlnets[0]
     odd = Image.fromarray(np.asarray(INIT)[:45, :61])  # 61 x 45: rounded to 64 x 48
     assert pipe(PROMPT, init_image=odd, steps=1, progress=False).images[0].size == (64, 48)
     out = pipe(PROMPT, init_image=INIT, size=(32, 32), steps=1, progress=False, mask=_mask(), mask_blur=0)
     assert out.images[0].size == (32, 32) and out.settings["size"] == "32x32"
 
 
-def test_bad_image_inputs_are_one_line_user_errors(sd1):
-    pipe = sd1[0]
+def test_bad_image_inputs_are_one_line_user_errors(sd1_with_controlnets):
+    pipe = sd1_with_controlnets[0]
     cases = [
         (dict(init_image=INIT, denoise=1.5), "denoise must be in"),
         (dict(init_image=INIT, denoise=-0.1), "denoise must be in"),
@@ -214,8 +207,8 @@ def test_mask_pieces_known_answers():
     assert (right, top) == (200, 0) and right - left == bottom - top == 10
 
 
-def test_inpaint_full_res_generates_the_box_at_full_size_and_pastes_it_back(sd1):
-    pipe, _, cns = sd1
+def test_inpaint_full_res_generates_the_box_at_full_size_and_pastes_it_back(sd1_with_controlnets):
+    pipe, _, cns = sd1_with_controlnets
     picture = np.random.RandomState(3).randint(0, 256, (96, 160, 3), dtype=np.uint8)
     mask = np.zeros((96, 160), np.uint8)
     mask[40:52, 100:116] = 255  # 16 x 12; padding 4 → 24 x 20, grown to the 64 x 48 aspect: 27 x 20
@@ -239,8 +232,8 @@ def test_inpaint_full_res_generates_the_box_at_full_size_and_pastes_it_back(sd1)
     np.testing.assert_allclose(hints[0][0].permute(1, 2, 0).numpy(), expected, atol=1e-6)
 
 
-def test_mask_blur_changes_only_masked_pixels_and_unaligned_masks(sd1):
-    pipe = sd1[0]
+def test_mask_blur_changes_only_masked_pixels_and_unaligned_masks(sd1_with_controlnets):
+    pipe = sd1_with_controlnets[0]
     mask = _mask(aligned=False)
     out = pipe(PROMPT, init_image=INIT, mask=mask, mask_blur=4, steps=2, progress=False, output_type="np")
     assert np.array_equal(out.images[0][mask == 0], np.asarray(INIT)[mask == 0])
@@ -263,10 +256,10 @@ def _captured_hints(pipe, cn, unit):
 
 
 @pytest.mark.parametrize("scale", [1, 2])
-def test_masked_pixels_reach_the_controlnet_as_minus_one(sd1, scale):
+def test_masked_pixels_reach_the_controlnet_as_minus_one(sd1_with_controlnets, scale):
     """Both ways a user gives the 1.1 inpaint condition: the inpaint annotator (picture + mask) and a float array
     with -1; also through resizing (the condition given at twice the output size)."""
-    pipe, _, cns = sd1
+    pipe, _, cns = sd1_with_controlnets
     picture = np.kron(np.asarray(INIT), np.ones((scale, scale, 1), np.uint8))
     mask = np.kron(_mask(aligned=False), np.ones((scale, scale), np.uint8))
     masked = _mask(aligned=False) > 0
@@ -286,10 +279,10 @@ def test_masked_pixels_reach_the_controlnet_as_minus_one(sd1, scale):
 # --------------------------------------------------------------------------- control modes
 
 
-def test_control_modes_are_their_formulas(sd1):
+def test_control_modes_are_their_formulas(sd1_with_controlnets):
     """balanced = strength on both branches; prompt = strength * 0.825**(N-1-j) on both; controlnet = the same
     scales on the conditional branch only (= guess mode)."""
-    pipe, _, cns = sd1
+    pipe, _, cns = sd1_with_controlnets
     cn, image = cns[0], CONDITIONS[0]
     n = cn.num_residuals
     soft = original_guess_mode_scales(n, 0.7)
@@ -311,9 +304,9 @@ def test_control_modes_are_their_formulas(sd1):
 # --------------------------------------------------------------------------- hires fix
 
 
-def test_hires_fix_latent_upscale_known_answer(sd1):
+def test_hires_fix_latent_upscale_known_answer(sd1_with_controlnets):
     """hires denoise 0: the first pass's latents upscaled bilinearly (A1111's "Latent"), nothing else."""
-    pipe, _, cns = sd1
+    pipe, _, cns = sd1_with_controlnets
     unit = [ControlUnit(cns[0], CONDITIONS[0])]
     first = pipe(PROMPT, controls=unit, steps=2, size=(WIDTH, HEIGHT), progress=False, output_type="latent")
     out = pipe(PROMPT, controls=unit, steps=2, size=(WIDTH, HEIGHT), progress=False, output_type="np",
@@ -355,8 +348,8 @@ def test_a1111_parameters_round_trip_and_no_prompt_chunk():
     assert (hires["Hires upscale"], hires["Hires upscaler"], hires["Denoising strength"]) == ("2.0", "Latent", "0.7")
 
 
-def test_generation_settings_carry_the_image_settings(sd1):
-    pipe = sd1[0]
+def test_generation_settings_carry_the_image_settings(sd1_with_controlnets):
+    pipe = sd1_with_controlnets[0]
     out = pipe(PROMPT, init_image=INIT, mask=_mask(), denoise=0.6, mask_blur=2, steps=2, progress=False)
     s = out.settings
     assert (s["denoise"], s["mask_blur"], s["mask_invert"], s["inpaint_full_res"]) == (0.6, 2.0, False, False)
@@ -542,12 +535,12 @@ def test_cli_hires_fix_doubles_the_size(tmp_path, fill_files):
 # --------------------------------------------------------------------------- the web UI's img2img tab
 
 
-def test_ui_img2img_tab_paints_a_mask_and_reaches_the_pipeline(sd1, tmp_path):
+def test_ui_img2img_tab_paints_a_mask_and_reaches_the_pipeline(sd1_with_controlnets, tmp_path):
     """The editor's value (a background and a layer painted over it) becomes init_image + mask; the hires options
     become a HiresFix."""
     from controlnet import ui
 
-    pipe = sd1[0]
+    pipe = sd1_with_controlnets[0]
     layer = np.zeros((HEIGHT, WIDTH, 4), np.uint8)
     layer[8:32, 16:48] = (255, 255, 255, 200)  # the brush strokes: any alpha
     editor = {"background": INIT, "layers": [Image.fromarray(layer)], "composite": INIT}

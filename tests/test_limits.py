@@ -66,7 +66,7 @@ def test_max_pixels_flag_values():
     ((100, 100), (64, 512), True),  # 1:1 onto 1:8
     ((100, 100), (64, 520), False),
     ((400, 100), (100, 400), False),  # 4:1 onto 1:4 is 16x apart
-    ((100000, 1), (64, 64), False),  # the 178-byte PNG of the issue
+    ((100000, 1), (64, 64), False),  # a 178-byte PNG can declare this shape
     ((100000, 1), (12800000, 128), True),  # its own shape is fine (the output limit refuses that size)
 ])
 def test_condition_aspect_limit(src, out, ok):
@@ -202,7 +202,7 @@ def test_generation_stops_at_the_first_non_finite_latents(pipe):
 
 
 def test_absent_device_is_refused():
-    from controlnet.loading import resolve_device
+    from controlnet.devices import resolve_device
 
     with pytest.raises(UserError, match="cuda:99 is not available"):
         resolve_device("cuda:99")
@@ -225,7 +225,7 @@ def test_fill_data_size_limit_and_streamed_prompts(tmp_path):
 
 
 def test_fill_data_write_failure_is_one_line_and_leaves_nothing(tmp_path):
-    """The issue's case: cv2.imwrite's result was ignored under a file-size limit; now the write fails loudly."""
+    """Under a file-size limit cv2.imwrite returns False instead of raising: the write must fail loudly."""
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200)); "
             "from controlnet.cli import main; sys.exit(main(['data', 'fill', sys.argv[1], '--n', '3', '--size', '64']))")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "d")], capture_output=True, text=True)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from builders import (TINY_SDXL_TEXT_EMBED_DIM, build_diffusers_pipeline, build_text_encoder_2, build_tokenizer,
+from controlnet.testing import (TINY_SDXL_TEXT_EMBED_DIM, build_diffusers_pipeline, build_text_encoder_2, build_tokenizer,
                       tiny_components)
 from controlnet.errors import UserError
 from controlnet.lora import parse_lora_spec, split_prompt_loras

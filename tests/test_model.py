@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from builders import FAMILIES, SD15_UNET, SD21_UNET, SDXL_UNET, build_unet, sdxl_added_cond_kwargs
+from controlnet.testing import FAMILIES, SD15_UNET, SD21_UNET, SDXL_UNET, build_unet, sdxl_added_cond_kwargs
 from controlnet.errors import UserError
 from controlnet.model import MODEL_CLASSES, ControlNet, ControlNetLite, UNetControlNet, build_controlnet
 from controlnet.model_config import ARCHITECTURES, MAX_CHANNELS, ControlNetConfig

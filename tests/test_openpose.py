@@ -24,7 +24,7 @@ from controlnet.cli import main
 from controlnet.errors import UserError
 from fixture_weights import FIXTURES, fixture_weights, load_io, state_dict_digest
 
-MAX_ABS = 1e-4  # the bound on raw outputs against the reference
+MAX_ABS = 1e-4  # the bound on raw outputs against the reference implementation
 
 
 def _registered() -> None:

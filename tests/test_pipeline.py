@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from builders import (
+from controlnet.testing import (
     SD_SCHEDULE,
     build_diffusers_pipeline,
     build_text_encoder_2,
@@ -23,7 +23,7 @@ from controlnet.conditions import condition_to_pil, resize_cover, round_size, to
 from controlnet.diffusers_compat import diffusers_call_kwargs, diffusers_guess_mode_scales, diffusers_pipeline
 from controlnet.errors import UserError
 from controlnet.images import png_metadata
-from controlnet.loading import DTYPES, default_dtype, resolve_dtype
+from controlnet.devices import DTYPES, default_dtype, resolve_dtype
 from controlnet.model import ControlNet
 from controlnet.pipeline import ControlUnit, Pipeline
 from controlnet.sampling import SCHEDULERS, make_scheduler
@@ -41,14 +41,6 @@ def _components(family: str = "sd1", prediction_type: str = "epsilon") -> dict:
     second = build_text_encoder_2(WORDS, seed=2) if family == "sdxl" else {}
     scheduler = DDIMScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
     return tiny_components(WORDS, family, scheduler=scheduler, **second)
-
-
-@pytest.fixture(scope="module")
-def sd1():
-    comps = _components("sd1")
-    pipe = Pipeline(**comps, dtype="fp32", device="cpu")
-    cns = [trained_like(ControlNet.from_unet(comps["unet"]), seed) for seed in (10, 11)]
-    return pipe, comps, cns
 
 
 def _condition(seed: int, width: int = WIDTH, height: int = HEIGHT) -> Image.Image:
@@ -73,8 +65,8 @@ def _ours(pipe, cns, images, scales=None, **kw):
 @pytest.mark.parametrize("n_controlnets,guess_mode,scheduler", [
     (1, False, "ddim"), (1, True, "ddim"), (2, False, "ddim"), (2, True, "ddim"), (1, False, "dpmpp_2m_karras"),
 ])
-def test_matches_diffusers_controlnet_pipeline(sd1, n_controlnets, guess_mode, scheduler):
-    pipe, comps, cns = sd1
+def test_matches_diffusers_controlnet_pipeline(sd1_with_controlnets, n_controlnets, guess_mode, scheduler):
+    pipe, comps, cns = sd1_with_controlnets
     cns = cns[:n_controlnets]
     images = [_condition(20 + k) for k in range(n_controlnets)]
     strengths = [0.8, 1.3][:n_controlnets]
@@ -122,8 +114,8 @@ def _hooks(module, calls: list, outputs: list | None = None):
     return module.register_forward_hook(hook, with_kwargs=True)
 
 
-def test_two_controlnets_add_their_residuals(sd1):
-    pipe, _, cns = sd1
+def test_two_controlnets_add_their_residuals(sd1_with_controlnets):
+    pipe, _, cns = sd1_with_controlnets
     calls, outs = [[], []], [[], []]
     received = []
     handles = [_hooks(cn, c, o) for cn, c, o in zip(cns, calls, outs)]
@@ -146,8 +138,8 @@ def test_two_controlnets_add_their_residuals(sd1):
 
 
 @pytest.mark.parametrize("unit_kwargs", [dict(end=0.0), dict(strength=0.0), dict(start=1.0)])
-def test_inactive_unit_gives_exactly_the_uncontrolled_image(sd1, unit_kwargs):
-    pipe, _, cns = sd1
+def test_inactive_unit_gives_exactly_the_uncontrolled_image(sd1_with_controlnets, unit_kwargs):
+    pipe, _, cns = sd1_with_controlnets
     calls: list = []
     handles = [_hooks(cns[0], calls), _hooks(cns[0].controlnet_cond_embedding, calls)]
     try:
@@ -162,8 +154,8 @@ def test_inactive_unit_gives_exactly_the_uncontrolled_image(sd1, unit_kwargs):
     assert np.array_equal(controlled.images[0], plain.images[0])
 
 
-def test_unit_runs_only_inside_its_step_range_and_hint_is_encoded_once(sd1):
-    pipe, _, cns = sd1
+def test_unit_runs_only_inside_its_step_range_and_hint_is_encoded_once(sd1_with_controlnets):
+    pipe, _, cns = sd1_with_controlnets
     calls, hint_calls = [], []
     handles = [_hooks(cns[0], calls), _hooks(cns[0].controlnet_cond_embedding, hint_calls)]
     try:
@@ -179,10 +171,10 @@ def test_unit_runs_only_inside_its_step_range_and_hint_is_encoded_once(sd1):
     assert [i for i in range(10) if unit.active(i, 10)] == [3, 4, 5]
 
 
-def test_reuse_residuals_computes_every_nth_active_step_and_reuses_the_rest(sd1):
+def test_reuse_residuals_computes_every_nth_active_step_and_reuses_the_rest(sd1_with_controlnets):
     """reuse_residuals=3 over 10 steps, range [0.3, 1.0] (active i = 3..9): computed at 3, 6, 9; the UNet gets the
     residuals of the last computation at every active step; reuse 1 is exactly the default loop."""
-    pipe, _, cns = sd1
+    pipe, _, cns = sd1_with_controlnets
     calls, outs, received = [], [], []
     handles = [_hooks(cns[0], calls, outs),
                pipe.unet.register_forward_pre_hook(lambda m, a, kw: received.append(kw), with_kwargs=True)]
@@ -206,8 +198,8 @@ def test_reuse_residuals_computes_every_nth_active_step_and_reuses_the_rest(sd1)
         pipe(PROMPT, controls=[unit], steps=2, size=(WIDTH, HEIGHT), progress=False, reuse_residuals=0)
 
 
-def test_guess_mode_controls_the_conditional_branch_only(sd1):
-    pipe, _, cns = sd1
+def test_guess_mode_controls_the_conditional_branch_only(sd1_with_controlnets):
+    pipe, _, cns = sd1_with_controlnets
     calls, received = [], []
     handles = [_hooks(cns[0], calls),
                pipe.unet.register_forward_pre_hook(lambda m, a, kw: received.append(kw), with_kwargs=True)]
@@ -222,9 +214,9 @@ def test_guess_mode_controls_the_conditional_branch_only(sd1):
         assert all(r.shape[0] == 4 and not r[:2].any() and r[2:].abs().sum() > 0 for r in residuals)
 
 
-def test_guess_mode_default_scales_are_the_originals(sd1):
+def test_guess_mode_default_scales_are_the_originals(sd1_with_controlnets):
     """Without explicit scales, guess mode is exactly ControlNet residual_scales 0.825**(N-1-j)."""
-    pipe, _, cns = sd1
+    pipe, _, cns = sd1_with_controlnets
     n = cns[0].num_residuals
     default = _ours(pipe, cns[:1], [_condition(1)], guess_mode=True, strengths=[0.9])
     explicit = _ours(pipe, cns[:1], [_condition(1)], guess_mode=True, strengths=[0.9],
@@ -232,8 +224,8 @@ def test_guess_mode_default_scales_are_the_originals(sd1):
     torch.testing.assert_close(default.latents, explicit.latents, atol=1e-6, rtol=0)
 
 
-def test_same_seed_same_pixels_and_seed_k_is_image_k(sd1):
-    pipe, _, cns = sd1
+def test_same_seed_same_pixels_and_seed_k_is_image_k(sd1_with_controlnets):
+    pipe, _, cns = sd1_with_controlnets
     kw = dict(controls=[ControlUnit(cns[0], _condition(1))], steps=STEPS, size=(WIDTH, HEIGHT), progress=False,
               output_type="np", scheduler="euler_a", eta=0.0)
     a = pipe(PROMPT, seed=7, num_images=2, **kw)
@@ -247,15 +239,15 @@ def test_same_seed_same_pixels_and_seed_k_is_image_k(sd1):
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
-def test_every_scheduler_runs(sd1, name):
-    pipe, _, cns = sd1
+def test_every_scheduler_runs(sd1_with_controlnets, name):
+    pipe, _, cns = sd1_with_controlnets
     out = pipe(PROMPT, controls=[ControlUnit(cns[0], _condition(1))], steps=3, size=(WIDTH, HEIGHT),
                scheduler=name, progress=False, output_type="pil", eta=0.3)
     assert out.images[0].size == (WIDTH, HEIGHT) and torch.isfinite(out.latents).all()
 
 
-def test_result_settings_conditions_and_callback(sd1):
-    pipe, _, cns = sd1
+def test_result_settings_conditions_and_callback(sd1_with_controlnets):
+    pipe, _, cns = sd1_with_controlnets
     seen = []
     out = pipe(PROMPT, controls=[ControlUnit(cns[0], _condition(1, 128, 64), strength=0.5, start=0.25)],
                steps=STEPS, size=None, progress=False, callback=lambda i, t, x: seen.append(i))
@@ -267,8 +259,8 @@ def test_result_settings_conditions_and_callback(sd1):
     assert s["controlnets"][0]["strength"] == 0.5 and s["controlnets"][0]["start"] == 0.25
 
 
-def test_conditions_are_resized_by_cover_then_centre_crop(sd1):
-    pipe, _, cns = sd1
+def test_conditions_are_resized_by_cover_then_centre_crop(sd1_with_controlnets):
+    pipe, _, cns = sd1_with_controlnets
     # A 32x32 image with a white left half; output 64x48: scale 2 → 64x64, crop rows 8..56; left half stays white.
     img = np.zeros((32, 32, 3), np.uint8)
     img[:, :16] = 255
@@ -278,11 +270,11 @@ def test_conditions_are_resized_by_cover_then_centre_crop(sd1):
     assert (cond[:, :24] > 235).all() and (cond[:, 40:] < 20).all()  # Lanczos rings a little at the edge
 
 
-def test_annotator_runs_first(sd1, tmp_path):
+def test_annotator_runs_first(sd1_with_controlnets, tmp_path):
     """A picture annotator runs on the resized image; a depth annotator on the raw file, then it is resized."""
     from controlnet import annotators
 
-    pipe, _, cns = sd1
+    pipe, _, cns = sd1_with_controlnets
     img = np.asarray(_condition(1, 32, 24))  # half the output size: resized first, then inverted
     out = pipe(PROMPT, controls=[ControlUnit(cns[0], img, annotator="invert")], steps=1, size=(WIDTH, HEIGHT),
                progress=False, output_type="latent")
@@ -311,8 +303,8 @@ def test_bad_units_raise_user_error(kwargs, match):
         ControlUnit("fill", "x.png", **kwargs)
 
 
-def test_bad_generation_settings_raise_user_error(sd1):
-    pipe, _, cns = sd1
+def test_bad_generation_settings_raise_user_error(sd1_with_controlnets):
+    pipe, _, cns = sd1_with_controlnets
     with pytest.raises(UserError, match="scheduler"):
         pipe(PROMPT, scheduler="no_such_sampler", progress=False)
     with pytest.raises(UserError, match="no such file"):
@@ -324,8 +316,8 @@ def test_bad_generation_settings_raise_user_error(sd1):
         pipe(PROMPT, controls=[ControlUnit(sd2_cn, _condition(1))], progress=False)
 
 
-def test_size_rounding_warns_and_rounds(sd1):
-    pipe = sd1[0]
+def test_size_rounding_warns_and_rounds(sd1_with_controlnets):
+    pipe = sd1_with_controlnets[0]
     assert round_size(100, 63) == (104, 64) and round_size(3, 3) == (8, 8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -373,10 +365,10 @@ def test_png_metadata_per_image():
     assert json.loads(meta["settings"])["seed"] == 4 and "seeds" not in meta
 
 
-def test_from_pretrained_folder_with_fp16_variant_files(sd1, tmp_path):
+def test_from_pretrained_folder_with_fp16_variant_files(sd1_with_controlnets, tmp_path):
     """A diffusers folder whose weights exist only as *.fp16.safetensors loads, and generates what the same
     components do in memory."""
-    pipe, comps, _ = sd1
+    pipe, comps, _ = sd1_with_controlnets
     build_diffusers_pipeline(comps).save_pretrained(tmp_path / "base", variant="fp16")
     assert list((tmp_path / "base" / "unet").glob("*.fp16.safetensors"))
     loaded = Pipeline.from_pretrained(tmp_path / "base", dtype="fp32", device="cpu")

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from builders import TINY_SDXL_TEXT_EMBED_DIM, build_diffusers_pipeline, build_text_encoder_2, tiny_components
+from controlnet.testing import TINY_SDXL_TEXT_EMBED_DIM, build_diffusers_pipeline, build_text_encoder_2, tiny_components
 from controlnet.errors import UserError
 from controlnet.pipeline import Pipeline
 from controlnet.prompts import BREAK, COMMA_BACKTRACK, make_chunks, parse_emphasis
@@ -34,13 +34,13 @@ def _components(family: str = "sd1", layers: int = 2) -> dict:
 
 
 @pytest.fixture(scope="module")
-def sd1():
+def sd1_and_diffusers():
     comps = _components("sd1", layers=3)
     return Pipeline(**comps, dtype="fp32", device="cpu"), build_diffusers_pipeline(comps)
 
 
 @pytest.fixture(scope="module")
-def sdxl():
+def sdxl_and_diffusers():
     comps = _components("sdxl", layers=3)
     return Pipeline(**comps, dtype="fp32", device="cpu"), build_diffusers_pipeline(comps)
 
@@ -87,8 +87,8 @@ def test_chunks_fill_up_break_and_back_off_to_a_comma():
 # --------------------------------------------------------------------------- long prompts
 
 
-def test_long_prompt_is_chunked_and_its_first_chunk_is_diffusers_encoding(sd1):
-    pipe, oracle = sd1
+def test_long_prompt_is_chunked_and_its_first_chunk_is_diffusers_encoding(sd1_and_diffusers):
+    pipe, oracle = sd1_and_diffusers
     text, pooled = pipe.encode_weighted_prompt(LONG)
     assert text.shape == (1, 2 * LENGTH, 32) and pooled is None
     with warnings.catch_warnings():
@@ -101,8 +101,8 @@ def test_long_prompt_is_chunked_and_its_first_chunk_is_diffusers_encoding(sd1):
     assert torch.equal(short, oracle.encode_prompt("red circle", "cpu", 1, False)[0])
 
 
-def test_sdxl_long_prompt_shapes_and_first_chunk(sdxl):
-    pipe, oracle = sdxl
+def test_sdxl_long_prompt_shapes_and_first_chunk(sdxl_and_diffusers):
+    pipe, oracle = sdxl_and_diffusers
     text, pooled = pipe.encode_weighted_prompt(LONG)
     assert text.shape == (1, 2 * LENGTH, 64) and pooled.shape == (1, TINY_SDXL_TEXT_EMBED_DIM)
     with warnings.catch_warnings():
@@ -112,8 +112,8 @@ def test_sdxl_long_prompt_shapes_and_first_chunk(sdxl):
     torch.testing.assert_close(pooled, expected_pooled, atol=1e-6, rtol=0)
 
 
-def test_emphasis_multiplies_each_token_and_keeps_the_mean(sd1):
-    pipe, _ = sd1
+def test_emphasis_multiplies_each_token_and_keeps_the_mean(sd1_and_diffusers):
+    pipe, _ = sd1_and_diffusers
     plain, _ = pipe.encode_weighted_prompt("red circle blue")
     ours, _ = pipe.encode_weighted_prompt("(red:1.5) circle [blue]")
     weights = torch.ones(LENGTH)
@@ -125,8 +125,8 @@ def test_emphasis_multiplies_each_token_and_keeps_the_mean(sd1):
     assert escaped.shape == plain.shape and not torch.equal(escaped, plain)  # literal brackets are tokens
 
 
-def test_short_negative_prompt_is_padded_with_the_empty_prompts_chunk(sd1):
-    pipe, _ = sd1
+def test_short_negative_prompt_is_padded_with_the_empty_prompts_chunk(sd1_and_diffusers):
+    pipe, _ = sd1_and_diffusers
     text, added = pipe.text_conditioning(LONG, "blue", num_images=2, cfg=True, width=32, height=32)
     assert text.shape == (4, 2 * LENGTH, 32) and added is None
     empty, _ = pipe.encode_weighted_prompt("")
@@ -136,8 +136,8 @@ def test_short_negative_prompt_is_padded_with_the_empty_prompts_chunk(sd1):
     assert torch.isfinite(result.latents).all()
 
 
-def test_plain_encoder_warns_when_it_cuts(sd1):
-    pipe, _ = sd1
+def test_plain_encoder_warns_when_it_cuts(sd1_and_diffusers):
+    pipe, _ = sd1_and_diffusers
     with pytest.warns(UserWarning, match="cut 'blue square"):
         pipe.encode_prompt([LONG])
     with warnings.catch_warnings():
@@ -149,9 +149,9 @@ def test_plain_encoder_warns_when_it_cuts(sd1):
 
 
 @pytest.mark.parametrize("clip_skip", [1, 2, 3])
-def test_clip_skip_equals_diffusers_clip_skip_minus_one(sd1, clip_skip):
+def test_clip_skip_equals_diffusers_clip_skip_minus_one(sd1_and_diffusers, clip_skip):
     """A1111 counts clip skip from 1 (the last layer); diffusers' ``clip_skip`` counts the layers skipped."""
-    pipe, oracle = sd1
+    pipe, oracle = sd1_and_diffusers
     pipe.clip_skip = clip_skip
     try:
         ours, _ = pipe.encode_weighted_prompt("red circle")
@@ -172,8 +172,8 @@ def test_clip_skip_equals_diffusers_clip_skip_minus_one(sd1, clip_skip):
 
 
 @pytest.mark.parametrize("clip_skip", [1, 2])
-def test_sdxl_clip_skip_equals_diffusers(sdxl, clip_skip):
-    pipe, oracle = sdxl
+def test_sdxl_clip_skip_equals_diffusers(sdxl_and_diffusers, clip_skip):
+    pipe, oracle = sdxl_and_diffusers
     pipe.clip_skip = clip_skip
     try:
         ours, pooled = pipe.encode_weighted_prompt("red circle")
@@ -185,8 +185,8 @@ def test_sdxl_clip_skip_equals_diffusers(sdxl, clip_skip):
     torch.testing.assert_close(pooled, expected_pooled, atol=1e-6, rtol=0)
 
 
-def test_clip_skip_out_of_range_is_a_user_error(sd1):
-    pipe, _ = sd1
+def test_clip_skip_out_of_range_is_a_user_error(sd1_and_diffusers):
+    pipe, _ = sd1_and_diffusers
     for bad in (0, 4):
         pipe.clip_skip = bad
         try:

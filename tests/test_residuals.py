@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from builders import build_unet
+from controlnet.testing import build_unet
 from controlnet.model import ControlNet
 from controlnet.residuals import Residuals
 

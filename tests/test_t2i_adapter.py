@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from builders import SD15_UNET, SDXL_UNET, build_unet, sdxl_added_cond_kwargs
+from controlnet.testing import SD15_UNET, SDXL_UNET, build_unet, sdxl_added_cond_kwargs
 from controlnet.errors import UserError
 from controlnet.t2i_adapter import (
     T2IAdapterConfig,

@@ -26,7 +26,7 @@ def make_base(path: Path) -> Path:
     """A diffusers SD1.x folder with the tiny seeded models of controlnet.configs (no download)."""
     from diffusers import DDIMScheduler
 
-    from builders import build_text_encoder, build_tokenizer, build_unet, build_vae
+    from controlnet.testing import build_text_encoder, build_tokenizer, build_unet, build_vae
 
     tok = build_tokenizer(FILL_WORDS, max_length=16)
     parts = {
@@ -253,7 +253,7 @@ def test_objective_with_a_new_controlnet_is_the_bases_own_loss(prediction_type):
     """Zero convs → no residual → the loss is exactly MSE(UNet(z_t, t, c), target) for the scheduler's target."""
     from diffusers import DDPMScheduler
 
-    from builders import build_unet
+    from controlnet.testing import build_unet
     from controlnet.model import ControlNet
     from controlnet.train.objective import denoising_loss
 
@@ -279,7 +279,7 @@ def test_the_locked_encoder_builds_no_autograd_graph():
     """Only the decoder side records a graph: the locked encoder and mid block run as under torch.no_grad."""
     from diffusers import DDPMScheduler
 
-    from builders import build_unet
+    from controlnet.testing import build_unet
     from controlnet.model import ControlNet
     from controlnet.train.objective import denoising_loss
 
@@ -340,7 +340,7 @@ def test_annotator_conditions_and_the_canny_score(tiny, tmp_path):
 def test_an_sdxl_base_trains_with_pooled_embeddings_and_time_ids(tiny, tmp_path):
     from diffusers import EulerDiscreteScheduler
 
-    from builders import TINY_SDXL_TEXT_EMBED_DIM, build_text_encoder, build_tokenizer, build_unet, build_vae
+    from controlnet.testing import TINY_SDXL_TEXT_EMBED_DIM, build_text_encoder, build_tokenizer, build_unet, build_vae
 
     tok = build_tokenizer(FILL_WORDS, max_length=16)
     parts = {"unet": build_unet("sdxl", "tiny"), "vae": build_vae(), "tokenizer": tok, "tokenizer_2": tok,
@@ -366,7 +366,7 @@ def test_an_sdxl_base_trains_with_pooled_embeddings_and_time_ids(tiny, tmp_path)
 def test_gaussian_zero_conv_ablation_starts_away_from_the_base(tiny):
     """--zero-conv-init gaussian (the paper's Fig. 8 ablation): the zero convs and the hint encoder's last conv
     start Gaussian, so the controlled UNet no longer equals the base at step 0; "zero" keeps them exactly zero."""
-    from builders import build_unet
+    from controlnet.testing import build_unet
     from controlnet.train.setup import ABLATION_GAUSSIAN_STD, make_controlnet
 
     unet = build_unet("sd1", "tiny")
@@ -488,7 +488,7 @@ def test_temporaries_left_by_a_killed_run_are_removed_at_the_next_start(tiny, tm
 
 
 def test_export_original_and_init_are_checked_before_anything_is_written(tiny, tmp_path):
-    from builders import build_unet
+    from controlnet.testing import build_unet
     from controlnet.checkpoints import save_controlnet
     from controlnet.model import ControlNet
 
@@ -506,9 +506,9 @@ def test_export_original_and_init_are_checked_before_anything_is_written(tiny, t
             _config(tiny, setting.pop("out", out), **setting).check()
 
 
-def test_scorers_are_a_registry_that_the_fill_data_registers_into(tiny):
+def test_the_scorer_table_holds_the_fill_score(tiny):
     from controlnet.data.fill import FillSample, fill_scorer
-    from controlnet.train.validation import choose_scorer, scorers
+    from controlnet.train.scores import choose_scorer, scorers
 
     assert scorers()["fill"].make is fill_scorer and {"canny", "ssim"} <= set(scorers())
     assert choose_scorer("auto", None, {}, ["red circle with blue background"])[0] == "fill_iou"

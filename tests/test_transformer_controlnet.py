@@ -15,7 +15,7 @@ from diffusers import (FluxControlNetModel, FluxControlNetPipeline, FluxMultiCon
                        SD3ControlNetModel, SD3MultiControlNetModel, SD3Transformer2DModel)
 from safetensors.torch import save_file
 
-from builders import build_unet, trained_like
+from controlnet.testing import build_unet, trained_like
 from controlnet.errors import UserError
 from controlnet.residuals import Residuals
 from controlnet.transformer_controlnet import (FLUX_UNION_MODES, FluxControlNet, SD3ControlNet, latent_image_ids,

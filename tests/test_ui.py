@@ -82,8 +82,8 @@ def build_tiny_base(root: Path) -> tuple[Path, Path]:
     """A tiny seeded SD1-layout diffusers folder and a ControlNet for it (zero convs: a no-op control)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from builders import TINY_SD1_UNET, build_text_encoder, build_tokenizer, build_unet, build_vae
     from controlnet.checkpoints import save_diffusers_folder
+    from controlnet.testing import TINY_SD1_UNET, build_text_encoder, build_tokenizer, build_unet, build_vae
     from controlnet.model import ControlNet
 
     unet = build_unet("sd1", "tiny", seed=0)

@@ -8,7 +8,7 @@ import inspect
 import pytest
 import torch
 
-from builders import build_unet, sdxl_added_cond_kwargs, trained_like
+from controlnet.testing import build_unet, sdxl_added_cond_kwargs, trained_like
 from controlnet.errors import UserError
 from controlnet.union import CONTROL_TYPES, UnionControlNet, load_union, union_from_state_dict
 

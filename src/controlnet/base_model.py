@@ -36,7 +36,7 @@ from controlnet import lora as lora_lib
 from controlnet import prompts, runtime
 from controlnet.defaults import FAMILY_LABELS, FamilyDefaults, family_defaults, scheduler_name
 from controlnet.errors import UserError
-from controlnet.loading import placement
+from controlnet.devices import placement
 
 
 class BaseModelMixin(TextualInversionLoaderMixin):
@@ -197,7 +197,8 @@ class BaseModelMixin(TextualInversionLoaderMixin):
 
     def load_vae(self, source: str | os.PathLike, revision: str | None = None, variant: str | None = None) -> None:
         """Replace the base's VAE (a file, a diffusers folder or a hub id; :func:`controlnet.loading.load_vae`)."""
-        from controlnet.loading import load_vae, move
+        from controlnet.devices import move
+        from controlnet.loading import load_vae
 
         where = placement(self.vae)
         vae = load_vae(source, self.vae, where["dtype"], revision, variant)

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +26,13 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from controlnet.devices import parse_dtype
 from controlnet.embedded import resolve_controlnet
 from controlnet.errors import UserError
 from controlnet.fileio import atomic_path
-from controlnet.loading import DTYPES
 from controlnet.model import ControlNet, build_controlnet
 from controlnet.model_config import LITE_CLASS_NAME, ControlNetConfig
+from controlnet.safe_io import check_regular_file, first_sentence, read_safetensors, read_torch_file
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 # Text-encoder context width of each family's base: CLIP ViT-L/14 (SD1.x), OpenCLIP ViT-H/14 (SD2.x),
@@ -79,22 +78,6 @@ StateDict = dict[str, torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------- small helpers
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """A name of :data:`controlnet.loading.DTYPES` (``"fp16"``/``"bf16"``/``"fp32"``, ...), a torch dtype, or None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise UserError(f"unknown dtype {dtype!r}; use one of fp32, fp16, bf16") from None
-
-
-def _first_sentence(err: BaseException) -> str:
-    """The gist of a library's error message: its first line, cut after the first sentence."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text.split(". ")[0]
 
 
 def _examples(items: Iterable[str], limit: int = 3) -> str:
@@ -438,7 +421,7 @@ def _as_config(config: ControlNetConfig | Mapping[str, Any] | str | Path) -> Con
         try:
             config = json.loads(path.read_text())
         except (OSError, ValueError, RecursionError) as err:  # ValueError: bad UTF-8, bad JSON, a 5000-digit number
-            raise UserError(f"{path} is not a readable JSON config: {_first_sentence(err)}") from None
+            raise UserError(f"{path} is not a readable JSON config: {first_sentence(err)}") from None
     if not isinstance(config, Mapping):
         raise UserError(f"{source}: expected a JSON object, got {type(config).__name__}")
     if isinstance(config.get("controlnet"), Mapping):
@@ -453,55 +436,6 @@ def _as_config(config: ControlNetConfig | Mapping[str, Any] | str | Path) -> Con
 
 
 # --------------------------------------------------------------------------------------------- reading files
-
-
-def read_safetensors(path: Path, want: str | None = None) -> dict[str, Any]:
-    """Tensors of a .safetensors file; with ``want``, only the keys under that prefix when there are any."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-            if want and any(k.startswith(want) for k in keys):
-                keys = [k for k in keys if k.startswith(want)]
-            return {k: f.get_tensor(k) for k in keys}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise UserError(f"{path} is not a valid .safetensors file (truncated or corrupt?): {_first_sentence(err)}") from None
-
-
-def read_torch_file(path: Path) -> Any:
-    """``torch.load(weights_only=True)``: plain tensors and containers only; a file that runs code is refused."""
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as err:
-        text = str(err)
-        found = re.search(r"GLOBAL ([\w.]+)", text)
-        if "Weights only load failed" in text and found:
-            what = found.group(1)
-            raise UserError(
-                f"{path} was refused: unpickling it would run code or build objects ({what}); only tensor files are "
-                "loaded (torch.load weights_only=True); if you trust its source, re-save its tensors as .safetensors"
-            ) from None
-        raise UserError(f"{path} is not a valid PyTorch file (corrupt?): {_first_sentence(err)}") from None
-    except Exception as err:  # torch raises RuntimeError/EOFError/ValueError/... for damaged zip or pickle data
-        raise UserError(f"{path} is not a valid PyTorch file (truncated or corrupt?): {_first_sentence(err)}") from None
-
-
-def check_regular_file(path: Path, max_bytes: int | None = None) -> None:
-    """Refuse what is not a regular file (a FIFO or a device would block the read or never end) or is too big."""
-    try:
-        info = path.stat()
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise UserError(f"{path} is not a regular file (a FIFO, a device, ...); give a file")
-    if max_bytes is not None and info.st_size > max_bytes:
-        raise UserError(f"{path} is {info.st_size} bytes; a config file is at most {max_bytes} bytes")
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Defaults and limits shared by the library, the command line and the web UI.
 
 This module imports nothing heavy (no torch), so the command line can show these values in ``--help`` quickly;
-:mod:`controlnet.sampling`, :mod:`controlnet.loading` and :mod:`controlnet.demo` take their values from here.
+:mod:`controlnet.sampling`, :mod:`controlnet.devices` and :mod:`controlnet.demo` take their values from here.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def describe_family_defaults(field: str) -> str:
     return ", ".join(f"{value} for {' and '.join(labels)}" for value, labels in by_value.items())
 
 
-# The precisions a user can name (the canonical names of controlnet.loading.DTYPES; "auto" picks one per device).
+# The precisions a user can name (the canonical names of controlnet.devices.DTYPES; "auto" picks one per device).
 DTYPE_CHOICES = ("fp32", "bf16", "fp16")
 
 # Images generated in one call (one batch): the original demos' "Images" slider goes to 12.

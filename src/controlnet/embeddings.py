@@ -58,7 +58,7 @@ def read_embedding(path: Path, token: str | None,
                    widths: Mapping[str, int]) -> tuple[str, dict[str, torch.Tensor]]:
     """(token, text encoder name → vectors ``(n, D)``) of the embedding file at ``path``, checked against the
     base's text encoders (``widths``: name → embedding width)."""
-    from controlnet.annotators.weights import read_state_dict
+    from controlnet.safe_io import read_state_dict
 
     data = read_state_dict(path)  # safetensors, or a pickle with weights_only=True
     if isinstance(data.get(A1111_PARAMS), Mapping):

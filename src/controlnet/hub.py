@@ -5,13 +5,18 @@ A name that is an existing local path is used as it is. Otherwise ``org/name`` (
 ``~/.cache/huggingface/hub``) and downloaded there on first use, unless ``HF_HUB_OFFLINE=1``. Offline and not
 cached, the error is one line naming the repository, the file and the command that fetches it. Any id may end in
 ``@REV`` (a branch, tag or commit: ``lllyasviel/control_v11p_sd15_canny@main``), as pip and git name revisions;
-:func:`hub_ref` reads it.
+:func:`hub_ref` reads it. :func:`quiet_loading` hides the libraries' per-file bars while models load.
+
+This module sits near the bottom of the package: it imports only the error type, and huggingface_hub,
+diffusers and transformers when a function needs them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,8 +121,6 @@ def pipeline_folder(repo_id: str, revision: str | None = None, variant: str | No
     from diffusers import DiffusionPipeline
     from huggingface_hub import constants
 
-    from controlnet.loading import quiet_loading
-
     try:
         with quiet_loading():
             return Path(DiffusionPipeline.download(repo_id, revision=revision, variant=variant, safety_checker=None,
@@ -161,6 +164,24 @@ def resolve(name: str | os.PathLike, revision: str | None = None) -> Path:
     if ref is not None:
         return hub_folder(ref.repo_id, revision=ref.revision)
     raise UserError(f"{name} not found: give an existing file or folder, or a hub id like org/name")
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide diffusers' and transformers' per-file loading bars while loading (restored afterwards); the
+    pipeline's own progress bar is the one over the sampling steps."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    enabled = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in enabled:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was_enabled in enabled:
+            if was_enabled:
+                lib.enable_progress_bar()
 
 
 def _not_available(repo_id: str, filename: str | None, revision: str | None, err: Exception) -> str:

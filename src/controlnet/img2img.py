@@ -58,7 +58,7 @@ from controlnet.defaults import (
 )
 from controlnet.errors import UserError
 from controlnet.images import load_image
-from controlnet.loading import placement
+from controlnet.devices import placement
 from controlnet.sampling import Inpainting
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom) in pixels, right/bottom exclusive

@@ -46,7 +46,7 @@ _GIB = 2**30
 
 def device_memory(device: str | None = None) -> tuple[int, str]:
     """(bytes of memory, a short description) of ``device`` ("cpu", "cuda", "cuda:N", "mps"; None: the best
-    available, as :func:`controlnet.loading.resolve_device` picks it).
+    available, as :func:`controlnet.devices.resolve_device` picks it).
 
     For the CPU: physical memory, lowered by a cgroup memory limit (containers) and by ``RLIMIT_AS`` when set.
     For a GPU: its total memory, as torch reports it.

@@ -169,7 +169,7 @@ def read_lora(path: Path, unet: nn.Module) -> tuple[dict[str, torch.Tensor], dic
     the LoRA file at ``path``, converted by diffusers' loader. Unreadable files are a one-line UserError."""
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
-    from controlnet.annotators.weights import read_state_dict
+    from controlnet.safe_io import read_state_dict
 
     raw = read_state_dict(path)  # safetensors, or a pickle with weights_only=True
     if not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):

@@ -77,7 +77,9 @@ from controlnet.defaults import CONTROL_MODES, DEFAULT_INPAINT_PADDING, DEFAULT_
 from controlnet.errors import UserError
 from controlnet.img2img import HiresFix, ImageToImageMixin, Source, load_source
 from controlnet.limits import check_output_size, check_seed
-from controlnet.loading import DTYPE_NAMES, load_base, move, placement, quiet_loading, resolve_device, resolve_dtype
+from controlnet.devices import DTYPE_NAMES, move, placement, resolve_device, resolve_dtype
+from controlnet.hub import quiet_loading
+from controlnet.loading import load_base
 from controlnet.model import ControlNet, UNetControlNet
 from controlnet.residuals import original_guess_mode_scales
 from controlnet.sampling import Control, in_step_range, make_scheduler, sample
@@ -173,7 +175,7 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
     """Text-to-image with ControlNets over an SD-family base (SD1.x, SD2.x incl. v-prediction, SDXL).
 
     Build it with :meth:`from_pretrained` (embedded base, a diffusers folder or a single file; dtype None → the
-    device's default, :func:`controlnet.loading.default_dtype`) or from diffusers/transformers components
+    device's default, :func:`controlnet.devices.default_dtype`) or from diffusers/transformers components
     (dtype/device None → the components run as given; otherwise they are moved and cast in place). Call it to
     generate; see the module docstring for the steps and the rules they follow. LoRAs, embeddings, another VAE,
     clip skip, text conditioning, offload and compile: :class:`~controlnet.base_model.BaseModelMixin`; the

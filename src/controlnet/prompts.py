@@ -206,7 +206,7 @@ def encode_chunk(encoder: nn.Module, ids: torch.Tensor, clip_skip: int,
                  sdxl: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden states ``(1, L, D)`` at the layer clip skip selects, the encoder's first output: pooled/projected
     embedding ``(1, D2)`` for a CLIPTextModelWithProjection)."""
-    from controlnet.loading import placement
+    from controlnet.devices import placement
 
     ids = ids.to(placement(encoder)["device"])
     if not sdxl and clip_skip == 1:

@@ -53,7 +53,7 @@ from torch import nn
 
 from controlnet.defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, scheduler_name
 from controlnet.errors import UserError
-from controlnet.loading import placement
+from controlnet.devices import placement
 from controlnet.model import UNetControlNet
 from controlnet.residuals import Residuals
 

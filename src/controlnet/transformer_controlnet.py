@@ -135,6 +135,53 @@ def base_family(base: Any) -> str:
     return name
 
 
+FAMILY_NAMES = {FLUX: "Flux", SD3: "SD3/SD3.5", "sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL",
+                "unet": "a UNet model (SD1.x/SD2.x/SDXL)"}
+
+
+def base_config(base: Any) -> Any:
+    return None if base is None else getattr(base, "config", base)
+
+
+def config_get(config: Any, key: str, default: Any = None) -> Any:
+    if config is None:
+        return default
+    return config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
+
+
+def config_value(base: Any, key: str) -> Any:
+    """Entry ``key`` of a base's config (``base``: a diffusers model, its config, or a dict); None if absent."""
+    return config_get(base_config(base), key)
+
+
+def describe_base(base: Any) -> str:
+    family = base_family(base)
+    return f"{FAMILY_NAMES.get(family, family)} ({type(base).__name__})"
+
+
+def check_fits(controlnet: TransformerControlNet | TransformerControlNetConfig, base: Any, name: str = "this ControlNet") -> None:
+    """Raise a one-line :class:`UserError` unless ``controlnet`` (a model or config) fits ``base`` (a diffusers
+    Flux/SD3 transformer or its config): same family, width, latent channels, text and pooled widths."""
+    c = getattr(controlnet, "config", controlnet)
+    family = c.family
+    b = base_config(base)
+    base_fam = base_family(base)
+    if base_fam != family:
+        raise UserError(f"{name} is a {FAMILY_NAMES[family]} ControlNet but the base is {describe_base(base)}; "
+                        f"use a ControlNet made for {FAMILY_NAMES.get(base_fam, base_fam)}")
+    inner = config_get(b, "num_attention_heads") * config_get(b, "attention_head_dim")
+    checks = [("width", c.inner_dim, inner), ("latent channels", c.in_channels, config_get(b, "in_channels")),
+              ("pooled text width", c.pooled_projection_dim, config_get(b, "pooled_projection_dim"))]
+    if c.joint_attention_dim is not None:
+        checks.append(("text width", c.joint_attention_dim, config_get(b, "joint_attention_dim")))
+    if family == SD3:
+        checks.append(("patch size", c.patch_size, config_get(b, "patch_size")))
+    wrong = [f"{what} {mine} vs {theirs}" for what, mine, theirs in checks if mine != theirs]
+    if wrong:
+        raise UserError(f"{name} ({FAMILY_NAMES[family]}) does not fit the base {describe_base(base)}: "
+                        f"{'; '.join(wrong)}; use a ControlNet made for this base")
+
+
 def _zero_linear(features_in: int, features_out: int) -> nn.Linear:
     """A linear layer with weight and bias exactly zero (the paper's zero convolution, for tokens)."""
     layer = nn.Linear(features_in, features_out)
@@ -321,8 +368,6 @@ class TransformerControlNet(nn.Module):
     def attach_base(self, base: nn.Module | Mapping[str, Any]) -> "TransformerControlNet":
         """Record the base's depth (for the placement) after checking this ControlNet fits ``base`` (a diffusers
         transformer, or its config); returns self."""
-        from controlnet.transformer_formats import check_fits, config_value
-
         check_fits(self, base)
         depth = {"base_num_layers": config_value(base, "num_layers")}
         if self.family == FLUX:

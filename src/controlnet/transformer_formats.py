@@ -37,15 +37,15 @@ from controlnet.checkpoints import (
     _check_tensors,
     _read_file,
     check_destination,
-    check_regular_file,
     detect_family,
-    parse_dtype,
-    read_safetensors,
     refuse_non_finite,
 )
+from controlnet.devices import parse_dtype
 from controlnet.errors import UserError
+from controlnet.safe_io import check_regular_file, read_safetensors
 from controlnet.transformer_controlnet import (
     CLASS_NAMES,
+    FAMILY_NAMES,
     FLUX,
     FLUX1_AXES_DIMS_ROPE,
     FLUX1_HEAD_DIM,
@@ -55,8 +55,13 @@ from controlnet.transformer_controlnet import (
     SD3ControlNetConfig,
     TransformerControlNet,
     TransformerControlNetConfig,
+    base_config,
+    describe_base,
+    config_get,
     base_family,
     build_transformer_controlnet,
+    check_fits,
+    config_value,
 )
 
 StateDict = dict[str, torch.Tensor]
@@ -72,8 +77,6 @@ SD3_HEAD_DIM = 64
 SD3_SAMPLE_SIZE = 128
 # The key Stability's SD3.5 ControlNet files carry besides the weights.
 CONTROL_TYPE_KEY = "control_type"
-FAMILY_NAMES = {FLUX: "Flux", SD3: "SD3/SD3.5", "sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL",
-                "unet": "a UNet model (SD1.x/SD2.x/SDXL)"}
 LAYOUT_NAMES = {"diffusers": "diffusers layout", "xlabs": "XLabs layout", "stability": "Stability's SD3.5 layout"}
 
 # XLabs / BFL module → diffusers module, outside the blocks (x-flux src/flux/controlnet.py; diffusers
@@ -149,7 +152,7 @@ def detect_layout(sd: Mapping[str, Any], name: str = "state dict", base: Any = N
         return FLUX, "diffusers"
     unet = _unet_family(sd)
     if unet is not None:
-        target = "a Flux or SD3 transformer" if base is None else f"the base, {_describe_base(base)}"
+        target = "a Flux or SD3 transformer" if base is None else f"the base, {describe_base(base)}"
         raise UserError(f"{name} is a ControlNet for {FAMILY_NAMES.get(unet, unet)} (a UNet ControlNet), not for "
                         f"{target}; use it with a UNet base, or a ControlNet made for the transformer")
     if "controlnet_blocks.0.linear.weight" in sd:
@@ -245,21 +248,6 @@ def _shape(sd: Mapping[str, torch.Tensor], key: str, name: str) -> tuple[int, ..
     return tuple(sd[key].shape)
 
 
-def _base_config(base: Any) -> Any:
-    return None if base is None else getattr(base, "config", base)
-
-
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    if config is None:
-        return default
-    return config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
-
-
-def config_value(base: Any, key: str) -> Any:
-    """Entry ``key`` of a base's config (``base``: a diffusers model, its config, or a dict); None if absent."""
-    return _get(_base_config(base), key)
-
-
 def infer_flux_config(sd: Mapping[str, torch.Tensor], name: str = "state dict", base: Any = None) -> FluxControlNetConfig:
     """The config of a diffusers-layout Flux ControlNet state dict, from its shapes; the rotary axes (which
     shapes cannot tell) from ``base`` (a FluxTransformer2DModel or its config), else FLUX.1's."""
@@ -267,8 +255,8 @@ def infer_flux_config(sd: Mapping[str, torch.Tensor], name: str = "state dict", 
     layers, singles = _indices(sd, "transformer_blocks."), _indices(sd, "single_transformer_blocks.")
     norm = "transformer_blocks.0.attn.norm_q.weight" if layers else "single_transformer_blocks.0.attn.norm_q.weight"
     head = _shape(sd, norm, name)[0]
-    b = _base_config(base)
-    axes = _get(b, "axes_dims_rope")
+    b = base_config(base)
+    axes = config_get(b, "axes_dims_rope")
     if axes is None:
         if head != FLUX1_HEAD_DIM:
             raise UserError(f"{name}: cannot tell the rotary axes of {head}-wide heads from the file; load it with its "
@@ -297,19 +285,19 @@ def infer_sd3_config(sd: Mapping[str, torch.Tensor], name: str = "state dict", b
     Stability's), from its shapes; the head width and sample size, when shapes cannot tell, from ``base``
     (an SD3Transformer2DModel or its config), else SD3's."""
     inner, cond_channels, patch, _ = _shape(sd, "pos_embed_input.proj.weight", name)
-    b = _base_config(base)
+    b = base_config(base)
     use_pos = "pos_embed.proj.weight" in sd
-    in_channels = _shape(sd, "pos_embed.proj.weight", name)[1] if use_pos else _get(b, "in_channels", cond_channels)
+    in_channels = _shape(sd, "pos_embed.proj.weight", name)[1] if use_pos else config_get(b, "in_channels", cond_channels)
     context = sd.get("context_embedder.weight")
     norm = sd.get("transformer_blocks.0.attn.norm_q.weight")
-    head = norm.shape[0] if norm is not None else _get(b, "attention_head_dim", SD3_HEAD_DIM)
+    head = norm.shape[0] if norm is not None else config_get(b, "attention_head_dim", SD3_HEAD_DIM)
     if inner % head:
         raise UserError(f"{name}: width {inner} is not a whole number of {head}-wide heads; pass its config")
     layers = _indices(sd, "transformer_blocks.")
     grid = sd.get("pos_embed.pos_embed")
     try:
         return SD3ControlNetConfig(
-            sample_size=_get(b, "sample_size", SD3_SAMPLE_SIZE), patch_size=patch, in_channels=in_channels,
+            sample_size=config_get(b, "sample_size", SD3_SAMPLE_SIZE), patch_size=patch, in_channels=in_channels,
             num_layers=len(layers), attention_head_dim=head, num_attention_heads=inner // head,
             joint_attention_dim=None if context is None else context.shape[1],
             caption_projection_dim=inner if context is None else context.shape[0],
@@ -345,34 +333,6 @@ def config_from_dict(config: Mapping[str, Any], source: str = "config",
 # --------------------------------------------------------------------------------------------- fit to the base
 
 
-def _describe_base(base: Any) -> str:
-    family = base_family(base)
-    return f"{FAMILY_NAMES.get(family, family)} ({type(base).__name__})"
-
-
-def check_fits(controlnet: TransformerControlNet | TransformerControlNetConfig, base: Any, name: str = "this ControlNet") -> None:
-    """Raise a one-line :class:`UserError` unless ``controlnet`` (a model or config) fits ``base`` (a diffusers
-    Flux/SD3 transformer or its config): same family, width, latent channels, text and pooled widths."""
-    c = getattr(controlnet, "config", controlnet)
-    family = c.family
-    b = _base_config(base)
-    base_fam = base_family(base)
-    if base_fam != family:
-        raise UserError(f"{name} is a {FAMILY_NAMES[family]} ControlNet but the base is {_describe_base(base)}; "
-                        f"use a ControlNet made for {FAMILY_NAMES.get(base_fam, base_fam)}")
-    inner = _get(b, "num_attention_heads") * _get(b, "attention_head_dim")
-    checks = [("width", c.inner_dim, inner), ("latent channels", c.in_channels, _get(b, "in_channels")),
-              ("pooled text width", c.pooled_projection_dim, _get(b, "pooled_projection_dim"))]
-    if c.joint_attention_dim is not None:
-        checks.append(("text width", c.joint_attention_dim, _get(b, "joint_attention_dim")))
-    if family == SD3:
-        checks.append(("patch size", c.patch_size, _get(b, "patch_size")))
-    wrong = [f"{what} {mine} vs {theirs}" for what, mine, theirs in checks if mine != theirs]
-    if wrong:
-        raise UserError(f"{name} ({FAMILY_NAMES[family]}) does not fit the base {_describe_base(base)}: "
-                        f"{'; '.join(wrong)}; use a ControlNet made for this base")
-
-
 # --------------------------------------------------------------------------------------------- loading
 
 
@@ -394,7 +354,7 @@ def transformer_controlnet_from_state_dict(
     family, layout = detect_layout(state_dict, name, base)
     if base is not None and base_family(base) != family:
         raise UserError(f"{name} is a {FAMILY_NAMES[family]} ControlNet ({LAYOUT_NAMES[layout]}) but the base is "
-                        f"{_describe_base(base)}; use a ControlNet made for {FAMILY_NAMES.get(base_family(base), 'that base')}")
+                        f"{describe_base(base)}; use a ControlNet made for {FAMILY_NAMES.get(base_family(base), 'that base')}")
     control_type = None
     if layout == "xlabs":
         sd = xlabs_to_diffusers(state_dict, name)

@@ -616,7 +616,7 @@ def _cached_hub_model(text: str, name: str) -> Path:
 def _check_folder_files(path: Path, label: str) -> None:
     """Refuse a model folder holding something other than regular files and folders (a FIFO would block the one
     generation slot)."""
-    from controlnet.checkpoints import check_regular_file
+    from controlnet.safe_io import check_regular_file
 
     if path.is_dir():
         for entry in os.scandir(path):

@@ -83,7 +83,7 @@ def locate(source: WeightsSource, weights: str) -> Path:
 def torch_device(device: str) -> torch.device:
     """The ``device`` parameter as a torch device (``auto``: cuda, then mps, then cpu); an unknown device or one
     this machine lacks is a one-line :class:`UserError`."""
-    from controlnet.loading import resolve_device
+    from controlnet.devices import resolve_device
 
     return resolve_device(None if device == "auto" else device)
 

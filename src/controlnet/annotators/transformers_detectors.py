@@ -148,7 +148,7 @@ def _quiet() -> Iterator[None]:
     """transformers' loading bars and warnings hidden while loading (restored afterwards)."""
     from transformers.utils import logging as transformers_logging
 
-    from controlnet.loading import quiet_loading
+    from controlnet.hub import quiet_loading
 
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()

@@ -183,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
     """Check every input, load the models, generate, then write all outputs at once."""
     from controlnet.conditions import round_size, to_condition_array
     from controlnet.fileio import check_writable_folder
-    from controlnet.loading import resolve_controlnet_source, resolve_device
+    from controlnet.devices import resolve_device
+    from controlnet.loading import resolve_controlnet_source
     from controlnet.pipeline import ControlUnit, Pipeline
 
     # 1. Inputs first (cheap, before loading any model): units, files, numbers, sizes, the device, --out.

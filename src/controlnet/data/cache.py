@@ -41,6 +41,7 @@ from PIL import Image
 
 from controlnet.errors import UserError
 from controlnet.fileio import atomic_write_bytes
+from controlnet.images import save_png
 
 # Bump when the meaning of an entry changes (preprocessing, stored fields): every old entry is then ignored.
 CACHE_VERSION = 1
@@ -164,8 +165,6 @@ class CacheStore:
 
     def save_condition(self, key: str, image: np.ndarray) -> None:
         """Store a ``(H, W, 3)`` uint8 condition as a PNG, atomically (a failed write: a one-line UserError)."""
-        from controlnet.images import save_png
-
         save_png(self.path("conditions", key), np.ascontiguousarray(image))
 
     def load_condition(self, key: str) -> np.ndarray:

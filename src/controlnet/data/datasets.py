@@ -38,8 +38,10 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from controlnet.conditions import resize_cover
 from controlnet.data.cache import CacheStats, CacheStore, entry_key, sha256_file
 from controlnet.errors import UserError
+from controlnet.images import load_image
 
 MANIFEST_NAMES = ("prompt.json", "metadata.jsonl")
 # layout → (image column, condition column, prompt column)
@@ -185,15 +187,11 @@ def read_manifest(data: str | Path, need_conditions: bool = True, strict: bool =
 
 def load_rgb(path: Path) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB (controlnet.images rules: EXIF, alpha on black, 16-bit by range)."""
-    from controlnet.images import load_image
-
     return load_image(path)
 
 
 def to_resolution(image: np.ndarray, resolution: int) -> np.ndarray:
     """Scale ``image`` to cover ``resolution`` x ``resolution`` and cut the centre (the pipeline's rule)."""
-    from controlnet.conditions import resize_cover
-
     return resize_cover(image, resolution, resolution)
 
 

@@ -8,7 +8,8 @@ one that follows the prompt gets the colours right. The two metrics measure exac
 - :func:`fill_iou`: IoU between the generated circle (segmented by colour) and the condition's filled disk;
 - :func:`circle_colour_correct`: whether the generated circle's colour is nearest the prompt's circle colour.
 
-The IoU is also the trainer's "fill" validation score (``controlnet train --score fill``, registered here).
+The IoU is also the trainer's "fill" validation score (``controlnet train --score fill``: :func:`fill_scorer`,
+listed in :data:`controlnet.train.scores.SCORERS`).
 
 Layout written by :func:`make_fill_dataset` (as lllyasviel/ControlNet's tutorial ``training/fill50k``)::
 
@@ -24,7 +25,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -32,8 +33,8 @@ import numpy as np
 from controlnet.defaults import FILL_SIZE
 from controlnet.errors import UserError
 from controlnet.fileio import atomic_path
+from controlnet.images import save_png
 from controlnet.limits import check_output_size
-from controlnet.train.validation import ScoreFn, register_scorer
 
 # The palette: name → RGB. Well separated in RGB so "the nearest palette colour" is unambiguous.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -143,8 +144,6 @@ def make_fill_dataset(out: str | Path, n: int, size: int = DEFAULT_SIZE, seed: i
     ``max_pixels`` None: derived from this machine's memory). Every file write is checked: a failed one (no space,
     a file-size limit) is a one-line :class:`UserError` naming the file, and nothing is left at ``out``.
     """
-    from controlnet.images import save_png
-
     out = Path(out)
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
@@ -271,12 +270,12 @@ def circle_colour_correct(image: Any, prompt: str) -> bool:
     return nearest_colour(np.median(img[mask].astype(np.float64), axis=0)) == circle
 
 
-def _is_fill_run(annotator: str | None, prompts: Any) -> bool:
+def is_fill_run(annotator: str | None, prompts: Any) -> bool:
+    """Whether a training run is on fill data: no annotator, and every validation prompt a fill prompt."""
     return annotator is None and bool(prompts) and all(is_fill_prompt(p) for p in prompts)
 
 
-@register_scorer("fill", metric="fill_iou", detect=_is_fill_run)
-def fill_scorer(annotator: str | None, params: dict[str, Any]) -> ScoreFn:
+def fill_scorer(annotator: str | None, params: dict[str, Any]) -> Callable[[Any, Any, str, Any], float]:
     """The trainer's "fill" score: :func:`fill_iou` of a validation sample, segmented by its prompt's colours
     when the prompt is a fill prompt (by the border colour otherwise)."""
     return lambda sample, condition, prompt, target: fill_iou(sample, condition,

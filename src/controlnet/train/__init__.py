@@ -18,7 +18,8 @@ The modules, in the order a run uses them:
     loop          train(): the optimizer steps, then the outputs
     distributed   several processes: accelerate + DistributedDataParallel
     state         checkpoints (optimizer state by parameter name) and RNG states
-    validation    validation samples, controllability scorers (a registry), the sudden-convergence rule
+    scores        the controllability scores of validation samples (a table by --score name)
+    validation    validation samples and their scores, the sudden-convergence rule
     log           OUT/log.jsonl, TensorBoard, OUT/training.png
 
 Decisions:

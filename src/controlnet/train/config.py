@@ -30,13 +30,13 @@ DEFAULT_EMPTY_PROMPT_PROB = 0.5  # paper Sec. 3.3: "randomly replace 50% text pr
 DEFAULT_MAX_GRAD_NORM = 1.0  # diffusers examples/controlnet/train_controlnet.py `--max_grad_norm` default
 DEFAULT_WEIGHT_DECAY = 1e-2  # torch.optim.AdamW's default, which the original uses (cldm.py configure_optimizers)
 
-# accelerate's names of the mixed-precision modes (Accelerator(mixed_precision=...)); controlnet.loading.DTYPES
+# accelerate's names of the mixed-precision modes (Accelerator(mixed_precision=...)); controlnet.devices.DTYPES
 # maps each to its torch dtype ("no": float32).
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 # The paper's zero-convolution ablation (Sec. 4.2, Fig. 8): "replacing the zero convolutions with standard
 # convolution layers initialized with Gaussian weights".
 ZERO_CONV_INITS = ("zero", "gaussian")
-AUTO_SCORE = "auto"  # --score: the scorer that fits the data (controlnet.train.validation.choose_scorer)
+AUTO_SCORE = "auto"  # --score: the scorer that fits the data (controlnet.train.scores.choose_scorer)
 
 # The option groups of `controlnet train --help`.
 DATA, RECIPE, OUTPUT = "data and model", "recipe", "checkpoints, validation, output"
@@ -178,7 +178,7 @@ def _check_counts(config: TrainConfig) -> None:
 
 def _check_choices(config: TrainConfig) -> None:
     from controlnet.model_config import ARCHITECTURES
-    from controlnet.train.validation import scorer_names
+    from controlnet.train.scores import scorer_names
 
     choices = {"mixed_precision": MIXED_PRECISIONS, "zero_conv_init": ZERO_CONV_INITS,
                "architecture": ARCHITECTURES, "score": (AUTO_SCORE, *scorer_names())}

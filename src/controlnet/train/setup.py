@@ -27,7 +27,7 @@ from controlnet.data.datasets import (
 )
 from controlnet.errors import UserError
 from controlnet.fileio import atomic_path, atomic_write_text
-from controlnet.loading import DTYPES
+from controlnet.devices import DTYPES
 from controlnet.model import ControlNet
 from controlnet.train.config import TrainConfig
 from controlnet.train.log import RunLog

@@ -172,7 +172,7 @@ def load_network(name: str, path: str | os.PathLike, device: str | torch.device 
 
 
 def _build(spec: NetworkSpec, path: Path, device: str | torch.device) -> nn.Module:
-    from controlnet.annotators.weights import read_state_dict
+    from controlnet.safe_io import read_state_dict
 
     obj = read_state_dict(path)  # missing, unreadable or code-carrying files: one-line UserError
     model = spec.build()

@@ -1,11 +1,13 @@
-"""Model configurations built in code for tests, benchmarks and scripts: the real SD-family UNets, and tiny
-seeded ones.
+"""Seeded model components for tests, benchmarks and scripts: the real SD-family UNet configs, and tiny ones.
 
 The full configs are those of the public base models (their ``unet/config.json``), so a ControlNet built on
 them has exactly the released shapes (SD1.5: 361.28M parameters). The tiny ones keep each family's
 distinguishing features (SD2: linear projections and per-block head dims; SDXL: text_time addition
 embedding and several transformer layers per block) at a size a CPU test runs in milliseconds. The tiny VAE,
-CLIP text encoders, tokenizers and a DDIM scheduler join them into a pipeline's components.
+CLIP text encoders, tokenizers and a DDIM scheduler join them into a pipeline's components;
+:func:`build_diffusers_pipeline` makes diffusers' pipeline on them (the oracle the tests compare with), and
+:func:`write_clip_vocabulary` writes the CLIP BPE files of a hub tokenizer. Nothing here is imported by the
+library itself.
 """
 
 from __future__ import annotations
