@@ -11,7 +11,7 @@ FluxPipeline / StableDiffusion3Pipeline do, turns each unit's condition image in
 
 Generation order (one generator, seeded once): the starting noise first, then the condition latents (a VAE
 posterior sample each, as diffusers' pipelines draw them), so that a seed gives the same noise with or without
-ControlNets.
+ControlNets. A unit that never acts (strength 0, no step in its range) is neither encoded nor run.
 
 Text: Flux, CLIP's pooled output + T5's last hidden states (``max_sequence_length`` tokens) with zero text position
 ids; SD3, the two CLIPs' penultimate hidden states side by side, padded to T5's width and followed by T5's tokens,
@@ -33,6 +33,8 @@ from torch import nn
 from controlnet.errors import UserError
 from controlnet.flow_sampling import FlowControl, FlowText, flow_schedule, flux_sigmas, sample
 from controlnet.loading import placement
+from controlnet.sampling import in_step_range
+from controlnet.transformer_formats import check_fits
 from controlnet.transformer_controlnet import (FLUX, FLUX_LATENT_PATCH, SD3, FluxControlNet, TransformerControlNet,
                                                base_family, latent_image_ids, pack_latents)
 
@@ -224,7 +226,11 @@ class TransformerPipeline:
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         text = self.encode_prompt(prompts, negatives, max_sequence_length)
         noise = self._noise(len(prompts), height, width, generator, latents)
-        flow_controls = [self._flow_control(u, height, width, generator) for u in controls]
+        for unit in controls:
+            check_fits(unit.controlnet, self.transformer)
+        # A unit that never acts (strength 0, or no step in its range) is not encoded, nor run.
+        flow_controls = [self._flow_control(u, height, width, generator) for u in controls
+                         if u.strength != 0 and any(in_step_range(u.start, u.end, i, steps) for i in range(steps))]
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
         if self.family == FLUX:
             noise, img_ids = pack_latents(noise), latent_image_ids(h // 2, w // 2)
