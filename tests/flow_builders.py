@@ -74,7 +74,7 @@ def build_flow_vae(factors: dict[str, float], seed: int = 3, posterior_std: floa
     return vae
 
 
-def flux_components(seed: int = 0) -> dict[str, Any]:
+def flux_components(seed: int = 0, posterior_std: float | None = None) -> dict[str, Any]:
     """The components of diffusers' FluxPipeline (scheduler as its config)."""
     from diffusers import FluxTransformer2DModel
 
@@ -82,7 +82,7 @@ def flux_components(seed: int = 0) -> dict[str, Any]:
     t5_tok = build_t5_tokenizer()
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(**TINY_FLUX).eval()
-    return dict(transformer=transformer, vae=build_flow_vae(FLUX_VAE_FACTORS, seed + 3),
+    return dict(transformer=transformer, vae=build_flow_vae(FLUX_VAE_FACTORS, seed + 3, posterior_std),
                 text_encoder=build_text_encoder(len(tok), hidden_size=TINY_FLUX["pooled_projection_dim"],
                                                 max_positions=CLIP_TOKENS, seed=seed + 4),
                 tokenizer=tok, text_encoder_2=build_t5(len(t5_tok), TINY_FLUX["joint_attention_dim"], seed + 5),

@@ -148,6 +148,36 @@ def test_sd3_generation_with_cfg_matches_diffusers(sd3, case):
     assert (ours - plain).abs().max() > 1e-2
 
 
+# --------------------------------------------------------------------------------------------- image to image
+
+
+def test_flux_image_to_image_matches_diffusers():
+    """diffusers' FluxControlNetImg2ImgPipeline draws its noise after encoding the condition and the picture: with a
+    VAE whose posterior std is 1e-7 those encodings do not depend on the generator, and ours is given its noise."""
+    from diffusers import FluxControlNetImg2ImgPipeline
+
+    components = flux_components(posterior_std=1e-7)
+    cn = flux_controlnet(components["transformer"], 51)
+    picture, cond = conditions(2, seed=9)
+    g = torch.Generator().manual_seed(SEED)
+    noise = [randn_tensor((1, 16, SIZE // 8, SIZE // 8), generator=g) for _ in range(3)][-1]  # their third draw
+    ours = TransformerPipeline(**components)(
+        PROMPT, [TransformerUnit(cn, cond, 0.8, 0.0, 0.5)], init_image=picture, denoise=0.5, latents=noise,
+        **{**COMMON, "steps": 6})
+    theirs = FluxControlNetImg2ImgPipeline(**diffusers_components(components), controlnet=as_diffusers(cn))(
+        PROMPT, image=picture, control_image=cond * 2 - 1, strength=0.5, controlnet_conditioning_scale=0.8,
+        control_guidance_end=0.5, height=SIZE, width=SIZE, num_inference_steps=6, guidance_scale=3.5,
+        generator=torch.Generator().manual_seed(SEED), output_type="latent", max_sequence_length=16).images
+    assert (ours - theirs).abs().max() < TOL
+    # 3 of the 6 steps run; the unit acts in the first half of those: step 0 only (1/3 <= 0.5 < 2/3).
+    calls = count_calls(cn)
+    TransformerPipeline(**components)(PROMPT, [TransformerUnit(cn, cond, end=0.5)], init_image=picture,
+                                      denoise=0.5, **{**COMMON, "steps": 6})
+    assert calls[0] == 1
+    with pytest.raises(UserError, match="runs no step"):
+        TransformerPipeline(**components)(PROMPT, init_image=picture, denoise=0.05, **COMMON)
+
+
 # --------------------------------------------------------------------------------------------- unit semantics
 
 

@@ -21,6 +21,7 @@ and their pooled projections side by side; the negative prompt ("" by default) g
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -164,21 +165,26 @@ class TransformerPipeline:
         return encoder(self._ids(tokenizer, texts, encoder, length))[0]
 
     @torch.inference_mode()
-    def encode_condition(self, image: torch.Tensor, controlnet: TransformerControlNet,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
-        """What ``controlnet`` takes for the condition ``image`` (B, 3, H, W) in [0, 1]: pixels for XLabs' hint
-        encoder; otherwise a sample of the VAE posterior, shifted and scaled as the base's latents (InstantX SD3
-        ControlNets, ``force_zeros_for_pooled_projection``, were trained without the shift), packed for Flux."""
-        if isinstance(controlnet, FluxControlNet) and controlnet.input_hint_block is not None:
-            return image
+    def encode_latents(self, image: torch.Tensor, generator: torch.Generator | None = None,
+                       shift: bool = True) -> torch.Tensor:
+        """The base's latents (B, C, h, w), float32, of ``image`` (B, 3, H, W) in [0, 1]: a sample of the VAE
+        posterior (drawn from ``generator``), less the VAE's shift factor (unless ``shift`` is False), times its
+        scaling factor."""
         vae = self.vae
         posterior = vae.encode((image * 2 - 1).to(**placement(vae))).latent_dist
         latents = posterior.sample(generator).float()
-        shift = vae.config.shift_factor or 0.0
-        if self.family == SD3 and controlnet.config.force_zeros_for_pooled_projection:
-            shift = 0.0
-        latents = (latents - shift) * vae.config.scaling_factor
-        return pack_latents(latents) if self.family == FLUX else latents
+        return (latents - ((vae.config.shift_factor or 0.0) if shift else 0.0)) * vae.config.scaling_factor
+
+    def encode_condition(self, image: torch.Tensor, controlnet: TransformerControlNet,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """What ``controlnet`` takes for the condition ``image`` (B, 3, H, W) in [0, 1]: pixels for XLabs' hint
+        encoder; otherwise :meth:`encode_latents` (InstantX SD3 ControlNets, ``force_zeros_for_pooled_projection``,
+        were trained without the shift, as diffusers' pipeline encodes for them), packed for Flux."""
+        if isinstance(controlnet, FluxControlNet) and controlnet.input_hint_block is not None:
+            return image
+        if self.family == FLUX:
+            return pack_latents(self.encode_latents(image, generator))
+        return self.encode_latents(image, generator, shift=not controlnet.config.force_zeros_for_pooled_projection)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -204,51 +210,70 @@ class TransformerPipeline:
                  height: int | None = None, width: int | None = None, steps: int | None = None,
                  guidance: float | None = None, negative_prompt: str | Sequence[str] = "", seed: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                 max_sequence_length: int | None = None, output_type: str = "pil", progress: bool = False) -> Any:
-        """Text-to-image under ``controls``; returns PIL images ("pil"), a (B, 3, H, W) tensor in [0, 1] ("pt") or
-        the final latents ("latent"; Flux: packed tokens, as diffusers' ``output_type="latent"``).
+                 init_image: Any = None, denoise: float = 1.0, max_sequence_length: int | None = None,
+                 output_type: str = "pil", progress: bool = False) -> Any:
+        """Text-to-image (or image-to-image from ``init_image``) under ``controls``; returns PIL images ("pil"), a
+        (B, 3, H, W) tensor in [0, 1] ("pt") or the final latents ("latent"; Flux: packed tokens, as diffusers'
+        ``output_type="latent"``).
 
         ``guidance``: Flux's distilled guidance scale (default 3.5) or SD3's CFG weight (default 7.0). The size
-        defaults to the first condition image's, else the base's default. ``latents``: the starting noise (B, C,
-        h, w) instead of drawing it from ``generator`` / ``seed``.
+        defaults to the first condition image's (or ``init_image``'s), else the base's default. ``latents``: the
+        noise (B, C, h, w) instead of drawing it from ``generator`` / ``seed``. ``denoise``: with ``init_image``,
+        the last round(denoise * steps) steps run, from the image's latents noised to their first sigma
+        (diffusers' ``scale_noise``); the units' step ranges are fractions of the steps that run.
         """
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"unknown output type {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
+        if not 0.0 < denoise <= 1.0:
+            raise UserError(f"denoise must be in (0, 1], got {denoise}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         steps = steps or self.defaults.steps
         guidance = self.defaults.guidance if guidance is None else float(guidance)
-        height, width = self._size(controls, height, width)
+        height, width = self._size([u.image for u in controls] + [init_image], height, width)
+        for unit in controls:
+            check_fits(unit.controlnet, self.transformer)
         if generator is None:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        cfg = self.family == SD3 and guidance > 1.0
         negatives = None
-        if cfg:
+        if self.family == SD3 and guidance > 1.0:  # CFG: the negative prompts' rows first
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         text = self.encode_prompt(prompts, negatives, max_sequence_length)
         noise = self._noise(len(prompts), height, width, generator, latents)
-        for unit in controls:
-            check_fits(unit.controlnet, self.transformer)
+        schedule, timesteps = self.schedule(steps, height, width)
+        if init_image is not None:
+            first = steps - min(round_half_up(denoise * steps), steps)  # as controlnet.img2img.img2img_timesteps
+            if first == steps:
+                raise UserError(f"denoise {denoise} runs no step of {steps}; raise --denoise or --steps")
+            image = self.encode_latents(condition_tensor(init_image, height, width), generator)
+            noise = schedule[first] * noise + (1 - schedule[first]) * image  # the forward flow to sigma_first
+            schedule, timesteps = schedule[first:], timesteps[first:]
+        n = len(timesteps)
         # A unit that never acts (strength 0, or no step in its range) is not encoded, nor run.
         flow_controls = [self._flow_control(u, height, width, generator) for u in controls
-                         if u.strength != 0 and any(in_step_range(u.start, u.end, i, steps) for i in range(steps))]
+                         if u.strength != 0 and any(in_step_range(u.start, u.end, i, n) for i in range(n))]
         h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
-        if self.family == FLUX:
-            noise, img_ids = pack_latents(noise), latent_image_ids(h // 2, w // 2)
-            seq_len, sigmas = noise.shape[1], flux_sigmas(steps)
-        else:
-            patch = self.transformer.config.patch_size
-            img_ids, seq_len, sigmas = None, (h // patch) * (w // patch), None
-        schedule, timesteps = flow_schedule(self.scheduler_config, steps, seq_len, sigmas)
-        out = sample(self.transformer, noise, schedule, timesteps, text, flow_controls, guidance, img_ids=img_ids,
+        flux = self.family == FLUX
+        out = sample(self.transformer, pack_latents(noise) if flux else noise, schedule, timesteps, text,
+                     flow_controls, guidance, img_ids=latent_image_ids(h // 2, w // 2) if flux else None,
                      progress=progress)
         if output_type == "latent":
             return out
         images = self.decode(out, height, width)
         return images if output_type == "pt" else [_to_pil(im) for im in images]
 
-    def _size(self, controls: Sequence[TransformerUnit], height: int | None, width: int | None) -> tuple[int, int]:
-        if (height is None or width is None) and controls:
-            first = controls[0].image
+    def schedule(self, steps: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sigmas (steps + 1) and timesteps (steps) of a generation at this size (the shift ``mu`` depends
+        on the number of image tokens)."""
+        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        if self.family == FLUX:
+            return flow_schedule(self.scheduler_config, steps, (h // 2) * (w // 2), flux_sigmas(steps))
+        patch = self.transformer.config.patch_size
+        return flow_schedule(self.scheduler_config, steps, (h // patch) * (w // patch))
+
+    def _size(self, images: Sequence[Any], height: int | None, width: int | None) -> tuple[int, int]:
+        """The output size: as given, else the first image's (condition or init image), else the base's default."""
+        first = next((im for im in images if im is not None), None)
+        if (height is None or width is None) and first is not None:
             h0, w0 = first.shape[-2:] if torch.is_tensor(first) else _pil(first).size[::-1]
             height, width = height or h0, width or w0
         if self.family == FLUX:
@@ -292,6 +317,10 @@ def condition_tensor(image: Any, height: int, width: int) -> torch.Tensor:
         return tensor.float()
     processor = VaeImageProcessor(do_normalize=False)
     return processor.preprocess(_pil(image), height=height, width=width).float()
+
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
 
 
 def unpack_latents(tokens: torch.Tensor, height: int, width: int, patch: int = FLUX_LATENT_PATCH) -> torch.Tensor:
