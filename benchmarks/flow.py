@@ -32,7 +32,7 @@ TEXT_TOKENS = 16
 GUIDANCE = {"flux": 3.5, "sd3": 5.0}
 
 
-def _setup(family: str, resolution: int) -> tuple[TransformerPipeline, Any, dict[str, Any], dict[str, Any]]:
+def setup(family: str, resolution: int) -> tuple[TransformerPipeline, Any, dict[str, Any], dict[str, Any]]:
     """Our pipeline, diffusers' pipeline on the same modules, and each one's call arguments but the steps."""
     from diffusers import (FluxControlNetModel, FluxControlNetPipeline, SD3ControlNetModel,
                            StableDiffusion3ControlNetPipeline)
@@ -61,10 +61,10 @@ def _setup(family: str, resolution: int) -> tuple[TransformerPipeline, Any, dict
     return TransformerPipeline(**components), theirs, ours_kwargs, theirs_kwargs
 
 
-def _calls(family: str, resolution: int, steps: int) -> tuple[dict[str, Callable[[], Any]], float]:
+def timed_calls(family: str, resolution: int, steps: int) -> tuple[dict[str, Callable[[], Any]], float]:
     """The timed calls (ours and diffusers', at ``steps`` and at 1 step) and the largest difference of their
     final latents at ``steps``."""
-    ours, theirs, ours_kwargs, theirs_kwargs = _setup(family, resolution)
+    ours, theirs, ours_kwargs, theirs_kwargs = setup(family, resolution)
 
     def run_ours(n: int) -> torch.Tensor:
         return ours(PROMPT, steps=n, **ours_kwargs)
@@ -98,7 +98,7 @@ def main() -> None:
         ap.error("--steps must be at least 2 (per step = steps-call less 1-step call)")
     records = []
     for family in ("flux", "sd3") if args.family == "both" else (args.family,):
-        calls, difference = _calls(family, args.resolution, args.steps)
+        calls, difference = timed_calls(family, args.resolution, args.steps)
         times = measure(calls, args.repeats)
         ours, theirs = per_step(times, "ours", args.steps), per_step(times, "diffusers", args.steps)
         record = {"family": family, "resolution": args.resolution, "steps": args.steps, "repeats": args.repeats,

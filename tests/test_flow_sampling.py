@@ -249,6 +249,30 @@ def test_flux_unpack_inverts_pack_and_decoding_gives_images(flux):
     assert images.shape == (1, 3, SIZE, SIZE) and 0 <= images.min() and images.max() <= 1
 
 
+def test_model_offload_gives_the_same_generation_and_vae_tiling_switches(flux):
+    from controlnet import runtime
+
+    cn = flux_controlnet(flux["transformer"], 61)
+    unit = [TransformerUnit(cn, conditions(1)[0], 0.8)]
+    pipe = TransformerPipeline(**flux)
+    plain = pipe(PROMPT, unit, **COMMON)
+    pipe.enable_offload("model", "cpu")  # accelerate's hooks, executing on the CPU: the same arithmetic
+    try:
+        offloaded = pipe(PROMPT, unit, **COMMON)
+        assert all(runtime.is_offloaded(m) for m in [*pipe.models(), cn])
+    finally:
+        pipe.enable_offload(None, "cpu")
+    assert not any(runtime.is_offloaded(m) for m in [*pipe.models(), cn])
+    assert torch.equal(plain, offloaded)
+    latents = torch.randn(1, 16 * 4, 8 * 8, generator=torch.Generator().manual_seed(0))  # 128 px: 2x2 VAE tiles
+    decoded = {}
+    for mode in ("off", "on", "auto"):
+        pipe.vae_tiling = mode
+        decoded[mode] = pipe.decode(latents, 2 * SIZE, 2 * SIZE)
+    assert torch.equal(decoded["auto"], decoded["off"])  # 128 px is far below the CPU's memory
+    assert not torch.equal(decoded["on"], decoded["off"]) and decoded["on"].shape == decoded["off"].shape
+
+
 # --------------------------------------------------------------------------------------------- refusals
 
 
@@ -279,3 +303,11 @@ def test_bad_input_is_refused_in_one_line(flux, sd3):
     with pytest.raises(UserError) as err:  # a ControlNet for another base family
         pipe(PROMPT, [TransformerUnit(sd3_cn, conditions(1)[0])], **COMMON)
     assert "SD3/SD3.5 ControlNet" in one_line(err) and "FluxTransformer2DModel" in one_line(err)
+
+
+def test_benchmark_times_the_same_work():
+    from benchmarks.flow import timed_calls
+
+    calls, difference = timed_calls("flux", SIZE, 2)
+    assert difference == 0.0  # ours and diffusers' final latents, bit for bit
+    assert set(calls) == {"ours", "ours_1", "diffusers", "diffusers_1"}

@@ -147,6 +147,7 @@ def sample(transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, 
         raise ValueError(f"{len(sigmas)} sigmas for {len(timesteps)} timesteps; give one more sigma than timesteps")
     cfg = family == SD3 and guidance > 1.0
     where = placement(transformer)
+    latents, sigmas = latents.to(where["device"], torch.float32), sigmas.to(where["device"], torch.float32)
     n = len(timesteps)
     for i, t in enumerate(tqdm(timesteps, desc="sampling", unit="step", disable=not progress, leave=False)):
         x = torch.cat([latents] * 2) if cfg else latents  # (2B or B, ...)
@@ -160,7 +161,7 @@ def sample(transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, 
         if cfg:
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + guidance * (v_cond - v_uncond)
-        latents = latents + (sigmas[i + 1] - sigmas[i]).to(latents.device) * v.to(latents.device)  # Euler
+        latents = latents + (sigmas[i + 1] - sigmas[i]) * v  # Euler
         if callback is not None:
             callback(i, t, latents)
     return latents

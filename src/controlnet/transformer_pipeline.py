@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from controlnet import runtime
 from controlnet.errors import UserError
 from controlnet.flow_sampling import FlowControl, FlowText, flow_schedule, flux_sigmas, sample
 from controlnet.loading import placement
@@ -92,6 +93,37 @@ class TransformerPipeline:
         self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
         self.defaults = FLOW_DEFAULTS[self.family]
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_tiling = "auto"  # controlnet.runtime: "auto", "on", "off"
+        self.offload: str | None = None  # controlnet.runtime: None, "model", "sequential"
+        self._offload_device = torch.device("cpu")
+        self._offload_hooks: list[Any] = []
+        self._offloaded_controlnets: list[nn.Module] = []
+
+    # ------------------------------------------------------------------------------------------- runtime
+
+    def models(self) -> list[nn.Module]:
+        """The base's models in the order a generation runs them: text encoders, transformer, VAE."""
+        encoders = [self.text_encoder, self.text_encoder_2, self.text_encoder_3]
+        return [m for m in encoders if m is not None] + [self.transformer, self.vae]
+
+    def enable_offload(self, mode: str | None, device: str | torch.device = "cuda") -> None:
+        """Keep the models on the CPU and run each on ``device`` (:mod:`controlnet.runtime`: "model" moves whole
+        models in turn, "sequential" layer by layer; the ControlNets get their hooks when a generation first
+        uses them); None: no offload, every model (and every ControlNet it offloaded) on ``device``."""
+        runtime.check_offload(mode)
+        offloaded = [m for m in [*self.models(), *self._offloaded_controlnets] if runtime.is_offloaded(m)]
+        self._offloaded_controlnets = []
+        if offloaded:
+            runtime.remove_offload_hooks(offloaded, torch.device(device))
+        self.offload, self._offload_device = mode, torch.device(device)
+        self._offload_hooks = runtime.add_offload_hooks(self.models(), [], mode, self._offload_device) if mode else []
+
+    def _offload_controlnets(self, controls: Sequence[TransformerUnit]) -> None:
+        """Offload hooks for the ControlNets of ``controls`` that have none yet (with :meth:`enable_offload`)."""
+        if self.offload:
+            fresh = [cn for cn in dict.fromkeys(u.controlnet for u in controls) if not runtime.is_offloaded(cn)]
+            self._offloaded_controlnets += fresh
+            self._offload_hooks += runtime.add_offload_hooks([], fresh, self.offload, self._offload_device)
 
     # ------------------------------------------------------------------------------------------- loading
 
@@ -193,7 +225,9 @@ class TransformerPipeline:
         if self.family == FLUX:
             latents = unpack_latents(latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
         latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        image = vae.decode(latents.to(**placement(vae))).sample.float()
+        where = placement(vae)
+        runtime.set_vae_tiling(vae, runtime.wants_tiling(self.vae_tiling, width, height, where["device"].type))
+        image = vae.decode(latents.to(**where)).sample.float()
         return (image / 2 + 0.5).clamp(0, 1)
 
     # ------------------------------------------------------------------------------------------- generation
@@ -237,29 +271,33 @@ class TransformerPipeline:
         negatives = None
         if self.family == SD3 and guidance > 1.0:  # CFG: the negative prompts' rows first
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        text = self.encode_prompt(prompts, negatives, max_sequence_length)
-        noise = self._noise(len(prompts), height, width, generator, latents)
-        schedule, timesteps = self.schedule(steps, height, width)
-        if init_image is not None:
-            first = steps - min(round_half_up(denoise * steps), steps)  # as controlnet.img2img.img2img_timesteps
-            if first == steps:
-                raise UserError(f"denoise {denoise} runs no step of {steps}; raise --denoise or --steps")
-            image = self.encode_latents(condition_tensor(init_image, height, width), generator)
-            noise = schedule[first] * noise + (1 - schedule[first]) * image  # the forward flow to sigma_first
-            schedule, timesteps = schedule[first:], timesteps[first:]
-        n = len(timesteps)
-        # A unit that never acts (strength 0, or no step in its range) is not encoded, nor run.
-        flow_controls = [self._flow_control(u, height, width, generator) for u in controls
-                         if u.strength != 0 and any(in_step_range(u.start, u.end, i, n) for i in range(n))]
-        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
-        flux = self.family == FLUX
-        out = sample(self.transformer, pack_latents(noise) if flux else noise, schedule, timesteps, text,
-                     flow_controls, guidance, img_ids=latent_image_ids(h // 2, w // 2) if flux else None,
-                     progress=progress)
-        if output_type == "latent":
-            return out
-        images = self.decode(out, height, width)
-        return images if output_type == "pt" else [_to_pil(im) for im in images]
+        self._offload_controlnets(controls)
+        try:
+            text = self.encode_prompt(prompts, negatives, max_sequence_length)
+            noise = self._noise(len(prompts), height, width, generator, latents)
+            schedule, timesteps = self.schedule(steps, height, width)
+            if init_image is not None:
+                first = steps - min(round_half_up(denoise * steps), steps)  # as controlnet.img2img.img2img_timesteps
+                if first == steps:
+                    raise UserError(f"denoise {denoise} runs no step of {steps}; raise --denoise or --steps")
+                image = self.encode_latents(condition_tensor(init_image, height, width), generator)
+                noise = schedule[first] * noise + (1 - schedule[first]) * image  # the forward flow to sigma_first
+                schedule, timesteps = schedule[first:], timesteps[first:]
+            n = len(timesteps)
+            # A unit that never acts (strength 0, or no step in its range) is not encoded, nor run.
+            flow_controls = [self._flow_control(u, height, width, generator) for u in controls
+                             if u.strength != 0 and any(in_step_range(u.start, u.end, i, n) for i in range(n))]
+            h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+            flux = self.family == FLUX
+            out = sample(self.transformer, pack_latents(noise) if flux else noise, schedule, timesteps, text,
+                         flow_controls, guidance, img_ids=latent_image_ids(h // 2, w // 2) if flux else None,
+                         progress=progress)
+            if output_type == "latent":
+                return out
+            images = self.decode(out, height, width)
+            return images if output_type == "pt" else [_to_pil(im) for im in images]
+        finally:
+            runtime.release(self._offload_hooks)  # offloaded models back to the CPU
 
     def schedule(self, steps: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The sigmas (steps + 1) and timesteps (steps) of a generation at this size (the shift ``mu`` depends
