@@ -32,7 +32,7 @@ TEXT_TOKENS = 16
 GUIDANCE = {"flux": 3.5, "sd3": 5.0}
 
 
-def setup(family: str, resolution: int) -> tuple[TransformerPipeline, Any, dict[str, Any], dict[str, Any]]:
+def build_pipelines(family: str, resolution: int) -> tuple[TransformerPipeline, Any, dict[str, Any], dict[str, Any]]:
     """Our pipeline, diffusers' pipeline on the same modules, and each one's call arguments but the steps."""
     from diffusers import (FluxControlNetModel, FluxControlNetPipeline, SD3ControlNetModel,
                            StableDiffusion3ControlNetPipeline)
@@ -64,7 +64,7 @@ def setup(family: str, resolution: int) -> tuple[TransformerPipeline, Any, dict[
 def timed_calls(family: str, resolution: int, steps: int) -> tuple[dict[str, Callable[[], Any]], float]:
     """The timed calls (ours and diffusers', at ``steps`` and at 1 step) and the largest difference of their
     final latents at ``steps``."""
-    ours, theirs, ours_kwargs, theirs_kwargs = setup(family, resolution)
+    ours, theirs, ours_kwargs, theirs_kwargs = build_pipelines(family, resolution)
 
     def run_ours(n: int) -> torch.Tensor:
         return ours(PROMPT, steps=n, **ours_kwargs)

@@ -74,7 +74,12 @@ class FlowControl:
     mode: int | str | None = None
 
     def active(self, step: int, num_steps: int) -> bool:
-        return self.strength != 0 and in_step_range(self.start, self.end, step, num_steps)
+        return acts(self.strength, self.start, self.end, step, num_steps)
+
+
+def acts(strength: float, start: float, end: float, step: int, num_steps: int) -> bool:
+    """Whether a unit of ``strength`` and step range [start, end] runs at step ``step`` of ``num_steps``."""
+    return strength != 0 and in_step_range(start, end, step, num_steps)
 
 
 def calculate_shift(image_seq_len: int, config: Mapping[str, Any]) -> float:

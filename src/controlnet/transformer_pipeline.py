@@ -33,9 +33,8 @@ from torch import nn
 
 from controlnet import runtime
 from controlnet.errors import UserError
-from controlnet.flow_sampling import FlowControl, FlowText, flow_schedule, flux_sigmas, sample
+from controlnet.flow_sampling import FlowControl, FlowText, acts, flow_schedule, flux_sigmas, sample
 from controlnet.loading import placement
-from controlnet.sampling import in_step_range
 from controlnet.transformer_formats import check_fits
 from controlnet.transformer_controlnet import (FLUX, FLUX_LATENT_PATCH, SD3, FluxControlNet, TransformerControlNet,
                                                base_family, latent_image_ids, pack_latents)
@@ -57,8 +56,8 @@ FLUX_DEFAULT_SAMPLE_SIZE = 128
 # Components of a diffusers Flux / SD3 folder (model_index.json) → whether it is a torch model.
 COMPONENTS = {"transformer": True, "vae": True, "text_encoder": True, "tokenizer": False, "text_encoder_2": True,
               "tokenizer_2": False, "text_encoder_3": True, "tokenizer_3": False}
-REQUIRED = {FLUX: ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"),
-            SD3: ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+# What both families need; SD3 may lack T5 (text_encoder_3: null), whose tokens are then zeros.
+REQUIRED = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 OUTPUT_TYPES = ("pil", "pt", "latent")
 
 
@@ -67,7 +66,8 @@ class TransformerUnit:
     """One control for :class:`TransformerPipeline`: a ControlNet, its condition image, strength, step range (the
     fractions of the steps it acts in, :func:`controlnet.sampling.in_step_range`) and a union ControlNet's mode.
 
-    ``image``: a PIL image, an (H, W, 3) array, or a tensor (1, 3, H, W) in [0, 1]; resized to the output size.
+    ``image``: a PIL image or an (H, W, 3) array (resized to the output size), or a tensor (1, 3, H, W) in [0, 1]
+    of the output size.
     """
 
     controlnet: TransformerControlNet
@@ -147,10 +147,10 @@ class TransformerPipeline:
             parts = {name: _load_component(path, name, index[name], is_model, dtype, variant)
                      for name, is_model in COMPONENTS.items() if index.get(name) and index[name][0] is not None}
         family = base_family(parts.get("transformer"))
-        if family not in REQUIRED:
+        if family not in FLOW_DEFAULTS:
             raise UserError(f"{path}: not a Flux or SD3 folder (its transformer is {index.get('transformer')}); "
                             "pass a Flux or SD3 base, or use the UNet pipeline for SD1.x/SD2.x/SDXL")
-        missing = [n for n in REQUIRED[family] if n not in parts]
+        missing = [n for n in REQUIRED if n not in parts]
         if missing:
             raise UserError(f"{path}: model_index.json lists no {', '.join(missing)}; the base folder is incomplete")
         for part in parts.values():
@@ -286,7 +286,7 @@ class TransformerPipeline:
             n = len(timesteps)
             # A unit that never acts (strength 0, or no step in its range) is not encoded, nor run.
             flow_controls = [self._flow_control(u, height, width, generator) for u in controls
-                             if u.strength != 0 and any(in_step_range(u.start, u.end, i, n) for i in range(n))]
+                             if any(acts(u.strength, u.start, u.end, i, n) for i in range(n))]
             h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
             flux = self.family == FLUX
             out = sample(self.transformer, pack_latents(noise) if flux else noise, schedule, timesteps, text,
