@@ -135,14 +135,14 @@ class TransformerPipeline:
         tokenizer*/ scheduler/) or a hub id, its models in ``dtype`` on ``device``."""
         from controlnet.loading import _load_component, move, quiet_loading, resolve_base
 
+        from diffusers import DiffusionPipeline
+
         path = resolve_base(name, revision, variant)
-        index_file = path / "model_index.json"
-        if not index_file.is_file():
-            raise UserError(f"{path}: not a diffusers model folder (no model_index.json); pass a Flux or SD3 folder")
         try:
-            index = json.loads(index_file.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise UserError(f"{index_file}: unreadable ({err}); the base model folder is damaged") from None
+            index = DiffusionPipeline.load_config(path, local_files_only=True)  # model_index.json
+        except (OSError, ValueError):
+            raise UserError(f"{path}: not a diffusers model folder (no model_index.json, or an unreadable one); "
+                            "pass a Flux or SD3 folder") from None
         with quiet_loading():
             parts = {name: _load_component(path, name, index[name], is_model, dtype, variant)
                      for name, is_model in COMPONENTS.items() if index.get(name) and index[name][0] is not None}
