@@ -49,10 +49,10 @@ def conditions(n: int, seed: int = 5) -> list[torch.Tensor]:
     return [torch.rand(1, 3, SIZE, SIZE, generator=g) for _ in range(n)]
 
 
-def after_noise(seed: int = SEED) -> tuple[torch.Tensor, torch.Generator]:
+def after_noise(batch: int = 1, seed: int = SEED) -> tuple[torch.Tensor, torch.Generator]:
     """The starting noise ours draws from ``seed``, and the generator in the state ours leaves it in."""
     g = torch.Generator().manual_seed(seed)
-    return randn_tensor((1, 16, SIZE // 8, SIZE // 8), generator=g), g
+    return randn_tensor((batch, 16, SIZE // 8, SIZE // 8), generator=g), g
 
 
 def as_diffusers(cn):
@@ -118,6 +118,7 @@ def test_flux_generation_matches_diffusers(flux, case):
 SD3_CASES = {
     "one": [(0.7, 0.0, 0.75)],  # an InstantX-like ControlNet: zero pooled projections, latents without the shift
     "two": [(0.6, 0.25, 1.0), (1.0, 0.0, 0.5)],
+    "two prompts": [(0.9, 0.0, 1.0)],  # CFG rows [uncond x2, cond x2], the condition repeated to all four
 }
 
 
@@ -129,13 +130,14 @@ def test_sd3_generation_with_cfg_matches_diffusers(sd3, case):
         nets[0].config = dataclasses.replace(nets[0].config, force_zeros_for_pooled_projection=True)
     conds = conditions(len(settings))
     units = [TransformerUnit(cn, c, s, a, b) for cn, c, (s, a, b) in zip(nets, conds, settings)]
-    ours = TransformerPipeline(**sd3)(PROMPT, units, guidance=5.0, negative_prompt="green square", **COMMON)
+    prompts = [PROMPT, "a green circle"] if case == "two prompts" else [PROMPT]
+    ours = TransformerPipeline(**sd3)(prompts, units, guidance=5.0, negative_prompt="green square", **COMMON)
 
-    noise, g = after_noise()
+    noise, g = after_noise(len(prompts))
     multi = len(settings) > 1
     refs = [as_diffusers(cn) for cn in nets]
     theirs = StableDiffusion3ControlNetPipeline(**diffusers_components(sd3), controlnet=refs if multi else refs[0])(
-        PROMPT, negative_prompt="green square", control_image=[c * 2 - 1 for c in conds] if multi else conds[0] * 2 - 1,
+        prompts, negative_prompt="green square", control_image=[c * 2 - 1 for c in conds] if multi else conds[0] * 2 - 1,
         controlnet_conditioning_scale=[s for s, _, _ in settings] if multi else settings[0][0],
         control_guidance_start=[a for _, a, _ in settings] if multi else settings[0][1],
         control_guidance_end=[b for _, _, b in settings] if multi else settings[0][2],
@@ -143,7 +145,7 @@ def test_sd3_generation_with_cfg_matches_diffusers(sd3, case):
         output_type="latent", max_sequence_length=16).images
     assert (ours - theirs).abs().max() < TOL
     plain = StableDiffusion3Pipeline(**diffusers_components(sd3))(
-        PROMPT, negative_prompt="green square", height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=5.0,
+        prompts, negative_prompt="green square", height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=5.0,
         latents=noise, output_type="latent", max_sequence_length=16).images
     assert (ours - plain).abs().max() > 1e-2
 
@@ -296,6 +298,10 @@ def test_bad_input_is_refused_in_one_line(flux, sd3):
     with pytest.raises(UserError) as err:
         pipe(PROMPT, [TransformerUnit(union, conditions(1)[0], mode=0)], height=2 * SIZE, width=SIZE, **COMMON)
     assert "give a condition of the image's size" in one_line(err)
+    with pytest.raises(UserError) as err:
+        pipe(PROMPT, [TransformerUnit(flux_controlnet(flux["transformer"], 42), conditions(1)[0], mode="depth")],
+             **COMMON)
+    assert "not a union ControlNet" in one_line(err)
     with pytest.raises(UserError) as err:
         pipe(PROMPT, **{**COMMON, "output_type": "png"})
     assert "unknown output type" in one_line(err)

@@ -266,6 +266,9 @@ class TransformerPipeline:
         height, width = self._size([u.image for u in controls] + [init_image], height, width)
         for unit in controls:
             check_fits(unit.controlnet, self.transformer)
+            if unit.mode is not None and not getattr(unit.controlnet.config, "num_mode", None):
+                raise UserError(f"a control mode ({unit.mode}) was given for a ControlNet that is not a union "
+                                "ControlNet; give modes to union ControlNets only")
         if generator is None:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
         negatives = None
