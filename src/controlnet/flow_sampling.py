@@ -1,0 +1,219 @@
+"""Flow-matching sampling of a locked Flux or SD3 transformer under the residuals of transformer ControlNets.
+
+Rectified-flow bases (FLUX.1, SD3/SD3.5) predict a velocity v = dx/dσ along the straight path
+x_σ = (1 - σ) x_0 + σ ε, and generation integrates it from σ = 1 (noise) to σ = 0 with Euler steps, as diffusers'
+FlowMatchEulerDiscreteScheduler does. :func:`sample`, top to bottom::
+
+    σ_0 > σ_1 > ... > σ_n = 0                         flow_schedule(): the base's scheduler config, shifted
+    for step i, t_i = 1000 σ_i:
+        x_in = [x, x] (SD3 under CFG) or x
+        r    = Σ_{units u active at i} ControlNet_u(x_in, t_i, text, condition_u, mode_u) * strength_u
+        v    = transformer(x_in, t_i, text, + r)       Flux: + the distilled guidance scale as an input
+        v    = v_uncond + w (v_cond - v_uncond)        SD3 only (classifier-free guidance, one batch)
+        x    = x + (σ_{i+1} - σ_i) v                   Euler step of the flow ODE
+
+The unit semantics are the UNet sampler's (:mod:`controlnet.sampling`): a unit acts at step i of n iff
+``in_step_range(start, end, i, n)`` and its strength is not zero; otherwise it is not run at all. Several units
+add their residuals (Zhang et al. 2023, Sec. 3.4); a union ControlNet given several (condition, mode) pairs is
+several units sharing one model, one pass per pair.
+
+Families:
+
+* Flux: latents are packed 2x2 into tokens (B, h/2 * w/2, 4C) with position ids (``latent_image_ids``); the
+  transformer and the ControlNet take t / 1000 in [0, 1]; FLUX.1-dev embeds the guidance scale (no CFG) and so do
+  ControlNets with ``guidance_embeds``.
+* SD3: latents stay (B, C, h, w); timesteps in [0, 1000]; CFG batches [uncond, cond]. ControlNets with
+  ``force_zeros_for_pooled_projection`` (InstantX SD3) get zeros for the pooled projections, as they were trained.
+
+Latents stay float32 through the Euler steps; the models run in their own dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from controlnet.errors import UserError
+from controlnet.loading import placement
+from controlnet.residuals import Residuals
+from controlnet.sampling import in_step_range
+from controlnet.transformer_controlnet import FLUX, SD3, TransformerControlNet, base_family, transformer_kwargs
+
+# Flux's distilled models take t and the guidance scale in [0, 1]-units; diffusers' schedule counts 1000 steps.
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+@dataclass
+class FlowText:
+    """Text conditioning as the base takes it: ``embeds`` (B, T, D) and ``pooled`` (B, P); under SD3's CFG the
+    rows are [unconditional, conditional] (2B). Flux also takes ``ids`` (T, 3), its text position ids."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+    ids: torch.Tensor | None = None
+
+
+@dataclass
+class FlowControl:
+    """A transformer ControlNet ready for :func:`sample`: its model, its prepared condition, when and how strongly.
+
+    ``condition`` is what the ControlNet takes: Flux, VAE latents packed like the image tokens (B, L, C) or, with
+    XLabs' hint encoder, pixels (B, 3, H, W) in [0, 1]; SD3, VAE latents (B, C, h, w).
+    ``mode``: a union ControlNet's control mode (name or index).
+    """
+
+    controlnet: TransformerControlNet
+    condition: torch.Tensor
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: int | str | None = None
+
+    def active(self, step: int, num_steps: int) -> bool:
+        return acts(self.strength, self.start, self.end, step, num_steps)
+
+
+def acts(strength: float, start: float, end: float, step: int, num_steps: int) -> bool:
+    """Whether a unit of ``strength`` and step range [start, end] runs at step ``step`` of ``num_steps``."""
+    return strength != 0 and in_step_range(start, end, step, num_steps)
+
+
+def calculate_shift(image_seq_len: int, config: Mapping[str, Any]) -> float:
+    """The resolution-dependent shift ``mu`` (diffusers ``calculate_shift``, FluxPipeline): linear in the number of
+    image tokens between (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift) of the scheduler
+    config."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_shift
+
+    return diffusers_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                           config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+
+
+def flow_schedule(scheduler_config: Mapping[str, Any], num_steps: int, image_seq_len: int,
+                  sigmas: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise levels (n + 1,) ending at 0 and the timesteps (n,) = 1000 σ of a flow-matching generation.
+
+    diffusers' FlowMatchEulerDiscreteScheduler builds them from the base's scheduler config (its static ``shift``,
+    or with ``use_dynamic_shifting`` the shift ``mu`` of :func:`calculate_shift` for ``image_seq_len`` tokens; Karras,
+    exponential, beta sigmas and ``shift_terminal`` where the config asks). ``sigmas``: the unshifted levels to
+    start from (Flux pipelines pass ``linspace(1, 1/n, n)``; SD3's let the scheduler space its timesteps).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if num_steps < 1:
+        raise UserError(f"steps must be at least 1, got {num_steps}")
+    config = dict(scheduler_config)
+    for option in ("stochastic_sampling", "invert_sigmas"):
+        if config.get(option):
+            raise UserError(f"the base's scheduler config sets {option}; only deterministic flow-matching Euler "
+                            "sampling is supported (set it to false)")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    mu = calculate_shift(image_seq_len, config) if scheduler.config.use_dynamic_shifting else None
+    scheduler.set_timesteps(num_steps if sigmas is None else None, sigmas=sigmas, mu=mu)
+    return scheduler.sigmas.float(), scheduler.timesteps.float()
+
+
+def flux_sigmas(num_steps: int) -> list[float]:
+    """The unshifted noise levels Flux pipelines start from: ``linspace(1, 1/n, n)`` (diffusers FluxPipeline)."""
+    import numpy as np
+
+    return np.linspace(1.0, 1 / num_steps, num_steps).tolist()
+
+
+@torch.inference_mode()
+def sample(transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor,
+           text: FlowText, controls: Sequence[FlowControl] = (), guidance: float = 3.5, *,
+           img_ids: torch.Tensor | None = None, progress: bool = False,
+           callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Euler integration of a flow-matching base from ``sigmas[0]`` to ``sigmas[-1]`` under summed ControlNet
+    residuals: the loop of the module docstring.
+
+    Args:
+        transformer: a diffusers ``FluxTransformer2DModel`` or ``SD3Transformer2DModel`` (locked).
+        latents: float32; Flux packed tokens (B, L, 4C), SD3 (B, C, h, w); noised to ``sigmas[0]``.
+        sigmas, timesteps: from :func:`flow_schedule` (or their tail, to start part-way: image-to-image).
+        text: the prompt's embeddings (SD3 under CFG: [uncond, cond] rows).
+        controls: the ControlNet units; guidance: Flux's distilled guidance scale, or SD3's CFG weight
+            (<= 1: one branch, no guidance).
+        img_ids: Flux's image position ids (L, 3).
+        progress: a tqdm bar over the steps; callback: called as ``callback(i, t, latents)`` after every step.
+
+    Returns the final latents, float32, shaped as ``latents``.
+    """
+    from tqdm.auto import tqdm
+
+    family = base_family(transformer)
+    if family not in (FLUX, SD3):
+        raise UserError(f"flow-matching sampling needs a Flux or SD3 transformer, got {type(transformer).__name__}")
+    if len(sigmas) != len(timesteps) + 1:
+        raise ValueError(f"{len(sigmas)} sigmas for {len(timesteps)} timesteps; give one more sigma than timesteps")
+    cfg = family == SD3 and guidance > 1.0
+    where = placement(transformer)
+    latents, sigmas = latents.to(where["device"], torch.float32), sigmas.to(where["device"], torch.float32)
+    n = len(timesteps)
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", unit="step", disable=not progress, leave=False)):
+        x = torch.cat([latents] * 2) if cfg else latents  # (2B or B, ...)
+        x = x.to(**where)
+        t_in = t.to(where["device"], torch.float32).expand(x.shape[0])
+        residuals = Residuals()  # nothing added: the plain base
+        for c in controls:
+            if c.active(i, n):
+                residuals = residuals + control_residuals(c, x, t_in, text, guidance, img_ids, where)
+        v = base_velocity(transformer, x, t_in, text, residuals, guidance, img_ids).float()
+        if cfg:
+            v_uncond, v_cond = v.chunk(2)
+            v = v_uncond + guidance * (v_cond - v_uncond)
+        latents = latents + (sigmas[i + 1] - sigmas[i]) * v  # Euler
+        if callback is not None:
+            callback(i, t, latents)
+    return latents
+
+
+def base_velocity(transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text: FlowText, residuals: Residuals,
+                  guidance: float, img_ids: torch.Tensor | None) -> torch.Tensor:
+    """The locked base's velocity for the batch ``x`` at timesteps ``t`` (B,) in [0, 1000], residuals added."""
+    where = placement(transformer)
+    added = transformer_kwargs(residuals, transformer)
+    if base_family(transformer) == FLUX:
+        return transformer(hidden_states=x, timestep=t / NUM_TRAIN_TIMESTEPS,
+                           guidance=_guidance(transformer.config, guidance, x),
+                           pooled_projections=text.pooled.to(**where), encoder_hidden_states=text.embeds.to(**where),
+                           txt_ids=text.ids.to(**where), img_ids=img_ids.to(**where), return_dict=False, **added)[0]
+    return transformer(hidden_states=x, timestep=t, encoder_hidden_states=text.embeds.to(**where),
+                       pooled_projections=text.pooled.to(**where), return_dict=False, **added)[0]
+
+
+def control_residuals(control: FlowControl, x: torch.Tensor, t: torch.Tensor, text: FlowText, guidance: float,
+                      img_ids: torch.Tensor | None, out: Mapping[str, Any]) -> Residuals:
+    """One unit's residuals (times its strength) for the batch ``x``, placed like ``out`` (``Tensor.to`` keyword
+    arguments). The condition's rows repeat to the batch (SD3's CFG batch: both halves controlled)."""
+    cn = control.controlnet
+    where = placement(cn)
+    cond = control.condition.to(**where)
+    if cond.shape[0] != x.shape[0]:
+        if x.shape[0] % cond.shape[0]:
+            raise UserError(f"a condition of batch {cond.shape[0]} cannot be repeated to the batch of {x.shape[0]}")
+        cond = cond.repeat(x.shape[0] // cond.shape[0], *[1] * (cond.ndim - 1))
+    hidden, pooled = x.to(**where), text.pooled.to(**where)
+    if cn.family == FLUX:
+        res = cn(hidden_states=hidden, timestep=t.to(where["device"]) / NUM_TRAIN_TIMESTEPS,
+                 encoder_hidden_states=text.embeds.to(**where), pooled_projections=pooled,
+                 img_ids=img_ids.to(**where), txt_ids=text.ids.to(**where), condition=cond, mode=control.mode,
+                 guidance=_guidance(cn.config, guidance, hidden), conditioning_scale=control.strength)
+    else:
+        c = cn.config
+        res = cn(hidden_states=hidden, timestep=t.to(where["device"]),
+                 encoder_hidden_states=text.embeds.to(**where) if c.joint_attention_dim is not None else None,
+                 pooled_projections=torch.zeros_like(pooled) if c.force_zeros_for_pooled_projection else pooled,
+                 condition=cond, conditioning_scale=control.strength)
+    return res.to(**out) if where != dict(out) else res
+
+
+def _guidance(config: Any, guidance: float, x: torch.Tensor) -> torch.Tensor | None:
+    """The distilled guidance scale (B,) for a model that embeds it (``guidance_embeds``), else None."""
+    if not getattr(config, "guidance_embeds", False):
+        return None
+    return torch.full((x.shape[0],), float(guidance), device=x.device, dtype=torch.float32)

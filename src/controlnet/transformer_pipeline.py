@@ -1,0 +1,396 @@
+"""A Flux or SD3/SD3.5 base as its diffusers folder holds it, generating under our transformer ControlNets.
+
+:class:`TransformerPipeline` holds the diffusers transformer, the VAE, the text encoders (CLIP + T5 from
+transformers) and the base's FlowMatchEulerDiscreteScheduler config. It encodes prompts as diffusers'
+FluxPipeline / StableDiffusion3Pipeline do, turns each unit's condition image into what its ControlNet takes
+(:meth:`TransformerPipeline.encode_condition`) and runs :func:`controlnet.flow_sampling.sample`::
+
+    pipe = TransformerPipeline.from_pretrained("FLUX.1-dev")              # a diffusers folder or hub id
+    cn = load_transformer_controlnet("FLUX.1-dev-Controlnet-Union", base=pipe.transformer)
+    images = pipe("a red circle", [TransformerUnit(cn, canny, mode="canny", end=0.8)], seed=0)
+
+Generation order (one generator, seeded once): the starting noise first, then the condition latents (a VAE
+posterior sample each, as diffusers' pipelines draw them), so that a seed gives the same noise with or without
+ControlNets. A unit that never acts (strength 0, no step in its range) is neither encoded nor run.
+
+Text: Flux, CLIP's pooled output + T5's last hidden states (``max_sequence_length`` tokens) with zero text position
+ids; SD3, the two CLIPs' penultimate hidden states side by side, padded to T5's width and followed by T5's tokens,
+and their pooled projections side by side; the negative prompt ("" by default) gives SD3's unconditional rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from controlnet import runtime
+from controlnet.errors import UserError
+from controlnet.flow_sampling import FlowControl, FlowText, acts, flow_schedule, flux_sigmas, sample
+from controlnet.loading import placement
+from controlnet.transformer_formats import check_fits
+from controlnet.transformer_controlnet import (FLUX, FLUX_LATENT_PATCH, SD3, FluxControlNet, TransformerControlNet,
+                                               base_family, latent_image_ids, pack_latents)
+
+
+@dataclass(frozen=True)
+class FlowDefaults:
+    """A family's generation defaults (diffusers' FluxPipeline and StableDiffusion3Pipeline ``__call__`` defaults)."""
+
+    steps: int
+    guidance: float
+    max_sequence_length: int
+
+
+FLOW_DEFAULTS = {FLUX: FlowDefaults(steps=28, guidance=3.5, max_sequence_length=512),
+                 SD3: FlowDefaults(steps=28, guidance=7.0, max_sequence_length=256)}
+# Flux pipelines' default size: 128 latents (diffusers FluxPipeline.default_sample_size) times the VAE's 8x.
+FLUX_DEFAULT_SAMPLE_SIZE = 128
+# Components of a diffusers Flux / SD3 folder (model_index.json) → whether it is a torch model.
+COMPONENTS = {"transformer": True, "vae": True, "text_encoder": True, "tokenizer": False, "text_encoder_2": True,
+              "tokenizer_2": False, "text_encoder_3": True, "tokenizer_3": False}
+# What both families need; SD3 may lack T5 (text_encoder_3: null), whose tokens are then zeros.
+REQUIRED = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+OUTPUT_TYPES = ("pil", "pt", "latent")
+
+
+@dataclass
+class TransformerUnit:
+    """One control for :class:`TransformerPipeline`: a ControlNet, its condition image, strength, step range (the
+    fractions of the steps it acts in, :func:`controlnet.sampling.in_step_range`) and a union ControlNet's mode.
+
+    ``image``: a PIL image or an (H, W, 3) array (resized to the output size), or a tensor (1, 3, H, W) in [0, 1]
+    of the output size.
+    """
+
+    controlnet: TransformerControlNet
+    image: Any
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: int | str | None = None
+
+
+class TransformerPipeline:
+    """A flow-matching transformer base (FLUX.1, SD3/SD3.5) with its VAE and text encoders (module docstring)."""
+
+    def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any,
+                 text_encoder_2: nn.Module, tokenizer_2: Any, scheduler_config: dict[str, Any],
+                 text_encoder_3: nn.Module | None = None, tokenizer_3: Any = None):
+        self.family = base_family(transformer)
+        if self.family not in (FLUX, SD3):
+            raise UserError(f"a transformer pipeline needs a Flux or SD3 transformer, got {type(transformer).__name__}")
+        self.transformer, self.vae, self.scheduler_config = transformer, vae, dict(scheduler_config)
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
+        self.defaults = FLOW_DEFAULTS[self.family]
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_tiling = "auto"  # controlnet.runtime: "auto", "on", "off"
+        self.offload: str | None = None  # controlnet.runtime: None, "model", "sequential"
+        self._offload_device = torch.device("cpu")
+        self._offload_hooks: list[Any] = []
+        self._offloaded_controlnets: list[nn.Module] = []
+
+    # ------------------------------------------------------------------------------------------- runtime
+
+    def models(self) -> list[nn.Module]:
+        """The base's models in the order a generation runs them: text encoders, transformer, VAE."""
+        encoders = [self.text_encoder, self.text_encoder_2, self.text_encoder_3]
+        return [m for m in encoders if m is not None] + [self.transformer, self.vae]
+
+    def enable_offload(self, mode: str | None, device: str | torch.device = "cuda") -> None:
+        """Keep the models on the CPU and run each on ``device`` (:mod:`controlnet.runtime`: "model" moves whole
+        models in turn, "sequential" layer by layer; the ControlNets get their hooks when a generation first
+        uses them); None: no offload, every model (and every ControlNet it offloaded) on ``device``."""
+        runtime.check_offload(mode)
+        offloaded = [m for m in [*self.models(), *self._offloaded_controlnets] if runtime.is_offloaded(m)]
+        self._offloaded_controlnets = []
+        if offloaded:
+            runtime.remove_offload_hooks(offloaded, torch.device(device))
+        self.offload, self._offload_device = mode, torch.device(device)
+        self._offload_hooks = runtime.add_offload_hooks(self.models(), [], mode, self._offload_device) if mode else []
+
+    def _offload_controlnets(self, controls: Sequence[TransformerUnit]) -> None:
+        """Offload hooks for the ControlNets of ``controls`` that have none yet (with :meth:`enable_offload`)."""
+        if self.offload:
+            fresh = [cn for cn in dict.fromkeys(u.controlnet for u in controls) if not runtime.is_offloaded(cn)]
+            self._offloaded_controlnets += fresh
+            self._offload_hooks += runtime.add_offload_hooks([], fresh, self.offload, self._offload_device)
+
+    # ------------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def from_pretrained(cls, name: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu", revision: str | None = None,
+                        variant: str | None = None) -> "TransformerPipeline":
+        """A Flux or SD3 base from a diffusers folder (model_index.json + transformer/ vae/ text_encoder*/
+        tokenizer*/ scheduler/) or a hub id, its models in ``dtype`` on ``device``."""
+        from controlnet.loading import _load_component, move, quiet_loading, resolve_base
+
+        from diffusers import DiffusionPipeline
+
+        path = resolve_base(name, revision, variant)
+        try:
+            index = DiffusionPipeline.load_config(path, local_files_only=True)  # model_index.json
+        except (OSError, ValueError):
+            raise UserError(f"{path}: not a diffusers model folder (no model_index.json, or an unreadable one); "
+                            "pass a Flux or SD3 folder") from None
+        with quiet_loading():
+            parts = {name: _load_component(path, name, index[name], is_model, dtype, variant)
+                     for name, is_model in COMPONENTS.items() if index.get(name) and index[name][0] is not None}
+        family = base_family(parts.get("transformer"))
+        if family not in FLOW_DEFAULTS:
+            raise UserError(f"{path}: not a Flux or SD3 folder (its transformer is {index.get('transformer')}); "
+                            "pass a Flux or SD3 base, or use the UNet pipeline for SD1.x/SD2.x/SDXL")
+        missing = [n for n in REQUIRED if n not in parts]
+        if missing:
+            raise UserError(f"{path}: model_index.json lists no {', '.join(missing)}; the base folder is incomplete")
+        for part in parts.values():
+            if isinstance(part, nn.Module):
+                move(part.eval(), torch.device(device), dtype)
+        return cls(scheduler_config=_scheduler_config(path), **parts)
+
+    # ------------------------------------------------------------------------------------------- encoders
+
+    @torch.inference_mode()
+    def encode_prompt(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
+                      max_sequence_length: int | None = None) -> FlowText:
+        """The text conditioning of ``prompts`` (with ``negative_prompts``: SD3's [uncond, cond] rows)."""
+        length = max_sequence_length or self.defaults.max_sequence_length
+        if self.family == FLUX:
+            embeds = self._t5(list(prompts), length)
+            pooled = self.text_encoder(self._ids(self.tokenizer, prompts, self.text_encoder)).pooler_output
+            ids = torch.zeros(embeds.shape[1], 3)
+            return FlowText(embeds, pooled, ids)
+        rows = [*negative_prompts, *prompts] if negative_prompts is not None else list(prompts)
+        (h1, p1), (h2, p2) = (self._clip_with_projection(tok, enc, rows) for tok, enc in
+                              ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)))
+        t5 = self._t5(rows, length)
+        clip = torch.cat([h1, h2.to(h1)], dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (N, 77, T5 width)
+        return FlowText(torch.cat([clip, t5.to(clip)], dim=-2), torch.cat([p1, p2.to(p1)], dim=-1))
+
+    def _ids(self, tokenizer: Any, texts: Sequence[str], encoder: nn.Module, length: int | None = None) -> torch.Tensor:
+        return tokenizer(list(texts), padding="max_length", max_length=length or tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(placement(encoder)["device"])
+
+    def _clip_with_projection(self, tokenizer: Any, encoder: nn.Module, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SD3's CLIP features: the penultimate hidden states (N, 77, D) and the pooled projection (N, P)."""
+        out = encoder(self._ids(tokenizer, texts, encoder), output_hidden_states=True)
+        return out.hidden_states[-2], out[0]
+
+    def _t5(self, texts: list[str], length: int) -> torch.Tensor:
+        """T5's last hidden states (N, length, D); SD3 without T5 (text_encoder_3 None): zeros, as diffusers."""
+        encoder = self.text_encoder_2 if self.family == FLUX else self.text_encoder_3
+        if encoder is None:
+            width = self.transformer.config.joint_attention_dim
+            return torch.zeros(len(texts), length, width, **placement(self.text_encoder))
+        tokenizer = self.tokenizer_2 if self.family == FLUX else self.tokenizer_3
+        return encoder(self._ids(tokenizer, texts, encoder, length))[0]
+
+    @torch.inference_mode()
+    def encode_latents(self, image: torch.Tensor, generator: torch.Generator | None = None,
+                       shift: bool = True) -> torch.Tensor:
+        """The base's latents (B, C, h, w), float32, of ``image`` (B, 3, H, W) in [0, 1]: a sample of the VAE
+        posterior (drawn from ``generator``), less the VAE's shift factor (unless ``shift`` is False), times its
+        scaling factor."""
+        vae = self.vae
+        posterior = vae.encode((image * 2 - 1).to(**placement(vae))).latent_dist
+        latents = posterior.sample(generator).float()
+        return (latents - ((vae.config.shift_factor or 0.0) if shift else 0.0)) * vae.config.scaling_factor
+
+    def encode_condition(self, image: torch.Tensor, controlnet: TransformerControlNet,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+        """What ``controlnet`` takes for the condition ``image`` (B, 3, H, W) in [0, 1]: pixels for XLabs' hint
+        encoder; otherwise :meth:`encode_latents` (InstantX SD3 ControlNets, ``force_zeros_for_pooled_projection``,
+        were trained without the shift, as diffusers' pipeline encodes for them), packed for Flux."""
+        if isinstance(controlnet, FluxControlNet) and controlnet.input_hint_block is not None:
+            return image
+        if self.family == FLUX:
+            return pack_latents(self.encode_latents(image, generator))
+        return self.encode_latents(image, generator, shift=not controlnet.config.force_zeros_for_pooled_projection)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] from the sampler's latents (Flux: packed tokens)."""
+        vae = self.vae
+        if self.family == FLUX:
+            latents = unpack_latents(latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        where = placement(vae)
+        runtime.set_vae_tiling(vae, runtime.wants_tiling(self.vae_tiling, width, height, where["device"].type))
+        image = vae.decode(latents.to(**where)).sample.float()
+        return (image / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------------------------------- generation
+
+    def check_size(self, height: int, width: int) -> None:
+        """Refuse, in one line, a size the latents cannot tile (Flux: VAE factor x 2x2 packing; SD3: x patch)."""
+        patch = FLUX_LATENT_PATCH if self.family == FLUX else self.transformer.config.patch_size
+        step = self.vae_scale_factor * patch
+        if height <= 0 or width <= 0 or height % step or width % step:
+            raise UserError(f"image size {width}x{height} does not fit this {self.family} base; use a width and "
+                            f"height divisible by {step}")
+
+    def __call__(self, prompt: str | Sequence[str], controls: Sequence[TransformerUnit] = (), *,
+                 height: int | None = None, width: int | None = None, steps: int | None = None,
+                 guidance: float | None = None, negative_prompt: str | Sequence[str] = "", seed: int | None = None,
+                 generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
+                 init_image: Any = None, denoise: float = 1.0, max_sequence_length: int | None = None,
+                 output_type: str = "pil", progress: bool = False) -> Any:
+        """Text-to-image (or image-to-image from ``init_image``) under ``controls``; returns PIL images ("pil"), a
+        (B, 3, H, W) tensor in [0, 1] ("pt") or the final latents ("latent"; Flux: packed tokens, as diffusers'
+        ``output_type="latent"``).
+
+        ``guidance``: Flux's distilled guidance scale (default 3.5) or SD3's CFG weight (default 7.0). The size
+        defaults to the first condition image's (or ``init_image``'s), else the base's default. ``latents``: the
+        noise (B, C, h, w) instead of drawing it from ``generator`` / ``seed``. ``denoise``: with ``init_image``,
+        the last round(denoise * steps) steps run, from the image's latents noised to their first sigma
+        (diffusers' ``scale_noise``); the units' step ranges are fractions of the steps that run.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise UserError(f"unknown output type {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
+        if not 0.0 < denoise <= 1.0:
+            raise UserError(f"denoise must be in (0, 1], got {denoise}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        steps = steps or self.defaults.steps
+        guidance = self.defaults.guidance if guidance is None else float(guidance)
+        height, width = self._size([u.image for u in controls] + [init_image], height, width)
+        for unit in controls:
+            check_fits(unit.controlnet, self.transformer)
+            if unit.mode is not None and not getattr(unit.controlnet.config, "num_mode", None):
+                raise UserError(f"a control mode ({unit.mode}) was given for a ControlNet that is not a union "
+                                "ControlNet; give modes to union ControlNets only")
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        negatives = None
+        if self.family == SD3 and guidance > 1.0:  # CFG: the negative prompts' rows first
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        self._offload_controlnets(controls)
+        try:
+            text = self.encode_prompt(prompts, negatives, max_sequence_length)
+            noise = self._noise(len(prompts), height, width, generator, latents)
+            schedule, timesteps = self.schedule(steps, height, width)
+            if init_image is not None:
+                first = steps - min(round_half_up(denoise * steps), steps)  # as controlnet.img2img.img2img_timesteps
+                if first == steps:
+                    raise UserError(f"denoise {denoise} runs no step of {steps}; raise --denoise or --steps")
+                image = self.encode_latents(condition_tensor(init_image, height, width), generator)
+                noise = schedule[first] * noise + (1 - schedule[first]) * image  # the forward flow to sigma_first
+                schedule, timesteps = schedule[first:], timesteps[first:]
+            n = len(timesteps)
+            # A unit that never acts (strength 0, or no step in its range) is not encoded, nor run.
+            flow_controls = [self._flow_control(u, height, width, generator) for u in controls
+                             if any(acts(u.strength, u.start, u.end, i, n) for i in range(n))]
+            h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+            flux = self.family == FLUX
+            out = sample(self.transformer, pack_latents(noise) if flux else noise, schedule, timesteps, text,
+                         flow_controls, guidance, img_ids=latent_image_ids(h // 2, w // 2) if flux else None,
+                         progress=progress)
+            if output_type == "latent":
+                return out
+            images = self.decode(out, height, width)
+            return images if output_type == "pt" else [_to_pil(im) for im in images]
+        finally:
+            runtime.release(self._offload_hooks)  # offloaded models back to the CPU
+
+    def schedule(self, steps: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sigmas (steps + 1) and timesteps (steps) of a generation at this size (the shift ``mu`` depends
+        on the number of image tokens)."""
+        h, w = height // self.vae_scale_factor, width // self.vae_scale_factor
+        if self.family == FLUX:
+            return flow_schedule(self.scheduler_config, steps, (h // 2) * (w // 2), flux_sigmas(steps))
+        patch = self.transformer.config.patch_size
+        return flow_schedule(self.scheduler_config, steps, (h // patch) * (w // patch))
+
+    def _size(self, images: Sequence[Any], height: int | None, width: int | None) -> tuple[int, int]:
+        """The output size: as given, else the first image's (condition or init image), else the base's default."""
+        first = next((im for im in images if im is not None), None)
+        if (height is None or width is None) and first is not None:
+            h0, w0 = first.shape[-2:] if torch.is_tensor(first) else _pil(first).size[::-1]
+            height, width = height or h0, width or w0
+        if self.family == FLUX:
+            default = FLUX_DEFAULT_SAMPLE_SIZE * self.vae_scale_factor
+        else:
+            default = self.transformer.config.sample_size * self.vae_scale_factor
+        height, width = int(height or default), int(width or default)
+        self.check_size(height, width)
+        return height, width
+
+    def _noise(self, batch: int, height: int, width: int, generator: torch.Generator | None,
+               latents: torch.Tensor | None) -> torch.Tensor:
+        """The starting noise (B, C, h, w), float32: ``latents`` as given, or drawn from ``generator``."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        channels = self.vae.config.latent_channels
+        shape = (batch, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise UserError(f"the starting latents are {list(latents.shape)}; this size needs {list(shape)}")
+            return latents.float()
+        return randn_tensor(shape, generator=generator, dtype=torch.float32)
+
+    def _flow_control(self, unit: TransformerUnit, height: int, width: int,
+                      generator: torch.Generator | None) -> FlowControl:
+        image = condition_tensor(unit.image, height, width)
+        return FlowControl(unit.controlnet, self.encode_condition(image, unit.controlnet, generator),
+                           strength=unit.strength, start=unit.start, end=unit.end, mode=unit.mode)
+
+
+def condition_tensor(image: Any, height: int, width: int) -> torch.Tensor:
+    """A condition image as a (B, 3, height, width) float32 tensor in [0, 1]: tensors as given (their size must be
+    the output's), PIL images and arrays resized (diffusers' VaeImageProcessor: Lanczos)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    if torch.is_tensor(image):
+        tensor = image if image.ndim == 4 else image[None]
+        if tuple(tensor.shape[-2:]) != (height, width):
+            raise UserError(f"the condition is {tensor.shape[-1]}x{tensor.shape[-2]}, the image {width}x{height}; "
+                            "give a condition of the image's size")
+        return tensor.float()
+    processor = VaeImageProcessor(do_normalize=False)
+    return processor.preprocess(_pil(image), height=height, width=width).float()
+
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int, patch: int = FLUX_LATENT_PATCH) -> torch.Tensor:
+    """(B, h/p * w/p, C*p*p) tokens → (B, C, h, w) latents: the inverse of ``pack_latents`` (diffusers
+    FluxPipeline._unpack_latents), for latents of ``height`` x ``width``."""
+    b, _, features = tokens.shape
+    c = features // (patch * patch)
+    x = tokens.view(b, height // patch, width // patch, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, height, width)
+
+
+def _pil(image: Any) -> Any:
+    from PIL import Image
+
+    from controlnet.images import load_image
+
+    return image if isinstance(image, Image.Image) else Image.fromarray(load_image(image))
+
+
+def _to_pil(image: torch.Tensor) -> Any:
+    from PIL import Image
+
+    return Image.fromarray((image.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8"))
+
+
+def _scheduler_config(path: Path) -> dict[str, Any]:
+    """The base's FlowMatchEulerDiscreteScheduler config (scheduler/scheduler_config.json)."""
+    file = path / "scheduler" / "scheduler_config.json"
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{file}: unreadable ({err}); the base model folder is incomplete or damaged") from None

@@ -1,0 +1,319 @@
+"""Flow-matching generation with transformer ControlNets (Flux, SD3): whole generations against diffusers'
+FluxControlNetPipeline / StableDiffusion3ControlNetPipeline (oracles only) on the same tiny seeded components,
+the unit semantics (strength 0 and steps outside the range run nothing), the schedule, loading and refusals.
+
+Both sides get the same seed: ours draws the starting noise from it, then the condition latents; diffusers' is
+given that noise as ``latents`` and the generator after it, so that its condition latents are drawn from the same
+state. diffusers' SD3 pipeline samples the condition's VAE posterior from the global generator (two rows under CFG):
+its comparisons use a VAE whose posterior std is 1e-7, so both sides' samples are the posterior mean to 1e-7.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from diffusers import (FluxControlNetModel, FluxControlNetPipeline, FluxPipeline, SD3ControlNetModel,
+                       StableDiffusion3ControlNetPipeline, StableDiffusion3Pipeline)
+from diffusers.utils.torch_utils import randn_tensor
+
+from builders import trained_like
+from controlnet.errors import UserError
+from controlnet.flow_sampling import FlowControl, calculate_shift, flow_schedule
+from controlnet.transformer_controlnet import FLUX_UNION_MODES, FluxControlNet, SD3ControlNet, pack_latents
+from controlnet.transformer_pipeline import TransformerPipeline, TransformerUnit, unpack_latents
+from flow_builders import FLUX_SCHEDULER, diffusers_components, flux_components, sd3_components
+
+TOL = 1e-4
+SIZE = 64  # pixels: 8x8 latents, 4x4 Flux tokens / SD3 patches
+STEPS = 4
+PROMPT = "a red circle on blue"
+SEED = 3
+COMMON = dict(steps=STEPS, seed=SEED, output_type="latent", max_sequence_length=16)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return flux_components()
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return sd3_components(posterior_std=1e-7)
+
+
+def conditions(n: int, seed: int = 5) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(1, 3, SIZE, SIZE, generator=g) for _ in range(n)]
+
+
+def after_noise(batch: int = 1, seed: int = SEED) -> tuple[torch.Tensor, torch.Generator]:
+    """The starting noise ours draws from ``seed``, and the generator in the state ours leaves it in."""
+    g = torch.Generator().manual_seed(seed)
+    return randn_tensor((batch, 16, SIZE // 8, SIZE // 8), generator=g), g
+
+
+def as_diffusers(cn):
+    """diffusers' model of our ControlNet: its config (our extra keys ignored) and its weights."""
+    cls = FluxControlNetModel if isinstance(cn, FluxControlNet) else SD3ControlNetModel
+    ref = cls.from_config(cn.config.to_dict())
+    ref.load_state_dict(cn.state_dict(), strict=True)
+    return ref.eval()
+
+
+def flux_controlnet(base, seed: int, **kwargs) -> FluxControlNet:
+    return trained_like(FluxControlNet.from_transformer(base, **{"num_layers": 2, "num_single_layers": 2, **kwargs}), seed)
+
+
+# --------------------------------------------------------------------------------------------- Flux
+
+
+# (strength, start, end) of each unit; "union": one union ControlNet, one unit per (condition, mode).
+FLUX_CASES = {
+    "one": [(0.8, 0.0, 0.75)],
+    "two": [(0.6, 0.0, 1.0), (1.0, 0.5, 1.0)],
+    "union": [(0.7, 0.0, 0.75), (0.5, 0.25, 1.0)],
+    "xlabs": [(0.9, 0.25, 1.0)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLUX_CASES))
+def test_flux_generation_matches_diffusers(flux, case):
+    settings = FLUX_CASES[case]
+    components = flux
+    if case == "xlabs":  # XLabs' hint encoder: pixels in, 16 channels packed 2x2 into the 64 token features
+        nets = [flux_controlnet(flux["transformer"], 11, num_single_layers=0, conditioning_embedding_channels=16)]
+    elif case == "union":
+        nets = [flux_controlnet(flux["transformer"], 12, num_mode=10)] * 2
+    else:
+        nets = [flux_controlnet(flux["transformer"], 13 + k) for k in range(len(settings))]
+    modes = ["canny", "depth"] if case == "union" else [None] * len(settings)
+    conds = conditions(len(settings))
+    units = [TransformerUnit(cn, c, s, a, b, mode) for cn, c, (s, a, b), mode in zip(nets, conds, settings, modes)]
+    ours = TransformerPipeline(**components)(PROMPT, units, **COMMON)
+
+    noise, g = after_noise()
+    refs = [as_diffusers(cn) for cn in dict.fromkeys(nets)]
+    multi = len(settings) > 1
+    theirs = FluxControlNetPipeline(**diffusers_components(components), controlnet=refs if multi else refs[0])(
+        PROMPT, control_image=[c * 2 - 1 for c in conds] if multi else conds[0] * 2 - 1,
+        control_mode=[FLUX_UNION_MODES.index(m) for m in modes] if case == "union" else None,
+        controlnet_conditioning_scale=[s for s, _, _ in settings] if multi else settings[0][0],
+        control_guidance_start=[a for _, a, _ in settings] if multi else settings[0][1],
+        control_guidance_end=[b for _, _, b in settings] if multi else settings[0][2],
+        height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=3.5, generator=g,
+        latents=pack_latents(noise), output_type="latent", max_sequence_length=16).images
+    assert (ours - theirs).abs().max() < TOL
+    plain = FluxPipeline(**diffusers_components(components))(
+        PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=3.5, latents=pack_latents(noise),
+        output_type="latent", max_sequence_length=16).images
+    assert (ours - plain).abs().max() > 1e-2  # the ControlNets do act
+
+
+# --------------------------------------------------------------------------------------------- SD3
+
+
+SD3_CASES = {
+    "one": [(0.7, 0.0, 0.75)],  # an InstantX-like ControlNet: zero pooled projections, latents without the shift
+    "two": [(0.6, 0.25, 1.0), (1.0, 0.0, 0.5)],
+    "two prompts": [(0.9, 0.0, 1.0)],  # CFG rows [uncond x2, cond x2], the condition repeated to all four
+}
+
+
+@pytest.mark.parametrize("case", sorted(SD3_CASES))
+def test_sd3_generation_with_cfg_matches_diffusers(sd3, case):
+    settings = SD3_CASES[case]
+    nets = [trained_like(SD3ControlNet.from_transformer(sd3["transformer"], 2), 21 + k) for k in range(len(settings))]
+    if case == "one":
+        nets[0].config = dataclasses.replace(nets[0].config, force_zeros_for_pooled_projection=True)
+    conds = conditions(len(settings))
+    units = [TransformerUnit(cn, c, s, a, b) for cn, c, (s, a, b) in zip(nets, conds, settings)]
+    prompts = [PROMPT, "a green circle"] if case == "two prompts" else [PROMPT]
+    ours = TransformerPipeline(**sd3)(prompts, units, guidance=5.0, negative_prompt="green square", **COMMON)
+
+    noise, g = after_noise(len(prompts))
+    multi = len(settings) > 1
+    refs = [as_diffusers(cn) for cn in nets]
+    theirs = StableDiffusion3ControlNetPipeline(**diffusers_components(sd3), controlnet=refs if multi else refs[0])(
+        prompts, negative_prompt="green square", control_image=[c * 2 - 1 for c in conds] if multi else conds[0] * 2 - 1,
+        controlnet_conditioning_scale=[s for s, _, _ in settings] if multi else settings[0][0],
+        control_guidance_start=[a for _, a, _ in settings] if multi else settings[0][1],
+        control_guidance_end=[b for _, _, b in settings] if multi else settings[0][2],
+        height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=5.0, generator=g, latents=noise,
+        output_type="latent", max_sequence_length=16).images
+    assert (ours - theirs).abs().max() < TOL
+    plain = StableDiffusion3Pipeline(**diffusers_components(sd3))(
+        prompts, negative_prompt="green square", height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=5.0,
+        latents=noise, output_type="latent", max_sequence_length=16).images
+    assert (ours - plain).abs().max() > 1e-2
+
+
+# --------------------------------------------------------------------------------------------- image to image
+
+
+def test_flux_image_to_image_matches_diffusers():
+    """diffusers' FluxControlNetImg2ImgPipeline draws its noise after encoding the condition and the picture: with a
+    VAE whose posterior std is 1e-7 those encodings do not depend on the generator, and ours is given its noise."""
+    from diffusers import FluxControlNetImg2ImgPipeline
+
+    components = flux_components(posterior_std=1e-7)
+    cn = flux_controlnet(components["transformer"], 51)
+    picture, cond = conditions(2, seed=9)
+    g = torch.Generator().manual_seed(SEED)
+    noise = [randn_tensor((1, 16, SIZE // 8, SIZE // 8), generator=g) for _ in range(3)][-1]  # their third draw
+    ours = TransformerPipeline(**components)(
+        PROMPT, [TransformerUnit(cn, cond, 0.8, 0.0, 0.5)], init_image=picture, denoise=0.5, latents=noise,
+        **{**COMMON, "steps": 6})
+    theirs = FluxControlNetImg2ImgPipeline(**diffusers_components(components), controlnet=as_diffusers(cn))(
+        PROMPT, image=picture, control_image=cond * 2 - 1, strength=0.5, controlnet_conditioning_scale=0.8,
+        control_guidance_end=0.5, height=SIZE, width=SIZE, num_inference_steps=6, guidance_scale=3.5,
+        generator=torch.Generator().manual_seed(SEED), output_type="latent", max_sequence_length=16).images
+    assert (ours - theirs).abs().max() < TOL
+    # 3 of the 6 steps run; the unit acts in the first half of those: step 0 only (1/3 <= 0.5 < 2/3).
+    calls = count_calls(cn)
+    TransformerPipeline(**components)(PROMPT, [TransformerUnit(cn, cond, end=0.5)], init_image=picture,
+                                      denoise=0.5, **{**COMMON, "steps": 6})
+    assert calls[0] == 1
+    with pytest.raises(UserError, match="runs no step"):
+        TransformerPipeline(**components)(PROMPT, init_image=picture, denoise=0.05, **COMMON)
+
+
+# --------------------------------------------------------------------------------------------- unit semantics
+
+
+def count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_units_at_strength_zero_or_outside_their_range_are_not_run(flux):
+    base = flux["transformer"]
+    off, late, early = (flux_controlnet(base, s) for s in (31, 32, 33))
+    counts = [count_calls(cn) for cn in (off, late, early)]
+    cond = conditions(1)[0]
+    pipe = TransformerPipeline(**flux)
+    units = [TransformerUnit(off, cond, strength=0.0), TransformerUnit(late, cond, start=0.5),
+             TransformerUnit(early, cond, end=0.25)]
+    with_off = pipe(PROMPT, units, **COMMON)
+    # Step i of 4 is in [start, end] iff start <= i/4 and (i+1)/4 <= end: "late" runs steps 2, 3; "early" step 0.
+    assert [c[0] for c in counts] == [0, 2, 1]
+    without = pipe(PROMPT, units[1:], **COMMON)
+    assert torch.equal(with_off, without)  # a unit that is not run leaves no trace, not even zeros
+
+
+def test_schedule_is_diffusers_with_the_resolution_shift():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # mu is linear in the token count: 0.5 at 256 tokens, 1.15 at 4096 (FLUX.1's scheduler config).
+    assert calculate_shift(256, FLUX_SCHEDULER) == pytest.approx(0.5)
+    assert calculate_shift(4096, FLUX_SCHEDULER) == pytest.approx(1.15)
+    sigmas, timesteps = flow_schedule(FLUX_SCHEDULER, 5, 1024, [1.0, 0.8, 0.6, 0.4, 0.2])
+    ref = FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER)
+    ref.set_timesteps(sigmas=[1.0, 0.8, 0.6, 0.4, 0.2], mu=calculate_shift(1024, FLUX_SCHEDULER))
+    assert torch.equal(sigmas, ref.sigmas) and torch.equal(timesteps, ref.timesteps)
+    assert sigmas[-1] == 0 and len(sigmas) == 6
+    # Exponential time shift: sigma' = e^mu / (e^mu + 1/sigma - 1).
+    mu = torch.tensor(calculate_shift(1024, FLUX_SCHEDULER))
+    assert sigmas[2] == pytest.approx((mu.exp() / (mu.exp() + 1 / 0.6 - 1)).item(), rel=1e-6)
+    with pytest.raises(UserError, match="stochastic_sampling"):
+        flow_schedule({**FLUX_SCHEDULER, "stochastic_sampling": True}, 4, 16)
+
+
+# --------------------------------------------------------------------------------------------- loading, round trips
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_pipeline_loads_a_diffusers_folder(tmp_path, flux, sd3, family):
+    components = flux if family == "flux" else sd3
+    cls = FluxPipeline if family == "flux" else StableDiffusion3Pipeline
+    cls(**diffusers_components(components)).save_pretrained(tmp_path / "base")
+    loaded = TransformerPipeline.from_pretrained(tmp_path / "base")
+    assert loaded.family == family
+    assert loaded.scheduler_config["shift"] == components["scheduler_config"]["shift"]
+    direct = TransformerPipeline(**components)
+    a = loaded(PROMPT, guidance=4.0, **COMMON)
+    b = direct(PROMPT, guidance=4.0, **COMMON)
+    assert torch.equal(a, b)
+    with pytest.raises(UserError, match="no model_index.json"):
+        TransformerPipeline.from_pretrained(tmp_path)
+
+
+def test_flux_unpack_inverts_pack_and_decoding_gives_images(flux):
+    latents = torch.randn(2, 16, 6, 4)
+    assert torch.equal(unpack_latents(pack_latents(latents), 6, 4), latents)
+    assert torch.equal(unpack_latents(pack_latents(latents), 6, 4),
+                       FluxPipeline._unpack_latents(pack_latents(latents), 6 * 8, 4 * 8, 8))
+    images = TransformerPipeline(**flux)(PROMPT, steps=2, seed=0, height=SIZE, width=SIZE, output_type="pt",
+                                         max_sequence_length=16)
+    assert images.shape == (1, 3, SIZE, SIZE) and 0 <= images.min() and images.max() <= 1
+
+
+def test_model_offload_gives_the_same_generation_and_vae_tiling_switches(flux):
+    from controlnet import runtime
+
+    cn = flux_controlnet(flux["transformer"], 61)
+    unit = [TransformerUnit(cn, conditions(1)[0], 0.8)]
+    pipe = TransformerPipeline(**flux)
+    plain = pipe(PROMPT, unit, **COMMON)
+    pipe.enable_offload("model", "cpu")  # accelerate's hooks, executing on the CPU: the same arithmetic
+    try:
+        offloaded = pipe(PROMPT, unit, **COMMON)
+        assert all(runtime.is_offloaded(m) for m in [*pipe.models(), cn])
+    finally:
+        pipe.enable_offload(None, "cpu")
+    assert not any(runtime.is_offloaded(m) for m in [*pipe.models(), cn])
+    assert torch.equal(plain, offloaded)
+    latents = torch.randn(1, 16 * 4, 8 * 8, generator=torch.Generator().manual_seed(0))  # 128 px: 2x2 VAE tiles
+    decoded = {}
+    for mode in ("off", "on", "auto"):
+        pipe.vae_tiling = mode
+        decoded[mode] = pipe.decode(latents, 2 * SIZE, 2 * SIZE)
+    assert torch.equal(decoded["auto"], decoded["off"])  # 128 px is far below the CPU's memory
+    assert not torch.equal(decoded["on"], decoded["off"]) and decoded["on"].shape == decoded["off"].shape
+
+
+# --------------------------------------------------------------------------------------------- refusals
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_bad_input_is_refused_in_one_line(flux, sd3):
+    pipe = TransformerPipeline(**flux)
+    with pytest.raises(UserError) as err:
+        pipe(PROMPT, height=72, width=SIZE, **COMMON)
+    assert "divisible by 16" in one_line(err)
+    union = flux_controlnet(flux["transformer"], 41, num_mode=10)
+    with pytest.raises(UserError) as err:
+        pipe(PROMPT, [TransformerUnit(union, conditions(1)[0])], **COMMON)
+    assert "union ControlNet; give a control mode" in one_line(err)
+    with pytest.raises(UserError) as err:
+        pipe(PROMPT, [TransformerUnit(union, conditions(1)[0], mode="sketch")], **COMMON)
+    assert "unknown control mode 'sketch'" in one_line(err)
+    with pytest.raises(UserError) as err:
+        pipe(PROMPT, [TransformerUnit(union, conditions(1)[0], mode=0)], height=2 * SIZE, width=SIZE, **COMMON)
+    assert "give a condition of the image's size" in one_line(err)
+    with pytest.raises(UserError) as err:
+        pipe(PROMPT, [TransformerUnit(flux_controlnet(flux["transformer"], 42), conditions(1)[0], mode="depth")],
+             **COMMON)
+    assert "not a union ControlNet" in one_line(err)
+    with pytest.raises(UserError) as err:
+        pipe(PROMPT, **{**COMMON, "output_type": "png"})
+    assert "unknown output type" in one_line(err)
+    sd3_cn = SD3ControlNet.from_transformer(sd3["transformer"], 2)
+    with pytest.raises(UserError) as err:  # a ControlNet for another base family
+        pipe(PROMPT, [TransformerUnit(sd3_cn, conditions(1)[0])], **COMMON)
+    assert "SD3/SD3.5 ControlNet" in one_line(err) and "FluxTransformer2DModel" in one_line(err)
+
+
+def test_benchmark_times_the_same_work():
+    from benchmarks.flow import timed_calls
+
+    calls, difference = timed_calls("flux", SIZE, 2)
+    assert difference == 0.0  # ours and diffusers' final latents, bit for bit
+    assert set(calls) == {"ours", "ours_1", "diffusers", "diffusers_1"}
