@@ -39,8 +39,8 @@ def build_pipelines(family: str, resolution: int) -> tuple[TransformerPipeline, 
                            StableDiffusion3ControlNetPipeline)
     from diffusers.utils.torch_utils import randn_tensor
 
-    from tests.builders import trained_like
-    from tests.flow_builders import diffusers_components, flux_components, sd3_components
+    from controlnet.testing import trained_like
+    from controlnet.testing_flow import diffusers_components, flux_components, sd3_components
 
     flux = family == "flux"
     components = flux_components() if flux else sd3_components(posterior_std=1e-7)

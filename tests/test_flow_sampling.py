@@ -19,12 +19,12 @@ from diffusers import (FluxControlNetModel, FluxControlNetPipeline, FluxPipeline
                        StableDiffusion3ControlNetPipeline, StableDiffusion3Pipeline)
 from diffusers.utils.torch_utils import randn_tensor
 
-from builders import trained_like
+from controlnet.testing import trained_like
 from controlnet.errors import UserError
 from controlnet.flow_sampling import FlowControl, calculate_shift, flow_schedule
 from controlnet.transformer_controlnet import FLUX_UNION_MODES, FluxControlNet, SD3ControlNet, pack_latents
 from controlnet.transformer_pipeline import TransformerPipeline, TransformerUnit, unpack_latents
-from flow_builders import FLUX_SCHEDULER, diffusers_components, flux_components, sd3_components
+from controlnet.testing_flow import FLUX_SCHEDULER, diffusers_components, flux_components, sd3_components
 
 TOL = 1e-4
 SIZE = 64  # pixels: 8x8 latents, 4x4 Flux tokens / SD3 patches

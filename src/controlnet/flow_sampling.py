@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from controlnet.errors import UserError
-from controlnet.loading import placement
+from controlnet.devices import placement
 from controlnet.residuals import Residuals
 from controlnet.sampling import in_step_range
 from controlnet.transformer_controlnet import FLUX, SD3, TransformerControlNet, base_family, transformer_kwargs

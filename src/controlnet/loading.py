@@ -78,7 +78,7 @@ def _load_base_folder(path: Path, dtype: torch.dtype, variant: str | None = None
         index = json.loads(index_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"{index_file}: unreadable ({err}); the base model folder is damaged") from None
-    components = {name: _load_component(path, name, index[name], is_model, dtype, variant)
+    components = {name: load_component(path, name, index[name], is_model, dtype, variant)
                   for name, is_model in _COMPONENTS.items() if index.get(name) and index[name][0] is not None}
     missing = [n for n in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if n not in components]
     if missing:
@@ -86,7 +86,7 @@ def _load_base_folder(path: Path, dtype: torch.dtype, variant: str | None = None
     return components
 
 
-def _load_component(path: Path, name: str, entry: list[str], is_model: bool, dtype: torch.dtype,
+def load_component(path: Path, name: str, entry: list[str], is_model: bool, dtype: torch.dtype,
                     variant: str | None = None) -> Any:
     """One component ``name`` of a diffusers folder; ``entry`` is its ``[library, class]`` in model_index.json.
     ``variant`` weights (``*.{variant}.safetensors``) are used where the component has them, as diffusers'

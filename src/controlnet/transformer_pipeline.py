@@ -34,9 +34,8 @@ from torch import nn
 from controlnet import runtime
 from controlnet.errors import UserError
 from controlnet.flow_sampling import FlowControl, FlowText, acts, flow_schedule, flux_sigmas, sample
-from controlnet.loading import placement
-from controlnet.transformer_formats import check_fits
-from controlnet.transformer_controlnet import (FLUX, FLUX_LATENT_PATCH, SD3, FluxControlNet, TransformerControlNet,
+from controlnet.devices import placement
+from controlnet.transformer_controlnet import (FLUX, FLUX_LATENT_PATCH, SD3, FluxControlNet, TransformerControlNet, check_fits,
                                                base_family, latent_image_ids, pack_latents)
 
 
@@ -133,7 +132,9 @@ class TransformerPipeline:
                         variant: str | None = None) -> "TransformerPipeline":
         """A Flux or SD3 base from a diffusers folder (model_index.json + transformer/ vae/ text_encoder*/
         tokenizer*/ scheduler/) or a hub id, its models in ``dtype`` on ``device``."""
-        from controlnet.loading import _load_component, move, quiet_loading, resolve_base
+        from controlnet.devices import move
+        from controlnet.hub import quiet_loading
+        from controlnet.loading import load_component, resolve_base
 
         from diffusers import DiffusionPipeline
 
@@ -144,7 +145,7 @@ class TransformerPipeline:
             raise UserError(f"{path}: not a diffusers model folder (no model_index.json, or an unreadable one); "
                             "pass a Flux or SD3 folder") from None
         with quiet_loading():
-            parts = {name: _load_component(path, name, index[name], is_model, dtype, variant)
+            parts = {name: load_component(path, name, index[name], is_model, dtype, variant)
                      for name, is_model in COMPONENTS.items() if index.get(name) and index[name][0] is not None}
         family = base_family(parts.get("transformer"))
         if family not in FLOW_DEFAULTS:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tests.builders import build_text_encoder, build_tokenizer
+from controlnet.testing import build_text_encoder, build_tokenizer
 
 WORDS = ("a", "red", "circle", "on", "blue", "square", "green", "background")
 CLIP_TOKENS = 16
