@@ -57,6 +57,7 @@ Decisions (the sampler's and the conditions' own are in :mod:`controlnet.samplin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -71,16 +72,18 @@ import torch
 from PIL import Image
 from torch import nn
 
+from controlnet import img2img
 from controlnet.base_model import BaseModelMixin
 from controlnet.conditions import ImageInput, condition_to_pil, prepare_condition, round_size, to_condition_array
-from controlnet.defaults import CONTROL_MODES, DEFAULT_INPAINT_PADDING, DEFAULT_MASK_BLUR, DEFAULT_STEPS
+from controlnet.defaults import CONTROL_MODES
 from controlnet.errors import UserError
-from controlnet.img2img import HiresFix, ImageToImageMixin, Source, load_source
-from controlnet.limits import check_output_size, check_seed
+from controlnet.generation_config import GenerationConfig, HiresFix, ImageToImage
+from controlnet.img2img import Source
+from controlnet.limits import check_output_size
 from controlnet.loading import DTYPE_NAMES, load_base, move, placement, quiet_loading, resolve_device, resolve_dtype
 from controlnet.model import ControlNet, guess_mode_scales
 from controlnet.sampling import Control, in_step_range, make_scheduler, sample
-from controlnet.settings import generation_settings, image_settings
+from controlnet.settings import unit_settings
 
 ControlNetRef = Union[ControlNet, str, os.PathLike]
 
@@ -168,7 +171,7 @@ class GenerationResult:
     settings: dict[str, Any]
 
 
-class Pipeline(BaseModelMixin, ImageToImageMixin):
+class Pipeline(BaseModelMixin):
     """Text-to-image with ControlNets over an SD-family base (SD1.x, SD2.x incl. v-prediction, SDXL).
 
     Build it with :meth:`from_pretrained` (embedded base, a diffusers folder or a single file; dtype None → the
@@ -257,86 +260,83 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
     # ------------------------------------------------------------------ generation
 
     @torch.inference_mode()
-    def __call__(self, prompt: str, controls: Sequence[ControlUnit] = (), negative_prompt: str = "",
-                 steps: int = DEFAULT_STEPS, guidance: float | None = None, scheduler: str | None = None,
-                 seed: int | None = 0, size: tuple[int, int] | None = None, num_images: int = 1, eta: float = 0.0,
-                 guess_mode: bool = False, latents: torch.Tensor | None = None, output_type: str = "pil",
-                 progress: bool = True, reuse_residuals: int = 1,
+    def __call__(self, prompt: str, controls: Sequence[ControlUnit] = (), config: GenerationConfig | None = None, *,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", progress: bool = True,
                  callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                 init_image: ImageInput | None = None, denoise: float | None = None, mask: ImageInput | None = None,
-                 mask_blur: float = DEFAULT_MASK_BLUR, mask_invert: bool = False, inpaint_full_res: bool = False,
-                 inpaint_padding: int = DEFAULT_INPAINT_PADDING, hires: HiresFix | None = None) -> GenerationResult:
-        """Generate ``num_images`` images for ``prompt`` under the ControlNets of ``controls``.
+                 **settings: Any) -> GenerationResult:
+        """Generate ``config.num_images`` images for ``prompt`` under the ControlNets of ``controls``.
 
         Args:
-            prompt, negative_prompt: the text, in A1111's syntax (emphasis, BREAK, any length, ``<lora:name:w>``:
-                :mod:`controlnet.prompts`, :mod:`controlnet.lora`); the negative prompt is CFG's unconditional branch.
+            prompt: the text, in A1111's syntax (emphasis, BREAK, any length, ``<lora:name:w>``:
+                :mod:`controlnet.prompts`, :mod:`controlnet.lora`).
             controls: :class:`ControlUnit` s; their residuals add.
-            steps, scheduler, eta: sampler settings (``eta`` is DDIM's noise, TCD's gamma; others ignore it);
-                scheduler None: the base family's (:attr:`defaults`); A1111's names are accepted.
-            guidance: classifier-free guidance weight (<= 1: no CFG, one branch; None: the base family's).
-            seed: image k uses seed + k (``None``: a random seed, reported in the result).
-            size: (width, height); ``None``: see the module docstring.
-            guess_mode: control on the conditional branch only, residual scales 0.825**(N-1-j).
+            config: the settings (:class:`~controlnet.generation_config.GenerationConfig`: negative prompt, steps,
+                guidance, scheduler, seed, size, image to image, hires fix, ...). Instead of it, its fields as
+                keywords (``steps=20, init_image=..., hires=HiresFix(...)``; image-to-image fields flat).
             latents: initial noise ``(num_images, C, h, w)`` (unscaled; multiplied by the scheduler's
                 ``init_noise_sigma``, or added to the init image's latents), instead of drawing it from the seed.
             output_type: "pil", "np" (uint8 arrays) or "latent" (no decoding, no paste-back).
             progress: show a tqdm bar over the steps (stderr).
             callback: called as ``callback(i, t, latents)`` after every step.
-            reuse_residuals: compute each ControlNet every N active steps and reuse its residuals in between
-                (1, the default: every step; an approximation that trades controllability for speed).
-            init_image: the starting picture of img2img / inpainting (path, PIL image or array).
-            denoise: how much of it is redrawn, in [0, 1] (None: 0.75, or 1.0 with a mask).
-            mask: white = repaint (the init image's size); ``mask_invert`` swaps; ``mask_blur`` feathers the
-                paste-back inward over that many pixels.
-            inpaint_full_res: A1111's "only masked": work on the mask's box plus ``inpaint_padding`` pixels at the
-                full generation size, then paste it back.
-            hires: a :class:`HiresFix` second pass (text-to-image only).
         """
-        guidance, scheduler = self.sampler_defaults(guidance, scheduler)
-        _check_settings(output_type, steps, num_images, guidance, eta, reuse_residuals,
-                        make_scheduler(scheduler, self.scheduler_config), scheduler)
-        steps, num_images, reuse_residuals = int(steps), int(num_images), int(reuse_residuals)
+        if config is not None and settings:
+            raise TypeError(f"give config or keyword settings, not both (got {', '.join(settings)})")
+        config = _checked_copy(config) if config is not None else GenerationConfig.build(**settings).check()
+        guidance, scheduler = self.sampler_defaults(config.guidance, config.scheduler)
+        _check_model_settings(output_type, config.steps, make_scheduler(scheduler, self.scheduler_config), scheduler)
+        img2img.check_unet(self.unet, self.vae, config.image.mask)
         text_prompt, active_loras = self.apply_prompt_loras(prompt)  # <lora:name:w> tags out of the text
-        seed = _resolve_seed(seed)
-        denoise = self.check_image_settings(init_image, denoise, mask, mask_blur, inpaint_full_res,
-                                            inpaint_padding, hires)
-        source = load_source(init_image, mask, mask_invert) if init_image is not None else None
-        generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num_images)]
-        run = _Run(text_prompt, negative_prompt, list(controls), guess_mode, guidance, scheduler, eta, reuse_residuals,
-                   generators, progress, callback)
+        seed = random.SystemRandom().randrange(2**31) if config.seed is None else config.seed
+        image, hires, steps, size = config.image, config.hires, config.steps, config.size
+        source = img2img.load_source(image.init_image, image.mask, image.mask_invert) if image.init_image is not None else None
+        generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(config.num_images)]
+        run = _Run(text_prompt, config.negative_prompt, list(controls), config.guess_mode, guidance, scheduler,
+                   config.eta, config.reuse_residuals, generators, progress, callback)
 
         # 1. Where: the output size, the starting picture there (for "only masked": the mask's box, its conditions).
         whole, box = source, None
-        if source is not None and inpaint_full_res:
-            source, size, box, run.controls = self.only_masked(source, size, inpaint_padding, run.controls)
+        if source is not None and image.inpaint_full_res:
+            source, size, box, run.controls = img2img.only_masked(
+                source, image.inpaint_padding, run.controls, lambda shape: self.output_size(size, shape))
         if size is None and source is not None:
             size = round_size(*source.size, self.vae_scale_factor)
         width, height = self.output_size(size, to_condition_array(controls[0].image) if controls else None)
         check_output_size(width, height, self.max_pixels, device=str(self.device), what="output size")
         source = source.fit(width, height) if source is not None else None
+        first_pass = (width, height)
 
         # 2. The denoising pass(es): conditions, text, start, loop.
-        final, prepared = self._denoise(run, width, height, steps, denoise, source=source, latents=latents)
+        final, prepared = self._denoise(run, width, height, steps, image.strength, source=source, latents=latents)
         if hires is not None:
             width, height = round_size(width * hires.scale, height * hires.scale, self.vae_scale_factor)
             check_output_size(width, height, self.max_pixels, device=str(self.device), what="hires size")
+            upscaled = img2img.upscale_latents(self.vae, final, hires, width, height, generators, self.decode,
+                                               self.device)
             final, prepared = self._denoise(run, width, height, hires.steps or steps, hires.denoise,
-                                            image_latents=self.upscale_latents(final, hires, width, height, generators))
+                                            image_latents=upscaled)
 
         # 3. Decode, paste back, report.
-        settings = generation_settings(
-            prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, scheduler=scheduler, eta=eta,
-            guidance=guidance, width=width, height=height, guess_mode=guess_mode, reuse_residuals=reuse_residuals,
-            num_images=num_images, controls=controls, dtype=DTYPE_NAMES.get(self.dtype, str(self.dtype)), base=self.base)
-        settings.update(image_settings(init_image=init_image, denoise=denoise, mask=mask, mask_blur=mask_blur,
-                                       mask_invert=mask_invert, full_res=inpaint_full_res, padding=inpaint_padding,
-                                       hires=hires, steps=steps))
-        settings.update(self.base_model_settings(active_loras))
-        images = self._output(final, output_type, source, mask_blur, whole, box)
+        used = dataclasses.replace(
+            config, guidance=float(guidance), scheduler=scheduler, seed=seed, size=first_pass,
+            image=dataclasses.replace(image, denoise=image.strength) if source is not None else image,
+            hires=dataclasses.replace(hires, steps=hires.steps or steps) if hires is not None else None)
+        settings = self._settings(prompt, used, controls, active_loras, (width, height))
+        images = self._output(final, output_type, source, image.mask_blur, whole, box)
         conditions = [condition_to_pil(condition) for _, condition in prepared]
         self.end_generation()  # the prompt's LoRAs off, offloaded models back to the CPU
         return GenerationResult(images, final.cpu(), conditions, seed, settings)
+
+    def _settings(self, prompt: str, used: GenerationConfig, controls: Sequence[ControlUnit],
+                  active_loras: dict[str, tuple[float, float]], output: tuple[int, int]) -> dict[str, Any]:
+        """What reproduces a generation (JSON-safe): the prompt, the config as it ran (:meth:`GenerationConfig.to_settings`;
+        its size the first pass's), the control units, and what the pipeline adds (seeds, dtype, base, LoRAs, ...)."""
+        settings = {"prompt": prompt, **used.to_settings(), "seeds": [used.seed + k for k in range(used.num_images)],
+                    "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)), "base": self.base,
+                    "controlnets": unit_settings(controls)}
+        if used.hires is not None:
+            settings["hires"]["size"] = f"{output[0]}x{output[1]}"  # the output's; "size" is the first pass's
+        settings.update(self.base_model_settings(active_loras))
+        return settings
 
     # ------------------------------------------------------------------ pieces of a generation
 
@@ -401,8 +401,9 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
             noise = self.initial_noise(latents, run.generators, width, height)
             start, timesteps, inpainting = noise * sampler.init_noise_sigma, sampler.timesteps, None
         else:
-            start, timesteps, inpainting = self.image_start(sampler, steps, denoise, run.generators, width, height,
-                                                            source, image_latents, latents)
+            start, timesteps, inpainting = img2img.image_start(
+                self.vae, self.unet, sampler, steps, denoise, run.generators,
+                lambda: self.initial_noise(latents, run.generators, width, height), source, image_latents, self.device)
         active = [control for (control, _), unit in zip(prepared, run.controls) if unit.strength > 0]
         final = sample(self.unet, sampler, start, timesteps, text, active, run.guidance, added=added, reuse=run.reuse,
                        eta=run.eta, generators=run.generators, progress=run.progress,
@@ -431,7 +432,7 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
             return []
         arrays = list(self.decode(latents))
         if source is not None and source.mask is not None:
-            arrays = self.paste_back_all(arrays, source, mask_blur, whole, box)
+            arrays = img2img.paste_back_all(arrays, source, mask_blur, whole, box)
         return [Image.fromarray(a) for a in arrays] if output_type == "pil" else arrays
 
 
@@ -450,30 +451,22 @@ def _stop_if_not_finite(callback: Callable[[int, torch.Tensor, torch.Tensor], No
     return check
 
 
-def _check_settings(output_type: str, steps: int, num_images: int, guidance: float, eta: float,
-                    reuse_residuals: int, sampler: Any, scheduler: str) -> None:
-    """One-line :class:`UserError` for a generation setting out of its range."""
+def _checked_copy(config: GenerationConfig) -> GenerationConfig:
+    """A checked copy of ``config`` (checking normalises some fields; the caller's object stays as it was)."""
+    hires = dataclasses.replace(config.hires) if config.hires is not None else None
+    return dataclasses.replace(config, image=dataclasses.replace(config.image), hires=hires).check()
+
+
+def _check_model_settings(output_type: str, steps: int, sampler: Any, scheduler: str) -> None:
+    """One-line :class:`UserError` for what only the loaded base can tell: more steps than its schedule has (the
+    rest of the rules: :meth:`GenerationConfig.check`), and an unknown output type."""
     if output_type not in OUTPUT_TYPES:
         raise UserError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if int(steps) < 1:
-        raise UserError(f"steps must be >= 1, got {steps}")
     # No more steps than the base's training schedule has timesteps (diffusers' DDIM raises; others repeat).
     limit = int(getattr(sampler.config, "num_train_timesteps", 1000))
-    if int(steps) > limit:
+    if steps > limit:
         raise UserError(f"steps {steps} is more than the scheduler {scheduler!r} supports for this base (its schedule "
                         f"has {limit} timesteps); give steps <= {limit}")
-    if int(num_images) < 1:
-        raise UserError(f"num_images must be >= 1, got {num_images}")
-    if not math.isfinite(float(guidance)) or guidance < 0:
-        raise UserError(f"guidance must be a number >= 0, got {guidance}")
-    if not 0.0 <= float(eta) <= 1.0:
-        raise UserError(f"eta must be in [0, 1], got {eta}")
-    if int(reuse_residuals) < 1:
-        raise UserError(f"reuse_residuals must be >= 1 (1: compute the residuals every step), got {reuse_residuals}")
 
 
-def _resolve_seed(seed: int | None) -> int:
-    """``seed`` checked, or a random one for ``None``."""
-    seed = random.SystemRandom().randrange(2**31) if seed is None else int(seed)
-    check_seed(seed, "seed")
-    return seed
+__all__ = ["ControlUnit", "GenerationConfig", "GenerationResult", "HiresFix", "ImageToImage", "OUTPUT_TYPES", "Pipeline"]
