@@ -104,10 +104,10 @@ def test_generate_writes_images_conditions_grid_with_metadata(assets, tmp_path, 
     (["--controlnet", "{a}/cn-sd1", "--control", "{a}/cond.png", "--annotator", "canny",
       "--annotator-param", "low_threshold=abc"], "expects an integer"),
     (["--controlnet", "{a}/cn-sd1", "--control", "{a}/cond.png", "--annotator", "inpaint"], "'mask' is required"),
-    (["--size", "big"], "--size"),
+    (["--size", "big"], "size 'big'"),
     (["--base", "{a}/no-such-base"], "not found"),
-    (["--num-images", "13"], "--num-images must be in 1..12"),
-    (["--num-images", "0"], "--num-images must be in 1..12"),
+    (["--num-images", "13"], "number of images must be in 1..12"),
+    (["--num-images", "0"], "number of images must be in 1..12"),
     (["--controlnet", "{a}/cn-sd1", "--control", "{a}/cond.png", "--annotator", "canny",
       "--annotator-param", "low_threshold"], "write key=value"),
     (["--controlnet", "{a}/cn-sd1", "--control", "{a}/cond.png", "--annotator-param", "low_threshold=5"],
@@ -210,12 +210,14 @@ def test_help_imports_nothing_heavy(command):
     assert out.stdout.strip() == "[]", f"controlnet.commands.{command} imports {out.stdout.strip()} for --help"
 
 
-def test_from_png_loads_the_loras_and_embeddings_again(tmp_path):
+def test_from_png_loads_the_loras_and_embeddings_again(tmp_path, monkeypatch):
     """A generation with --lora and --embedding on the embedded model, re-run from its PNG, gives the same image;
     without the LoRA the image differs (so the re-run did load it)."""
     from safetensors.torch import save_file
 
     from controlnet.commands.generate import png_options
+
+    monkeypatch.chdir(tmp_path)  # the LoRA and embedding files lie in the current folder: stored settings may name them
     from controlnet.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained()

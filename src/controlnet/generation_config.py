@@ -238,6 +238,11 @@ class GenerationConfig:
         image = {k: settings.pop(k) for k in list(settings) if k in image_names}
         return cls(**settings, image=ImageToImage(**image))
 
+    def keywords(self) -> dict[str, Any]:
+        """The config as the flat keywords :meth:`build` (and ``Pipeline.__call__``) take."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "image"}
+        return {**flat, **{f.name: getattr(self.image, f.name) for f in dataclasses.fields(ImageToImage)}}
+
     def to_settings(self) -> dict[str, Any]:
         """The settings as JSON holds them (written into the PNG): the fields, with the image-to-image ones at the
         top level when there is an init image, the size as "WxH" and in-memory images by their kind."""
