@@ -104,7 +104,9 @@ class ImageToImage:
             _need("denoise", self.denoise, "number")
             if not 0.0 <= self.denoise <= 1.0:
                 raise UserError(f"denoise must be in [0, 1] (0: the picture back, 1: redraw it all), got {self.denoise}")
+            self.denoise = float(self.denoise)
         _need("mask blur", self.mask_blur, "number")
+        self.mask_blur = float(self.mask_blur)
         _need("inpaint padding", self.inpaint_padding, "int")
         if self.mask_blur < 0 or self.inpaint_padding < 0:
             raise UserError(f"mask blur and inpaint padding must be >= 0, got {self.mask_blur} and {self.inpaint_padding}")
@@ -114,11 +116,11 @@ class ImageToImage:
             for given, flag in ((self.denoise is not None, "--denoise"), (self.mask is not None, "--mask"),
                                 (self.mask_invert, "--mask-invert"), (self.inpaint_full_res, "--inpaint-full-res")):
                 if given:
-                    raise UserError(f"{flag} needs an init image to work on (--init-image IMG)")
+                    raise UserError(f"{flag} needs --init-image IMG: it needs an init image to work on")
         if self.mask is None:
             for given, flag in ((self.mask_invert, "--mask-invert"), (self.inpaint_full_res, "--inpaint-full-res")):
                 if given:
-                    raise UserError(f"{flag} works on a mask; pass --mask MASK")
+                    raise UserError(f"{flag} works around a mask; pass --mask MASK")
 
     @property
     def strength(self) -> float:
@@ -158,6 +160,7 @@ class HiresFix:
         _need("hires denoise", self.denoise, "number")
         if not 0.0 <= self.denoise <= 1.0:
             raise UserError(f"hires denoise must be in [0, 1], got {self.denoise}")
+        self.scale, self.denoise = float(self.scale), float(self.denoise)
         if self.steps is not None:
             _need("hires steps", self.steps, "int")
             if not 1 <= self.steps <= MAX_STEPS:
@@ -204,6 +207,7 @@ class GenerationConfig:
             _need("guidance", self.guidance, "number")
             if self.guidance < 0:
                 raise UserError(f"guidance must be a number >= 0, got {self.guidance}")
+            self.guidance = float(self.guidance)
         if self.scheduler is not None:
             _need("scheduler", self.scheduler, "text")
             self.scheduler = scheduler_name(self.scheduler)  # unknown names fail here; A1111's become ours
@@ -219,6 +223,7 @@ class GenerationConfig:
         _need("eta", self.eta, "number")
         if not 0.0 <= self.eta <= 1.0:
             raise UserError(f"eta must be in [0, 1], got {self.eta}")
+        self.eta = float(self.eta)
         _need("guess mode", self.guess_mode, "bool")
         _need("reuse residuals", self.reuse_residuals, "int")
         if self.reuse_residuals < 1:

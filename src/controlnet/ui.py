@@ -343,7 +343,8 @@ class UiBackend:
         n = len(paths)
         # The pipeline seeds image k with seed + k: each image can be made again alone.
         captions = [f"seed {used_seed + k}" for k in range(n)]
-        size = result.settings.get("size", f"{request.width}x{request.height}")
+        hires = result.settings.get("hires") or {}  # with a hires fix, "size" is the first pass's
+        size = hires.get("size") or result.settings.get("size", f"{request.width}x{request.height}")
         status = f"Done: {n} image{'s' if n != 1 else ''} at {size}, seed {used_seed}"
         status += f" (+0..{n - 1})." if n > 1 else "."
         conditions = dict(zip(enabled, result.conditions))
