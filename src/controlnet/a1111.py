@@ -122,19 +122,25 @@ def _quoted_end(text: str, start: int) -> int:
     return -1
 
 
-def _pairs(line: str) -> list[tuple[str, str]]:
-    """The ``key: value`` pairs of a ``parameters`` line, in one left-to-right pass (linear in its length)."""
-    pairs, i = [], 0
+def _pairs(line: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """The ``key: value`` pairs of a ``parameters`` line, in one left-to-right pass (linear in its length), and the
+    keys whose quoted value has no closing quote (read up to the next comma)."""
+    pairs: list[tuple[str, str]] = []
+    broken: list[str] = []
+    i = 0
     while True:
         colon = line.find(":", i)
         if colon < 0:
-            return pairs
+            return pairs, broken
         key = _key_before(line, i, colon)
         j = colon + 1
         while j < len(line) and line[j] == " ":
             j += 1
         end = _quoted_end(line, j) if j < len(line) and line[j] == '"' else -1
-        if end < 0 or (end + 1 < len(line) and line[end + 1] != ","):  # unquoted: up to the next comma
+        if j < len(line) and line[j] == '"' and (end < 0 or line[end + 1:end + 2] not in ("", ",")):
+            broken.append(key or line[i:colon])  # an opening quote without its closing one
+            end = -1
+        if end < 0:  # unquoted: up to the next comma
             end = line.find(",", j)
             end = len(line) if end < 0 else end
             value = line[j:end].strip()
@@ -150,9 +156,11 @@ def parse_parameters(text: str) -> dict[str, str]:
     text, quoted ones unquoted), as A1111's ``parse_generation_parameters`` reads it; a quoted value that is not a
     JSON string: a one-line UserError. Linear in the text's length."""
     *head, last = text.strip("\n").split("\n")
-    pairs = _pairs(last)
+    pairs, broken = _pairs(last)
     if len(pairs) < 3:  # A1111: a last line with fewer than 3 pairs is part of the prompt
         head, pairs = [*head, last], []
+    elif broken:
+        raise UserError(f"parameters: the quoted value of {broken[0][:40]!r} has no closing quote; the text is damaged")
     prompt, negative, in_negative = [], [], False
     for line in head:
         if line.startswith(NEGATIVE_PREFIX):

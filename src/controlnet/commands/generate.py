@@ -424,14 +424,19 @@ _OUTPUT_PARAMS = ("json",)
 def png_options(path: str) -> dict[str, Any]:
     """The ``generate`` option values (argparse dests) that re-run the generation of the PNG at ``path``."""
     from controlnet.images import png_text
-    from controlnet.untrusted import load_json_settings
 
-    text = png_text(path)
+    return stored_options(png_text(path), path)
+
+
+def stored_options(text: dict[str, str], path: str) -> dict[str, Any]:
+    """The option values of a PNG's text chunks ``text`` (untrusted: bounded, parsed in linear time, checked as
+    the options are; ``path``: the PNG, whose folder is one of the roots its paths may lie under)."""
+    from controlnet.untrusted import check_text_size, load_json_settings
+
     if "settings" in text:
         settings = load_json_settings(text["settings"], f"{path}: its settings")
     elif "parameters" in text:
         from controlnet.a1111 import parse_parameters, settings_from_parameters
-        from controlnet.untrusted import check_text_size
 
         settings = settings_from_parameters(parse_parameters(check_text_size(text["parameters"], f"{path}: parameters")))
     else:
