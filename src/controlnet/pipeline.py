@@ -73,9 +73,8 @@ from PIL import Image
 from torch import nn
 
 from controlnet import img2img
-from controlnet.base_model import BaseModelMixin
 from controlnet.conditions import ImageInput, condition_to_pil, prepare_condition, round_size, to_condition_array
-from controlnet.defaults import CONTROL_MODES
+from controlnet.defaults import CONTROL_MODES, FamilyDefaults, family_defaults, scheduler_name
 from controlnet.errors import UserError
 from controlnet.generation_config import GenerationConfig, HiresFix, ImageToImage
 from controlnet.img2img import Source
@@ -83,7 +82,9 @@ from controlnet.limits import check_output_size
 from controlnet.loading import DTYPE_NAMES, load_base, move, placement, quiet_loading, resolve_device, resolve_dtype
 from controlnet.model import ControlNet, guess_mode_scales
 from controlnet.sampling import Control, in_step_range, make_scheduler, sample
+from controlnet.runtime import Runtime
 from controlnet.settings import unit_settings
+from controlnet.text_conditioner import TextConditioner
 
 ControlNetRef = Union[ControlNet, str, os.PathLike]
 
@@ -171,15 +172,18 @@ class GenerationResult:
     settings: dict[str, Any]
 
 
-class Pipeline(BaseModelMixin):
+class Pipeline:
     """Text-to-image with ControlNets over an SD-family base (SD1.x, SD2.x incl. v-prediction, SDXL).
 
     Build it with :meth:`from_pretrained` (embedded base, a diffusers folder or a single file; dtype None → the
     device's default, :func:`controlnet.loading.default_dtype`) or from diffusers/transformers components
     (dtype/device None → the components run as given; otherwise they are moved and cast in place). Call it to
-    generate; see the module docstring for the steps and the rules they follow. LoRAs, embeddings, another VAE,
-    clip skip, text conditioning, offload and compile: :class:`~controlnet.base_model.BaseModelMixin`; the
-    image-to-image steps: :class:`~controlnet.img2img.ImageToImageMixin`.
+    generate; see the module docstring for the steps and the rules they follow.
+
+    Its parts: :attr:`text` (:class:`~controlnet.text_conditioner.TextConditioner`: prompts, clip skip, LoRAs,
+    embeddings), :attr:`runtime` (:class:`~controlnet.runtime.Runtime`: offload, compile, channels-last, VAE
+    tiling); an init image's steps are the functions of :mod:`controlnet.img2img`, given the VAE and the sampler.
+    The methods below that only forward to a part keep the short spelling (``pipe.load_lora(...)``).
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any, scheduler: Any,
@@ -209,7 +213,11 @@ class Pipeline(BaseModelMixin):
         self._checked: set[int] = set()
         # Largest output, pixels per image (controlnet.limits); None: derived from the device's memory.
         self.max_pixels: int | None = None
-        self._init_base_model_options()
+        self.variant: str | None = None  # weights variant for hub ControlNets ("fp16"), as from_pretrained got it
+        self.vae_source = ""  # another VAE's source (load_vae), for the settings
+        self.runtime = Runtime(self.device)
+        self.text = TextConditioner(unet, text_encoder, tokenizer, text_encoder_2, tokenizer_2, self.device,
+                                    self.dtype, self.is_sdxl, paused=lambda: self.runtime.paused(*self._models()))
 
     @classmethod
     def from_pretrained(cls, base: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
@@ -243,7 +251,7 @@ class Pipeline(BaseModelMixin):
             if key not in self._controlnets:
                 with quiet_loading():
                     cn = load_controlnet(path, dtype=self.dtype, device=self.device)
-                self._controlnets[key] = self.prepare_controlnet(cn)  # offload, compile, channels-last
+                self._controlnets[key] = self.runtime.prepare(cn)  # offload, compile, channels-last
             cn = self._controlnets[key]
         if id(cn) not in self._checked:
             from controlnet.checkpoints import check_compatible
@@ -256,6 +264,135 @@ class Pipeline(BaseModelMixin):
     def native_size(self) -> int:
         """The base's training resolution in pixels (UNet sample size x VAE factor): 512 for SD1.5."""
         return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    # ------------------------------------------------------------------ the base's family, its VAE
+
+    @property
+    def family(self) -> str:
+        """"sd1", "sd2", "sdxl", or "embedded" for the tiny model shipped in the package."""
+        if self.base == "embedded":
+            return "embedded"
+        from controlnet.checkpoints import detect_family
+
+        return detect_family(self.unet)
+
+    @property
+    def defaults(self) -> FamilyDefaults:
+        """Guidance and scheduler for this base's family (:data:`controlnet.defaults.FAMILY_DEFAULTS`)."""
+        return family_defaults(self.family)
+
+    def sampler_defaults(self, guidance: float | None, scheduler: str | None) -> tuple[float, str]:
+        """``guidance`` and ``scheduler`` (our or A1111's name) as given, or the family's where None."""
+        guidance = self.defaults.guidance if guidance is None else guidance
+        return guidance, scheduler_name(self.defaults.scheduler if scheduler is None else scheduler)
+
+    def load_vae(self, source: str | os.PathLike, revision: str | None = None, variant: str | None = None) -> None:
+        """Replace the base's VAE (a file, a diffusers folder or a hub id; :func:`controlnet.loading.load_vae`)."""
+        from controlnet import runtime
+        from controlnet.loading import load_vae
+
+        where = placement(self.vae)
+        vae = load_vae(source, self.vae, where["dtype"], revision, variant)
+        upcast = where["dtype"] == torch.float16 and getattr(vae.config, "force_upcast", False)
+        device = self.device if runtime.is_offloaded(self.vae) else where["device"]
+        self.vae = move(vae, device, torch.float32 if upcast else where["dtype"])
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_source = str(source)
+        if self.runtime.channels_last:
+            runtime.to_channels_last(self.vae)
+        if self.runtime.offload:
+            self.runtime.apply(*self._models())
+
+    # ------------------------------------------------------------------ the parts' options, in short
+
+    def _models(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The runtime's chain (text encoders, UNet, VAE, in the order they run) and the loaded ControlNets."""
+        chain = [m for m in (self.text_encoder, self.text_encoder_2, self.unet, self.vae) if m is not None]
+        return chain, list(self._controlnets.values())
+
+    def enable_offload(self, mode: str | None) -> None:
+        """Keep the models on the CPU, each moved to :attr:`device` only to run: "model", "sequential" or None."""
+        self.runtime.enable_offload(mode, *self._models())
+
+    def compile(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """``torch.compile`` the UNet and the ControlNets (now and when loaded); the first generation compiles."""
+        self.runtime.compile([self.unet, *self._controlnets.values()], mode, backend)
+
+    def use_channels_last(self) -> None:
+        """The UNet's, the VAE's and the ControlNets' weights in channels-last memory format (now and when loaded)."""
+        self.runtime.use_channels_last([self.unet, self.vae, *self._controlnets.values()])
+
+    def prepare_controlnet(self, controlnet: nn.Module) -> nn.Module:
+        """Apply the runtime options to a ControlNet loaded outside :meth:`load_controlnet`."""
+        return self.runtime.prepare(controlnet)
+
+    @property
+    def vae_tiling(self) -> str:
+        """"auto", "on" or "off" (:mod:`controlnet.runtime`)."""
+        return self.runtime.vae_tiling
+
+    @vae_tiling.setter
+    def vae_tiling(self, mode: str) -> None:
+        self.runtime.vae_tiling = mode
+
+    @property
+    def clip_skip(self) -> int:
+        """Text from the N-th last layer of the text encoder(s), as A1111 counts (1: the last)."""
+        return self.text.clip_skip
+
+    @clip_skip.setter
+    def clip_skip(self, value: int) -> None:
+        self.text.clip_skip = value
+
+    @property
+    def lora_dir(self) -> Path | None:
+        """Where ``<lora:name>`` in a prompt and ``load_lora(name)`` are looked for."""
+        return self.text.lora_dir
+
+    @lora_dir.setter
+    def lora_dir(self, folder: Path | None) -> None:
+        self.text.lora_dir = folder
+
+    @property
+    def loras(self) -> dict[str, tuple[float, float]]:
+        """The LoRAs loaded with :meth:`load_lora`: name → (UNet weight, text-encoder weight)."""
+        return self.text.loras
+
+    @property
+    def embeddings(self) -> dict[str, str]:
+        """The loaded embeddings: token → file."""
+        return self.text.embeddings
+
+    def load_lora(self, source: str | os.PathLike, weight: float = 1.0, text_weight: float | None = None,
+                  revision: str | None = None) -> str:
+        """:meth:`TextConditioner.load_lora <controlnet.text_conditioner.TextConditioner.load_lora>`."""
+        return self.text.load_lora(source, weight, text_weight, revision)
+
+    def unload_lora(self, name: str) -> None:
+        """:meth:`TextConditioner.unload_lora <controlnet.text_conditioner.TextConditioner.unload_lora>`."""
+        self.text.unload_lora(name)
+
+    def load_embedding(self, source: str | os.PathLike, token: str | None = None) -> str:
+        """:meth:`TextConditioner.load_embedding <controlnet.text_conditioner.TextConditioner.load_embedding>`."""
+        return self.text.load_embedding(source, token)
+
+    def encode_weighted_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`TextConditioner.encode_weighted_prompt
+        <controlnet.text_conditioner.TextConditioner.encode_weighted_prompt>`."""
+        return self.text.encode_weighted_prompt(prompt)
+
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`TextConditioner.encode_prompt <controlnet.text_conditioner.TextConditioner.encode_prompt>`."""
+        return self.text.encode_prompt(prompts)
+
+    def text_conditioning(self, prompt: str, negative_prompt: str, num_images: int, cfg: bool, width: int,
+                          height: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """:meth:`TextConditioner.text_conditioning <controlnet.text_conditioner.TextConditioner.text_conditioning>`."""
+        return self.text.text_conditioning(prompt, negative_prompt, num_images, cfg, width, height)
+
+    def maybe_convert_prompt(self, prompt: str, tokenizer: Any) -> str:
+        """A prompt with multi-vector embedding tokens expanded (diffusers' ``maybe_convert_prompt``)."""
+        return self.text.maybe_convert_prompt(prompt, tokenizer)
 
     # ------------------------------------------------------------------ generation
 
@@ -285,7 +422,7 @@ class Pipeline(BaseModelMixin):
         guidance, scheduler = self.sampler_defaults(config.guidance, config.scheduler)
         _check_model_settings(output_type, config.steps, make_scheduler(scheduler, self.scheduler_config), scheduler)
         img2img.check_unet(self.unet, self.vae, config.image.mask)
-        text_prompt, active_loras = self.apply_prompt_loras(prompt)  # <lora:name:w> tags out of the text
+        text_prompt, active_loras = self.text.apply_prompt_loras(prompt)  # <lora:name:w> tags out of the text
         seed = random.SystemRandom().randrange(2**31) if config.seed is None else config.seed
         image, hires, steps, size = config.image, config.hires, config.steps, config.size
         source = img2img.load_source(image.init_image, image.mask, image.mask_invert) if image.init_image is not None else None
@@ -323,7 +460,8 @@ class Pipeline(BaseModelMixin):
         settings = self._settings(prompt, used, controls, active_loras, (width, height))
         images = self._output(final, output_type, source, image.mask_blur, whole, box)
         conditions = [condition_to_pil(condition) for _, condition in prepared]
-        self.end_generation()  # the prompt's LoRAs off, offloaded models back to the CPU
+        self.text.activate_loras({})  # only the loaded LoRAs act again (the prompt's off)
+        self.runtime.release()  # offloaded models back to the CPU
         return GenerationResult(images, final.cpu(), conditions, seed, settings)
 
     def _settings(self, prompt: str, used: GenerationConfig, controls: Sequence[ControlUnit],
@@ -335,7 +473,9 @@ class Pipeline(BaseModelMixin):
                     "controlnets": unit_settings(controls)}
         if used.hires is not None:
             settings["hires"]["size"] = f"{output[0]}x{output[1]}"  # the output's; "size" is the first pass's
-        settings.update(self.base_model_settings(active_loras))
+        settings.update(self.text.settings(active_loras))
+        if self.vae_source:
+            settings["vae"] = self.vae_source
         return settings
 
     # ------------------------------------------------------------------ pieces of a generation
@@ -394,7 +534,7 @@ class Pipeline(BaseModelMixin):
         sampler = make_scheduler(run.scheduler, self.scheduler_config)
         prepared = [self._prepare_unit(unit, width, height, run.guess_mode) for unit in run.controls]
         # Text: [unconditional, conditional] rows in one batch when guiding (diffusers' order).
-        text, added = self.text_conditioning(run.prompt, run.negative_prompt, len(run.generators),
+        text, added = self.text.text_conditioning(run.prompt, run.negative_prompt, len(run.generators),
                                              run.guidance > 1.0, width, height)
         sampler.set_timesteps(steps, device=self.device)
         if source is None and image_latents is None:  # text-to-image: noise at the schedule's first sigma
@@ -415,7 +555,8 @@ class Pipeline(BaseModelMixin):
         """Latents ``(B, C, h, w)`` → images ``(B, H, W, 3)`` uint8, one image at a time (bounded memory)."""
         scaling = self.vae.config.scaling_factor
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        self.configure_vae_tiling(latents.shape[-1] * self.vae_scale_factor, latents.shape[-2] * self.vae_scale_factor)
+        self.runtime.configure_vae_tiling(self.vae, latents.shape[-1] * self.vae_scale_factor,
+                                          latents.shape[-2] * self.vae_scale_factor)
         images = []
         for z in latents:
             z = (z[None] / scaling + shift).to(**placement(self.vae))

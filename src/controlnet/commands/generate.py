@@ -279,7 +279,7 @@ def write_outputs(out: Path, result: Any) -> list[Path]:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """The options of the base model as practitioners have it (:mod:`controlnet.base_model`)."""
+    """The options of the base model as practitioners have it (:mod:`controlnet.text_conditioner`, :mod:`controlnet.runtime`)."""
     g = parser.add_argument_group("your models (LoRA, embeddings, VAE, text) and memory/speed")
     g.add_argument("--revision", default=None, metavar="REV", help="branch, tag or commit of a hub --base (any hub id also takes org/name@REV)")
     g.add_argument("--variant", default=None, metavar="NAME",
