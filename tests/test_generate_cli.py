@@ -246,3 +246,64 @@ def test_from_png_loads_the_loras_and_embeddings_again(tmp_path, monkeypatch):
     plain = ["--embedding", f"{tmp_path / 'thing.safetensors'}:mytok"]
     assert _main(["generate", "--prompt", "a mytok circle", *plain, *common, "--out", str(tmp_path / "c")]) == 0
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "c" / "00000-3.png")), again)
+
+
+# --------------------------------------------------------------------------- --from-png reproduces the picture
+
+
+@pytest.mark.parametrize("mode", ["hires", "only-masked", "img2img-other-size"])
+def test_from_png_reproduces_hires_only_masked_and_img2img_of_another_size(mode, tmp_path, monkeypatch):
+    """A picture made on the command line comes back bit for bit from --from-png: the hires fix from its first
+    pass's size (the recorded "size"), "only masked" from its box's generation size, img2img from an init image
+    whose size is not a multiple of 8."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((71, 57, 3)) * 255).astype(np.uint8)).save("init.png")
+    mask = np.zeros((71, 57), np.uint8)
+    mask[20:40, 10:30] = 255
+    Image.fromarray(mask).save("mask.png")
+    condition = np.zeros((64, 64, 3), np.uint8)
+    condition[16:48, 16:48] = 255
+    Image.fromarray(condition).save("cond.png")
+    extra = {"hires": ["--size", "64x48", "--hires-scale", "1.5", "--hires-denoise", "0.5"],
+             "only-masked": ["--init-image", "init.png", "--mask", "mask.png", "--inpaint-full-res",
+                             "--inpaint-padding", "4", "--size", "64x64"],
+             "img2img-other-size": ["--init-image", "init.png", "--denoise", "0.6"]}[mode]
+    common = ["--controlnet", "fill", "--control", "cond.png", "--steps", "2", "--seed", "3", "-q", "--dtype", "fp32"]
+    assert _main(["generate", "--prompt", "red square", *common, *extra, "--out", "first"]) == 0
+    made = tmp_path / "first" / "00000-3.png"
+    assert _main(["generate", "--from-png", str(made), "-q", "--out", "again"]) == 0
+    with Image.open(made) as a, Image.open(tmp_path / "again" / "00000-3.png") as b:
+        first, again = np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))
+        settings = json.loads(a.text["settings"])
+    assert first.shape == again.shape and np.array_equal(first, again)
+    expected_shape = {"hires": (72, 96, 3), "only-masked": (71, 57, 3), "img2img-other-size": (72, 56, 3)}[mode]
+    assert first.shape == expected_shape
+    if mode == "hires":
+        assert settings["size"] == "64x48" and settings["hires"]["size"] == "96x72"
+        assert "Size: 64x48" in a.text["parameters"] and "Hires upscale: 1.5" in a.text["parameters"]
+
+
+def test_finished_batch_is_skipped_before_loading_and_a_folder_output_is_refused(tmp_path, monkeypatch, capsys):
+    """Re-running a finished --prompts batch loads no model; an output path taken by a folder is refused."""
+    import controlnet.pipeline as pipeline
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("red\nblue\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("prompt00000.png", "prompt00001.png"):
+        Image.new("RGB", (8, 8)).save(out / name)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(pipeline.Pipeline, "from_pretrained", no_loading)
+    argv = ["generate", "--prompts", "prompts.txt", "--steps", "2", "--out", str(out)]
+    assert _main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    (out / "prompt00001.png").unlink()
+    (out / "prompt00001.png").mkdir()
+    assert _main(argv) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert "is not a file" in err and len(err.splitlines()) == 1
