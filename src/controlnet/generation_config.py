@@ -58,7 +58,7 @@ def parse_size(text: Any, what: str = "--size") -> tuple[int, int] | None:
     else:
         raise UserError(f"{what} {str(text)[:40]!r}: give WIDTHxHEIGHT in pixels, e.g. 512x768")
     if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
-        raise UserError(f"{what} {width}x{height}: each side must be in 1..{MAX_SIDE} pixels")
+        raise UserError(f"{what} {width}x{height}: give WIDTHxHEIGHT with each side in 1..{MAX_SIDE} pixels")
     return width, height
 
 
