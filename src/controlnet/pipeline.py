@@ -19,9 +19,11 @@ upscaled and refined by an img2img pass at the larger size, its conditions prepa
 Python use::
 
     from controlnet import Pipeline, ControlUnit
+    from controlnet.generation_config import GenerationConfig, HiresFix
     pipe = Pipeline.from_pretrained()                     # the embedded tiny base; or a folder / .safetensors
-    result = pipe(prompt="a red circle", controls=[ControlUnit("fill", "circle.png")], steps=20, seed=0)
-    result.images[0].save("out.png")
+    config = GenerationConfig(steps=20, seed=0, hires=HiresFix(scale=2))
+    result = pipe("a red circle", [ControlUnit("fill", "circle.png")], config)
+    result.images[0].save("out.png")                      # or, in short: pipe("a red circle", units, steps=20)
 
 Decisions (the sampler's and the conditions' own are in :mod:`controlnet.sampling` and :mod:`controlnet.conditions`):
 
