@@ -307,3 +307,31 @@ def test_finished_batch_is_skipped_before_loading_and_a_folder_output_is_refused
     assert _main(argv) == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()
     assert "is not a file" in err and len(err.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- the generation config
+
+
+def test_generation_config_is_the_options_and_the_stored_settings():
+    """One config: the generate options give it (one option per field, the defaults the fields'), and its stored
+    settings read back give it again (img2img and hires parts included)."""
+    from controlnet.cli import build_parser
+    from controlnet.commands.generate import config_from_args, config_options
+    from controlnet.generation_config import GenerationConfig, HiresFix, ImageToImage
+
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["generate"])) == GenerationConfig()
+    image = ImageToImage(init_image="a.png", denoise=0.3, mask="m.png", mask_blur=2.0, mask_invert=True,
+                         inpaint_full_res=True, inpaint_padding=5)
+    img2img = GenerationConfig(negative_prompt="blur", steps=7, guidance=3.5, scheduler="DPM++ 2M Karras", seed=11,
+                               size=(64, 48), num_images=2, eta=0.5, guess_mode=True, reuse_residuals=2,
+                               image=image).check()
+    hires = GenerationConfig(size=(64, 48), seed=None, hires=HiresFix(1.5, 0.4, 3, "lanczos")).check()
+    for config in (img2img, hires):
+        assert GenerationConfig.from_settings(json.loads(json.dumps(config.to_settings()))) == config
+        argv = []  # --field-name VALUE per field (a switch when True); None and False are the options' defaults
+        for dest, value in config_options(config).items():
+            if value is not None and value is not False:
+                argv += ["--" + dest.replace("_", "-")] + ([] if value is True else [str(value)])
+        assert config_from_args(parser.parse_args(["generate", *argv])) == config
+    assert img2img.scheduler == "dpmpp_2m_karras"  # A1111's name, ours after the check
