@@ -28,7 +28,7 @@ from controlnet.defaults import (
     scheduler_name,
 )
 from controlnet.errors import UserError
-from controlnet.limits import MAX_SEED
+from controlnet.limits import check_seed
 from controlnet.options import option
 
 # Option groups of `controlnet generate --help`.
@@ -172,7 +172,7 @@ class HiresFix:
 @dataclass
 class GenerationConfig:
     """Every setting of a generation but the prompt and the ControlNets (module docstring). ``guidance`` and
-    ``scheduler`` None: the base family's; ``seed`` None: a random one; ``size`` None: the first control image's
+    ``scheduler`` None: the base family's; ``seed`` None (or -1): a random one; ``size`` None: the first control image's
     aspect ratio at the base's native resolution (or an init image's size)."""
 
     negative_prompt: str = option("", help="what to avoid (the unconditional branch of guidance)", group=SAMPLING)
@@ -213,8 +213,8 @@ class GenerationConfig:
             self.scheduler = scheduler_name(self.scheduler)  # unknown names fail here; A1111's become ours
         if self.seed is not None:
             _need("seed", self.seed, "int")
-            if not 0 <= self.seed <= MAX_SEED:
-                raise UserError(f"seed must be -1 (random) or a whole number in 0..{MAX_SEED} (2**63 - 1), got {self.seed}")
+            check_seed(self.seed, "seed", allow_random=True)
+            self.seed = None if self.seed == -1 else self.seed  # -1: a random seed, as None
         self.size = parse_size(self.size, "size")
         _need("number of images", self.num_images, "int")
         if not 1 <= self.num_images <= MAX_NUM_IMAGES:

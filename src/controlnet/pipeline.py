@@ -486,9 +486,7 @@ class Pipeline:
         """(width, height): ``size`` rounded to multiples of the VAE factor, or the default rule (module doc)."""
         m = self.vae_scale_factor
         if size is not None:
-            width, height = (int(v) for v in size)
-            if width <= 0 or height <= 0:
-                raise UserError(f"size must be positive, got {width}x{height}")
+            width, height = (int(v) for v in size)  # positive: GenerationConfig.check
             rounded = round_size(width, height, m)
             if rounded != (width, height):
                 warnings.warn(f"size {width}x{height} rounded to {rounded[0]}x{rounded[1]} (multiples of {m})", stacklevel=3)

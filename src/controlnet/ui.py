@@ -43,7 +43,6 @@ from controlnet.defaults import (
     SCHEDULERS,
 )
 from controlnet.errors import UserError
-from controlnet.limits import check_seed
 
 log = logging.getLogger(__name__)
 
@@ -386,8 +385,7 @@ class UiBackend:
         value = SEED_RANDOM if seed is None or seed == "" else _as_int(seed, "seed")
         if value == SEED_RANDOM:
             return secrets.randbelow(SEED_MAX + 1)
-        check_seed(value, "seed", allow_random=True)
-        return value
+        return value  # in range: GenerationConfig.check
 
     def _allowed_model(self, index: int, unit: UnitInput) -> UnitInput:
         """``unit`` with its model as the server may load it, or a :class:`UserError`: with ``model_roots`` set, a

@@ -158,7 +158,6 @@ def next_run_number(out: Path) -> int:
 def config_from_args(args: argparse.Namespace) -> GenerationConfig:
     """The checked :class:`GenerationConfig` of parsed ``generate`` options (no heavy import: called first)."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig) if f.metadata}
-    values["seed"] = None if values["seed"] == -1 else values["seed"]  # -1: a random seed
     image = ImageToImage(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ImageToImage)})
     hires = None
     if args.hires_scale is not None:
