@@ -444,11 +444,11 @@ STORED_CASES = [
      "names a file to write"),
     ("annotator-weights-outside", {**STORED, "controlnets": [_unit(annotator="openpose",
                                                                    annotator_params={"weights": "/etc/body.pth"})]},
-     "outside the folders"),
-    ("control-outside", {**STORED, "controlnets": [_unit(control="/etc/hostname")]}, "outside the folders"),
-    ("controlnet-outside", {**STORED, "controlnets": [_unit(controlnet="../../elsewhere/cn")]}, "outside the folders"),
-    ("init-image-outside", {**STORED, "init_image": "/etc/passwd", "denoise": 0.5}, "outside the folders"),
-    ("lora-outside", {**STORED, "lora_files": {"a": ["/tmp/../etc/a.safetensors", 1.0, 1.0]}}, "outside the folders"),
+     "is not a file in the allowed folders"),
+    ("control-outside", {**STORED, "controlnets": [_unit(control="/etc/hostname")]}, "is not a file in the allowed folders"),
+    ("controlnet-outside", {**STORED, "controlnets": [_unit(controlnet="../../elsewhere/cn")]}, "is not a file in the allowed folders"),
+    ("init-image-outside", {**STORED, "init_image": "/etc/passwd", "denoise": 0.5}, "is not a file in the allowed folders"),
+    ("lora-outside", {**STORED, "lora_files": {"a": ["/tmp/../etc/a.safetensors", 1.0, 1.0]}}, "is not a file in the allowed folders"),
     ("in-memory-control", {**STORED, "controlnets": [_unit(control="<ndarray>")]}, "given in memory"),
 ]
 RAW_CASES = [  # (id, chunks as text, fragment)
@@ -504,10 +504,11 @@ def test_stored_settings_that_are_valid_give_the_options_back(tmp_path, monkeypa
     from controlnet.commands.generate import stored_options
 
     monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     options = stored_options({"settings": json.dumps(STORED)}, str(tmp_path / "stored.png"))
     assert (options["prompt"], options["steps"], options["seed"], options["size"], options["guidance"]) == (
         "red circle", 2, 3, "64x64", 5.0)
-    assert options["unit_options"][:2] == [("--controlnet", "fill"), ("--control", "ok.png")]
+    assert options["unit_options"][:2] == [("--controlnet", "fill"), ("--control", str((tmp_path / "ok.png").resolve()))]
     a1111 = stored_options({"parameters": A1111 + ", Hires upscale: 2, Hires steps: 3, Denoising strength: 0.5"},
                            str(tmp_path / "stored.png"))
     assert (a1111["steps"], a1111["seed"], a1111["size"], a1111["scheduler"]) == (2, 3, "64x64", "ddim")
@@ -571,3 +572,28 @@ def test_fuzzed_stored_settings_give_options_or_one_line(chunks, tmp_path, monke
                                   hires=HiresFix(options["hires_scale"]) if options["hires_scale"] else None)
         config.check()
     assert not any(tmp_path.iterdir()), "something was written"
+
+
+def test_stored_paths_are_inputs_inside_the_roots_with_one_message(tmp_path, monkeypatch):
+    """A stored path is a file inside the roots after symlinks; a link out, an absolute path out, a missing file
+    and a ``..`` escape get the same message; a bundled name and a hub id with no local path pass as they are."""
+    from controlnet.errors import UserError
+    from controlnet.stored_settings import stored_path
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"s")
+    (root / "link.png").symlink_to(outside / "secret.png")
+    (root / "a.png").write_bytes(b"a")
+    monkeypatch.chdir(root)
+    assert stored_path("a.png", [root], "init image") == str((root / "a.png").resolve())
+    messages = set()
+    for value in ("link.png", str(outside / "secret.png"), str(outside / "missing.png"), "../outside/secret.png",
+                  str(root / "missing.png")):
+        with pytest.raises(UserError) as err:
+            stored_path(value, [root], "init image")
+        messages.add(str(err.value).replace(repr(value), "VALUE"))
+    assert len(messages) == 1, messages
+    assert stored_path("org/model", [root], "ControlNet", folders=True) == "org/model"
+    assert stored_path("fill", [root], "ControlNet", names=["fill"]) == "fill"

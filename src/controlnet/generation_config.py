@@ -87,7 +87,8 @@ class ImageToImage:
     init_image: Any = option(None, help="start from this picture (img2img); the output has its size unless --size "
                              "is given", group=IMAGE, metavar="IMG")
     denoise: float | None = option(None, help=f"how much of the picture is redrawn, in [0, 1] (default "
-                                   f"{DEFAULT_DENOISE}; {DEFAULT_INPAINT_DENOISE} with --mask)", group=IMAGE, metavar="S")
+                                   f"{DEFAULT_DENOISE}; {DEFAULT_INPAINT_DENOISE} with --mask)", group=IMAGE,
+                                   metavar="S")
     mask: Any = option(None, help="inpaint: white = repaint, the picture's size; every other pixel is kept exactly",
                        group=IMAGE, metavar="MASK")
     mask_blur: float = option(DEFAULT_MASK_BLUR, help="feather the mask inward over PX pixels (pixels outside it "
@@ -103,13 +104,15 @@ class ImageToImage:
         if self.denoise is not None:
             _need("denoise", self.denoise, "number")
             if not 0.0 <= self.denoise <= 1.0:
-                raise UserError(f"denoise must be in [0, 1] (0: the picture back, 1: redraw it all), got {self.denoise}")
+                raise UserError("denoise must be in [0, 1] (0: the picture back, 1: redraw it all), "
+                                f"got {self.denoise}")
             self.denoise = float(self.denoise)
         _need("mask blur", self.mask_blur, "number")
         self.mask_blur = float(self.mask_blur)
         _need("inpaint padding", self.inpaint_padding, "int")
         if self.mask_blur < 0 or self.inpaint_padding < 0:
-            raise UserError(f"mask blur and inpaint padding must be >= 0, got {self.mask_blur} and {self.inpaint_padding}")
+            raise UserError(f"mask blur and inpaint padding must be >= 0, got {self.mask_blur} and "
+                            f"{self.inpaint_padding}")
         _need("mask invert", self.mask_invert, "bool")
         _need("inpaint full res", self.inpaint_full_res, "bool")
         if self.init_image is None:
@@ -164,9 +167,11 @@ class HiresFix:
         if self.steps is not None:
             _need("hires steps", self.steps, "int")
             if not 1 <= self.steps <= MAX_STEPS:
-                raise UserError(f"hires steps must be in 1..{MAX_STEPS} (or None: the generation's steps), got {self.steps}")
+                raise UserError(f"hires steps must be in 1..{MAX_STEPS} (or None: the generation's steps), "
+                                f"got {self.steps}")
         if self.upscaler not in HIRES_UPSCALERS:
-            raise UserError(f"unknown hires upscaler {str(self.upscaler)[:40]!r}; choose one of {', '.join(HIRES_UPSCALERS)}")
+            raise UserError(f"unknown hires upscaler {str(self.upscaler)[:40]!r}; choose one of "
+                            f"{', '.join(HIRES_UPSCALERS)}")
 
 
 @dataclass
@@ -227,7 +232,8 @@ class GenerationConfig:
         _need("guess mode", self.guess_mode, "bool")
         _need("reuse residuals", self.reuse_residuals, "int")
         if self.reuse_residuals < 1:
-            raise UserError(f"reuse_residuals must be >= 1 (1: compute the residuals every step), got {self.reuse_residuals}")
+            raise UserError("reuse_residuals must be >= 1 (1: compute the residuals every step), "
+                            f"got {self.reuse_residuals}")
         self.image.check()
         if self.hires is not None:
             self.hires.check()

@@ -404,7 +404,7 @@ class FromPng(argparse.Action):
     """``--from-png IMG``: the settings stored in a PNG of ours (the "settings" chunk; for another tool's PNG, the
     A1111 "parameters" text) become the options' values; options given after it override them. The PNG is
     untrusted: its settings go through :meth:`GenerationConfig.from_settings` (every rule of the options), and the
-    paths it names must lie under the current folder or the PNG's (:func:`controlnet.untrusted.resolve_untrusted`)."""
+    paths it names must lie under the current folder or the PNG's (:func:`controlnet.stored_settings.stored_path`)."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
@@ -416,8 +416,10 @@ class FromPng(argparse.Action):
             setattr(namespace, dest, value)
 
 
-# Annotator parameters that name a file the annotator writes: never taken from stored settings.
+# Annotator parameters that name a file the annotator writes: never taken from stored settings; and those that
+# name one it reads (checked as every stored input path is, whatever their spelling).
 _OUTPUT_PARAMS = ("json",)
+_INPUT_PARAMS = ("weights", "mask", "keypoints")
 
 
 def png_options(path: str) -> dict[str, Any]:
@@ -430,7 +432,7 @@ def png_options(path: str) -> dict[str, Any]:
 def stored_options(text: dict[str, str], path: str) -> dict[str, Any]:
     """The option values of a PNG's text chunks ``text`` (untrusted: bounded, parsed in linear time, checked as
     the options are; ``path``: the PNG, whose folder is one of the roots its paths may lie under)."""
-    from controlnet.untrusted import check_text_size, load_json_settings
+    from controlnet.stored_settings import check_text_size, load_json_settings
 
     if "settings" in text:
         settings = load_json_settings(text["settings"], f"{path}: its settings")
@@ -448,7 +450,7 @@ def stored_options(text: dict[str, str], path: str) -> dict[str, Any]:
 
 def _stored_options(path: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The option values of stored ``settings`` (untrusted: checked as the options are, paths under the roots)."""
-    from controlnet.untrusted import resolve_untrusted
+    from controlnet.stored_settings import stored_path
 
     roots = [Path.cwd(), Path(path).expanduser().resolve().parent]
     config = GenerationConfig.from_settings({**settings, "num_images": 1})  # this PNG's image: its own seed
@@ -459,12 +461,12 @@ def _stored_options(path: str, settings: dict[str, Any]) -> dict[str, Any]:
     options["prompt"] = prompt
     for key in ("init_image", "mask"):
         if options.get(key) is not None:
-            resolve_untrusted(options[key], roots, key.replace("_", " "))
+            options[key] = stored_path(options[key], roots, key.replace("_", " "))
     if settings.get("dtype") in DTYPE_CHOICES:
         options["dtype"] = settings["dtype"]
     base = settings.get("base")
     if base not in (None, "", "embedded"):
-        options["base"] = resolve_untrusted(base, roots, "base")
+        options["base"] = stored_path(base, roots, "base", folders=True)
     options.update(_model_options(settings, roots))
     options["unit_options"] = _unit_options(settings.get("controlnets", []), roots)
     return options
@@ -483,7 +485,8 @@ def config_options(config: GenerationConfig) -> dict[str, Any]:
 
 def _unit_options(units: Any, roots: list[Path]) -> list[tuple[str, Any]]:
     """The per-ControlNet options of stored units (a list of objects, each with its ControlNet and condition)."""
-    from controlnet.untrusted import resolve_untrusted
+    from controlnet.embedded import bundled_controlnets
+    from controlnet.stored_settings import stored_path
 
     if not isinstance(units, list) or not all(isinstance(u, dict) for u in units):
         raise UserError("the ControlNets must be a list of objects (controlnet, control, strength, ...)")
@@ -493,8 +496,9 @@ def _unit_options(units: Any, roots: list[Path]) -> list[tuple[str, Any]]:
             raise UserError(f"ControlNet {j + 1} has no controlnet and control paths")
         if unit["control"].startswith("<") or unit["controlnet"].startswith("ControlNet ("):
             raise UserError(f"ControlNet {j + 1} was given in memory, not as a file; it cannot be re-run")
-        options += [("--controlnet", resolve_untrusted(unit["controlnet"], roots, f"ControlNet {j + 1}")),
-                    ("--control", resolve_untrusted(unit["control"], roots, f"ControlNet {j + 1}'s control image"))]
+        options += [("--controlnet", stored_path(unit["controlnet"], roots, f"ControlNet {j + 1}",
+                                                 names=list(bundled_controlnets()), folders=True)),
+                    ("--control", stored_path(unit["control"], roots, f"ControlNet {j + 1}'s control image"))]
         for key, kind in (("strength", float), ("start", float), ("end", float), ("control_mode", str)):
             value = unit.get(key)
             if value is not None:
@@ -507,7 +511,7 @@ def _unit_options(units: Any, roots: list[Path]) -> list[tuple[str, Any]]:
 
 def _annotator_options(unit: dict[str, Any], j: int, roots: list[Path]) -> list[tuple[str, Any]]:
     """A stored unit's --annotator and --annotator-param options: no output paths; input paths under the roots."""
-    from controlnet.untrusted import resolve_untrusted
+    from controlnet.stored_settings import stored_path
 
     annotator, params = unit.get("annotator") or None, unit.get("annotator_params") or {}
     if annotator is None:
@@ -521,8 +525,8 @@ def _annotator_options(unit: dict[str, Any], j: int, roots: list[Path]) -> list[
                             "may not write files (give it on the command line)")
         if not isinstance(value, (str, int, float, bool)):
             raise UserError(f"ControlNet {j + 1}: annotator parameter {key} must be a single value")
-        if isinstance(value, str) and any(sep in value for sep in "/\\~") or key in ("weights", "mask", "keypoints"):
-            resolve_untrusted(str(value), roots, f"ControlNet {j + 1}'s annotator parameter {key}")
+        if isinstance(value, str) and value and (any(sep in value for sep in "/\\~") or key in _INPUT_PARAMS):
+            value = stored_path(value, roots, f"ControlNet {j + 1}'s annotator parameter {key}", folders=True)
         options.append(("--annotator-param", f"{key}={value}"))
     return options
 
@@ -530,7 +534,7 @@ def _annotator_options(unit: dict[str, Any], j: int, roots: list[Path]) -> list[
 def _model_options(settings: dict[str, Any], roots: list[Path]) -> dict[str, Any]:
     """The --lora, --lora-dir, --embedding, --clip-skip and --vae values that load the models of ``settings`` again
     (their files under the roots)."""
-    from controlnet.untrusted import resolve_untrusted
+    from controlnet.stored_settings import stored_path
 
     embeddings, loras = settings.get("embeddings", {}), settings.get("lora_files", {})
     if not isinstance(embeddings, dict) or not all(isinstance(v, str) for v in embeddings.values()):
@@ -539,19 +543,20 @@ def _model_options(settings: dict[str, Any], roots: list[Path]) -> dict[str, Any
         raise UserError("the LoRA files must be an object of name: [file, weight, text weight]")
     options: dict[str, Any] = {"lora": [], "embedding": []}
     for token, file in embeddings.items():
-        options["embedding"].append(f"{resolve_untrusted(file, roots, 'embedding')}:{token}")
+        options["embedding"].append(f"{stored_path(file, roots, 'embedding')}:{token}")
     for name, (source, weight, text_weight) in loras.items():
         if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in (weight, text_weight)):
             raise UserError(f"LoRA {name}: its weights must be numbers")
         if text_weight != weight:
             raise UserError(f"LoRA {name} had the UNet weight {weight} and the text-encoder weight {text_weight}; "
                             "--lora gives both one weight, so it cannot be re-run from the command line")
-        options["lora"].append(f"{resolve_untrusted(source, roots, f'LoRA {name}')}:{weight}")
+        options["lora"].append(f"{stored_path(source, roots, f'LoRA {name}')}:{weight}")
     for key, kind in (("lora_dir", str), ("vae", str), ("clip_skip", int)):
         value = settings.get(key)
         if value is None:
             continue
         if not isinstance(value, kind) or isinstance(value, bool):
             raise UserError(f"{key.replace('_', ' ')} must be {'text' if kind is str else 'a whole number'}")
-        options[key] = resolve_untrusted(value, roots, key.replace("_", " ")) if kind is str else value
+        what = key.replace("_", " ")
+        options[key] = stored_path(value, roots, what, folders=True) if kind is str else value
     return options
