@@ -104,10 +104,10 @@ def test_generate_writes_images_conditions_grid_with_metadata(assets, tmp_path, 
     (["--controlnet", "{a}/cn-sd1", "--control", "{a}/cond.png", "--annotator", "canny",
       "--annotator-param", "low_threshold=abc"], "expects an integer"),
     (["--controlnet", "{a}/cn-sd1", "--control", "{a}/cond.png", "--annotator", "inpaint"], "'mask' is required"),
-    (["--size", "big"], "--size"),
+    (["--size", "big"], "size 'big'"),
     (["--base", "{a}/no-such-base"], "not found"),
-    (["--num-images", "13"], "--num-images must be in 1..12"),
-    (["--num-images", "0"], "--num-images must be in 1..12"),
+    (["--num-images", "13"], "number of images must be in 1..12"),
+    (["--num-images", "0"], "number of images must be in 1..12"),
     (["--controlnet", "{a}/cn-sd1", "--control", "{a}/cond.png", "--annotator", "canny",
       "--annotator-param", "low_threshold"], "write key=value"),
     (["--controlnet", "{a}/cn-sd1", "--control", "{a}/cond.png", "--annotator-param", "low_threshold=5"],
@@ -210,12 +210,14 @@ def test_help_imports_nothing_heavy(command):
     assert out.stdout.strip() == "[]", f"controlnet.commands.{command} imports {out.stdout.strip()} for --help"
 
 
-def test_from_png_loads_the_loras_and_embeddings_again(tmp_path):
+def test_from_png_loads_the_loras_and_embeddings_again(tmp_path, monkeypatch):
     """A generation with --lora and --embedding on the embedded model, re-run from its PNG, gives the same image;
     without the LoRA the image differs (so the re-run did load it)."""
     from safetensors.torch import save_file
 
     from controlnet.commands.generate import png_options
+
+    monkeypatch.chdir(tmp_path)  # the LoRA and embedding files lie in the current folder: stored settings may name them
     from controlnet.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained()
@@ -244,3 +246,92 @@ def test_from_png_loads_the_loras_and_embeddings_again(tmp_path):
     plain = ["--embedding", f"{tmp_path / 'thing.safetensors'}:mytok"]
     assert _main(["generate", "--prompt", "a mytok circle", *plain, *common, "--out", str(tmp_path / "c")]) == 0
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "c" / "00000-3.png")), again)
+
+
+# --------------------------------------------------------------------------- --from-png reproduces the picture
+
+
+@pytest.mark.parametrize("mode", ["hires", "only-masked", "img2img-other-size"])
+def test_from_png_reproduces_hires_only_masked_and_img2img_of_another_size(mode, tmp_path, monkeypatch):
+    """A picture made on the command line comes back bit for bit from --from-png: the hires fix from its first
+    pass's size (the recorded "size"), "only masked" from its box's generation size, img2img from an init image
+    whose size is not a multiple of 8."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((71, 57, 3)) * 255).astype(np.uint8)).save("init.png")
+    mask = np.zeros((71, 57), np.uint8)
+    mask[20:40, 10:30] = 255
+    Image.fromarray(mask).save("mask.png")
+    condition = np.zeros((64, 64, 3), np.uint8)
+    condition[16:48, 16:48] = 255
+    Image.fromarray(condition).save("cond.png")
+    extra = {"hires": ["--size", "64x48", "--hires-scale", "1.5", "--hires-denoise", "0.5"],
+             "only-masked": ["--init-image", "init.png", "--mask", "mask.png", "--inpaint-full-res",
+                             "--inpaint-padding", "4", "--size", "64x64"],
+             "img2img-other-size": ["--init-image", "init.png", "--denoise", "0.6"]}[mode]
+    common = ["--controlnet", "fill", "--control", "cond.png", "--steps", "2", "--seed", "3", "-q", "--dtype", "fp32"]
+    assert _main(["generate", "--prompt", "red square", *common, *extra, "--out", "first"]) == 0
+    made = tmp_path / "first" / "00000-3.png"
+    assert _main(["generate", "--from-png", str(made), "-q", "--out", "again"]) == 0
+    with Image.open(made) as a, Image.open(tmp_path / "again" / "00000-3.png") as b:
+        first, again = np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))
+        settings = json.loads(a.text["settings"])
+    assert first.shape == again.shape and np.array_equal(first, again)
+    expected_shape = {"hires": (72, 96, 3), "only-masked": (71, 57, 3), "img2img-other-size": (72, 56, 3)}[mode]
+    assert first.shape == expected_shape
+    if mode == "hires":
+        assert settings["size"] == "64x48" and settings["hires"]["size"] == "96x72"
+        assert "Size: 64x48" in a.text["parameters"] and "Hires upscale: 1.5" in a.text["parameters"]
+
+
+def test_finished_batch_is_skipped_before_loading_and_a_folder_output_is_refused(tmp_path, monkeypatch, capsys):
+    """Re-running a finished --prompts batch loads no model; an output path taken by a folder is refused."""
+    import controlnet.pipeline as pipeline
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("red\nblue\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("prompt00000.png", "prompt00001.png"):
+        Image.new("RGB", (8, 8)).save(out / name)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(pipeline.Pipeline, "from_pretrained", no_loading)
+    argv = ["generate", "--prompts", "prompts.txt", "--steps", "2", "--out", str(out)]
+    assert _main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    (out / "prompt00001.png").unlink()
+    (out / "prompt00001.png").mkdir()
+    assert _main(argv) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert "is not a file" in err and len(err.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- the generation config
+
+
+def test_generation_config_is_the_options_and_the_stored_settings():
+    """One config: the generate options give it (one option per field, the defaults the fields'), and its stored
+    settings read back give it again (img2img and hires parts included)."""
+    from controlnet.cli import build_parser
+    from controlnet.commands.generate import config_from_args, config_options
+    from controlnet.generation_config import GenerationConfig, HiresFix, ImageToImage
+
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["generate"])) == GenerationConfig()
+    image = ImageToImage(init_image="a.png", denoise=0.3, mask="m.png", mask_blur=2.0, mask_invert=True,
+                         inpaint_full_res=True, inpaint_padding=5)
+    img2img = GenerationConfig(negative_prompt="blur", steps=7, guidance=3.5, scheduler="DPM++ 2M Karras", seed=11,
+                               size=(64, 48), num_images=2, eta=0.5, guess_mode=True, reuse_residuals=2,
+                               image=image).check()
+    hires = GenerationConfig(size=(64, 48), seed=None, hires=HiresFix(1.5, 0.4, 3, "lanczos")).check()
+    for config in (img2img, hires):
+        assert GenerationConfig.from_settings(json.loads(json.dumps(config.to_settings()))) == config
+        argv = []  # --field-name VALUE per field (a switch when True); None and False are the options' defaults
+        for dest, value in config_options(config).items():
+            if value is not None and value is not False:
+                argv += ["--" + dest.replace("_", "-")] + ([] if value is True else [str(value)])
+        assert config_from_args(parser.parse_args(["generate", *argv])) == config
+    assert img2img.scheduler == "dpmpp_2m_karras"  # A1111's name, ours after the check

@@ -55,7 +55,7 @@ TRAIN = ["train", "--data", "{fx}/data", "--out", "{work}/run", "-q", "--max-ste
 
 CASES = [
     # generate: sizes a user or a file controls (memory), then every other input
-    Case("generate-size-huge", gen("--size", "99999x99999"), "over the limit", memory=True),
+    Case("generate-size-huge", gen("--size", "99999x99999"), "each side in 1..16384", memory=True),
     Case("generate-control-100000x1", gen("--controlnet", "fill", "--control", "{fx}/wide.png", "--size", "64x64"),
          "aspect ratio", memory=True),
     Case("generate-control-100000x1-default-size", gen("--controlnet", "fill", "--control", "{fx}/wide.png"),
@@ -66,13 +66,13 @@ CASES = [
     Case("generate-max-pixels-zero", gen("--max-pixels", "0"), "--max-pixels must be"),
     Case("generate-size-zero", gen("--size", "0x64"), "WIDTHxHEIGHT"),
     Case("generate-size-text", gen("--size", "large"), "WIDTHxHEIGHT"),
-    Case("generate-steps-zero", gen("--steps", "0"), "--steps must be >= 1"),
-    Case("generate-steps-beyond-scheduler", gen("--steps", "5000"), "steps 5000 is more than"),
+    Case("generate-steps-zero", gen("--steps", "0"), "steps must be in 1..1000"),
+    Case("generate-steps-beyond-scheduler", gen("--steps", "5000"), "steps must be in 1..1000"),
     Case("generate-steps-not-a-number", gen("--steps", "ten"), "invalid int value"),
-    Case("generate-seed-negative", gen("--seed", "-2"), "--seed must be"),
-    Case("generate-seed-2**63", gen("--seed", str(2**63)), "--seed must be"),
-    Case("generate-num-images-zero", gen("--num-images", "0"), "--num-images must be in 1..12"),
-    Case("generate-num-images-13", gen("--num-images", "13"), "--num-images must be in 1..12"),
+    Case("generate-seed-negative", gen("--seed", "-2"), "seed must be"),
+    Case("generate-seed-2**63", gen("--seed", str(2**63)), "seed must be"),
+    Case("generate-num-images-zero", gen("--num-images", "0"), "number of images must be in 1..12"),
+    Case("generate-num-images-13", gen("--num-images", "13"), "number of images must be in 1..12"),
     Case("generate-device-absent", gen("--device", "cuda:99"), "not available"),
     Case("generate-device-unknown", gen("--device", "tpu"), "unknown device"),
     Case("generate-control-fifo", gen("--controlnet", "fill", "--control", "{fx}/fifo"), "not a regular file"),
@@ -395,3 +395,205 @@ def test_fixture_images_are_what_the_cases_say(fx):
     with Image.open(fx / "big.png") as im:
         assert im.size == (10000, 10000) and (fx / "big.png").stat().st_size < 200_000
     assert np.asarray(Image.open(fx / "ok.png")).shape == (64, 64, 3)
+
+
+# --------------------------------------------------------------------------- stored settings (--from-png): untrusted
+
+# A valid generation's settings as a PNG of ours stores them; each case below spoils one part.
+STORED = {"prompt": "red circle", "negative_prompt": "", "steps": 2, "scheduler": "ddim", "guidance": 5.0, "seed": 3,
+          "size": "64x64", "eta": 0.0, "guess_mode": False, "reuse_residuals": 1, "num_images": 1, "dtype": "fp32",
+          "base": "embedded", "controlnets": [{"controlnet": "fill", "control": "ok.png", "strength": 1.0,
+                                               "start": 0.0, "end": 1.0, "control_mode": "balanced",
+                                               "annotator": "", "annotator_params": {}}]}
+A1111 = "red circle\nSteps: 2, Sampler: DDIM, CFG scale: 5.0, Seed: 3, Size: 64x64, Model: embedded"
+
+
+def _unit(**changes):
+    return {**STORED["controlnets"][0], **changes}
+
+
+# (id, the PNG's text chunks, a fragment of the message)
+STORED_CASES = [
+    ("steps-text", {**STORED, "steps": "20"}, "steps must be a whole number"),
+    ("seed-text", {**STORED, "seed": "3"}, "seed must be a whole number"),
+    ("guidance-text", {**STORED, "guidance": "9"}, "guidance must be a finite number"),
+    ("guidance-nan", {**STORED, "guidance": float("nan")}, "guidance must be a finite number"),
+    ("clip-skip-text", {**STORED, "clip_skip": "2"}, "clip skip must be a whole number"),
+    ("mask-blur-text", {**STORED, "init_image": "ok.png", "mask": "ok.png", "mask_blur": "4"},
+     "mask blur must be a finite number"),
+    ("size-int", {**STORED, "size": 64}, "give WIDTHxHEIGHT"),
+    ("size-huge", {**STORED, "size": "99999999x99999999"}, "each side in"),
+    ("steps-huge", {**STORED, "steps": 10**12}, "steps must be in"),
+    ("bool-as-int", {**STORED, "steps": True}, "steps must be a whole number"),
+    ("prompt-list", {**STORED, "prompt": ["red"]}, "the prompt must be text"),
+    ("controlnets-missing-keys", {**STORED, "controlnets": [{"strength": 1}]}, "has no controlnet and control"),
+    ("controlnets-not-list", {**STORED, "controlnets": {"a": 1}}, "must be a list of objects"),
+    ("controlnets-strings", {**STORED, "controlnets": ["fill"]}, "must be a list of objects"),
+    ("unit-strength-text", {**STORED, "controlnets": [_unit(strength="1")]}, "strength must be a number"),
+    ("hires-not-object", {**STORED, "hires": "x"}, "hires settings must be a JSON object"),
+    ("hires-scale-text", {**STORED, "hires": {"scale": "2"}}, "hires scale must be a finite number"),
+    ("hires-scale-huge", {**STORED, "hires": {"scale": 1e308}}, "hires scale must be a number in"),
+    ("hires-upscaler-list", {**STORED, "hires": {"upscaler": ["latent"]}}, "unknown hires upscaler"),
+    ("lora-files-malformed", {**STORED, "lora_files": {"a": "x"}}, "LoRA files must be"),
+    ("lora-weights-text", {**STORED, "lora_files": {"a": ["a.safetensors", "1", "1"]}}, "weights must be numbers"),
+    ("embeddings-malformed", {**STORED, "embeddings": ["x"]}, "embeddings must be"),
+    ("annotator-params-list", {**STORED, "controlnets": [_unit(annotator="canny", annotator_params=[1])]},
+     "parameters an object"),
+    ("annotator-output-path", {**STORED, "controlnets": [_unit(annotator="openpose",
+                                                               annotator_params={"json": "keypoints.json"})]},
+     "names a file to write"),
+    ("annotator-weights-outside", {**STORED, "controlnets": [_unit(annotator="openpose",
+                                                                   annotator_params={"weights": "/etc/body.pth"})]},
+     "is not a file in the allowed folders"),
+    ("control-outside", {**STORED, "controlnets": [_unit(control="/etc/hostname")]}, "is not a file in the allowed folders"),
+    ("controlnet-outside", {**STORED, "controlnets": [_unit(controlnet="../../elsewhere/cn")]}, "is not a file in the allowed folders"),
+    ("init-image-outside", {**STORED, "init_image": "/etc/passwd", "denoise": 0.5}, "is not a file in the allowed folders"),
+    ("lora-outside", {**STORED, "lora_files": {"a": ["/tmp/../etc/a.safetensors", 1.0, 1.0]}}, "is not a file in the allowed folders"),
+    ("in-memory-control", {**STORED, "controlnets": [_unit(control="<ndarray>")]}, "given in memory"),
+]
+RAW_CASES = [  # (id, chunks as text, fragment)
+    ("settings-not-json", {"settings": "{not json"}, "not JSON"),
+    ("settings-list", {"settings": "[1, 2]"}, "a JSON list"),
+    ("settings-number", {"settings": "3"}, "a JSON int"),
+    ("settings-deep", {"settings": "[" * 5000 + "]" * 5000}, "nested deeper"),
+    ("settings-huge", {"settings": json.dumps({**STORED, "prompt": "x" * 900_000})}, "characters"),
+    ("a1111-steps-text", {"parameters": A1111.replace("Steps: 2", "Steps: many")}, "Steps 'many' is not a whole"),
+    ("a1111-seed-float", {"parameters": A1111.replace("Seed: 3", "Seed: 1.5")}, "Seed '1.5' is not a whole"),
+    ("a1111-cfg-text", {"parameters": A1111.replace("CFG scale: 5.0", "CFG scale: high")}, "is not a number"),
+    ("a1111-broken-quote", {"parameters": A1111 + ', ControlNet 0: "Module: canny, Model: x'}, "no closing quote"),
+    ("a1111-huge", {"parameters": "a " * 450_000 + "\nSteps: 2, Sampler: DDIM, CFG scale: 5"}, "characters"),
+    ("a1111-steps-zero", {"parameters": A1111.replace("Steps: 2", "Steps: 0")}, "steps must be in"),
+    ("no-settings", {"comment": "hello"}, "no generation settings"),
+]
+
+
+def _stored_png(folder: Path, chunks: dict[str, str]) -> Path:
+    """A PNG in ``folder`` whose text chunks are ``chunks``, with the condition image its settings name beside it."""
+    from PIL import PngImagePlugin
+
+    folder.mkdir(exist_ok=True)
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(folder / "ok.png")
+    info = PngImagePlugin.PngInfo()
+    for key, value in chunks.items():
+        info.add_text(key, value, zip=len(value) > 1000)
+    Image.new("RGB", (8, 8)).save(folder / "stored.png", pnginfo=info)
+    return folder / "stored.png"
+
+
+@pytest.mark.parametrize("chunks, expect", [(({"settings": json.dumps(s)}), e) for _, s, e in STORED_CASES]
+                         + [(c, e) for _, c, e in RAW_CASES],
+                         ids=[i for i, _, _ in STORED_CASES] + [i for i, _, _ in RAW_CASES])
+def test_stored_settings_are_checked_as_options_are(chunks, expect, tmp_path, capsys, monkeypatch):
+    """A PNG's settings, spoiled one part at a time: exit 2 and one line naming the part, before any model loads
+    and with nothing written."""
+    png = _stored_png(tmp_path / "png", chunks)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = _snapshot(tmp_path)
+    code, err = _run_in_process(["generate", "--from-png", str(png), "-q", "--out", str(work / "out")], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == EXIT_BAD_INPUT and "Traceback" not in err and len(lines) == 1, err
+    assert expect in err, err
+    assert _snapshot(tmp_path) == before, "something was written"
+
+
+def test_stored_settings_that_are_valid_give_the_options_back(tmp_path, monkeypatch):
+    """The unspoiled settings and A1111 text become the options they came from (so the cases above fail for the
+    reason they name, not for every input)."""
+    from controlnet.commands.generate import stored_options
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    options = stored_options({"settings": json.dumps(STORED)}, str(tmp_path / "stored.png"))
+    assert (options["prompt"], options["steps"], options["seed"], options["size"], options["guidance"]) == (
+        "red circle", 2, 3, "64x64", 5.0)
+    assert options["unit_options"][:2] == [("--controlnet", "fill"), ("--control", str((tmp_path / "ok.png").resolve()))]
+    a1111 = stored_options({"parameters": A1111 + ", Hires upscale: 2, Hires steps: 3, Denoising strength: 0.5"},
+                           str(tmp_path / "stored.png"))
+    assert (a1111["steps"], a1111["seed"], a1111["size"], a1111["scheduler"]) == (2, 3, "64x64", "ddim")
+    assert (a1111["hires_scale"], a1111["hires_steps"], a1111["hires_denoise"]) == (2.0, 3, 0.5)
+
+
+def test_a1111_parser_is_linear_on_long_lines():
+    """Texts that made the backtracking expression run for minutes parse (or are refused) at once: the result is
+    checked, and the inputs are large enough that a quadratic parser would not finish the test run."""
+    from controlnet.a1111 import parse_parameters
+
+    for text in ("a " * 450_000 + ":", "," * 900_000 + ":", "a" * 900_000, 'x: "' + "\\\\" * 200_000):
+        parsed = parse_parameters(text)
+        assert parsed["Prompt"] == text.strip("\n") and parsed["Negative prompt"] == ""
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                     max_leaves=12)
+_KEYS = st.sampled_from(sorted({*STORED, "hires", "init_image", "mask", "mask_blur", "denoise", "lora_files",
+                                "embeddings", "clip_skip", "vae", "lora_dir", "inpaint_full_res", "mask_invert"}))
+
+
+@st.composite
+def _stored_chunks(draw):
+    """Mutated settings, random JSON, or A1111 text with random values."""
+    kind = draw(st.sampled_from(["mutated", "json", "a1111", "text"]))
+    if kind == "mutated":
+        settings = {**STORED, **draw(st.dictionaries(_KEYS, _JSON, max_size=4))}
+        return {"settings": json.dumps(settings)}
+    if kind == "json":
+        return {"settings": json.dumps(draw(_JSON))}
+    if kind == "a1111":
+        fields = draw(st.dictionaries(st.sampled_from(["Steps", "Seed", "CFG scale", "Size", "Sampler",
+                                                       "Hires upscale", "Hires steps", "Denoising strength",
+                                                       "Hires upscaler"]), st.text(max_size=12), min_size=3))
+        return {"parameters": "prompt\n" + ", ".join(f"{k}: {v}" for k, v in fields.items())}
+    return {draw(st.sampled_from(["settings", "parameters"])): draw(st.text(max_size=200))}
+
+
+@hypothesis.settings(max_examples=300, deadline=None, derandomize=True,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@hypothesis.given(chunks=_stored_chunks())
+def test_fuzzed_stored_settings_give_options_or_one_line(chunks, tmp_path, monkeypatch):
+    """Each input becomes options whose settings pass every check, or a one-line UserError; nothing is written."""
+    from controlnet.commands.generate import stored_options
+    from controlnet.errors import UserError
+    from controlnet.generation_config import GenerationConfig, HiresFix
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        options = stored_options(chunks, str(tmp_path / "stored.png"))
+    except UserError as err:
+        assert "\n" not in str(err) and str(err)
+    else:
+        assert isinstance(options["prompt"], str) and options["num_images"] == 1
+        config = GenerationConfig(**{k: options[k] for k in ("negative_prompt", "steps", "guidance", "scheduler",
+                                                            "size", "eta", "guess_mode", "reuse_residuals")},
+                                  hires=HiresFix(options["hires_scale"]) if options["hires_scale"] else None)
+        config.check()
+    assert not any(tmp_path.iterdir()), "something was written"
+
+
+def test_stored_paths_are_inputs_inside_the_roots_with_one_message(tmp_path, monkeypatch):
+    """A stored path is a file inside the roots after symlinks; a link out, an absolute path out, a missing file
+    and a ``..`` escape get the same message; a bundled name and a hub id with no local path pass as they are."""
+    from controlnet.errors import UserError
+    from controlnet.stored_settings import stored_path
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"s")
+    (root / "link.png").symlink_to(outside / "secret.png")
+    (root / "a.png").write_bytes(b"a")
+    monkeypatch.chdir(root)
+    assert stored_path("a.png", [root], "init image") == str((root / "a.png").resolve())
+    messages = set()
+    for value in ("link.png", str(outside / "secret.png"), str(outside / "missing.png"), "../outside/secret.png",
+                  str(root / "missing.png")):
+        with pytest.raises(UserError) as err:
+            stored_path(value, [root], "init image")
+        messages.add(str(err.value).replace(repr(value), "VALUE"))
+    assert len(messages) == 1, messages
+    assert stored_path("org/model", [root], "ControlNet", folders=True) == "org/model"
+    assert stored_path("fill", [root], "ControlNet", names=["fill"]) == "fill"

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from controlnet import img2img
 from controlnet.testing import build_diffusers_pipeline, build_unet, tiny_components, trained_like
 from controlnet.a1111 import parameters_text, parse_parameters
 from controlnet.diffusers_compat import diffusers_image_call_kwargs, diffusers_image_pipeline
@@ -126,7 +127,7 @@ def test_denoise_zero_is_the_vae_round_trip(sd1_with_controlnets):
     pipe = sd1_with_controlnets[0]
     out = pipe(PROMPT, init_image=INIT, denoise=0.0, steps=STEPS, seed=3, progress=False, output_type="np")
     with torch.no_grad():
-        latents = pipe.encode(np.asarray(INIT), [torch.Generator().manual_seed(3)])
+        latents = img2img.encode(pipe.vae, np.asarray(INIT), [torch.Generator().manual_seed(3)], pipe.device)
         assert torch.equal(out.latents, latents)
         assert np.array_equal(out.images[0], pipe.decode(latents)[0])
 
@@ -316,7 +317,8 @@ def test_hires_fix_latent_upscale_known_answer(sd1_with_controlnets):
     refined = pipe(PROMPT, controls=unit, steps=2, size=(WIDTH, HEIGHT), progress=False, output_type="np",
                    hires=HiresFix(scale=1.5, denoise=0.5, steps=4, upscaler="lanczos"))
     assert refined.images[0].shape == (72, 96, 3) and refined.conditions[0].size == (96, 72)
-    assert refined.settings["hires"] == {"scale": 1.5, "denoise": 0.5, "steps": 4, "upscaler": "lanczos"}
+    assert refined.settings["hires"] == {"scale": 1.5, "denoise": 0.5, "steps": 4, "upscaler": "lanczos", "size": "96x72"}
+    assert refined.settings["size"] == f"{WIDTH}x{HEIGHT}"  # the first pass's: --from-png runs it again
 
 
 # --------------------------------------------------------------------------- A1111 metadata
@@ -457,8 +459,9 @@ def fill_files(tmp_path_factory):
     return folder, samples
 
 
-def test_cli_inpaint_then_from_png_reproduces_it(tmp_path, fill_files, capsys):
+def test_cli_inpaint_then_from_png_reproduces_it(tmp_path, fill_files, capsys, monkeypatch):
     folder, samples = fill_files
+    monkeypatch.chdir(folder.parent)  # stored settings may name files under the current folder
     out = tmp_path / "out"
     argv = ["generate", "--prompt", samples[0].prompt, "--init-image", str(folder / "target0.png"), "--mask",
             str(folder / "mask.png"), "--controlnet", "fill", "--control", str(folder / "conditions" / "c0.png"),
@@ -487,7 +490,7 @@ def test_cli_bad_image_inputs_exit_2_with_one_line(tmp_path, fill_files, capsys)
     init = ["--init-image", str(folder / "target0.png")]
     cases = [
         (init + ["--mask", str(tmp_path / "small.png")], "mask size 64x64 differs from the image's 128x128"),
-        (init + ["--denoise", "1.5"], "--denoise must be in [0, 1]"),
+        (init + ["--denoise", "1.5"], "denoise must be in [0, 1]"),
         (init + ["--mask", str(tmp_path / "black.png")], "nothing to repaint"),
         (["--mask", str(folder / "mask.png")], "--mask needs --init-image"),
         (init + ["--hires-scale", "2"], "hires fix is for text-to-image"),

@@ -179,7 +179,7 @@ def test_loras_combine_switch_and_unload_without_reloading_the_base(tmp_path):
     assert _max_diff(_outputs(pipe.unet, _encoders(pipe)), _outputs(both["unet"], _encoders(both))) <= TOL
     pipe.load_lora(pa, 0.0)  # the same file again: only its weight changes (0: off)
     only_b = _merged("sd1", [(b, 0.5)])
-    assert len(pipe._lora_files) == 2
+    assert len(pipe.text._lora_files) == 2
     assert _max_diff(_outputs(pipe.unet, _encoders(pipe)), _outputs(only_b["unet"], _encoders(only_b))) <= TOL
     pipe.unload_lora(name_b)
     assert _max_diff(_outputs(pipe.unet, _encoders(pipe)), plain) == 0.0  # exactly the base again
@@ -232,7 +232,7 @@ def test_lora_of_another_family_is_refused_naming_it(tmp_path):
     save_file(wide, str(tmp_path / "wide.safetensors"))
     with pytest.raises(UserError, match=r"takes 32 inputs, the LoRA 2048.*SDXL"):
         pipe.load_lora(tmp_path / "wide.safetensors")
-    assert pipe.loras == {} and not pipe._lora_files  # nothing was injected
+    assert pipe.loras == {} and not pipe.text._lora_files  # nothing was injected
 
 
 def test_corrupt_or_wrong_files_are_one_line_errors(tmp_path):

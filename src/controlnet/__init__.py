@@ -26,6 +26,9 @@ _EXPORTS = {
     "detect_family": "controlnet.checkpoints",
     "Pipeline": "controlnet.pipeline",
     "ControlUnit": "controlnet.pipeline",
+    "GenerationConfig": "controlnet.generation_config",
+    "HiresFix": "controlnet.generation_config",
+    "ImageToImage": "controlnet.generation_config",
 }
 
 __all__ = sorted(_EXPORTS)

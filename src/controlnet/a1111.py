@@ -19,10 +19,11 @@ torch: the metadata is written by :func:`controlnet.images.png_metadata`.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
+
+from controlnet.errors import UserError
 
 # Our scheduler names → A1111's sampler names (modules/sd_samplers_kdiffusion.py, sd_samplers_timesteps.py).
 SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M",
@@ -36,8 +37,10 @@ CONTROL_MODE_NAMES = {"balanced": "Balanced", "prompt": "My prompt is more impor
 # Hires fix upscalers → A1111's names ("Latent" is its bilinear latent upscaler).
 UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
 
-# A1111's modules/infotext_utils.py re_param_code: a key, then a quoted JSON string or anything up to a comma.
-_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# A1111's modules/infotext_utils.py re_param_code (``\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)``): a key
+# of word characters, spaces, '-' and '/', then a quoted JSON string or anything up to a comma. Read here by
+# :func:`_pairs` in one pass (the expression backtracks quadratically on a long line without a colon).
+_KEY_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_ -/")
 NEGATIVE_PREFIX = "Negative prompt:"
 
 
@@ -95,20 +98,121 @@ def parameters_text(settings: Mapping[str, Any], index: int = 0) -> str:
     return "\n".join(lines)
 
 
+def _key_before(text: str, start: int, colon: int) -> str | None:
+    """The key that ends at ``colon``: the longest run of key characters before it that starts with a word
+    character (A1111's ``\\w[\\w \\-/]+``), or None."""
+    begin = colon
+    while begin > start and text[begin - 1] in _KEY_CHARS:
+        begin -= 1
+    while begin < colon and not (text[begin].isalnum() or text[begin] == "_"):
+        begin += 1
+    return text[begin:colon] if colon - begin >= 2 else None
+
+
+def _quoted_end(text: str, start: int) -> int:
+    """The index of the quote closing the string that opens at ``start``, or -1 (one pass, escapes skipped)."""
+    i = start + 1
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+        elif text[i] == '"':
+            return i
+        else:
+            i += 1
+    return -1
+
+
+def _pairs(line: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """The ``key: value`` pairs of a ``parameters`` line, in one left-to-right pass (linear in its length), and the
+    keys whose quoted value has no closing quote (read up to the next comma)."""
+    pairs: list[tuple[str, str]] = []
+    broken: list[str] = []
+    i = 0
+    while True:
+        colon = line.find(":", i)
+        if colon < 0:
+            return pairs, broken
+        key = _key_before(line, i, colon)
+        j = colon + 1
+        while j < len(line) and line[j] == " ":
+            j += 1
+        end = _quoted_end(line, j) if j < len(line) and line[j] == '"' else -1
+        if j < len(line) and line[j] == '"' and (end < 0 or line[end + 1:end + 2] not in ("", ",")):
+            broken.append(key or line[i:colon])  # an opening quote without its closing one
+            end = -1
+        if end < 0:  # unquoted: up to the next comma
+            end = line.find(",", j)
+            end = len(line) if end < 0 else end
+            value = line[j:end].strip()
+        else:
+            value, end = line[j:end + 1], end + 1
+        if key is not None:
+            pairs.append((key, value))
+        i = end + 1
+
+
 def parse_parameters(text: str) -> dict[str, str]:
     """A ``parameters`` text back into ``{"Prompt": ..., "Negative prompt": ..., key: value, ...}`` (values as
-    text, quoted ones unquoted), as A1111's ``parse_generation_parameters`` reads it."""
+    text, quoted ones unquoted), as A1111's ``parse_generation_parameters`` reads it; a quoted value that is not a
+    JSON string: a one-line UserError. Linear in the text's length."""
     *head, last = text.strip("\n").split("\n")
-    if len(_PARAM.findall(last)) < 3:  # A1111: a last line with fewer than 3 pairs is part of the prompt
-        head, last = [*head, last], ""
+    pairs, broken = _pairs(last)
+    if len(pairs) < 3:  # A1111: a last line with fewer than 3 pairs is part of the prompt
+        head, pairs = [*head, last], []
+    elif broken:
+        raise UserError(f"parameters: the quoted value of {broken[0][:40]!r} has no closing quote; the text is damaged")
     prompt, negative, in_negative = [], [], False
     for line in head:
         if line.startswith(NEGATIVE_PREFIX):
             in_negative, line = True, line[len(NEGATIVE_PREFIX):].strip()
         (negative if in_negative else prompt).append(line)
     result = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
-    for key, value in _PARAM.findall(last):
+    for key, value in pairs:
         if len(value) > 1 and value[0] == value[-1] == '"':
-            value = json.loads(value)
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise UserError(f"parameters: the value of {key!r} is a broken quoted string") from None
+            if not isinstance(value, str):
+                raise UserError(f"parameters: the value of {key!r} is not a string")
         result[key] = value
     return result
+
+
+def _whole(key: str, text: str) -> int:
+    if not text.strip().lstrip("-").isdigit() or len(text) > 24:
+        raise UserError(f"parameters: {key} {text[:40]!r} is not a whole number")
+    return int(text)
+
+
+def _real(key: str, text: str) -> float:
+    try:
+        return float(text[:40])
+    except ValueError:
+        raise UserError(f"parameters: {key} {text[:40]!r} is not a number") from None
+
+
+def settings_from_parameters(found: Mapping[str, str]) -> dict[str, Any]:
+    """Our settings (those :meth:`controlnet.generation_config.GenerationConfig.from_settings` reads, with the
+    prompt) from a parsed ``parameters`` text: prompt, negative prompt, steps, sampler, CFG, seed, size (the first
+    pass's) and the hires fix. Values that are not numbers where numbers belong: a one-line UserError."""
+    settings: dict[str, Any] = {"prompt": found["Prompt"], "negative_prompt": found["Negative prompt"],
+                                "num_images": 1}
+    for key, name, kind in (("Steps", "steps", _whole), ("CFG scale", "guidance", _real), ("Seed", "seed", _whole)):
+        if key in found:
+            settings[name] = kind(key, found[key])
+    if "Size" in found:
+        settings["size"] = found["Size"]
+    samplers = {name: ours for ours, name in SAMPLER_NAMES.items()}
+    if found.get("Sampler") in samplers:
+        settings["scheduler"] = samplers[found["Sampler"]]
+    if "Hires upscale" in found:
+        upscalers = {name: ours for ours, name in UPSCALER_NAMES.items()}
+        hires: dict[str, Any] = {"scale": _real("Hires upscale", found["Hires upscale"]),
+                                 "upscaler": upscalers.get(found.get("Hires upscaler", "Latent"), "latent")}
+        if "Hires steps" in found:
+            hires["steps"] = _whole("Hires steps", found["Hires steps"])
+        if "Denoising strength" in found:
+            hires["denoise"] = _real("Denoising strength", found["Denoising strength"])
+        settings["hires"] = hires
+    return settings

@@ -8,8 +8,9 @@ Every job has a name, and its outputs a fixed path in ``--out``::
     both                    <stem>-prompt<NNNNN>.png
     (--num-images N > 1:    <name>-<k>.png for k = 0..N-1)
 
-A job whose outputs all exist is skipped, so an interrupted batch resumes where it stopped; each output is
-written atomically (a half-written PNG never counts as done). The settings are the same for every job.
+A job whose outputs all exist as files is skipped, so an interrupted batch resumes where it stopped; each output
+is written atomically (a half-written PNG never counts as done); an output path taken by a folder (or anything but
+a file) is refused. The settings are the same for every job.
 """
 
 from __future__ import annotations
@@ -86,17 +87,26 @@ def output_paths(out: Path, job: Job, num_images: int) -> list[Path]:
     return [out / f"{job.name}-{k}.png" for k in range(num_images)]
 
 
+def job_done(paths: Sequence[Path]) -> bool:
+    """Whether every output of a job is there as a regular file; one that is something else (a folder, a FIFO):
+    a one-line :class:`UserError`."""
+    for path in paths:
+        if path.exists() and not path.is_file():
+            raise UserError(f"{path} is there but is not a file (a folder?); move it away, or give another --out")
+    return all(path.is_file() for path in paths)
+
+
 def run_jobs(generate: Callable[..., Any], jobs: Sequence[Job], out: Path, num_images: int,
              units: Sequence[Any] = (), control_unit: int | None = None, quiet: bool = False) -> list[Path]:
     """Run the jobs not done yet: ``generate(prompt=..., controls=...)`` (a :class:`controlnet.pipeline.Pipeline`
-    with the batch's settings bound) for each, the job's condition in unit ``control_unit``; write its images
+    with the batch's :class:`~controlnet.generation_config.GenerationConfig` bound) for each, the job's condition in unit ``control_unit``; write its images
     with their metadata. Returns the paths written."""
     from controlnet.images import png_metadata, save_png
 
     written = []
     for job in jobs:
         paths = output_paths(out, job, num_images)
-        if all(p.exists() for p in paths):
+        if job_done(paths):
             if not quiet:
                 print(f"{job.name}: done already, skipped", file=sys.stderr)
             continue

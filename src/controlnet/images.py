@@ -255,6 +255,12 @@ def make_grid(images: Sequence[np.ndarray | Image.Image], columns: int | None = 
 _NO_OWN_CHUNK = ("seeds", "prompt")
 
 
+def png_text(path: str | os.PathLike) -> dict[str, str]:
+    """The text chunks of the image file at ``path`` (:func:`open_image`'s checks; PIL bounds each chunk at 1 MB,
+    decompressed, and all of them at 64 MB). Untrusted: bound and check what you read from them."""
+    return {key: value for key, value in open_image(path).info.items() if isinstance(value, str)}
+
+
 def png_metadata(settings: Mapping[str, Any], index: int = 0) -> dict[str, str]:
     """PNG text chunks for image ``index`` of a generation: one chunk per setting but the prompt (with that image's
     own seed), all of them as JSON under "settings", and A1111's "parameters" text

@@ -1,8 +1,9 @@
 """Image to image and inpainting: the starting picture, its mask, and the pixels around them.
 
-:class:`ImageToImageMixin` gives :class:`controlnet.pipeline.Pipeline` its image-to-image steps (VAE encoding,
-the starting latents and timesteps, "only masked", the hires upscale, the paste-back); :class:`HiresFix` holds
-the hires fix's settings. The pieces, top to bottom::
+Functions of the VAE, the UNet and the sampler that :class:`controlnet.pipeline.Pipeline` calls for an init image
+(VAE encoding, the starting latents and timesteps, "only masked", the hires upscale, the paste-back); the settings
+are :class:`controlnet.generation_config.ImageToImage` and :class:`~controlnet.generation_config.HiresFix`. The
+pieces, top to bottom::
 
     image (any size) + mask (its size, white = repaint)        load_source     (checks, --mask-invert)
     → the output size, "cover, then centre-crop", both        Source.fit
@@ -44,6 +45,7 @@ Decisions:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -53,10 +55,8 @@ import torch
 from PIL import Image
 
 from controlnet.conditions import prepare_condition, resize_cover, to_condition_array
-from controlnet.defaults import (
-    DEFAULT_DENOISE, DEFAULT_HIRES_DENOISE, DEFAULT_HIRES_SCALE, DEFAULT_INPAINT_DENOISE, HIRES_UPSCALERS,
-)
 from controlnet.errors import UserError
+from controlnet.generation_config import HiresFix
 from controlnet.images import load_image
 from controlnet.devices import placement
 from controlnet.sampling import Inpainting
@@ -197,143 +197,107 @@ def crop_condition(condition: np.ndarray, box: Box) -> np.ndarray:
     return np.ascontiguousarray(condition[top:bottom, left:right])
 
 
-@dataclass
-class HiresFix:
-    """Hires fix (A1111's): generate, upscale by ``scale``, then an img2img pass of ``denoise`` at the larger size
-    with the same ControlNets, their conditions prepared at that size.
-
-    ``steps``: the second pass's schedule (None: the generation's steps; ``round(denoise * steps)`` of them run).
-    ``upscaler``: "latent" (the latents, bilinear, as A1111's "Latent") or "lanczos" (the decoded images,
-    Lanczos, encoded again).
-    """
-
-    scale: float = DEFAULT_HIRES_SCALE
-    denoise: float = DEFAULT_HIRES_DENOISE
-    steps: int | None = None
-    upscaler: str = "latent"
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(float(self.scale)) or self.scale < 1:
-            raise UserError(f"hires scale must be a number >= 1, got {self.scale}")
-        if not 0.0 <= float(self.denoise) <= 1.0:
-            raise UserError(f"hires denoise must be in [0, 1], got {self.denoise}")
-        if self.steps is not None and int(self.steps) < 1:
-            raise UserError(f"hires steps must be >= 1 (or None: the generation's steps), got {self.steps}")
-        if self.upscaler not in HIRES_UPSCALERS:
-            raise UserError(f"unknown hires upscaler {self.upscaler!r}; choose one of {', '.join(HIRES_UPSCALERS)}")
+def is_inpainting_unet(unet: Any, vae: Any) -> bool:
+    """Whether ``unet`` is an inpainting one: latents + mask + masked-image latents in (9 channels for SD)."""
+    return unet.config.in_channels == 2 * vae.config.latent_channels + 1
 
 
-class ImageToImageMixin:
-    """The image-to-image steps of :class:`controlnet.pipeline.Pipeline` (its module docstring has the order and
-    the rules). The host provides ``unet``, ``vae``, ``device``, ``vae_scale_factor``, ``decode``,
-    ``output_size`` and ``initial_noise``."""
+def check_unet(unet: Any, vae: Any, mask: Any) -> None:
+    """One-line :class:`UserError` when the UNet cannot run these settings (a 9-channel inpainting UNet needs a
+    mask; other channel counts are not supported)."""
+    channels, latent = unet.config.in_channels, vae.config.latent_channels
+    if channels != latent and not is_inpainting_unet(unet, vae):
+        raise UserError(f"a UNet with {channels} input channels is not supported (ordinary: {latent}; "
+                        f"inpainting: {2 * latent + 1})")
+    if is_inpainting_unet(unet, vae) and mask is None:
+        raise UserError(f"this base is an inpainting model ({channels}-channel UNet): it needs init_image and mask "
+                        "(--init-image IMG --mask MASK); use an ordinary base for text-to-image and img2img")
 
-    @property
-    def is_inpainting_model(self) -> bool:
-        """Whether the UNet is an inpainting one: latents + mask + masked-image latents in (9 channels for SD)."""
-        return self.unet.config.in_channels == 2 * self.vae.config.latent_channels + 1
 
-    @torch.inference_mode()
-    def encode(self, image: np.ndarray | torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        """A picture (uint8 ``(H, W, 3)``, or the VAE's input ``(1, 3, H, W)`` in [-1, 1]) → latents
-        ``(B, C, h, w)`` float32, one posterior sample per generator (diffusers' ``retrieve_latents``)."""
-        x = image if isinstance(image, torch.Tensor) else to_vae_input(image)
-        posterior = self.vae.encode(x.to(**placement(self.vae))).latent_dist
-        z = torch.cat([posterior.sample(generator=g) for g in generators]).float()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return ((z - shift) * self.vae.config.scaling_factor).to(self.device)
+@torch.inference_mode()
+def encode(vae: Any, image: np.ndarray | torch.Tensor, generators: list[torch.Generator],
+           device: torch.device) -> torch.Tensor:
+    """A picture (uint8 ``(H, W, 3)``, or the VAE's input ``(1, 3, H, W)`` in [-1, 1]) → latents ``(B, C, h, w)``
+    float32 on ``device``, one posterior sample per generator (diffusers' ``retrieve_latents``)."""
+    x = image if isinstance(image, torch.Tensor) else to_vae_input(image)
+    posterior = vae.encode(x.to(**placement(vae))).latent_dist
+    z = torch.cat([posterior.sample(generator=g) for g in generators]).float()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((z - shift) * vae.config.scaling_factor).to(device)
 
-    def check_image_settings(self, init_image: Any, denoise: float | None, mask: Any, mask_blur: float,
-                             full_res: bool, padding: int, hires: HiresFix | None) -> float:
-        """One-line :class:`UserError` for an image-to-image setting that cannot work; the denoise to use."""
-        channels = self.unet.config.in_channels
-        if channels != self.vae.config.latent_channels and not self.is_inpainting_model:
-            raise UserError(f"a UNet with {channels} input channels is not supported (ordinary: "
-                            f"{self.vae.config.latent_channels}; inpainting: {2 * self.vae.config.latent_channels + 1})")
-        if self.is_inpainting_model and mask is None:
-            raise UserError(f"this base is an inpainting model ({channels}-channel UNet): it needs init_image and mask "
-                            "(--init-image IMG --mask MASK); use an ordinary base for text-to-image and img2img")
-        if init_image is None:
-            for given, what in ((denoise is not None, "denoise"), (mask is not None, "a mask"),
-                                (full_res, "inpaint_full_res")):
-                if given:
-                    raise UserError(f"{what} needs an init image to work on; pass init_image (--init-image IMG)")
-        elif hires is not None:
-            raise UserError("hires fix is for text-to-image; for an init image, run img2img at the larger size")
-        if full_res and mask is None:
-            raise UserError("inpaint_full_res works around a mask; pass mask (--mask MASK)")
-        if denoise is not None and not 0.0 <= float(denoise) <= 1.0:  # also refuses NaN
-            raise UserError(f"denoise must be in [0, 1] (0: the image back, 1: redraw it all), got {denoise}")
-        if not float(mask_blur) >= 0 or int(padding) < 0:
-            raise UserError(f"mask blur and inpaint padding must be >= 0, got {mask_blur} and {padding}")
-        if denoise is None:
-            return DEFAULT_INPAINT_DENOISE if mask is not None else DEFAULT_DENOISE
-        return float(denoise)
 
-    def only_masked(self, source: Source, size: tuple[int, int] | None, padding: int,
-                    units: list[Any]) -> tuple[Source, tuple[int, int], Box, list[Any]]:
-        """"Only masked" inpainting (module docstring): the box's picture and mask stretched to the size it is
-        generated at, that size, the box, and the control units with their conditions of the picture's size
-        prepared there (annotated) and cut to the box (others are used whole)."""
-        left, top, right, bottom = mask_box(source.mask, int(padding))
-        width, height = self.output_size(size, np.empty((bottom - top, right - left, 0)))
-        box = full_res_box(source.mask, width, height, int(padding))
-        cropped = []
-        for unit in units:
-            h, w = to_condition_array(unit.image).shape[:2]
-            if (w, h) == source.size:
-                whole = prepare_condition(unit.image, w, h, unit.annotator, unit.annotator_params)
-                unit = replace(unit, image=crop_condition(whole, box), annotator=None, annotator_params={})
-            cropped.append(unit)
-        crop = source.crop(box)
-        stretched = Source(resize_exact(crop.image, width, height),
-                           resize_exact(crop.mask.astype(np.uint8), width, height) > 0)
-        return stretched, (width, height), box, cropped
+def only_masked(source: Source, padding: int, units: list[Any],
+                size_for: Callable[[np.ndarray], tuple[int, int]]) -> tuple[Source, tuple[int, int], Box, list[Any]]:
+    """"Only masked" inpainting (module docstring): the box's picture and mask stretched to the size it is
+    generated at (``size_for(empty array of the box's shape)``), that size, the box, and the control units with
+    their conditions of the picture's size prepared there (annotated) and cut to the box (others are used whole)."""
+    left, top, right, bottom = mask_box(source.mask, int(padding))
+    width, height = size_for(np.empty((bottom - top, right - left, 0)))
+    box = full_res_box(source.mask, width, height, int(padding))
+    cropped = []
+    for unit in units:
+        h, w = to_condition_array(unit.image).shape[:2]
+        if (w, h) == source.size:
+            whole = prepare_condition(unit.image, w, h, unit.annotator, unit.annotator_params)
+            unit = replace(unit, image=crop_condition(whole, box), annotator=None, annotator_params={})
+        cropped.append(unit)
+    crop = source.crop(box)
+    stretched = Source(resize_exact(crop.image, width, height),
+                       resize_exact(crop.mask.astype(np.uint8), width, height) > 0)
+    return stretched, (width, height), box, cropped
 
-    def image_start(self, sampler: Any, steps: int, denoise: float, generators: list[torch.Generator], width: int,
-                    height: int, source: Source | None, image_latents: torch.Tensor | None,
-                    latents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Inpainting | None]:
-        """The starting latents ``(B, C, h, w)`` of a pass from a picture (``source``, or the hires pass's
-        ``image_latents``), the timesteps to run and the known region (inpainting), drawing from the generators in
-        the order of the pipeline's docstring. ``sampler`` has its timesteps set."""
-        timesteps = img2img_timesteps(sampler, steps, denoise)
-        masked = source is not None and source.mask is not None
-        from_noise = masked and denoise >= 1.0  # diffusers' inpaint pipelines: pure noise at strength 1
-        if image_latents is None and not (from_noise and self.is_inpainting_model):
-            image_latents = self.encode(source.image, generators)
-        noise = self.initial_noise(latents, generators, width, height)
-        if from_noise:
-            start = noise * sampler.init_noise_sigma
-        elif len(timesteps) == 0:  # denoise 0: the VAE round trip
-            start = image_latents
-        else:
-            start = sampler.add_noise(image_latents, noise, timesteps[:1].repeat(len(generators)))
-        if not masked:
-            return start, timesteps, None
-        mask = latent_mask(source.mask, self.vae_scale_factor).to(self.device).expand(len(generators), -1, -1, -1)
-        if self.is_inpainting_model:  # the image with the masked pixels at 0 (grey), as diffusers
-            keep = torch.from_numpy(~source.mask)[None, None].float()  # (1, 1, H, W)
-            masked_latents = self.encode(to_vae_input(source.image) * keep, generators)
-            return start, timesteps, Inpainting(mask, masked_image_latents=masked_latents)
-        return start, timesteps, Inpainting(mask, image_latents=image_latents, noise=noise)
 
-    def upscale_latents(self, latents: torch.Tensor, hires: HiresFix, width: int, height: int,
-                        generators: list[torch.Generator]) -> torch.Tensor:
-        """The hires pass's picture: ``latents`` upscaled to ``width`` x ``height`` by the hires upscaler."""
-        if hires.upscaler == "latent":  # A1111's "Latent": bilinear, no antialiasing
-            size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-            return torch.nn.functional.interpolate(latents, size=size, mode="bilinear", align_corners=False)
-        pictures = [Image.fromarray(a).resize((width, height), Image.LANCZOS) for a in self.decode(latents)]
-        return torch.cat([self.encode(np.asarray(p), [g]) for p, g in zip(pictures, generators)])
+def image_start(vae: Any, unet: Any, sampler: Any, steps: int, denoise: float, generators: list[torch.Generator],
+                draw_noise: Callable[[], torch.Tensor], source: Source | None, image_latents: torch.Tensor | None,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Inpainting | None]:
+    """The starting latents ``(B, C, h, w)`` of a pass from a picture (``source``, or the hires pass's
+    ``image_latents``), the timesteps to run and the known region (inpainting), drawing from the generators in
+    the order of the pipeline's docstring (``draw_noise``: the pass's noise). ``sampler`` has its timesteps set."""
+    timesteps = img2img_timesteps(sampler, steps, denoise)
+    masked = source is not None and source.mask is not None
+    inpainting_unet = is_inpainting_unet(unet, vae)
+    from_noise = masked and denoise >= 1.0  # diffusers' inpaint pipelines: pure noise at strength 1
+    if image_latents is None and not (from_noise and inpainting_unet):
+        image_latents = encode(vae, source.image, generators, device)
+    noise = draw_noise()
+    if from_noise:
+        start = noise * sampler.init_noise_sigma
+    elif len(timesteps) == 0:  # denoise 0: the VAE round trip
+        start = image_latents
+    else:
+        start = sampler.add_noise(image_latents, noise, timesteps[:1].repeat(len(generators)))
+    if not masked:
+        return start, timesteps, None
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    mask = latent_mask(source.mask, factor).to(device).expand(len(generators), -1, -1, -1)
+    if inpainting_unet:  # the image with the masked pixels at 0 (grey), as diffusers
+        keep = torch.from_numpy(~source.mask)[None, None].float()  # (1, 1, H, W)
+        masked_latents = encode(vae, to_vae_input(source.image) * keep, generators, device)
+        return start, timesteps, Inpainting(mask, masked_image_latents=masked_latents)
+    return start, timesteps, Inpainting(mask, image_latents=image_latents, noise=noise)
 
-    def paste_back_all(self, arrays: list[np.ndarray], source: Source, blur: float, whole: Source | None = None,
-                       box: Box | None = None) -> list[np.ndarray]:
-        """The decoded images with the unmasked pixels of ``source`` pasted back (for "only masked": the box's
-        result pasted into ``whole``)."""
-        if box is not None:
-            return [uncrop(a, whole, box, blur) for a in arrays]
-        weight = feather(source.mask, blur)
-        return [paste_back(a, source.image, weight) for a in arrays]
+
+def upscale_latents(vae: Any, latents: torch.Tensor, hires: HiresFix, width: int, height: int,
+                    generators: list[torch.Generator], decode: Callable[[torch.Tensor], np.ndarray],
+                    device: torch.device) -> torch.Tensor:
+    """The hires pass's picture: ``latents`` upscaled to ``width`` x ``height`` by the hires upscaler (``decode``:
+    latents → uint8 pictures, for the "lanczos" upscaler)."""
+    if hires.upscaler == "latent":  # A1111's "Latent": bilinear, no antialiasing
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        size = (height // factor, width // factor)
+        return torch.nn.functional.interpolate(latents, size=size, mode="bilinear", align_corners=False)
+    pictures = [Image.fromarray(a).resize((width, height), Image.LANCZOS) for a in decode(latents)]
+    return torch.cat([encode(vae, np.asarray(p), [g], device) for p, g in zip(pictures, generators)])
+
+
+def paste_back_all(arrays: list[np.ndarray], source: Source, blur: float, whole: Source | None = None,
+                   box: Box | None = None) -> list[np.ndarray]:
+    """The decoded images with the unmasked pixels of ``source`` pasted back (for "only masked": the box's
+    result pasted into ``whole``)."""
+    if box is not None:
+        return [uncrop(a, whole, box, blur) for a in arrays]
+    weight = feather(source.mask, blur)
+    return [paste_back(a, source.image, weight) for a in arrays]
 
 
 def img2img_timesteps(sampler: Any, steps: int, denoise: float) -> torch.Tensor:
@@ -346,6 +310,6 @@ def img2img_timesteps(sampler: Any, steps: int, denoise: float) -> torch.Tensor:
     return sampler.timesteps[begin:]
 
 
-__all__ = ["Box", "HiresFix", "ImageToImageMixin", "Source", "crop_condition", "feather", "full_res_box",
-           "img2img_timesteps", "latent_mask", "load_source", "mask_box", "paste_back", "resize_exact", "to_vae_input",
-           "uncrop"]
+__all__ = ["Box", "HiresFix", "Source", "check_unet", "crop_condition", "encode", "feather", "full_res_box",
+           "image_start", "img2img_timesteps", "is_inpainting_unet", "latent_mask", "load_source", "mask_box",
+           "only_masked", "paste_back", "paste_back_all", "resize_exact", "to_vae_input", "uncrop", "upscale_latents"]

@@ -19,9 +19,11 @@ upscaled and refined by an img2img pass at the larger size, its conditions prepa
 Python use::
 
     from controlnet import Pipeline, ControlUnit
+    from controlnet.generation_config import GenerationConfig, HiresFix
     pipe = Pipeline.from_pretrained()                     # the embedded tiny base; or a folder / .safetensors
-    result = pipe(prompt="a red circle", controls=[ControlUnit("fill", "circle.png")], steps=20, seed=0)
-    result.images[0].save("out.png")
+    config = GenerationConfig(steps=20, seed=0, hires=HiresFix(scale=2))
+    result = pipe("a red circle", [ControlUnit("fill", "circle.png")], config)
+    result.images[0].save("out.png")                      # or, in short: pipe("a red circle", units, steps=20)
 
 Decisions (the sampler's and the conditions' own are in :mod:`controlnet.sampling` and :mod:`controlnet.conditions`):
 
@@ -57,6 +59,7 @@ Decisions (the sampler's and the conditions' own are in :mod:`controlnet.samplin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -71,21 +74,24 @@ import torch
 from PIL import Image
 from torch import nn
 
-from controlnet.base_model import BaseModelMixin
+from controlnet import img2img
 from controlnet.conditions import ImageInput, condition_to_pil, prepare_condition, round_size, to_condition_array
-from controlnet.defaults import CONTROL_MODES, DEFAULT_INPAINT_PADDING, DEFAULT_MASK_BLUR, DEFAULT_STEPS
+from controlnet.defaults import CONTROL_MODES, FamilyDefaults, family_defaults, scheduler_name
 from controlnet.errors import UserError
-from controlnet.img2img import HiresFix, ImageToImageMixin, Source, load_source
-from controlnet.limits import check_output_size, check_seed
 from controlnet.devices import DTYPE_NAMES, move, placement, resolve_device, resolve_dtype
+from controlnet.generation_config import GenerationConfig, HiresFix, ImageToImage
 from controlnet.hub import quiet_loading
+from controlnet.img2img import Source
+from controlnet.limits import check_output_size
 from controlnet.loading import load_base
-from controlnet.model import ControlNet, UNetControlNet
+from controlnet.model import UNetControlNet
 from controlnet.residuals import original_guess_mode_scales
 from controlnet.sampling import Control, in_step_range, make_scheduler, sample
-from controlnet.settings import generation_settings, image_settings
+from controlnet.runtime import Runtime
+from controlnet.settings import unit_settings
+from controlnet.text_conditioner import TextConditioner
 
-ControlNetRef = Union[ControlNet, str, os.PathLike]
+ControlNetRef = Union[UNetControlNet, str, os.PathLike]
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -171,15 +177,18 @@ class GenerationResult:
     settings: dict[str, Any]
 
 
-class Pipeline(BaseModelMixin, ImageToImageMixin):
+class Pipeline:
     """Text-to-image with ControlNets over an SD-family base (SD1.x, SD2.x incl. v-prediction, SDXL).
 
     Build it with :meth:`from_pretrained` (embedded base, a diffusers folder or a single file; dtype None → the
     device's default, :func:`controlnet.devices.default_dtype`) or from diffusers/transformers components
     (dtype/device None → the components run as given; otherwise they are moved and cast in place). Call it to
-    generate; see the module docstring for the steps and the rules they follow. LoRAs, embeddings, another VAE,
-    clip skip, text conditioning, offload and compile: :class:`~controlnet.base_model.BaseModelMixin`; the
-    image-to-image steps: :class:`~controlnet.img2img.ImageToImageMixin`.
+    generate; see the module docstring for the steps and the rules they follow.
+
+    Its parts: :attr:`text` (:class:`~controlnet.text_conditioner.TextConditioner`: prompts, clip skip, LoRAs,
+    embeddings), :attr:`runtime` (:class:`~controlnet.runtime.Runtime`: offload, compile, channels-last, VAE
+    tiling); an init image's steps are the functions of :mod:`controlnet.img2img`, given the VAE and the sampler.
+    The methods below that only forward to a part keep the short spelling (``pipe.load_lora(...)``).
     """
 
     def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, tokenizer: Any, scheduler: Any,
@@ -205,11 +214,15 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
         if self.is_sdxl and text_encoder_2 is None:
             raise ValueError("an SDXL UNet (addition_embed_type 'text_time') needs text_encoder_2 and tokenizer_2")
         self.base = ""  # where the base came from (settings / metadata)
-        self._controlnets: dict[str, ControlNet] = {}
+        self._controlnets: dict[str, UNetControlNet] = {}
         self._checked: set[int] = set()
         # Largest output, pixels per image (controlnet.limits); None: derived from the device's memory.
         self.max_pixels: int | None = None
-        self._init_base_model_options()
+        self.variant: str | None = None  # weights variant for hub ControlNets ("fp16"), as from_pretrained got it
+        self.vae_source = ""  # another VAE's source (load_vae), for the settings
+        self.runtime = Runtime(self.device)
+        self.text = TextConditioner(unet, text_encoder, tokenizer, text_encoder_2, tokenizer_2, self.device,
+                                    self.dtype, self.is_sdxl, paused=lambda: self.runtime.paused(*self._models()))
 
     @classmethod
     def from_pretrained(cls, base: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
@@ -230,7 +243,7 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
         pipe.variant = variant
         return pipe
 
-    def load_controlnet(self, name_or_path: ControlNetRef) -> ControlNet:
+    def load_controlnet(self, name_or_path: ControlNetRef) -> UNetControlNet:
         """A ControlNet by bundled name or path (cached), or a given model, checked against the base's family."""
         if isinstance(name_or_path, UNetControlNet):
             cn = name_or_path
@@ -243,7 +256,7 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
             if key not in self._controlnets:
                 with quiet_loading():
                     cn = load_controlnet(path, dtype=self.dtype, device=self.device)
-                self._controlnets[key] = self.prepare_controlnet(cn)  # offload, compile, channels-last
+                self._controlnets[key] = self.runtime.prepare(cn)  # offload, compile, channels-last
             cn = self._controlnets[key]
         if id(cn) not in self._checked:
             from controlnet.checkpoints import check_compatible
@@ -257,89 +270,218 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
         """The base's training resolution in pixels (UNet sample size x VAE factor): 512 for SD1.5."""
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
+    # ------------------------------------------------------------------ the base's family, its VAE
+
+    @property
+    def family(self) -> str:
+        """"sd1", "sd2", "sdxl", or "embedded" for the tiny model shipped in the package."""
+        if self.base == "embedded":
+            return "embedded"
+        from controlnet.checkpoints import detect_family
+
+        return detect_family(self.unet)
+
+    @property
+    def defaults(self) -> FamilyDefaults:
+        """Guidance and scheduler for this base's family (:data:`controlnet.defaults.FAMILY_DEFAULTS`)."""
+        return family_defaults(self.family)
+
+    def sampler_defaults(self, guidance: float | None, scheduler: str | None) -> tuple[float, str]:
+        """``guidance`` and ``scheduler`` (our or A1111's name) as given, or the family's where None."""
+        guidance = self.defaults.guidance if guidance is None else guidance
+        return guidance, scheduler_name(self.defaults.scheduler if scheduler is None else scheduler)
+
+    def load_vae(self, source: str | os.PathLike, revision: str | None = None, variant: str | None = None) -> None:
+        """Replace the base's VAE (a file, a diffusers folder or a hub id; :func:`controlnet.loading.load_vae`)."""
+        from controlnet import runtime
+        from controlnet.loading import load_vae
+
+        where = placement(self.vae)
+        vae = load_vae(source, self.vae, where["dtype"], revision, variant)
+        upcast = where["dtype"] == torch.float16 and getattr(vae.config, "force_upcast", False)
+        device = self.device if runtime.is_offloaded(self.vae) else where["device"]
+        self.vae = move(vae, device, torch.float32 if upcast else where["dtype"])
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_source = str(source)
+        if self.runtime.channels_last:
+            runtime.to_channels_last(self.vae)
+        if self.runtime.offload:
+            self.runtime.apply(*self._models())
+
+    # ------------------------------------------------------------------ the parts' options, in short
+
+    def _models(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The runtime's chain (text encoders, UNet, VAE, in the order they run) and the loaded ControlNets."""
+        chain = [m for m in (self.text_encoder, self.text_encoder_2, self.unet, self.vae) if m is not None]
+        return chain, list(self._controlnets.values())
+
+    def enable_offload(self, mode: str | None) -> None:
+        """Keep the models on the CPU, each moved to :attr:`device` only to run: "model", "sequential" or None."""
+        self.runtime.enable_offload(mode, *self._models())
+
+    def compile(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """``torch.compile`` the UNet and the ControlNets (now and when loaded); the first generation compiles."""
+        self.runtime.compile([self.unet, *self._controlnets.values()], mode, backend)
+
+    def use_channels_last(self) -> None:
+        """The UNet's, the VAE's and the ControlNets' weights in channels-last memory format (now and when loaded)."""
+        self.runtime.use_channels_last([self.unet, self.vae, *self._controlnets.values()])
+
+    def prepare_controlnet(self, controlnet: nn.Module) -> nn.Module:
+        """Apply the runtime options to a ControlNet loaded outside :meth:`load_controlnet`."""
+        return self.runtime.prepare(controlnet)
+
+    @property
+    def vae_tiling(self) -> str:
+        """"auto", "on" or "off" (:mod:`controlnet.runtime`)."""
+        return self.runtime.vae_tiling
+
+    @vae_tiling.setter
+    def vae_tiling(self, mode: str) -> None:
+        self.runtime.vae_tiling = mode
+
+    @property
+    def clip_skip(self) -> int:
+        """Text from the N-th last layer of the text encoder(s), as A1111 counts (1: the last)."""
+        return self.text.clip_skip
+
+    @clip_skip.setter
+    def clip_skip(self, value: int) -> None:
+        self.text.clip_skip = value
+
+    @property
+    def lora_dir(self) -> Path | None:
+        """Where ``<lora:name>`` in a prompt and ``load_lora(name)`` are looked for."""
+        return self.text.lora_dir
+
+    @lora_dir.setter
+    def lora_dir(self, folder: Path | None) -> None:
+        self.text.lora_dir = folder
+
+    @property
+    def loras(self) -> dict[str, tuple[float, float]]:
+        """The LoRAs loaded with :meth:`load_lora`: name → (UNet weight, text-encoder weight)."""
+        return self.text.loras
+
+    @property
+    def embeddings(self) -> dict[str, str]:
+        """The loaded embeddings: token → file."""
+        return self.text.embeddings
+
+    def load_lora(self, source: str | os.PathLike, weight: float = 1.0, text_weight: float | None = None,
+                  revision: str | None = None) -> str:
+        """:meth:`TextConditioner.load_lora <controlnet.text_conditioner.TextConditioner.load_lora>`."""
+        return self.text.load_lora(source, weight, text_weight, revision)
+
+    def unload_lora(self, name: str) -> None:
+        """:meth:`TextConditioner.unload_lora <controlnet.text_conditioner.TextConditioner.unload_lora>`."""
+        self.text.unload_lora(name)
+
+    def load_embedding(self, source: str | os.PathLike, token: str | None = None) -> str:
+        """:meth:`TextConditioner.load_embedding <controlnet.text_conditioner.TextConditioner.load_embedding>`."""
+        return self.text.load_embedding(source, token)
+
+    def encode_weighted_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`TextConditioner.encode_weighted_prompt
+        <controlnet.text_conditioner.TextConditioner.encode_weighted_prompt>`."""
+        return self.text.encode_weighted_prompt(prompt)
+
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`TextConditioner.encode_prompt <controlnet.text_conditioner.TextConditioner.encode_prompt>`."""
+        return self.text.encode_prompt(prompts)
+
+    def text_conditioning(self, prompt: str, negative_prompt: str, num_images: int, cfg: bool, width: int,
+                          height: int) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """:meth:`TextConditioner.text_conditioning <controlnet.text_conditioner.TextConditioner.text_conditioning>`."""
+        return self.text.text_conditioning(prompt, negative_prompt, num_images, cfg, width, height)
+
+    def maybe_convert_prompt(self, prompt: str, tokenizer: Any) -> str:
+        """A prompt with multi-vector embedding tokens expanded (diffusers' ``maybe_convert_prompt``)."""
+        return self.text.maybe_convert_prompt(prompt, tokenizer)
+
     # ------------------------------------------------------------------ generation
 
     @torch.inference_mode()
-    def __call__(self, prompt: str, controls: Sequence[ControlUnit] = (), negative_prompt: str = "",
-                 steps: int = DEFAULT_STEPS, guidance: float | None = None, scheduler: str | None = None,
-                 seed: int | None = 0, size: tuple[int, int] | None = None, num_images: int = 1, eta: float = 0.0,
-                 guess_mode: bool = False, latents: torch.Tensor | None = None, output_type: str = "pil",
-                 progress: bool = True, reuse_residuals: int = 1,
+    def __call__(self, prompt: str, controls: Sequence[ControlUnit] = (), config: GenerationConfig | None = None, *,
+                 latents: torch.Tensor | None = None, output_type: str = "pil", progress: bool = True,
                  callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                 init_image: ImageInput | None = None, denoise: float | None = None, mask: ImageInput | None = None,
-                 mask_blur: float = DEFAULT_MASK_BLUR, mask_invert: bool = False, inpaint_full_res: bool = False,
-                 inpaint_padding: int = DEFAULT_INPAINT_PADDING, hires: HiresFix | None = None) -> GenerationResult:
-        """Generate ``num_images`` images for ``prompt`` under the ControlNets of ``controls``.
+                 **settings: Any) -> GenerationResult:
+        """Generate ``config.num_images`` images for ``prompt`` under the ControlNets of ``controls``.
 
         Args:
-            prompt, negative_prompt: the text, in A1111's syntax (emphasis, BREAK, any length, ``<lora:name:w>``:
-                :mod:`controlnet.prompts`, :mod:`controlnet.lora`); the negative prompt is CFG's unconditional branch.
+            prompt: the text, in A1111's syntax (emphasis, BREAK, any length, ``<lora:name:w>``:
+                :mod:`controlnet.prompts`, :mod:`controlnet.lora`).
             controls: :class:`ControlUnit` s; their residuals add.
-            steps, scheduler, eta: sampler settings (``eta`` is DDIM's noise, TCD's gamma; others ignore it);
-                scheduler None: the base family's (:attr:`defaults`); A1111's names are accepted.
-            guidance: classifier-free guidance weight (<= 1: no CFG, one branch; None: the base family's).
-            seed: image k uses seed + k (``None``: a random seed, reported in the result).
-            size: (width, height); ``None``: see the module docstring.
-            guess_mode: control on the conditional branch only, residual scales 0.825**(N-1-j).
+            config: the settings (:class:`~controlnet.generation_config.GenerationConfig`: negative prompt, steps,
+                guidance, scheduler, seed, size, image to image, hires fix, ...). Instead of it, its fields as
+                keywords (``steps=20, init_image=..., hires=HiresFix(...)``; image-to-image fields flat).
             latents: initial noise ``(num_images, C, h, w)`` (unscaled; multiplied by the scheduler's
                 ``init_noise_sigma``, or added to the init image's latents), instead of drawing it from the seed.
             output_type: "pil", "np" (uint8 arrays) or "latent" (no decoding, no paste-back).
             progress: show a tqdm bar over the steps (stderr).
             callback: called as ``callback(i, t, latents)`` after every step.
-            reuse_residuals: compute each ControlNet every N active steps and reuse its residuals in between
-                (1, the default: every step; an approximation that trades controllability for speed).
-            init_image: the starting picture of img2img / inpainting (path, PIL image or array).
-            denoise: how much of it is redrawn, in [0, 1] (None: 0.75, or 1.0 with a mask).
-            mask: white = repaint (the init image's size); ``mask_invert`` swaps; ``mask_blur`` feathers the
-                paste-back inward over that many pixels.
-            inpaint_full_res: A1111's "only masked": work on the mask's box plus ``inpaint_padding`` pixels at the
-                full generation size, then paste it back.
-            hires: a :class:`HiresFix` second pass (text-to-image only).
         """
-        guidance, scheduler = self.sampler_defaults(guidance, scheduler)
-        _check_settings(output_type, steps, num_images, guidance, eta, reuse_residuals,
-                        make_scheduler(scheduler, self.scheduler_config), scheduler)
-        steps, num_images, reuse_residuals = int(steps), int(num_images), int(reuse_residuals)
-        text_prompt, active_loras = self.apply_prompt_loras(prompt)  # <lora:name:w> tags out of the text
-        seed = _resolve_seed(seed)
-        denoise = self.check_image_settings(init_image, denoise, mask, mask_blur, inpaint_full_res,
-                                            inpaint_padding, hires)
-        source = load_source(init_image, mask, mask_invert) if init_image is not None else None
-        generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(num_images)]
-        run = _Run(text_prompt, negative_prompt, list(controls), guess_mode, guidance, scheduler, eta, reuse_residuals,
-                   generators, progress, callback)
+        if config is not None and settings:
+            raise TypeError(f"give config or keyword settings, not both (got {', '.join(settings)})")
+        config = _checked_copy(config) if config is not None else GenerationConfig.build(**settings).check()
+        guidance, scheduler = self.sampler_defaults(config.guidance, config.scheduler)
+        _check_model_settings(output_type, config.steps, make_scheduler(scheduler, self.scheduler_config), scheduler)
+        img2img.check_unet(self.unet, self.vae, config.image.mask)
+        text_prompt, active_loras = self.text.apply_prompt_loras(prompt)  # <lora:name:w> tags out of the text
+        seed = random.SystemRandom().randrange(2**31) if config.seed is None else config.seed
+        image, hires, steps, size = config.image, config.hires, config.steps, config.size
+        source = img2img.load_source(image.init_image, image.mask, image.mask_invert) if image.init_image is not None else None
+        generators = [torch.Generator("cpu").manual_seed(seed + k) for k in range(config.num_images)]
+        run = _Run(text_prompt, config.negative_prompt, list(controls), config.guess_mode, guidance, scheduler,
+                   config.eta, config.reuse_residuals, generators, progress, callback)
 
         # 1. Where: the output size, the starting picture there (for "only masked": the mask's box, its conditions).
         whole, box = source, None
-        if source is not None and inpaint_full_res:
-            source, size, box, run.controls = self.only_masked(source, size, inpaint_padding, run.controls)
+        if source is not None and image.inpaint_full_res:
+            source, size, box, run.controls = img2img.only_masked(
+                source, image.inpaint_padding, run.controls, lambda shape: self.output_size(size, shape))
         if size is None and source is not None:
             size = round_size(*source.size, self.vae_scale_factor)
         width, height = self.output_size(size, to_condition_array(controls[0].image) if controls else None)
         check_output_size(width, height, self.max_pixels, device=str(self.device), what="output size")
         source = source.fit(width, height) if source is not None else None
+        first_pass = (width, height)
 
         # 2. The denoising pass(es): conditions, text, start, loop.
-        final, prepared = self._denoise(run, width, height, steps, denoise, source=source, latents=latents)
+        final, prepared = self._denoise(run, width, height, steps, image.strength, source=source, latents=latents)
         if hires is not None:
             width, height = round_size(width * hires.scale, height * hires.scale, self.vae_scale_factor)
             check_output_size(width, height, self.max_pixels, device=str(self.device), what="hires size")
+            upscaled = img2img.upscale_latents(self.vae, final, hires, width, height, generators, self.decode,
+                                               self.device)
             final, prepared = self._denoise(run, width, height, hires.steps or steps, hires.denoise,
-                                            image_latents=self.upscale_latents(final, hires, width, height, generators))
+                                            image_latents=upscaled)
 
         # 3. Decode, paste back, report.
-        settings = generation_settings(
-            prompt=prompt, negative_prompt=negative_prompt, seed=seed, steps=steps, scheduler=scheduler, eta=eta,
-            guidance=guidance, width=width, height=height, guess_mode=guess_mode, reuse_residuals=reuse_residuals,
-            num_images=num_images, controls=controls, dtype=DTYPE_NAMES.get(self.dtype, str(self.dtype)), base=self.base)
-        settings.update(image_settings(init_image=init_image, denoise=denoise, mask=mask, mask_blur=mask_blur,
-                                       mask_invert=mask_invert, full_res=inpaint_full_res, padding=inpaint_padding,
-                                       hires=hires, steps=steps))
-        settings.update(self.base_model_settings(active_loras))
-        images = self._output(final, output_type, source, mask_blur, whole, box)
+        used = dataclasses.replace(
+            config, guidance=float(guidance), scheduler=scheduler, seed=seed, size=first_pass,
+            image=dataclasses.replace(image, denoise=image.strength) if source is not None else image,
+            hires=dataclasses.replace(hires, steps=hires.steps or steps) if hires is not None else None)
+        settings = self._settings(prompt, used, controls, active_loras, (width, height))
+        images = self._output(final, output_type, source, image.mask_blur, whole, box)
         conditions = [condition_to_pil(condition) for _, condition in prepared]
-        self.end_generation()  # the prompt's LoRAs off, offloaded models back to the CPU
+        self.text.activate_loras({})  # only the loaded LoRAs act again (the prompt's off)
+        self.runtime.release()  # offloaded models back to the CPU
         return GenerationResult(images, final.cpu(), conditions, seed, settings)
+
+    def _settings(self, prompt: str, used: GenerationConfig, controls: Sequence[ControlUnit],
+                  active_loras: dict[str, tuple[float, float]], output: tuple[int, int]) -> dict[str, Any]:
+        """What reproduces a generation (JSON-safe): the prompt, the config as it ran (:meth:`GenerationConfig.to_settings`;
+        its size the first pass's), the control units, and what the pipeline adds (seeds, dtype, base, LoRAs, ...)."""
+        settings = {"prompt": prompt, **used.to_settings(), "seeds": [used.seed + k for k in range(used.num_images)],
+                    "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)), "base": self.base,
+                    "controlnets": unit_settings(controls)}
+        if used.hires is not None:
+            settings["hires"]["size"] = f"{output[0]}x{output[1]}"  # the output's; "size" is the first pass's
+        settings.update(self.text.settings(active_loras))
+        if self.vae_source:
+            settings["vae"] = self.vae_source
+        return settings
 
     # ------------------------------------------------------------------ pieces of a generation
 
@@ -347,9 +489,7 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
         """(width, height): ``size`` rounded to multiples of the VAE factor, or the default rule (module doc)."""
         m = self.vae_scale_factor
         if size is not None:
-            width, height = (int(v) for v in size)
-            if width <= 0 or height <= 0:
-                raise UserError(f"size must be positive, got {width}x{height}")
+            width, height = (int(v) for v in size)  # positive: GenerationConfig.check
             rounded = round_size(width, height, m)
             if rounded != (width, height):
                 warnings.warn(f"size {width}x{height} rounded to {rounded[0]}x{rounded[1]} (multiples of {m})", stacklevel=3)
@@ -397,15 +537,16 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
         sampler = make_scheduler(run.scheduler, self.scheduler_config)
         prepared = [self._prepare_unit(unit, width, height, run.guess_mode) for unit in run.controls]
         # Text: [unconditional, conditional] rows in one batch when guiding (diffusers' order).
-        text, added = self.text_conditioning(run.prompt, run.negative_prompt, len(run.generators),
+        text, added = self.text.text_conditioning(run.prompt, run.negative_prompt, len(run.generators),
                                              run.guidance > 1.0, width, height)
         sampler.set_timesteps(steps, device=self.device)
         if source is None and image_latents is None:  # text-to-image: noise at the schedule's first sigma
             noise = self.initial_noise(latents, run.generators, width, height)
             start, timesteps, inpainting = noise * sampler.init_noise_sigma, sampler.timesteps, None
         else:
-            start, timesteps, inpainting = self.image_start(sampler, steps, denoise, run.generators, width, height,
-                                                            source, image_latents, latents)
+            start, timesteps, inpainting = img2img.image_start(
+                self.vae, self.unet, sampler, steps, denoise, run.generators,
+                lambda: self.initial_noise(latents, run.generators, width, height), source, image_latents, self.device)
         active = [control for (control, _), unit in zip(prepared, run.controls) if unit.strength > 0]
         final = sample(self.unet, sampler, start, timesteps, text, active, run.guidance, added=added, reuse=run.reuse,
                        eta=run.eta, generators=run.generators, progress=run.progress,
@@ -417,7 +558,8 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
         """Latents ``(B, C, h, w)`` → images ``(B, H, W, 3)`` uint8, one image at a time (bounded memory)."""
         scaling = self.vae.config.scaling_factor
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        self.configure_vae_tiling(latents.shape[-1] * self.vae_scale_factor, latents.shape[-2] * self.vae_scale_factor)
+        self.runtime.configure_vae_tiling(self.vae, latents.shape[-1] * self.vae_scale_factor,
+                                          latents.shape[-2] * self.vae_scale_factor)
         images = []
         for z in latents:
             z = (z[None] / scaling + shift).to(**placement(self.vae))
@@ -434,7 +576,7 @@ class Pipeline(BaseModelMixin, ImageToImageMixin):
             return []
         arrays = list(self.decode(latents))
         if source is not None and source.mask is not None:
-            arrays = self.paste_back_all(arrays, source, mask_blur, whole, box)
+            arrays = img2img.paste_back_all(arrays, source, mask_blur, whole, box)
         return [Image.fromarray(a) for a in arrays] if output_type == "pil" else arrays
 
 
@@ -453,30 +595,22 @@ def _stop_if_not_finite(callback: Callable[[int, torch.Tensor, torch.Tensor], No
     return check
 
 
-def _check_settings(output_type: str, steps: int, num_images: int, guidance: float, eta: float,
-                    reuse_residuals: int, sampler: Any, scheduler: str) -> None:
-    """One-line :class:`UserError` for a generation setting out of its range."""
+def _checked_copy(config: GenerationConfig) -> GenerationConfig:
+    """A checked copy of ``config`` (checking normalises some fields; the caller's object stays as it was)."""
+    hires = dataclasses.replace(config.hires) if config.hires is not None else None
+    return dataclasses.replace(config, image=dataclasses.replace(config.image), hires=hires).check()
+
+
+def _check_model_settings(output_type: str, steps: int, sampler: Any, scheduler: str) -> None:
+    """One-line :class:`UserError` for what only the loaded base can tell: more steps than its schedule has (the
+    rest of the rules: :meth:`GenerationConfig.check`), and an unknown output type."""
     if output_type not in OUTPUT_TYPES:
         raise UserError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-    if int(steps) < 1:
-        raise UserError(f"steps must be >= 1, got {steps}")
     # No more steps than the base's training schedule has timesteps (diffusers' DDIM raises; others repeat).
     limit = int(getattr(sampler.config, "num_train_timesteps", 1000))
-    if int(steps) > limit:
+    if steps > limit:
         raise UserError(f"steps {steps} is more than the scheduler {scheduler!r} supports for this base (its schedule "
                         f"has {limit} timesteps); give steps <= {limit}")
-    if int(num_images) < 1:
-        raise UserError(f"num_images must be >= 1, got {num_images}")
-    if not math.isfinite(float(guidance)) or guidance < 0:
-        raise UserError(f"guidance must be a number >= 0, got {guidance}")
-    if not 0.0 <= float(eta) <= 1.0:
-        raise UserError(f"eta must be in [0, 1], got {eta}")
-    if int(reuse_residuals) < 1:
-        raise UserError(f"reuse_residuals must be >= 1 (1: compute the residuals every step), got {reuse_residuals}")
 
 
-def _resolve_seed(seed: int | None) -> int:
-    """``seed`` checked, or a random one for ``None``."""
-    seed = random.SystemRandom().randrange(2**31) if seed is None else int(seed)
-    check_seed(seed, "seed")
-    return seed
+__all__ = ["ControlUnit", "GenerationConfig", "GenerationResult", "HiresFix", "ImageToImage", "OUTPUT_TYPES", "Pipeline"]

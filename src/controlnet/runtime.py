@@ -24,7 +24,8 @@ VAE tiling         diffusers' ``AutoencoderKL`` tiled decoding (overlapping tile
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -131,3 +132,80 @@ def set_vae_tiling(vae: nn.Module, on: bool) -> None:
         vae.enable_tiling()
     elif not on and hasattr(vae, "disable_tiling"):
         vae.disable_tiling()
+
+
+class Runtime:
+    """How a pipeline's models run: its offload mode, compile and channels-last options, VAE tiling (module
+    docstring). It holds the options and the offload hooks, not the models: the pipeline passes ``chain`` (the
+    text encoders, the UNet and the VAE, in the order they run) and ``others`` (the ControlNets)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.offload: str | None = None
+        self.compiled: dict[str, Any] | None = None  # torch.compile's arguments once compile() ran
+        self.channels_last = False
+        self.vae_tiling = "auto"
+        self._hooks: list[Any] = []
+
+    def enable_offload(self, mode: str | None, chain: Sequence[nn.Module], others: Sequence[nn.Module]) -> None:
+        """Offload ``"model"``, ``"sequential"`` or None (off)."""
+        check_offload(mode)
+        self.remove(chain, others)
+        self.offload = mode
+        if mode is not None:
+            self.apply(chain, others)
+
+    def apply(self, chain: Sequence[nn.Module], others: Sequence[nn.Module]) -> None:
+        """The offload hooks of the current mode on the models (after a model changed, e.g. another VAE)."""
+        self.remove(chain, others)
+        self._hooks = add_offload_hooks(chain, others, self.offload, self.device)
+
+    def remove(self, chain: Sequence[nn.Module], others: Sequence[nn.Module]) -> None:
+        offloaded = [m for m in [*chain, *others] if is_offloaded(m)]
+        if offloaded:
+            remove_offload_hooks(offloaded, self.device)
+        self._hooks = []
+
+    @contextlib.contextmanager
+    def paused(self, chain: Sequence[nn.Module], others: Sequence[nn.Module]) -> Iterator[None]:
+        """Models without offload hooks while LoRA layers or embeddings are added (diffusers' loaders do the same)."""
+        if not self.offload:
+            yield
+            return
+        self.remove(chain, others)
+        try:
+            yield
+        finally:
+            self.apply(chain, others)
+
+    def release(self) -> None:
+        """Send every offloaded model back to the CPU (the end of a generation)."""
+        release(self._hooks)
+
+    def compile(self, models: Sequence[nn.Module], mode: str | None = None, backend: str = "inductor") -> None:
+        """``torch.compile`` ``models`` (and, through :meth:`prepare`, ControlNets loaded later)."""
+        self.compiled = {"mode": mode, "backend": backend}
+        for model in models:
+            compile_model(model, mode, backend)
+
+    def use_channels_last(self, models: Sequence[nn.Module]) -> None:
+        """``models`` in channels-last memory format (and, through :meth:`prepare`, models loaded later)."""
+        self.channels_last = True
+        for model in models:
+            to_channels_last(model)
+
+    def prepare(self, controlnet: nn.Module) -> nn.Module:
+        """Apply the options to a newly loaded ControlNet."""
+        if self.channels_last:
+            to_channels_last(controlnet)
+        if self.compiled:
+            compile_model(controlnet, **self.compiled)
+        if self.offload == "model":
+            self._hooks += add_model_hooks([controlnet], self.device)
+        elif self.offload == "sequential":
+            add_offload_hooks([], [controlnet], "sequential", self.device)
+        return controlnet
+
+    def configure_vae_tiling(self, vae: nn.Module, width: int, height: int) -> None:
+        """Tiled VAE decoding for this output size, per :attr:`vae_tiling` (:func:`wants_tiling`)."""
+        set_vae_tiling(vae, wants_tiling(self.vae_tiling, width, height, str(self.device)))

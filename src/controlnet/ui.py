@@ -47,7 +47,6 @@ from controlnet.defaults import (
 )
 from controlnet.errors import UserError
 from controlnet.hub import spelled_as_hub_id
-from controlnet.limits import check_seed
 from controlnet.untrusted import resolve_untrusted_input
 
 log = logging.getLogger(__name__)
@@ -361,13 +360,15 @@ class UiBackend:
             enabled = [i for i, unit in enumerate(request.units) if unit.enabled]
             units = [self._allowed_model(i, request.units[i]) for i in enabled]
             controls = [self._control_unit(i, unit) for i, unit in zip(enabled, units)]
-            kwargs = self._pipeline_kwargs(request, seed)
+            config = self._config(request, seed)
+            kwargs = config.keywords()
             self._check_time_budget(kwargs)
             if progress is not None:
                 progress(0.0, "starting")
             with self._lock, self._bounded_prompt_loras() as used_loras:
-                callback = self._with_deadline(self._step_callback(progress, kwargs["steps"]), kwargs)
-                result = self.pipeline(controls=controls, callback=callback, progress=False, **kwargs)
+                callback = self._with_deadline(self._step_callback(progress, config.steps), kwargs)
+                result = self.pipeline(prompt=request.prompt or "", controls=controls, callback=callback,
+                                       progress=False, output_type="pil", **kwargs)
                 used_loras.update(result.settings.get("loras", {}))
             used_seed = int(result.seed)
             paths = self._save(result)
@@ -381,7 +382,8 @@ class UiBackend:
         n = len(paths)
         # The pipeline seeds image k with seed + k: each image can be made again alone.
         captions = [f"seed {used_seed + k}" for k in range(n)]
-        size = result.settings.get("size", f"{request.width}x{request.height}")
+        hires = result.settings.get("hires") or {}  # with a hires fix, "size" is the first pass's
+        size = hires.get("size") or result.settings.get("size", f"{request.width}x{request.height}")
         status = f"Done: {n} image{'s' if n != 1 else ''} at {size}, seed {used_seed}"
         status += f" (+0..{n - 1})." if n > 1 else "."
         conditions = dict(zip(enabled, result.conditions))
@@ -423,8 +425,7 @@ class UiBackend:
         value = SEED_RANDOM if seed is None or seed == "" else _as_int(seed, "seed")
         if value == SEED_RANDOM:
             return secrets.randbelow(SEED_MAX + 1)
-        check_seed(value, "seed", allow_random=True)
-        return value
+        return value  # in range: GenerationConfig.check
 
     def _allowed_model(self, index: int, unit: UnitInput) -> UnitInput:
         """``unit`` with its model as the server may load it, or a :class:`UserError`: with ``model_roots`` set, a
@@ -527,17 +528,19 @@ class UiBackend:
             raise UserError(f"{name}: {err}") from None
 
     @staticmethod
-    def _pipeline_kwargs(request: GenerateRequest, seed: int) -> dict[str, Any]:
+    def _config(request: GenerateRequest, seed: int) -> Any:
+        """The page's settings as a checked :class:`~controlnet.generation_config.GenerationConfig`."""
+        from controlnet.generation_config import GenerationConfig
+
         width, height = _checked_size(request.width, request.height)
-        num_images = _as_int(request.num_images, "number of images")
-        if not 1 <= num_images <= MAX_NUM_IMAGES:
-            raise UserError(f"number of images must be in 1..{MAX_NUM_IMAGES}, got {num_images}")
-        return dict(dict(
-            prompt=request.prompt or "", negative_prompt=request.negative_prompt or "",
-            steps=_as_int(request.steps, "steps"), guidance=float(request.guidance), scheduler=request.scheduler,
-            seed=seed, size=(width, height), num_images=num_images,
-            guess_mode=bool(request.guess_mode), output_type="pil",
-        ), **_image_kwargs(request))  # an init image's own size replaces the page's
+        image, hires = _image_settings(request)
+        return GenerationConfig(
+            negative_prompt=request.negative_prompt or "", steps=_as_int(request.steps, "steps"),
+            guidance=_as_number(request.guidance, "guidance"), scheduler=request.scheduler, seed=seed,
+            size=None if image.init_image is not None else (width, height),  # an init image's own size wins
+            num_images=_as_int(request.num_images, "number of images"), guess_mode=bool(request.guess_mode),
+            image=image, hires=hires,
+        ).check()
 
     @staticmethod
     def _step_callback(progress: ProgressFn | None, steps: int) -> Callable[..., None] | None:
@@ -563,26 +566,34 @@ class UiBackend:
         return paths
 
 
-def _image_kwargs(request: GenerateRequest) -> dict[str, Any]:
-    """The pipeline's image-to-image and hires keyword arguments from the page's img2img tab and hires options."""
-    kwargs: dict[str, Any] = {}
+def _image_settings(request: GenerateRequest) -> tuple[Any, Any]:
+    """The image-to-image part and the hires fix of the page's img2img tab and hires options."""
+    from controlnet.generation_config import HiresFix, ImageToImage
+
     image, hires = request.img2img, request.hires
+    settings = ImageToImage()
     if image.enabled:
         picture, drawn = editor_picture_and_mask(image.picture)
         if picture is None:
             raise UserError("image to image: no picture; upload one in the 'Image to image / inpaint' tab or untick it")
         mask = image.mask if image.mask is not None else drawn
-        kwargs.update(init_image=picture, denoise=float(image.denoise))
+        settings = ImageToImage(init_image=picture, denoise=_as_number(image.denoise, "denoise"))
         if mask is not None:
-            kwargs.update(mask=mask, mask_blur=float(image.mask_blur), mask_invert=bool(image.mask_invert),
-                          inpaint_full_res=bool(image.full_res), inpaint_padding=_as_int(image.padding, "padding"))
-        kwargs["size"] = None  # the picture's own size (or the mask's box at full size for "only masked")
+            settings = dataclasses.replace(settings, mask=mask, mask_blur=_as_number(image.mask_blur, "mask blur"),
+                                           mask_invert=bool(image.mask_invert), inpaint_full_res=bool(image.full_res),
+                                           inpaint_padding=_as_int(image.padding, "padding"))
+    fix = None
     if hires.enabled:
-        from controlnet.pipeline import HiresFix
+        fix = HiresFix(_as_number(hires.scale, "hires scale"), _as_number(hires.denoise, "hires denoise"),
+                       _as_int(hires.steps, "hires steps") or None, hires.upscaler)
+    return settings, fix
 
-        kwargs["hires"] = HiresFix(float(hires.scale), float(hires.denoise), _as_int(hires.steps, "hires steps") or None,
-                                   hires.upscaler)
-    return kwargs
+
+def _as_number(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a number, got {str(value)[:40]!r}") from None
 
 
 def sampling_work(kwargs: dict[str, Any]) -> float:

@@ -25,19 +25,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
-from controlnet.defaults import (
-    CONTROL_MODES, DEFAULT_HIRES_DENOISE, DEFAULT_INPAINT_PADDING, DEFAULT_MASK_BLUR, DEFAULT_STEPS, DTYPE_CHOICES,
-    HIRES_UPSCALERS, MAX_NUM_IMAGES, SCHEDULERS, describe_family_defaults,
-)
+from controlnet.defaults import CONTROL_MODES, DTYPE_CHOICES
 from controlnet.errors import UserError
-from controlnet.limits import (
-    BYTES_PER_PIXEL, MAX_PIXELS_FLAG, check_cover, check_max_pixels, check_output_size, check_seed,
-)
+from controlnet.generation_config import GenerationConfig, HiresFix, ImageToImage
+from controlnet.limits import BYTES_PER_PIXEL, MAX_PIXELS_FLAG, check_cover, check_max_pixels, check_output_size
+from controlnet.options import add_config_options
 
 
 class _UnitOption(argparse.Action):
@@ -59,32 +57,15 @@ def register(subparsers: Any) -> None:
         "[--strength S] [--start A] [--end B] once per ControlNet, in order.",
     )
     p.add_argument("--prompt", default=None, help="what to draw (required unless --prompts or --from-png gives it)")
-    p.add_argument("--negative-prompt", default="", help="what to avoid (the unconditional branch of guidance)")
     p.add_argument("--base", default=None, help="base model: a diffusers folder, a .safetensors/.ckpt file or a "
                    "hub id (org/name, org/name/file.safetensors; downloaded into the Hugging Face cache on first use "
                    "unless HF_HUB_OFFLINE=1) (default: the embedded tiny model)")
     p.add_argument("--base-config", default=None, metavar="DIR",
                    help="for a single-file --base offline: a diffusers folder of the same family (configs, tokenizer)")
-    p.add_argument("--scheduler", default=None, metavar="NAME",
-                   help=f"sampler: {', '.join(SCHEDULERS)}, or A1111's name ('DPM++ 2M Karras'); lcm/tcd: 4-8 steps "
-                   f"with an LCM/TCD LoRA (default: {describe_family_defaults('scheduler')})")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=None,
-                   help=f"classifier-free guidance scale, <= 1 turns it off (default: {describe_family_defaults('guidance')})")
-    p.add_argument("--seed", type=int, default=0, help="image k uses seed + k; -1 picks a random seed (0..2**63-1)")
-    p.add_argument("--num-images", type=int, default=1, metavar="N",
-                   help=f"images to generate, one batch, 1..{MAX_NUM_IMAGES}")
-    p.add_argument("--size", default=None, metavar="WxH",
-                   help="output size, multiples of 8 (default: the first control image's aspect ratio at the base's resolution)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic sampling")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_CHOICES],
                    help="model precision (auto: fp16 on cuda, fp32 on mps, bf16 on CPUs with AMX or AVX-512 BF16, else "
                    "fp32; the embedded base: fp32 on CPUs)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
-    p.add_argument("--guess-mode", action="store_true",
-                   help="control on the conditional branch only, residual scales 0.825**(N-1-i) (works with an empty prompt)")
-    p.add_argument("--reuse-residuals", type=int, default=1, metavar="N",
-                   help="compute each ControlNet every N steps and reuse its residuals in between (faster, less exact; default 1: every step)")
     p.add_argument(MAX_PIXELS_FLAG, type=int, default=None, metavar="N",
                    help=f"largest output, in pixels per image (default: the device's memory / {BYTES_PER_PIXEL} "
                    "bytes per pixel)")
@@ -92,7 +73,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--from-png", action=FromPng, metavar="IMG",
                    help="re-run the settings stored in a PNG written by controlnet (options after it override them)")
-    add_image_options(p)
+    add_config_options(p, GenerationConfig)
+    add_config_options(p, ImageToImage)
+    add_config_options(p, HiresFix, prefix="hires_")
+    p.set_defaults(hires_scale=None)  # no --hires-scale: no hires fix
+    p.add_argument_group("batch").add_argument(
+        "--prompts", metavar="FILE",
+        help="one generation per line of FILE, named promptNNNNN.png (resumable: done ones are skipped)")
     add_model_options(p)
     unit = p.add_argument_group("per ControlNet (repeat the group, in order)")
     unit.add_argument("--controlnet", action=_UnitOption, dest="unit_options", metavar="NAME_OR_PATH",
@@ -148,17 +135,6 @@ def parse_units(options: list[tuple[str, Any]]) -> list[dict[str, Any]]:
     return units
 
 
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """"WxH" (or "N" for a square) → (width, height)."""
-    if text is None:
-        return None
-    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+))?\s*", text)
-    if not match or int(match.group(1)) == 0 or (match.group(2) is not None and int(match.group(2)) == 0):
-        raise UserError(f"--size {text!r}: give WIDTHxHEIGHT in pixels, e.g. 512x768")
-    width = int(match.group(1))
-    return width, int(match.group(2)) if match.group(2) else width
-
-
 def annotator_params(name: str | None, items: list[str], index: int) -> dict[str, Any]:
     """``KEY=VALUE`` strings → the annotator's typed parameters, checked now (before any model is loaded)."""
     if name is None:
@@ -179,75 +155,93 @@ def next_run_number(out: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+def config_from_args(args: argparse.Namespace) -> GenerationConfig:
+    """The checked :class:`GenerationConfig` of parsed ``generate`` options (no heavy import: called first)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationConfig) if f.metadata}
+    image = ImageToImage(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ImageToImage)})
+    hires = None
+    if args.hires_scale is not None:
+        hires = HiresFix(**{f.name: getattr(args, "hires_" + f.name) for f in dataclasses.fields(HiresFix)})
+    return GenerationConfig(**values, image=image, hires=hires).check()
+
+
 def run(args: argparse.Namespace) -> int:
     """Check every input, load the models, generate, then write all outputs at once."""
-    from controlnet.conditions import round_size, to_condition_array
-    from controlnet.fileio import check_writable_folder
-    from controlnet.devices import resolve_device
-    from controlnet.loading import resolve_controlnet_source
-    from controlnet.pipeline import ControlUnit, Pipeline
-
-    # 1. Inputs first (cheap, before loading any model): units, files, numbers, sizes, the device, --out.
+    # 1. Inputs first, cheapest first (the settings before any heavy import), then files, the device and --out.
     if args.prompt is None and not args.prompts:
         raise UserError("give --prompt TEXT (or --prompts FILE, or --from-png IMG); see `controlnet generate --help`")
-    image_options = check_image_options(args)
+    config = config_from_args(args)
     model_options = check_model_options(args)
-    size = parse_size(args.size)
-    check_seed(args.seed, "--seed", allow_random=True)
     max_pixels = check_max_pixels(args.max_pixels)
-    device = str(resolve_device(args.device))  # an unknown or absent device fails here
-    if size is not None:
-        check_output_size(*size, max_pixels=max_pixels, device=device, what="--size")
-    if args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}")
-    if not 1 <= args.num_images <= MAX_NUM_IMAGES:
-        raise UserError(f"--num-images must be in 1..{MAX_NUM_IMAGES} (one batch), got {args.num_images}; "
-                        "run the command again for more images")
-    units = []
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
     batch = Batch.from_args(args)
+    units = _control_units(args, config, batch)
+    if batch.active and not batch.pending(out, config.num_images, args.quiet):
+        return 0  # every output is there: nothing to load
+    from controlnet.fileio import check_writable_folder
+    from controlnet.devices import resolve_device
+
+    device = str(resolve_device(args.device))  # an unknown or absent device fails here
+    if config.size is not None:
+        check_output_size(*config.size, max_pixels=max_pixels, device=device, what="--size")
+    if config.image.init_image is not None:
+        from controlnet.img2img import load_source
+
+        load_source(config.image.init_image, config.image.mask, config.image.mask_invert)  # files, mask size
+    check_writable_folder(out, "--out")
+
+    # 2. Models, then the generation.
+    from controlnet.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.base, dtype=args.dtype, device=args.device, base_config=args.base_config,
+                                    revision=args.revision, variant=args.variant)
+    pipe.max_pixels = max_pixels
+    apply_model_options(pipe, model_options)
+    config.size = _rounded_size(config.size, pipe.vae_scale_factor)
+    if batch.active:
+        batch.run(pipe, config, units, out, not args.quiet)
+        return 0
+    result = pipe(args.prompt, units, config, progress=not args.quiet)
+    for path in write_outputs(out, result):
+        print(path)
+    return 0
+
+
+def _control_units(args: argparse.Namespace, config: GenerationConfig, batch: "Batch") -> list[Any]:
+    """The ControlUnits of the options, their ControlNets found and condition images read (no model loaded)."""
+    from controlnet.conditions import to_condition_array
+    from controlnet.loading import resolve_controlnet_source
+    from controlnet.pipeline import ControlUnit
+
+    units = []
     for index, spec in enumerate(parse_units(args.unit_options)):
         resolve_controlnet_source(spec["controlnet"], variant=args.variant)  # unknown name, missing path or hub id
         spec.setdefault("control", batch.first_control(spec, index))
         condition = to_condition_array(spec["control"])  # missing / unreadable / too large images fail here
-        if size is not None:
-            check_cover(condition.shape[1], condition.shape[0], *size, name=f"--control {spec['control']}")
+        if config.size is not None:
+            check_cover(condition.shape[1], condition.shape[0], *config.size, name=f"--control {spec['control']}")
         units.append(ControlUnit(
             controlnet=spec["controlnet"], image=spec["control"],
             strength=spec.get("strength", 1.0), start=spec.get("start", 0.0), end=spec.get("end", 1.0),
             control_mode=spec.get("control-mode", "balanced"), annotator=spec.get("annotator"),
             annotator_params=annotator_params(spec.get("annotator"), spec.get("annotator-param", []), index),
         ))
-    seed = None if args.seed == -1 else args.seed
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder")
-    check_writable_folder(out, "--out")
+    return units
 
-    # 2. Models, then the generation.
-    pipe = Pipeline.from_pretrained(args.base, dtype=args.dtype, device=args.device, base_config=args.base_config,
-                                    revision=args.revision, variant=args.variant)
-    pipe.max_pixels = max_pixels
-    apply_model_options(pipe, model_options)
-    if size is not None:
-        rounded = round_size(*size, multiple=pipe.vae_scale_factor)
-        if rounded != size:
-            print(f"note: --size {size[0]}x{size[1]} is not a multiple of {pipe.vae_scale_factor}; "
-                  f"rounded to {rounded[0]}x{rounded[1]}", file=sys.stderr)
-        size = rounded
-    settings = dict(
-        negative_prompt=args.negative_prompt, steps=args.steps,
-        guidance=args.guidance, scheduler=args.scheduler, seed=seed, size=size, num_images=args.num_images,
-        eta=args.eta, guess_mode=args.guess_mode, progress=not args.quiet, reuse_residuals=args.reuse_residuals,
-        **image_options,
-    )
-    if batch.active:
-        batch.run(pipe, settings, units, out, args.num_images, args.quiet)
-        return 0
-    result = pipe(prompt=args.prompt, controls=units, **settings)
 
-    for path in write_outputs(out, result):
-        print(path)
-    return 0
+def _rounded_size(size: tuple[int, int] | None, multiple: int) -> tuple[int, int] | None:
+    """``size`` rounded to multiples of the VAE factor, with a note when that changes it."""
+    from controlnet.conditions import round_size
+
+    if size is None:
+        return None
+    rounded = round_size(*size, multiple=multiple)
+    if rounded != size:
+        print(f"note: --size {size[0]}x{size[1]} is not a multiple of {multiple}; "
+              f"rounded to {rounded[0]}x{rounded[1]}", file=sys.stderr)
+    return rounded
 
 
 def write_outputs(out: Path, result: Any) -> list[Path]:
@@ -284,7 +278,7 @@ def write_outputs(out: Path, result: Any) -> list[Path]:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """The options of the base model as practitioners have it (:mod:`controlnet.base_model`)."""
+    """The options of the base model as practitioners have it (:mod:`controlnet.text_conditioner`, :mod:`controlnet.runtime`)."""
     g = parser.add_argument_group("your models (LoRA, embeddings, VAE, text) and memory/speed")
     g.add_argument("--revision", default=None, metavar="REV", help="branch, tag or commit of a hub --base (any hub id also takes org/name@REV)")
     g.add_argument("--variant", default=None, metavar="NAME",
@@ -349,64 +343,7 @@ def apply_model_options(pipe: Any, options: dict[str, Any]) -> None:
         pipe.enable_offload(options["offload"])
 
 
-# --------------------------------------------------------------------------- image to image, hires fix, batches
-
-
-def add_image_options(parser: argparse.ArgumentParser) -> None:
-    """The options of image to image, inpainting, hires fix and batches (:mod:`controlnet.img2img`)."""
-    from controlnet.defaults import DEFAULT_DENOISE, DEFAULT_INPAINT_DENOISE
-
-    g = parser.add_argument_group("image to image and inpainting")
-    g.add_argument("--init-image", metavar="IMG",
-                   help="start from this picture (img2img); the output has its size unless --size is given")
-    g.add_argument("--denoise", type=float, default=None, metavar="S",
-                   help=f"how much of the picture is redrawn, in [0, 1] (default {DEFAULT_DENOISE}; "
-                   f"{DEFAULT_INPAINT_DENOISE} with --mask)")
-    g.add_argument("--mask", metavar="MASK",
-                   help="inpaint: white = repaint, the picture's size; every other pixel is kept exactly")
-    g.add_argument("--mask-blur", type=float, default=DEFAULT_MASK_BLUR, metavar="PX",
-                   help="feather the mask inward over PX pixels (pixels outside it never change)")
-    g.add_argument("--mask-invert", action="store_true", help="repaint the black part of the mask instead")
-    g.add_argument("--inpaint-full-res", action="store_true",
-                   help="work on the mask's box (plus padding) at the full output size, then paste it back "
-                   "(A1111's 'only masked')")
-    g.add_argument("--inpaint-padding", type=int, default=DEFAULT_INPAINT_PADDING, metavar="PX",
-                   help="pixels around the mask's box, with --inpaint-full-res")
-    h = parser.add_argument_group("hires fix (text-to-image)")
-    h.add_argument("--hires-scale", type=float, default=None, metavar="F",
-                   help="generate, upscale by F, then refine at the larger size (default: off)")
-    h.add_argument("--hires-denoise", type=float, default=DEFAULT_HIRES_DENOISE, metavar="S",
-                   help="denoise of the refining pass, in [0, 1]")
-    h.add_argument("--hires-steps", type=int, default=None, metavar="N",
-                   help="steps of the refining pass's schedule (default: --steps)")
-    h.add_argument("--hires-upscaler", choices=HIRES_UPSCALERS, default="latent",
-                   help="latent: the latents, bilinear (A1111's 'Latent'); lanczos: the pictures")
-    b = parser.add_argument_group("batch")
-    b.add_argument("--prompts", metavar="FILE",
-                   help="one generation per line of FILE, named promptNNNNN.png (resumable: done ones are skipped)")
-
-
-def check_image_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The pipeline's image-to-image and hires keyword arguments, checked (files read, mask size, ranges)."""
-    from controlnet.img2img import load_source
-    from controlnet.pipeline import HiresFix
-
-    kwargs: dict[str, Any] = {}
-    if args.denoise is not None and not 0.0 <= args.denoise <= 1.0:
-        raise UserError(f"--denoise must be in [0, 1] (0: the picture back, 1: redraw it all), got {args.denoise}")
-    if args.init_image is not None:
-        load_source(args.init_image, args.mask, args.mask_invert)  # unreadable files, mask size, nothing to repaint
-        kwargs.update(init_image=args.init_image, denoise=args.denoise, mask=args.mask, mask_blur=args.mask_blur,
-                      mask_invert=args.mask_invert, inpaint_full_res=args.inpaint_full_res,
-                      inpaint_padding=args.inpaint_padding)
-    else:
-        for flag, given in (("--denoise", args.denoise is not None), ("--mask", args.mask is not None),
-                            ("--mask-invert", args.mask_invert), ("--inpaint-full-res", args.inpaint_full_res)):
-            if given:
-                raise UserError(f"{flag} needs --init-image IMG, the picture to work on")
-    if args.hires_scale is not None:
-        kwargs["hires"] = HiresFix(args.hires_scale, args.hires_denoise, args.hires_steps, args.hires_upscaler)
-    return kwargs
+# --------------------------------------------------------------------------- batches
 
 
 class Batch:
@@ -440,25 +377,34 @@ class Batch:
         self.control_unit, self.controls = index, list_controls(spec["control-dir"])
         return str(self.controls[0])
 
-    def run(self, pipe: Any, settings: dict[str, Any], units: list[Any], out: Path, num_images: int,
-            quiet: bool) -> None:
+    def jobs(self) -> list[Any]:
+        from controlnet.batch import make_jobs
+
+        return make_jobs(self.prompt, self.prompts, self.controls)
+
+    def pending(self, out: Path, num_images: int, quiet: bool) -> bool:
+        """Whether a job is left to run (done ones are reported as skipped; :func:`controlnet.batch.job_done`)."""
+        from controlnet.batch import job_done, output_paths
+
+        left = [job for job in self.jobs() if not job_done(output_paths(out, job, num_images))]
+        if not left and not quiet:
+            print(f"every output of the batch is in {out} already; nothing to do", file=sys.stderr)
+        return bool(left)
+
+    def run(self, pipe: Any, config: GenerationConfig, units: list[Any], out: Path, progress: bool) -> None:
         import functools
 
-        from controlnet.batch import make_jobs, run_jobs
+        from controlnet.batch import run_jobs
 
-        jobs = make_jobs(self.prompt, self.prompts, self.controls)
-        run_jobs(functools.partial(pipe, **settings), jobs, out, num_images, units, self.control_unit, quiet)
-
-
-# Settings of ours → the generate options that set them (the rest are named alike, with dashes).
-_SETTING_OPTIONS = ("prompt", "negative_prompt", "steps", "scheduler", "guidance", "seed", "size", "eta",
-                    "guess_mode", "reuse_residuals", "init_image", "denoise", "mask", "mask_blur", "mask_invert",
-                    "inpaint_full_res", "inpaint_padding", "clip_skip", "vae")
+        generate = functools.partial(pipe, config=config, progress=progress)
+        run_jobs(generate, self.jobs(), out, config.num_images, units, self.control_unit, quiet=not progress)
 
 
 class FromPng(argparse.Action):
     """``--from-png IMG``: the settings stored in a PNG of ours (the "settings" chunk; for another tool's PNG, the
-    A1111 "parameters" text) become the options' values; options given after it override them."""
+    A1111 "parameters" text) become the options' values; options given after it override them. The PNG is
+    untrusted: its settings go through :meth:`GenerationConfig.from_settings` (every rule of the options), and the
+    paths it names must lie under the current folder or the PNG's (:func:`controlnet.stored_settings.stored_path`)."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
@@ -470,70 +416,147 @@ class FromPng(argparse.Action):
             setattr(namespace, dest, value)
 
 
+# Annotator parameters that name a file the annotator writes: never taken from stored settings; and those that
+# name one it reads (checked as every stored input path is, whatever their spelling).
+_OUTPUT_PARAMS = ("json",)
+_INPUT_PARAMS = ("weights", "mask", "keypoints")
+
+
 def png_options(path: str) -> dict[str, Any]:
     """The ``generate`` option values (argparse dests) that re-run the generation of the PNG at ``path``."""
-    import json
+    from controlnet.images import png_text
 
-    from controlnet.images import open_image
+    return stored_options(png_text(path), path)
 
-    text = {k: v for k, v in open_image(path).info.items() if isinstance(v, str)}  # the PNG's text chunks
-    if "settings" not in text:
-        return _a1111_options(path, text)
-    settings = json.loads(text["settings"])
-    options = {key: settings[key] for key in _SETTING_OPTIONS if key in settings}
-    options["num_images"] = 1  # this PNG's image: its own seed
+
+def stored_options(text: dict[str, str], path: str) -> dict[str, Any]:
+    """The option values of a PNG's text chunks ``text`` (untrusted: bounded, parsed in linear time, checked as
+    the options are; ``path``: the PNG, whose folder is one of the roots its paths may lie under)."""
+    from controlnet.stored_settings import check_text_size, load_json_settings
+
+    if "settings" in text:
+        settings = load_json_settings(text["settings"], f"{path}: its settings")
+    elif "parameters" in text:
+        from controlnet.a1111 import parse_parameters, settings_from_parameters
+
+        settings = settings_from_parameters(parse_parameters(check_text_size(text["parameters"], f"{path}: parameters")))
+    else:
+        raise UserError(f"{path}: no generation settings in it (neither ours nor A1111's 'parameters')")
+    try:
+        return _stored_options(path, settings)
+    except UserError as err:
+        raise UserError(f"{path}: {err}") from None
+
+
+def _stored_options(path: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The option values of stored ``settings`` (untrusted: checked as the options are, paths under the roots)."""
+    from controlnet.stored_settings import stored_path
+
+    roots = [Path.cwd(), Path(path).expanduser().resolve().parent]
+    config = GenerationConfig.from_settings({**settings, "num_images": 1})  # this PNG's image: its own seed
+    prompt = settings.get("prompt", "")
+    if not isinstance(prompt, str):
+        raise UserError(f"the prompt must be text, got {type(prompt).__name__}")
+    options = config_options(config)
+    options["prompt"] = prompt
+    for key in ("init_image", "mask"):
+        if options.get(key) is not None:
+            options[key] = stored_path(options[key], roots, key.replace("_", " "))
     if settings.get("dtype") in DTYPE_CHOICES:
         options["dtype"] = settings["dtype"]
-    options["base"] = None if settings.get("base") in (None, "", "embedded") else settings["base"]
-    for key in ("init_image", "mask"):
-        if str(options.get(key, "")).startswith("<"):
-            raise UserError(f"{path}: its {key.replace('_', ' ')} was an in-memory image, not a file; it cannot be re-run")
-    options.update(_model_options(path, settings))
-    hires = settings.get("hires")
-    if hires:
-        options.update(hires_scale=hires["scale"], hires_denoise=hires["denoise"], hires_steps=hires["steps"],
-                       hires_upscaler=hires["upscaler"])
-    units: list[tuple[str, Any]] = []
-    for j, unit in enumerate(settings.get("controlnets", [])):
-        if str(unit["control"]).startswith("<") or str(unit["controlnet"]).startswith("ControlNet ("):
-            raise UserError(f"{path}: ControlNet {j + 1} was given in memory, not as a file; it cannot be re-run")
-        units += [("--controlnet", unit["controlnet"]), ("--control", unit["control"]),
-                  ("--strength", unit["strength"]), ("--start", unit["start"]), ("--end", unit["end"]),
-                  ("--control-mode", unit.get("control_mode", "balanced"))]
-        if unit.get("annotator"):
-            units.append(("--annotator", unit["annotator"]))
-            units += [("--annotator-param", f"{k}={v}") for k, v in unit.get("annotator_params", {}).items()]
-    options["unit_options"] = units
+    base = settings.get("base")
+    if base not in (None, "", "embedded"):
+        options["base"] = stored_path(base, roots, "base", folders=True)
+    options.update(_model_options(settings, roots))
+    options["unit_options"] = _unit_options(settings.get("controlnets", []), roots)
     return options
 
 
-def _model_options(path: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """The --lora, --lora-dir and --embedding values that load the LoRAs and embeddings of ``settings`` again."""
-    options: dict[str, Any] = {"lora": [], "embedding": [f"{file}:{token}"
-                                                       for token, file in settings.get("embeddings", {}).items()]}
-    for name, (source, weight, text_weight) in settings.get("lora_files", {}).items():
+def config_options(config: GenerationConfig) -> dict[str, Any]:
+    """The option values (argparse dests) that give ``config``."""
+    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata}
+    options["size"] = None if config.size is None else f"{config.size[0]}x{config.size[1]}"
+    options["seed"] = -1 if config.seed is None else config.seed
+    options.update(dataclasses.asdict(config.image))
+    hires = dataclasses.asdict(config.hires) if config.hires is not None else {"scale": None}
+    options.update({"hires_" + key: value for key, value in hires.items()})
+    return options
+
+
+def _unit_options(units: Any, roots: list[Path]) -> list[tuple[str, Any]]:
+    """The per-ControlNet options of stored units (a list of objects, each with its ControlNet and condition)."""
+    from controlnet.embedded import bundled_controlnets
+    from controlnet.stored_settings import stored_path
+
+    if not isinstance(units, list) or not all(isinstance(u, dict) for u in units):
+        raise UserError("the ControlNets must be a list of objects (controlnet, control, strength, ...)")
+    options: list[tuple[str, Any]] = []
+    for j, unit in enumerate(units):
+        if not isinstance(unit.get("controlnet"), str) or not isinstance(unit.get("control"), str):
+            raise UserError(f"ControlNet {j + 1} has no controlnet and control paths")
+        if unit["control"].startswith("<") or unit["controlnet"].startswith("ControlNet ("):
+            raise UserError(f"ControlNet {j + 1} was given in memory, not as a file; it cannot be re-run")
+        options += [("--controlnet", stored_path(unit["controlnet"], roots, f"ControlNet {j + 1}",
+                                                 names=list(bundled_controlnets()), folders=True)),
+                    ("--control", stored_path(unit["control"], roots, f"ControlNet {j + 1}'s control image"))]
+        for key, kind in (("strength", float), ("start", float), ("end", float), ("control_mode", str)):
+            value = unit.get(key)
+            if value is not None:
+                if not isinstance(value, (int, float) if kind is float else str) or isinstance(value, bool):
+                    raise UserError(f"ControlNet {j + 1}: {key} must be {'a number' if kind is float else 'text'}")
+                options.append(("--" + key.replace("_", "-"), value))
+        options += _annotator_options(unit, j, roots)
+    return options
+
+
+def _annotator_options(unit: dict[str, Any], j: int, roots: list[Path]) -> list[tuple[str, Any]]:
+    """A stored unit's --annotator and --annotator-param options: no output paths; input paths under the roots."""
+    from controlnet.stored_settings import stored_path
+
+    annotator, params = unit.get("annotator") or None, unit.get("annotator_params") or {}
+    if annotator is None:
+        return []
+    if not isinstance(annotator, str) or not isinstance(params, dict):
+        raise UserError(f"ControlNet {j + 1}: the annotator must be a name and its parameters an object")
+    options: list[tuple[str, Any]] = [("--annotator", annotator)]
+    for key, value in params.items():
+        if key in _OUTPUT_PARAMS:
+            raise UserError(f"ControlNet {j + 1}: annotator parameter {key}= names a file to write; stored settings "
+                            "may not write files (give it on the command line)")
+        if not isinstance(value, (str, int, float, bool)):
+            raise UserError(f"ControlNet {j + 1}: annotator parameter {key} must be a single value")
+        if isinstance(value, str) and value and (any(sep in value for sep in "/\\~") or key in _INPUT_PARAMS):
+            value = stored_path(value, roots, f"ControlNet {j + 1}'s annotator parameter {key}", folders=True)
+        options.append(("--annotator-param", f"{key}={value}"))
+    return options
+
+
+def _model_options(settings: dict[str, Any], roots: list[Path]) -> dict[str, Any]:
+    """The --lora, --lora-dir, --embedding, --clip-skip and --vae values that load the models of ``settings`` again
+    (their files under the roots)."""
+    from controlnet.stored_settings import stored_path
+
+    embeddings, loras = settings.get("embeddings", {}), settings.get("lora_files", {})
+    if not isinstance(embeddings, dict) or not all(isinstance(v, str) for v in embeddings.values()):
+        raise UserError("the embeddings must be an object of token: file")
+    if not isinstance(loras, dict) or not all(isinstance(v, list) and len(v) == 3 for v in loras.values()):
+        raise UserError("the LoRA files must be an object of name: [file, weight, text weight]")
+    options: dict[str, Any] = {"lora": [], "embedding": []}
+    for token, file in embeddings.items():
+        options["embedding"].append(f"{stored_path(file, roots, 'embedding')}:{token}")
+    for name, (source, weight, text_weight) in loras.items():
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in (weight, text_weight)):
+            raise UserError(f"LoRA {name}: its weights must be numbers")
         if text_weight != weight:
-            raise UserError(f"{path}: LoRA {name} had the UNet weight {weight} and the text-encoder weight "
-                            f"{text_weight}; --lora gives both one weight, so it cannot be re-run from the command line")
-        options["lora"].append(f"{source}:{weight}")
-    if settings.get("lora_dir"):
-        options["lora_dir"] = settings["lora_dir"]
-    return options
-
-
-def _a1111_options(path: str, text: dict[str, str]) -> dict[str, Any]:
-    """The options an A1111 ``parameters`` text gives: prompt, negative prompt, steps, sampler, CFG, seed, size."""
-    from controlnet.a1111 import SAMPLER_NAMES, parse_parameters
-
-    if "parameters" not in text:
-        raise UserError(f"{path}: no generation settings in it (neither ours nor A1111's 'parameters')")
-    found = parse_parameters(text["parameters"])
-    options: dict[str, Any] = {"prompt": found["Prompt"], "negative_prompt": found["Negative prompt"], "num_images": 1}
-    samplers = {name: ours for ours, name in SAMPLER_NAMES.items()}
-    for key, dest, kind in (("Steps", "steps", int), ("CFG scale", "guidance", float), ("Seed", "seed", int),
-                            ("Size", "size", str)):
-        if key in found:
-            options[dest] = kind(found[key])
-    if found.get("Sampler") in samplers:
-        options["scheduler"] = samplers[found["Sampler"]]
+            raise UserError(f"LoRA {name} had the UNet weight {weight} and the text-encoder weight {text_weight}; "
+                            "--lora gives both one weight, so it cannot be re-run from the command line")
+        options["lora"].append(f"{stored_path(source, roots, f'LoRA {name}')}:{weight}")
+    for key, kind in (("lora_dir", str), ("vae", str), ("clip_skip", int)):
+        value = settings.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(f"{key.replace('_', ' ')} must be {'text' if kind is str else 'a whole number'}")
+        what = key.replace("_", " ")
+        options[key] = stored_path(value, roots, what, folders=True) if kind is str else value
     return options

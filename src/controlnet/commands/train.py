@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import types
-import typing
 from typing import Any
 
 from controlnet.errors import UserError
+from controlnet.options import add_config_options
 
 _HELP = "train a ControlNet on a locked base model (the paper's recipe), resumable"
 
@@ -28,43 +27,6 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("train", help=_HELP, description=_HELP + ". Defaults follow the original recipe.")
     add_config_options(p, TrainConfig)
     p.set_defaults(func=run)
-
-
-def add_config_options(parser: argparse.ArgumentParser, config_class: type) -> None:
-    """One option per field of the dataclass ``config_class``, in the option group its metadata names.
-
-    ``--field-name`` for ``field_name``; a bool field is a switch (``--name`` when it defaults to False,
-    ``--no-name`` when it defaults to True); a dict field is a repeatable ``KEY=VALUE`` option (collected as a
-    list); a field without a default is required. Metadata ``flags``, ``metavar`` and ``choices`` override.
-    """
-    hints = typing.get_type_hints(config_class)
-    groups: dict[str, Any] = {}
-    for f in dataclasses.fields(config_class):
-        settings = dict(f.metadata)
-        group_name = settings.pop("group")
-        if group_name not in groups:
-            groups[group_name] = parser.add_argument_group(group_name)
-        kind = _option_type(hints[f.name])
-        name = ("no_" if kind is bool and f.default is True else "") + f.name
-        flags = settings.pop("flags", ("--" + name.replace("_", "-"),))
-        if kind is bool and f.default is True:
-            settings.update(dest=name, action="store_true", help="don't " + settings["help"])
-        elif kind is bool:
-            settings.update(dest=f.name, action="store_true")
-        elif kind is dict:
-            settings.update(dest=f.name, action="append", default=[])
-        elif f.default is dataclasses.MISSING:
-            settings.update(dest=f.name, type=kind, required=True)
-        else:
-            settings.update(dest=f.name, type=kind, default=f.default)
-        groups[group_name].add_argument(*flags, **settings)
-
-
-def _option_type(hint: Any) -> type:
-    """The type an option's value is parsed to: ``int | None`` → int; paths and strings → str."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
-    origin = typing.get_origin(args[0]) or args[0]
-    return origin if origin in (bool, int, float, dict) else str
 
 
 def config_from_args(args: argparse.Namespace) -> Any:

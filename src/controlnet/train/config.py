@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from controlnet.defaults import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from controlnet.errors import UserError
+from controlnet.options import option
 
 if TYPE_CHECKING:
     from controlnet.data.cache import CacheStats
@@ -40,15 +41,6 @@ AUTO_SCORE = "auto"  # --score: the scorer that fits the data (controlnet.train.
 
 # The option groups of `controlnet train --help`.
 DATA, RECIPE, OUTPUT = "data and model", "recipe", "checkpoints, validation, output"
-
-
-def option(default: Any = dataclasses.MISSING, *, help: str, group: str, **argparse_settings: Any) -> Any:
-    """A :class:`TrainConfig` field with its command-line help, option group and any argparse settings
-    (``flags``, ``metavar``, ``choices``, ``action``) that differ from those derived from the field."""
-    metadata = {"help": help, "group": group, **argparse_settings}
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 @dataclass

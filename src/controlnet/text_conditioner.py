@@ -1,22 +1,21 @@
-"""The base model as practitioners have it: LoRAs, textual-inversion embeddings, another VAE, clip skip, A1111
-prompts, and the memory and speed options, on a :class:`~controlnet.pipeline.Pipeline`.
+"""The text side of a generation: prompts in A1111's syntax, clip skip, LoRAs and textual-inversion embeddings.
 
-:class:`BaseModelMixin` is mixed into the Pipeline, next to diffusers' ``TextualInversionLoaderMixin`` (which
-loads the embeddings). Each piece lives in its own module and this class only wires them to the Pipeline's
-models:
+:class:`TextConditioner` is the part of :class:`controlnet.pipeline.Pipeline` that turns a prompt into the
+sampler's text input. It holds the text encoder(s) and tokenizer(s), and the UNet only to put LoRA layers into it
+(a LoRA changes the UNet and the text encoders together). Each piece lives in its own module and this class wires
+them to the models:
 
 ==================  ==================================================================  ===========================
-option              Pipeline                                                            module
+option              TextConditioner                                                     module
 ==================  ==================================================================  ===========================
 LoRA                ``load_lora(file_or_id, weight)``, ``unload_lora(name)``,           :mod:`controlnet.lora`
                     ``<lora:name:w>`` in a prompt (found under ``lora_dir``)
 embedding           ``load_embedding(file, token)``                                     diffusers' loader
-VAE                 ``load_vae(file_or_id)``                                            :mod:`controlnet.loading`
 prompts, clip skip  ``clip_skip``; prompts in A1111's syntax, any length                 :mod:`controlnet.prompts`
-offload, compile,   ``enable_offload("model" | "sequential")``, ``compile()``,          :mod:`controlnet.runtime`
-channels-last,      ``use_channels_last()``, ``vae_tiling`` ("auto", "on", "off")
-VAE tiling
 ==================  ==================================================================  ===========================
+
+Embeddings load through diffusers' ``TextualInversionLoaderMixin`` (its ``load_textual_inversion`` and
+``maybe_convert_prompt``), which reads the encoders from this object's attributes.
 """
 
 from __future__ import annotations
@@ -24,69 +23,48 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from diffusers.loaders import TextualInversionLoaderMixin
 from torch import nn
 
 from controlnet import lora as lora_lib
-from controlnet import prompts, runtime
-from controlnet.defaults import FAMILY_LABELS, FamilyDefaults, family_defaults, scheduler_name
+from controlnet import prompts
+from controlnet.defaults import FAMILY_LABELS
 from controlnet.errors import UserError
 from controlnet.devices import placement
 
 
-class BaseModelMixin(TextualInversionLoaderMixin):
-    """LoRA, embeddings, VAE, text conditioning and runtime options for a Pipeline (module docstring). The Pipeline
-    calls :meth:`_init_base_model_options` in its constructor."""
+class TextConditioner(TextualInversionLoaderMixin):
+    """Prompts → text embeddings, with clip skip, LoRAs and embeddings (module docstring).
 
-    hf_device_map = None  # diffusers' loaders ask: no accelerate device map here
+    ``paused``: a context in which the models carry no offload hooks (the pipeline's runtime gives it; LoRA layers
+    and embeddings are added inside it). ``sdxl``: the UNet takes SDXL's added conditions (pooled text, sizes).
+    """
 
-    def _init_base_model_options(self) -> None:
+    hf_device_map = None  # diffusers' loader asks: no accelerate device map here
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, tokenizer: Any, text_encoder_2: nn.Module | None,
+                 tokenizer_2: Any | None, device: torch.device, dtype: torch.dtype, sdxl: bool,
+                 paused: Callable[[], ContextManager[None]] = contextlib.nullcontext):
+        self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.device, self.dtype, self.is_sdxl = device, dtype, sdxl
+        self._paused = paused
         self.clip_skip = 1  # A1111's count: 1 = the last layer, 2 = the penultimate
-        self.variant: str | None = None  # weights variant for hub ControlNets ("fp16"), as from_pretrained got it
         self.lora_dir: Path | None = None  # where <lora:name> in a prompt is looked for
-        self.vae_tiling = "auto"
-        self.offload: str | None = None
-        self.compiled = False
-        self.channels_last = False
-        self.vae_source = ""
         self._loras: dict[str, lora_lib.LoraSpec] = {}  # loaded with load_lora: name → spec (its weights)
         self._lora_files: dict[str, str] = {}  # resolved file → adapter name (prompt-tag LoRAs stay loaded)
         self.embeddings: dict[str, str] = {}  # token → file
-        self._offload_hooks: list[Any] = []
-
-    # ------------------------------------------------------------------ family defaults
-
-    @property
-    def family(self) -> str:
-        """"sd1", "sd2", "sdxl", or "embedded" for the tiny model shipped in the package."""
-        if getattr(self, "base", "") == "embedded":
-            return "embedded"
-        from controlnet.checkpoints import detect_family
-
-        return detect_family(self.unet)
-
-    @property
-    def defaults(self) -> FamilyDefaults:
-        """Guidance and scheduler for this base's family (:data:`controlnet.defaults.FAMILY_DEFAULTS`)."""
-        return family_defaults(self.family)
-
-    def sampler_defaults(self, guidance: float | None, scheduler: str | None) -> tuple[float, str]:
-        """``guidance`` and ``scheduler`` (our or A1111's name) as given, or the family's where None."""
-        guidance = self.defaults.guidance if guidance is None else guidance
-        return guidance, scheduler_name(self.defaults.scheduler if scheduler is None else scheduler)
-
-    # ------------------------------------------------------------------ components (diffusers' loaders use these)
 
     @property
     def components(self) -> dict[str, Any]:
-        """The base's models and tokenizers by diffusers' component names."""
-        names = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-        return {name: getattr(self, name) for name in names if getattr(self, name, None) is not None}
+        """The text models and tokenizers by diffusers' component names (diffusers' loader reads them)."""
+        names = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def _lora_models(self) -> dict[str, nn.Module | None]:
         return {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
@@ -112,7 +90,7 @@ class BaseModelMixin(TextualInversionLoaderMixin):
         """Take LoRA ``name`` out of the models (the base is as before it was loaded)."""
         if name not in self._lora_files.values():
             raise UserError(f"no LoRA named {name!r} is loaded (loaded: {', '.join(self._lora_files.values()) or 'none'})")
-        with self._offload_paused():
+        with self._paused():
             lora_lib.remove(self._lora_models(), name)
         self._loras.pop(name, None)
         self._lora_files = {f: n for f, n in self._lora_files.items() if n != name}
@@ -133,11 +111,6 @@ class BaseModelMixin(TextualInversionLoaderMixin):
         without its tags and what acts."""
         text, extra = self.prompt_loras(prompt)
         return text, self.activate_loras(extra)
-
-    def end_generation(self) -> None:
-        """After a generation: only the loaded LoRAs act again, and offloaded models go back to the CPU."""
-        self.activate_loras({})
-        self.release_offloaded()
 
     def prompt_loras(self, prompt: str) -> tuple[str, dict[str, tuple[float, float]]]:
         """``prompt`` without its ``<lora:name:w>`` tags, and those LoRAs (loaded from :attr:`lora_dir` on first
@@ -160,12 +133,10 @@ class BaseModelMixin(TextualInversionLoaderMixin):
         lora_lib.check_lora_fits(state, self._lora_models(), str(source), family)
         name = lora_lib.adapter_name(path, {n: None for n in self._lora_files.values()})
         # New parameters must be ordinary tensors even when a generation (inference mode) loads a prompt's LoRA.
-        with torch.inference_mode(False), self._offload_paused():
+        with torch.inference_mode(False), self._paused():
             lora_lib.inject_lora(state, alphas, metadata, self._lora_models(), name)
         self._lora_files[key] = name
         return name
-
-    # ------------------------------------------------------------------ textual inversion
 
     def load_embedding(self, source: str | os.PathLike, token: str | None = None) -> str:
         """Load a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds, SDXL clip_l/clip_g)
@@ -175,7 +146,7 @@ class BaseModelMixin(TextualInversionLoaderMixin):
 
         path = find_embedding(str(source))
         token, vectors = read_embedding(path, token, self._embedding_targets())
-        with self._offload_paused():
+        with self._paused():
             for component, tensor in vectors.items():
                 tokenizer = self.tokenizer if component == "text_encoder" else self.tokenizer_2
                 try:
@@ -192,27 +163,6 @@ class BaseModelMixin(TextualInversionLoaderMixin):
         if self.text_encoder_2 is not None:
             targets["text_encoder_2"] = self.text_encoder_2
         return {name: int(enc.get_input_embeddings().weight.shape[-1]) for name, enc in targets.items()}
-
-    # ------------------------------------------------------------------ VAE
-
-    def load_vae(self, source: str | os.PathLike, revision: str | None = None, variant: str | None = None) -> None:
-        """Replace the base's VAE (a file, a diffusers folder or a hub id; :func:`controlnet.loading.load_vae`)."""
-        from controlnet.devices import move
-        from controlnet.loading import load_vae
-
-        where = placement(self.vae)
-        vae = load_vae(source, self.vae, where["dtype"], revision, variant)
-        upcast = where["dtype"] == torch.float16 and getattr(vae.config, "force_upcast", False)
-        device = self.device if runtime.is_offloaded(self.vae) else where["device"]
-        self.vae = move(vae, device, torch.float32 if upcast else where["dtype"])
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.vae_source = str(source)
-        if self.channels_last:
-            runtime.to_channels_last(self.vae)
-        if self.offload:
-            self._reapply_offload()
-
-    # ------------------------------------------------------------------ prompts
 
     def encode_weighted_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``prompt`` in A1111's syntax, any length (:mod:`controlnet.prompts`) → text embeddings ``(1, n * L, D)``
@@ -269,88 +219,10 @@ class BaseModelMixin(TextualInversionLoaderMixin):
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=self.dtype, device=self.device)
         return text, {"text_embeds": pooled.to(self.device, self.dtype), "time_ids": time_ids.repeat(text.shape[0], 1)}
 
-    # ------------------------------------------------------------------ memory and speed
-
-    def enable_offload(self, mode: str | None) -> None:
-        """Keep the models on the CPU and move them to :attr:`device` only to run: ``"model"`` (whole models),
-        ``"sequential"`` (layer by layer) or None (off). :mod:`controlnet.runtime` has the details."""
-        runtime.check_offload(mode)
-        self._remove_offload()
-        self.offload = mode
-        if mode is not None:
-            self._reapply_offload()
-
-    # diffusers' loaders re-apply offloading with these names after they change a model.
-    def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> None:
-        self.enable_offload("model")
-
-    def enable_sequential_cpu_offload(self, device: str | torch.device | None = None) -> None:
-        self.enable_offload("sequential")
-
-    def release_offloaded(self) -> None:
-        """Send every offloaded model back to the CPU (the end of a generation)."""
-        runtime.release(self._offload_hooks)
-
-    def _offload_chain(self) -> tuple[list[nn.Module], list[nn.Module]]:
-        chain = [m for m in (self.text_encoder, self.text_encoder_2, self.unet, self.vae) if m is not None]
-        return chain, list(self._controlnets.values())
-
-    def _reapply_offload(self) -> None:
-        self._remove_offload()
-        chain, others = self._offload_chain()
-        self._offload_hooks = runtime.add_offload_hooks(chain, others, self.offload, self.device)
-
-    def _remove_offload(self) -> None:
-        chain, others = self._offload_chain()
-        offloaded = [m for m in [*chain, *others] if runtime.is_offloaded(m)]
-        if offloaded:
-            runtime.remove_offload_hooks(offloaded, self.device)
-        self._offload_hooks = []
-
-    @contextlib.contextmanager
-    def _offload_paused(self) -> Iterator[None]:
-        """Models without offload hooks while LoRA layers or embeddings are added (diffusers' loaders do the same)."""
-        if not self.offload:
-            yield
-            return
-        self._remove_offload()
-        try:
-            yield
-        finally:
-            self._reapply_offload()
-
-    def compile(self, mode: str | None = None, backend: str = "inductor") -> None:
-        """``torch.compile`` the UNet and the ControlNets (now and when loaded); the first generation compiles."""
-        self.compiled = {"mode": mode, "backend": backend}
-        for model in (self.unet, *self._controlnets.values()):
-            runtime.compile_model(model, mode, backend)
-
-    def use_channels_last(self) -> None:
-        """The UNet's, the VAE's and the ControlNets' weights in channels-last memory format (now and when loaded)."""
-        self.channels_last = True
-        for model in (self.unet, self.vae, *self._controlnets.values()):
-            runtime.to_channels_last(model)
-
-    def prepare_controlnet(self, controlnet: nn.Module) -> nn.Module:
-        """Apply the pipeline's runtime options to a newly loaded ControlNet."""
-        if self.channels_last:
-            runtime.to_channels_last(controlnet)
-        if self.compiled:
-            runtime.compile_model(controlnet, **self.compiled)
-        if self.offload == "model":
-            self._offload_hooks += runtime.add_model_hooks([controlnet], self.device)
-        elif self.offload == "sequential":
-            runtime.add_offload_hooks([], [controlnet], "sequential", self.device)
-        return controlnet
-
-    def configure_vae_tiling(self, width: int, height: int) -> None:
-        """Tiled VAE decoding for this output size, per :attr:`vae_tiling` (:func:`controlnet.runtime.wants_tiling`)."""
-        runtime.set_vae_tiling(self.vae, runtime.wants_tiling(self.vae_tiling, width, height, str(self.device)))
-
     # ------------------------------------------------------------------ settings
 
-    def base_model_settings(self, active_loras: dict[str, tuple[float, float]]) -> dict[str, Any]:
-        """What of this module shaped a generation (JSON-safe; for the settings and the PNG metadata)."""
+    def settings(self, active_loras: dict[str, tuple[float, float]]) -> dict[str, Any]:
+        """What of the text side shaped a generation (JSON-safe; for the settings and the PNG metadata)."""
         settings: dict[str, Any] = {}
         if active_loras:
             settings["loras"] = {name: list(w) for name, w in active_loras.items()}
@@ -362,8 +234,6 @@ class BaseModelMixin(TextualInversionLoaderMixin):
             settings["embeddings"] = dict(self.embeddings)
         if self.clip_skip != 1:
             settings["clip_skip"] = self.clip_skip
-        if self.vae_source:
-            settings["vae"] = self.vae_source
         return settings
 
 
