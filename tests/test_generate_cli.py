@@ -167,7 +167,7 @@ HEAVY = ("torch", "diffusers", "transformers", "cv2", "numpy", "gradio", "accele
                                                       "value: 'two'; see `controlnet generate --help`"),
     (["data", "fill"], "controlnet data fill: error: the following arguments are required: out; "
                        "see `controlnet data fill --help`"),
-    ([], "controlnet: error: the following arguments are required: COMMAND; see `controlnet --help`"),
+    (["--bogus"], "controlnet: error: the following arguments are required: COMMAND; see `controlnet --help`"),
 ])
 def test_argparse_errors_are_one_line_with_a_pointer_to_help(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
