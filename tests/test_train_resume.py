@@ -9,10 +9,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from test_train import R, make_base  # the tiny seeded base (pytest puts tests/ on sys.path)
+
+# Full training runs in subprocesses (killed, resumed, compared): tens of seconds each.
+pytestmark = pytest.mark.slow
 
 STEPS = 24  # long enough after the first checkpoint that the kill lands mid-run
 
