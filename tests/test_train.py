@@ -307,6 +307,7 @@ def test_the_locked_encoder_builds_no_autograd_graph():
     assert all(p.grad is None for p in unet.parameters())
 
 
+@pytest.mark.slow  # about a minute: bf16 autocast is emulated on most CPUs
 def test_bf16_gradient_checkpointing_and_an_unlocked_decoder_run_from_the_command_line(tiny, tmp_path):
     base, data = tiny
     out = tmp_path / "run"
