@@ -42,3 +42,9 @@ def test_a_hub_error_suggests_hf_hub_offline(monkeypatch):
     assert message == ("cannot get org/name from the Hugging Face hub (ConnectionError: no route to host); fetch it "
                        "with `hf download org/name`, or set HF_HUB_OFFLINE=1 to use only the Hugging Face cache "
                        "without network retries")
+
+
+def test_train_help_says_how_to_launch_several_processes_without_accelerates_traceback(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "accelerate launch --quiet -m controlnet train" in " ".join(capsys.readouterr().out.split())
