@@ -69,6 +69,8 @@ def current_umask() -> int:
 def apply_umask(path: Path) -> None:
     """Give ``path`` (and, for a folder, everything in it) the mode the umask gives new files: 0666 / 0777 less the
     umask. Links are left alone."""
+    if not os.path.lexists(path):  # the body wrote nothing: os.replace reports it
+        return
     mask = current_umask()
     paths = [path]
     if path.is_dir() and not path.is_symlink():
