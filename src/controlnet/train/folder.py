@@ -3,7 +3,7 @@
 ``OUT/.lock`` holds the pid of the run that uses the folder, under an advisory lock (``fcntl.flock``) that the
 operating system releases when that process ends however it ends: a second run refuses to start, naming the
 pid; a lock file left by a killed run is simply taken over. Atomic writes (:func:`controlnet.fileio.atomic_path`)
-go through hidden temporaries (``.step-000500.k2j4.tmp``, ``.step-000100.deleting``, ``.controlnet.old-PID``);
+go through hidden temporaries (``.step-000500.k2j4ab_c.tmp``, ``.step-000100.deleting``, ``.controlnet.old-PID``);
 a kill can leave them behind, and the next run removes them once it holds the lock.
 
 ``OUT/.controlnet-run`` marks a folder as a run folder. Only a run folder is cleaned, and only of names the
@@ -98,8 +98,7 @@ def locked(out: Path) -> Iterator[None]:
 
 
 def mark_run_folder(out: Path) -> None:
-    """Write OUT's run marker (call it while holding the lock), refusing a folder of other files."""
-    check_out_folder(out)
+    """Write OUT's run marker (call it while holding the lock, after :func:`check_out_folder`)."""
     if not (out / RUN_MARKER).is_file():
         (out / RUN_MARKER).write_text(RUN_MARKER_TEXT, encoding="utf-8")
 
