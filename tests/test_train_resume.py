@@ -15,9 +15,6 @@ from safetensors.torch import load_file
 
 from test_train import R, make_base  # the tiny seeded base (pytest puts tests/ on sys.path)
 
-# Full training runs in subprocesses (killed, resumed, compared): tens of seconds each.
-pytestmark = pytest.mark.slow
-
 STEPS = 24  # long enough after the first checkpoint that the kill lands mid-run
 
 
@@ -28,6 +25,7 @@ def _cmd(base, data, out, *extra):
             "--quiet", "--no-plot", "--no-tensorboard", *extra]
 
 
+@pytest.mark.slow  # three training runs in subprocesses, one killed: about a minute
 def test_sigkill_then_resume_latest_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
     from controlnet.data.fill import make_fill_dataset
     from controlnet.train.state import CHECKPOINT_RE
