@@ -1,10 +1,11 @@
-# Quick start: `make demo` (set up + run the main job) and `make test` (set up + run the tests).
+# Quick start: `make demo` (set up + run the main job), `make test-fast` (the tests not marked slow: a few minutes)
+# and `make test` (every test: about 5 minutes on an idle 2-core machine, much longer on a loaded one).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not browser"
 
 bench: setup
 	$(BIN)/python -m benchmarks.run

@@ -1,11 +1,14 @@
 """Train the embedded tiny SD-layout base model on synthetic fill data (target image + prompt only).
 
-    OMP_NUM_THREADS=2 .venv/bin/python scripts/train_embedded.py --work outputs/train_base --out src/controlnet/assets/tiny-sd
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/train_embedded.py --work outputs/train_base     # → outputs/tiny-sd
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/train_embedded.py --work outputs/train_base --ship  # replace the shipped base
     # continue the shipped base (what the second round did: 4,000 more UNet steps, stopped after the step-4000 eval)
     OMP_NUM_THREADS=2 .venv/bin/python scripts/train_embedded.py --init src/controlnet/assets/tiny-sd \
         --work outputs/train_base2 --out outputs/tiny-sd-new --unet-batch 32 --unet-lr 5e-4 --unet-minutes 38
 
-Stages (each resumes from ``--work`` if interrupted; the final folder is written atomically):
+Stages (each resumes from ``--work`` if interrupted; the final folder is written atomically; a JSON line every 50
+steps shows the progress). The base goes to ``--out`` (default outputs/tiny-sd); only ``--ship`` replaces the
+tracked src/controlnet/assets/tiny-sd.
 
 1. VAE (AutoencoderKL, 8x downsampling, 4 latent channels) on random fill targets: MSE + a small KL term.
    Its ``scaling_factor`` is set to 1 / std of the latents of a held set, as SD's 0.18215 was.
@@ -295,10 +298,17 @@ def save_pipeline(out: Path, vae, text, unet, tokenizer) -> None:
         tmp.chmod(0o755)
 
 
-def main() -> None:
+DEFAULT_OUT = Path("outputs/tiny-sd")
+SHIPPED_OUT = Path("src/controlnet/assets/tiny-sd")  # tracked: the embedded base; written only with --ship
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options; ``--ship`` makes the output the tracked embedded base (and refuses another --out), and an --out
+    inside the package's assets needs --ship."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("outputs/train_base"))
-    ap.add_argument("--out", type=Path, default=Path("src/controlnet/assets/tiny-sd"))
+    ap.add_argument("--out", type=Path, default=None, help=f"the trained pipeline folder (default: {DEFAULT_OUT})")
+    ap.add_argument("--ship", action="store_true", help=f"write the base to the tracked {SHIPPED_OUT}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=3000)
     ap.add_argument("--vae-minutes", type=float, default=9.0)
@@ -322,7 +332,20 @@ def main() -> None:
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--min-snr-gamma", type=float, default=5.0)
     ap.add_argument("--eval-every", type=int, default=500)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.ship and args.out is not None and args.out != SHIPPED_OUT:
+        ap.error(f"--ship writes {SHIPPED_OUT}; drop --out {args.out}")
+    assets = (Path(__file__).resolve().parents[1] / SHIPPED_OUT.parent).resolve()
+    if not args.ship and args.out is not None and args.out.resolve().is_relative_to(assets):
+        ap.error(f"--out {args.out} is inside the package's tracked assets; pass --ship to replace them")
+    args.out = SHIPPED_OUT if args.ship else (args.out or DEFAULT_OUT)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    print(f"training the embedded base: work folder {args.work}, result {args.out}; a line every 50 steps",
+          flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Train the bundled `fill` ControlNet with `controlnet train` on the locked embedded tiny base, then ship it
-# (fp16, diffusers layout) into src/controlnet/assets/controlnets/fill/.
+# Train the bundled `fill` ControlNet with `controlnet train` on the locked embedded tiny base. The result is
+# WORK_DIR/run/controlnet; only with --ship is it copied (fp16, diffusers layout) over the tracked
+# src/controlnet/assets/controlnets/fill/. `controlnet train` shows a progress bar.
 #
-#   OMP_NUM_THREADS=2 scripts/train_fill_controlnet.sh [WORK_DIR] [MAX_STEPS]
+#   OMP_NUM_THREADS=2 scripts/train_fill_controlnet.sh [--ship] [WORK_DIR] [MAX_STEPS]
 #   ZERO_CONV_INIT=gaussian RUN=gaussian scripts/train_fill_controlnet.sh outputs/train_fill 1000   # the ablation
 #   ARCHITECTURE=lite RUN=lite scripts/train_fill_controlnet.sh outputs/train_fill 600               # ControlNet-lite
 #
@@ -12,6 +13,8 @@
 # steps, guidance 5) to see the sudden convergence.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SHIP=0
+if [ "${1:-}" = --ship ]; then SHIP=1; shift; fi
 WORK=${1:-outputs/train_fill}
 STEPS=${2:-1000}
 PY=${PYTHON:-.venv/bin/python}
@@ -25,8 +28,11 @@ if ls "$WORK"/${RUN:-run}/checkpoints/* >/dev/null 2>&1; then RESUME=(--resume l
   --max-steps "$STEPS" --batch-size 32 --lr ${LR:-3e-4} --weight-decay 0 --empty-prompt-prob 0.5 \
   --mixed-precision no --zero-conv-init ${ZERO_CONV_INIT:-zero} --architecture ${ARCHITECTURE:-copy} --seed 0 --checkpoint-every 100 --keep 2 \
   --validate-every 100 --validation-count 16 --validation-steps 10 --validation-guidance 5 --score fill \
-  --quiet ${CACHE:+--cache-dir "$CACHE"} "${RESUME[@]}"
-[ "${SHIP:-1}" = 1 ] || exit 0
+  ${CACHE:+--cache-dir "$CACHE"} "${RESUME[@]}"
+if [ "$SHIP" != 1 ]; then
+  echo "trained $WORK/${RUN:-run}/controlnet (rerun with --ship to copy it over src/controlnet/assets/controlnets/fill)"
+  exit 0
+fi
 "$PY" - "$WORK/${RUN:-run}/controlnet" <<'EOF'
 import sys, torch
 from controlnet.checkpoints import load_controlnet, save_controlnet

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Train the bundled `tile` ControlNet with `controlnet train --annotator tile` on the locked embedded tiny base,
-# then ship it (fp16, diffusers layout) into src/controlnet/assets/controlnets/tile/.
+# Train the bundled `tile` ControlNet with `controlnet train --annotator tile` on the locked embedded tiny base.
+# The result is WORK_DIR/run/controlnet; only with --ship is it copied (fp16, diffusers layout) over the tracked
+# src/controlnet/assets/controlnets/tile/. `controlnet train` shows a progress bar.
 #
-#   OMP_NUM_THREADS=2 nice scripts/train_tile_controlnet.sh [WORK_DIR] [MAX_STEPS]
+#   OMP_NUM_THREADS=2 nice scripts/train_tile_controlnet.sh [--ship] [WORK_DIR] [MAX_STEPS]
 #
 # Recipe: 2,000 fill samples at 128 px (seed 2, not the held-out seeds); the condition is the `tile` annotator of
 # the target with factor 4 (shrunk 4 times, enlarged again: what a 4x Lanczos upscale looks like, the case
@@ -12,6 +13,8 @@
 # stopped run resumes (rerun the same command). Measure it with scripts/evaluate_tile.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SHIP=0
+if [ "${1:-}" = --ship ]; then SHIP=1; shift; fi
 WORK=${1:-outputs/tile}
 STEPS=${2:-500}
 PY=${PYTHON:-.venv/bin/python}
@@ -24,8 +27,11 @@ if ls "$WORK"/run/checkpoints/* >/dev/null 2>&1; then RESUME=(--resume latest); 
 "$PY" -m controlnet train --base src/controlnet/assets/tiny-sd --data "$DATA" --out "$WORK/run" \
   --annotator tile --annotator-param factor=4 --max-steps "$STEPS" --batch-size 16 --lr ${LR:-1e-3} \
   --weight-decay 0 --empty-prompt-prob 0.5 --mixed-precision no --seed 0 --checkpoint-every 50 --keep 2 \
-  --validate-every 0 --quiet --no-tensorboard "${RESUME[@]}"
-[ "${SHIP:-1}" = 1 ] || exit 0
+  --validate-every 0 --no-tensorboard "${RESUME[@]}"
+if [ "$SHIP" != 1 ]; then
+  echo "trained $WORK/run/controlnet (rerun with --ship to copy it over src/controlnet/assets/controlnets/tile)"
+  exit 0
+fi
 "$PY" - "$WORK/run/controlnet" <<'EOF'
 import sys, torch
 from controlnet.checkpoints import load_controlnet, save_controlnet

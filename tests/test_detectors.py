@@ -26,8 +26,11 @@ from hubcache import add_to_hub_cache
 REAL = Path(__file__).parents[2] / "shared" / "fixtures" / "annotators" / "real"
 REAL_PIDINET = REAL / "table5_pidinet.pth"
 REAL_MLSD_TINY = REAL / "mlsd_tiny_512_fp32.pth"
-NEEDS_REAL_PIDINET = pytest.mark.skipif(not REAL_PIDINET.is_file(), reason=f"real PiDiNet weights not in {REAL}")
-NEEDS_REAL_MLSD = pytest.mark.skipif(not REAL_MLSD_TINY.is_file(), reason=f"real M-LSD tiny weights not in {REAL}")
+_NOT_IN_A_CLONE = f"in {REAL}, a folder of reference files that is not part of a clone"
+NEEDS_REAL_PIDINET = pytest.mark.skipif(not REAL_PIDINET.is_file(),
+                                        reason=f"needs the released PiDiNet weights ({REAL_PIDINET.name}) {_NOT_IN_A_CLONE}")
+NEEDS_REAL_MLSD = pytest.mark.skipif(not REAL_MLSD_TINY.is_file(),
+                                     reason=f"needs the released M-LSD tiny weights ({REAL_MLSD_TINY.name}) {_NOT_IN_A_CLONE}")
 MAX_ABS = 1e-4  # the bound on raw outputs against the reference implementation (README: fp32 re-implementations ~1e-5)
 FIXTURE_OF = {name: fixture for name, (fixture, _) in ANNOTATOR_FIXTURES.items()}
 

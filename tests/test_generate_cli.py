@@ -142,7 +142,8 @@ def test_generate_on_the_embedded_model(tmp_path, capsys):
     from controlnet.embedded import assets_dir, bundled_controlnets
 
     if not (assets_dir() / "tiny-sd" / "model_index.json").is_file() or "fill" not in bundled_controlnets():
-        pytest.skip("the embedded tiny-sd base / bundled 'fill' ControlNet are not in the package yet (demo issue)")
+        pytest.skip("needs the embedded tiny-sd base and the bundled 'fill' ControlNet in "
+                    "src/controlnet/assets (scripts/train_embedded.py --ship makes them)")
     cond = np.zeros((128, 128, 3), np.uint8)
     cond[32:96, 32:96] = 255
     Image.fromarray(cond).save(tmp_path / "cond.png")
@@ -167,7 +168,7 @@ HEAVY = ("torch", "diffusers", "transformers", "cv2", "numpy", "gradio", "accele
                                                       "value: 'two'; see `controlnet generate --help`"),
     (["data", "fill"], "controlnet data fill: error: the following arguments are required: out; "
                        "see `controlnet data fill --help`"),
-    ([], "controlnet: error: the following arguments are required: COMMAND; see `controlnet --help`"),
+    (["--bogus"], "controlnet: error: the following arguments are required: COMMAND; see `controlnet --help`"),
 ])
 def test_argparse_errors_are_one_line_with_a_pointer_to_help(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:

@@ -174,7 +174,7 @@ CASES = [
     Case("ui-max-pixels-zero", ["ui", "--max-pixels", "0", "--outputs", "{work}/ui"], "--max-pixels must be"),
     # demo and the command line itself
     Case("demo-steps-zero", ["demo", "--steps", "0", "--out", "{work}/demo"], "--steps must be at least 1"),
-    Case("no-command", [], "COMMAND"),
+    Case("no-command", ["-q"], "COMMAND"),  # bare `controlnet` prints the help (tests/test_cli.py)
     Case("unknown-command", ["frobnicate"], "invalid choice"),
 ]
 
@@ -384,7 +384,7 @@ def test_no_space_while_writing_generate_outputs_is_one_line_and_leaves_nothing(
 
 
 def test_cases_cover_every_command():
-    commands = {case.argv[0] for case in CASES if case.argv}
+    commands = {case.argv[0] for case in CASES if case.argv and not case.argv[0].startswith("-")}
     assert commands == {"generate", "annotate", "convert", "data", "train", "ui", "demo", "frobnicate"}
 
 
@@ -597,3 +597,73 @@ def test_stored_paths_are_inputs_inside_the_roots_with_one_message(tmp_path, mon
     assert len(messages) == 1, messages
     assert stored_path("org/model", [root], "ControlNet", folders=True) == "org/model"
     assert stored_path("fill", [root], "ControlNet", names=["fill"]) == "fill"
+
+
+# --------------------------------------------------------------------------- upscale scale, non-regular files, --out
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+@pytest.fixture
+def small_png(tmp_path) -> Path:
+    path = tmp_path / "small.png"
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scale", "inf"], "--scale must be a finite number >= 1, got inf"),
+    (["--scale=-inf"], "--scale must be a finite number >= 1, got -inf"),
+    (["--scale", "1e6"], "--scale 1e+06: 64000000x64000000 is 4,096,000,000,000,000 pixels, over the limit of"),
+    (["--scale", "64", "--max-pixels", "1000000"], "--scale 64: 4096x4096 is 16,777,216 pixels, over the limit of "
+                                                   "1,000,000 (--max-pixels 1,000,000)"),
+    (["--scale", "150", "--max-pixels", "1000000"], "--scale 150: 9600x9600 is 92,160,000 pixels"),
+])
+def test_upscale_scale_is_refused_in_one_line_before_any_model_loads(small_png, tmp_path, capsys, argv, message):
+    out = tmp_path / "out.png"
+    code, err = _run_in_process(["upscale", str(small_png), *argv, "--out", str(out), "-q"], capsys)
+    assert code == EXIT_BAD_INPUT and err.startswith(f"controlnet upscale: error: {message}"), err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("door", ["upscale-image", "lora", "lora-dir", "data", "data-manifest"])
+def test_fifos_are_refused_at_every_door_without_blocking(tmp_path, capsys, door):
+    out = tmp_path / "out"
+    fifo = _fifo(tmp_path / "x.safetensors")
+    if door == "upscale-image":
+        argv, message = ["upscale", str(_fifo(tmp_path / "in.png")), "--out", str(out / "o.png")], "not a regular file"
+    elif door in ("lora", "lora-dir"):
+        loras = tmp_path / "loras"
+        loras.mkdir()
+        os.replace(fifo, loras / "style.safetensors")
+        source = ["--lora", str(loras / "style.safetensors")] if door == "lora" else ["--lora", "style", "--lora-dir",
+                                                                                      str(loras)]
+        argv, message = ["generate", "--prompt", "red circle", *source, "--steps", "1", "--size", "64x64", "--out",
+                         str(out)], "style"
+    elif door == "data":
+        argv, message = ["train", "--data", str(fifo), "--out", str(out)], "is not a regular file"
+    else:
+        data = tmp_path / "data"
+        data.mkdir()
+        _fifo(data / "prompt.json")
+        argv, message = ["train", "--data", str(data), "--out", str(out)], "its prompt.json is not a regular file"
+    code, err = _run_in_process(argv, capsys)
+    assert code == EXIT_BAD_INPUT and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_train_out_of_someone_elses_files_is_refused_and_nothing_is_removed(tmp_path, capsys):
+    out = tmp_path / "home"
+    (out / ".photos.deleting").mkdir(parents=True)
+    (out / ".thesis.tmp").write_text("draft")
+    (out / ".bashrc.old-1").write_text("alias")
+    data = tmp_path / "data"
+    assert main(["data", "fill", str(data), "--n", "2", "--size", "64", "-q"]) == 0
+    code, err = _run_in_process(["train", "--data", str(data), "--out", str(out), "--max-steps", "1"], capsys)
+    assert code == EXIT_BAD_INPUT and "not a training run folder" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in out.iterdir()) == [".bashrc.old-1", ".photos.deleting", ".thesis.tmp"]

@@ -246,3 +246,80 @@ def test_corrupt_or_wrong_files_are_one_line_errors(tmp_path):
         with pytest.raises(UserError, match=message) as err:
             pipe.load_lora(tmp_path / name)
         assert "\n" not in str(err.value)
+
+
+def _hostile_loras() -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str] | None, str]]:
+    """name → (tensors, header metadata, what the one-line refusal says)."""
+    layers = _lora_layers(_components(), seed=61, parts=("unet",))
+    kohya = _kohya(layers)
+    layer = next(k for k in kohya if k.endswith(".lora_down.weight")).removesuffix(".lora_down.weight")
+    down, up = kohya[layer + ".lora_down.weight"], kohya[layer + ".lora_up.weight"]
+
+    def edit(**changes: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        out = dict(kohya)
+        for suffix, tensor in changes.items():
+            if tensor is None:
+                del out[f"{layer}.{suffix}"]
+            else:
+                out[f"{layer}.{suffix}"] = tensor
+        return out
+
+    def meta(value) -> dict[str, str]:
+        return {"lora_adapter_metadata": value if isinstance(value, str) else json.dumps(value)}
+
+    peft_meta = {"unet.r": RANK, "unet.lora_alpha": ALPHA, "unet.target_modules": list(UNET_TARGETS)}
+    return {
+        "rank-0": ({k: v[:0] if k.endswith("lora_down.weight") else v[:, :0] if k.endswith("lora_up.weight") else v
+                    for k, v in kohya.items()}, None, "has rank 0"),
+        "ranks-disagree": (edit(**{"lora_up.weight": up[:, :1]}), None, f"its down matrix has rank {RANK} and its up "
+                                                                         "matrix 1"),
+        "up-missing": (edit(**{"lora_up.weight": None}), None, "has lora_down.weight but no lora_up.weight"),
+        "down-3d": (edit(**{"lora_down.weight": down[None]}), None, "a LoRA layer is two matrices"),
+        "alpha-negative": (edit(alpha=torch.tensor(-2.0)), None, ".alpha must be one number > 0"),
+        "alpha-zero": (edit(alpha=torch.tensor(0.0)), None, ".alpha must be one number > 0"),
+        "alpha-vector": (edit(alpha=torch.ones(3)), None, ".alpha must be one number > 0"),
+        "alpha-nan": (edit(alpha=torch.tensor(float("nan"))), None, ".alpha holds NaN or infinite values"),
+        "weights-inf": (edit(**{"lora_down.weight": torch.full_like(down, float("inf"))}), None, "NaN or infinite"),
+        "weights-int": (edit(**{"lora_down.weight": down.to(torch.int32)}), None, "holds int32 values"),
+        "metadata-not-json": (layers, meta("{r: 4"), "'lora_adapter_metadata' header is not valid JSON"),
+        "metadata-list": (layers, meta([1, 2]), "header is a JSON list, not an object"),
+        "metadata-deep": (layers, meta("[" * 100_000 + "]" * 100_000), "header is not valid JSON"),
+        "metadata-rank-text": (layers, meta({**peft_meta, "unet.r": "four"}), "unet.r must be a positive number"),
+        "metadata-rank-0": (layers, meta({**peft_meta, "unet.r": 0}), "unet.r must be a positive number"),
+        "metadata-alpha-list": (layers, meta({**peft_meta, "unet.lora_alpha": [2]}), "unet.lora_alpha must be a "
+                                                                                     "positive number"),
+        "metadata-targets-number": (layers, meta({**peft_meta, "unet.target_modules": 5}), "unet.target_modules "
+                                                                                           "must be a module name"),
+        "metadata-pattern": (layers, meta({**peft_meta, "unet.rank_pattern": {"to_q": "x"}}), "unet.rank_pattern "
+                                                                                             "must map module names"),
+    }
+
+
+HOSTILE_LORAS = _hostile_loras()
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_LORAS))
+def test_malformed_lora_files_are_one_line_naming_the_file_and_the_fault(tmp_path, name):
+    tensors, metadata, message = HOSTILE_LORAS[name]
+    path = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    pipe = Pipeline(**_components(), dtype="fp32", device="cpu")
+    with pytest.raises(UserError) as err:
+        pipe.load_lora(path)
+    assert str(err.value).startswith(f"LoRA {path}: ") and message in str(err.value) and "\n" not in str(err.value)
+    assert pipe.loras == {} and not pipe._lora_files  # nothing was injected
+
+
+def test_kohya_training_metadata_is_not_read_so_bad_values_there_do_not_matter(tmp_path):
+    """kohya's ss_* header fields describe the training run; the weights and their alphas are what apply."""
+    layers = _lora_layers(_components(), seed=62, parts=("unet",))
+    plain, noted = tmp_path / "plain.safetensors", tmp_path / "noted.safetensors"
+    save_file(_kohya(layers), str(plain))
+    save_file(_kohya(layers), str(noted), metadata={"ss_network_alpha": "abc", "ss_network_dim": "[", "ss_tag_frequency":
+                                                    "{not json", "ss_num_epochs": "-1"})
+    pipes = [Pipeline(**_components(), dtype="fp32", device="cpu") for _ in range(2)]
+    names = [pipe.load_lora(path) for pipe, path in zip(pipes, (plain, noted))]
+    merged = [{k.replace(f".{name}.", "."): v for k, v in pipe.unet.state_dict().items() if "lora" in k}
+              for pipe, name in zip(pipes, names)]
+    assert names == ["plain", "noted"] and merged[0].keys() == merged[1].keys() and merged[0]
+    assert all(torch.equal(merged[0][k], merged[1][k]) for k in merged[0])

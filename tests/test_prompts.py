@@ -216,3 +216,57 @@ def test_a_multi_vector_embedding_is_not_split_across_chunks(tmp_path):
     text, _ = pipe.encode_weighted_prompt(f"{words} <style>")
     assert text.shape[1] == 2 * LENGTH
     assert torch.equal(text[:, LENGTH:], pipe.encode_weighted_prompt("<style>")[0])
+
+
+# --------------------------------------------------------------------------- bounds and embedding tokens
+
+
+def test_a_prompt_repeating_an_embedding_ten_thousand_times_is_cut_to_the_chunk_bound_with_a_warning(tmp_path):
+    from safetensors.torch import save_file
+
+    from controlnet.prompts import MAX_PROMPT_CHUNKS, tokenize_weighted
+
+    pipe = Pipeline(**_components("sd1"), dtype="fp32", device="cpu")
+    save_file({"<style>": torch.randn(3, 32, generator=torch.Generator().manual_seed(0))}, tmp_path / "style.safetensors")
+    pipe.load_embedding(tmp_path / "style.safetensors")
+    prompt = "<style> " * 10_000  # 30,000 tokens
+    with pytest.warns(UserWarning, match=rf"the prompt is 30,000 tokens \(\d+ chunks of up to {CHUNK}\); only its "
+                                         rf"first {MAX_PROMPT_CHUNKS} chunks are used"):
+        chunks = tokenize_weighted(prompt, pipe.tokenizer, pipe.maybe_convert_prompt)
+    assert len(chunks) == MAX_PROMPT_CHUNKS and all(len(ids) == 12 for ids, _ in chunks)  # 4 whole embeddings each
+    with pytest.warns(UserWarning, match="only its first"):
+        text, _ = pipe.encode_weighted_prompt(prompt)
+    assert text.shape[1] == MAX_PROMPT_CHUNKS * LENGTH
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(tokenize_weighted("<style> " * 80, pipe.tokenizer, pipe.maybe_convert_prompt)) == MAX_PROMPT_CHUNKS
+
+
+@pytest.mark.parametrize("token, message", [
+    ("red", "its token 'red' is a word of the text encoder's vocabulary"),
+    ("Circle", "its token 'Circle' is a word of the text encoder's vocabulary"),  # CLIP lower-cases
+    ("my style", "its token 'my style' is empty or holds a space"),
+    ("tab\there", "holds a space"),
+])
+def test_an_embedding_token_that_is_a_word_or_two_is_refused(tmp_path, token, message):
+    from safetensors.torch import save_file
+
+    pipe = Pipeline(**_components("sd1"), dtype="fp32", device="cpu")
+    before = pipe.encode_weighted_prompt("red circle")[0]
+    save_file({"emb_params": torch.randn(2, 32)}, tmp_path / "e.safetensors")
+    with pytest.raises(UserError, match=message) as err:
+        pipe.load_embedding(tmp_path / "e.safetensors", token)
+    assert "\n" not in str(err.value) and pipe.embeddings == {}
+    assert torch.equal(pipe.encode_weighted_prompt("red circle")[0], before)  # the words mean what they meant
+
+
+def test_a_second_embedding_with_a_taken_token_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    pipe = Pipeline(**_components("sd1"), dtype="fp32", device="cpu")
+    for name in ("a", "b"):
+        save_file({"emb_params": torch.randn(1, 32)}, tmp_path / f"{name}.safetensors")
+    assert pipe.load_embedding(tmp_path / "a.safetensors", "<mine>") == "<mine>"
+    with pytest.raises(UserError, match="the token '<mine>' is taken by an embedding loaded before"):
+        pipe.load_embedding(tmp_path / "b.safetensors", "<mine>")
+    assert pipe.embeddings == {"<mine>": str(tmp_path / "a.safetensors")}

@@ -307,6 +307,7 @@ def test_the_locked_encoder_builds_no_autograd_graph():
     assert all(p.grad is None for p in unet.parameters())
 
 
+@pytest.mark.slow  # about a minute: bf16 autocast is emulated on most CPUs
 def test_bf16_gradient_checkpointing_and_an_unlocked_decoder_run_from_the_command_line(tiny, tmp_path):
     base, data = tiny
     out = tmp_path / "run"
@@ -473,9 +474,9 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_dead_runs_lock_is_taken_o
 def test_temporaries_left_by_a_killed_run_are_removed_at_the_next_start(tiny, tmp_path):
     out = tmp_path / "run"
     _run(tiny, out, max_steps=2, checkpoint_every=2)
-    folders = [out / "checkpoints" / ".step-000004.k2j4ab.tmp", out / "checkpoints" / ".step-000000.deleting",
+    folders = [out / "checkpoints" / ".step-000004.k2j4ab_c.tmp", out / "checkpoints" / ".step-000000.deleting",
                out / ".controlnet.old-4242"]
-    files = [out / ".log.jsonl.x81kq0.tmp", out / "validation" / ".step-000002.png.8fj2.tmp"]
+    files = [out / ".log.jsonl.x81kq0zz.tmp", out / "validation" / ".step-000002.png.8fj2abcd.tmp"]
     for folder in folders:
         (folder / "controlnet").mkdir(parents=True)
         (folder / "controlnet" / "partial.safetensors").write_bytes(b"\0" * 10)
@@ -485,6 +486,40 @@ def test_temporaries_left_by_a_killed_run_are_removed_at_the_next_start(tiny, tm
     assert _run(tiny, out, max_steps=4, checkpoint_every=2, resume="latest").step == 4
     assert not any(p.exists() for p in folders + files)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_out_that_is_a_folder_of_other_files_is_refused_and_left_as_it_was(tiny, tmp_path, capsys):
+    from controlnet.cli import main
+
+    base, data = tiny
+    out = tmp_path / "home"
+    (out / ".photos.deleting").mkdir(parents=True)
+    (out / ".photos.deleting" / "a.jpg").write_bytes(b"photo")
+    (out / ".thesis.tmp").write_text("draft")
+    (out / ".bashrc.old-1").write_text("alias")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    argv = ["train", "--base", str(base), "--data", str(data), "--out", str(out), "--resolution", str(R),
+            "--max-steps", "1", "-q", "--no-plot", "--no-tensorboard"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a training run folder" in err and str(out) in err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_only_the_trainers_own_temporaries_are_removed_from_a_run_folder(tmp_path):
+    from controlnet.train.folder import RUN_MARKER, remove_temporaries
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    ours = [out / ".log.jsonl.abcd_123.tmp", out / ".controlnet.old-77", out / "checkpoints" / ".step-000010.deleting"]
+    theirs = [out / ".thesis.tmp", out / ".bashrc.old-1", out / ".photos.deleting", out / "checkpoints" / ".notes.tmp",
+              out / "checkpoints" / ".step-10.deleting"]
+    for path in ours + theirs:
+        path.write_text("x")
+    assert remove_temporaries(out) == []  # no marker: not provably a run folder, nothing removed
+    (out / RUN_MARKER).write_text("")
+    assert sorted(remove_temporaries(out)) == sorted(ours)
+    assert all(p.exists() for p in theirs)
 
 
 def test_export_original_and_init_are_checked_before_anything_is_written(tiny, tmp_path):

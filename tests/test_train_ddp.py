@@ -15,10 +15,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from test_train import R, make_base  # the tiny seeded base (pytest puts tests/ on sys.path)
+
+# Two `accelerate launch` processes per test: tens of seconds each.
+pytestmark = pytest.mark.slow
 
 COMMON = ["--resolution", str(R), "--max-steps", "4", "--lr", "1e-3", "--checkpoint-every", "2", "--seed", "1",
           "--quiet", "--no-plot", "--no-tensorboard"]

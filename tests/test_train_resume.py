@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -24,6 +25,7 @@ def _cmd(base, data, out, *extra):
             "--quiet", "--no-plot", "--no-tensorboard", *extra]
 
 
+@pytest.mark.slow  # three training runs in subprocesses, one killed: about a minute
 def test_sigkill_then_resume_latest_ends_bit_identical_to_an_uninterrupted_run(tmp_path):
     from controlnet.data.fill import make_fill_dataset
     from controlnet.train.state import CHECKPOINT_RE

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from controlnet.errors import EXIT_BAD_INPUT
+from controlnet.errors import EXIT_BAD_INPUT, UserError
 from controlnet.upscale import tile_boxes, tile_weights, upscale
 
 
@@ -78,19 +78,39 @@ def test_upscale_command_writes_the_png_and_refuses_bad_input(tmp_path, capsys):
     Image.fromarray(held_out_samples(1)[0].target[:64, :64]).save(source)
     out = tmp_path / "big.png"
     assert _main(["upscale", str(source), "--scale", "2", "--steps", "2", "--controlnet", "fill", "-q",
-                  "--out", str(out)]) == 0
+                  "--scheduler", "DPM++ 2M Karras", "--out", str(out)]) == 0
     with Image.open(out) as im:
         assert im.size == (128, 128)
         settings = json.loads(im.text["settings"])
         assert "prompt" not in im.text and "Denoising strength: 0.5" in im.text["parameters"]
     assert settings["upscale"]["tiles"] == 1 and settings["upscale"]["source"] == str(source)
+    assert settings["scheduler"] == "dpmpp_2m_karras"
     capsys.readouterr()
-    for argv, message in [(["--scale", "0.5"], "--scale must be >= 1"), (["--denoise", "2"], "--denoise"),
+    for argv, message in [(["--scale", "0.5"], "--scale must be a finite number >= 1, got 0.5"),
+                          (["--scale", "inf"], "--scale must be a finite number >= 1, got inf"),
+                          (["--scale", "nan"], "--scale must be a finite number >= 1, got nan"),
+                          (["--scale", "1000"], "--scale 1000: 64000x64000 is 4,096,000,000 pixels, over the limit of"),
+                          (["--scale", "3", "--max-pixels", "36863"], "--scale 3: 192x192 is 36,864 pixels, over the "
+                                                                      "limit of 36,863 (--max-pixels 36,863)"),
+                          (["--scheduler", "nope"], "unknown scheduler 'nope'"), (["--denoise", "2"], "--denoise"),
                           (["--controlnet", "nope"], "no ControlNet named")]:
         assert _main(["upscale", str(source), *argv, "-q"]) == EXIT_BAD_INPUT
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert _main(["upscale", str(tmp_path / "missing.png")]) == EXIT_BAD_INPUT
+
+
+def test_scale_is_checked_against_the_pixel_limit_before_any_allocation():
+    from controlnet.limits import check_scale
+
+    check_scale(64, 100, 100, max_pixels=6400 * 6400)  # exactly at the limit
+    with pytest.raises(UserError, match=r"--scale 64: 6400x6400 is 40,960,000 pixels, over the limit of 40,959,999"):
+        check_scale(64, 100, 100, max_pixels=6400 * 6400 - 1)
+    with pytest.raises(UserError, match="over the limit"):
+        check_scale(1e300, 100, 100, max_pixels=10**9)  # no float overflow in the size
+    pipe = SimpleNamespace(device="cpu", native_size=64, vae_scale_factor=8)  # never called: refused first
+    with pytest.raises(UserError, match="--scale 150"):
+        upscale(pipe, np.zeros((64, 64, 3), np.uint8), 150, max_pixels=10**6)
 
 
 def test_upscale_help_imports_nothing_heavy():

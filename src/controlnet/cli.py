@@ -52,6 +52,15 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.set_defaults(_parser=self)  # the innermost sub-command's parser wins: it reports unknown options
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        """argparse's, with unknown options reported by the sub-command they were given to (``controlnet generate:
+        error: unrecognized arguments: --bogus; see `controlnet generate --help```)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            getattr(parsed, "_parser", self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
@@ -80,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     or no permission, running out of memory, a failed safetensors write), is one line on stderr and exit code 2;
     anything else is a bug and keeps its traceback.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # bare `controlnet`: what it can do
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except UserError as err:

@@ -10,14 +10,17 @@ A file holds one or more vectors for a new token of the text encoder's vocabular
 The token is the one given (``--embedding FILE:TOKEN``), else the diffusers layout's key, else the file name
 without its suffix (A1111's rule: the file ``easynegative.safetensors`` is written ``easynegative`` in prompts).
 Loading into the tokenizer and the text encoder is diffusers' ``TextualInversionLoaderMixin``'s (a token of n
-vectors becomes ``token token_1 ... token_{n-1}``).
+vectors becomes ``token token_1 ... token_{n-1}``). A token must be one word that is not already a word of the
+vocabulary (:func:`check_token`): an added token wins over the word it spells, so "red" as an embedding's token
+would silently change every prompt that says red.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,6 +79,24 @@ def read_embedding(path: Path, token: str | None,
     vectors = {name: _as_matrix(v, path) for name, v in vectors.items()}
     _check_widths(vectors, widths, path)
     return token or path.stem, vectors
+
+
+def check_token(token: str, path: Path, tokenizers: Sequence[Any]) -> None:
+    """Refuse, in one line, an embedding token that is empty, holds white space, or is already in a tokenizer's
+    vocabulary (a word of it, in CLIP's lower-cased ``word</w>`` form too, or an embedding loaded before)."""
+    hint = "name another with --embedding FILE:TOKEN"
+    if not token or any(c.isspace() for c in token):
+        raise UserError(f"embedding {path}: its token {token!r} is empty or holds a space, so a prompt cannot name "
+                        f"it as one word; {hint}")
+    for tokenizer in tokenizers:
+        if tokenizer is None:
+            continue
+        if token in tokenizer.get_added_vocab():
+            raise UserError(f"embedding {path}: the token {token!r} is taken by an embedding loaded before; {hint}")
+        vocabulary = tokenizer.get_vocab()
+        if token in vocabulary or f"{token.lower()}</w>" in vocabulary:
+            raise UserError(f"embedding {path}: its token {token!r} is a word of the text encoder's vocabulary; the "
+                            f"embedding would replace that word in every prompt; {hint} (e.g. <{token}>)")
 
 
 def _one_tensor(params: Mapping, path: Path) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Atomic file writes: nothing a user made is lost if we are killed half-way.
 
 Write to a temporary file in the destination folder, flush and fsync it, then ``os.replace`` it over the
-destination (atomic on POSIX and Windows). Directories are written to a temporary sibling and renamed.
+destination (atomic on POSIX and Windows). Directories are written to a temporary sibling and renamed. What is
+moved into place gets the permissions the user's umask gives a new file or folder (0644 / 0755 with umask 022),
+whatever the writer chose: safetensors' ``save_file`` and ``tempfile`` make private (0600) files.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +32,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp.unlink()  # the body decides whether it is a file or a directory
     try:
         yield tmp
+        apply_umask(tmp)
         if tmp.is_file():
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -45,6 +49,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it where the system says it (Linux's /proc), else by setting
+    and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the mode the umask gives new files: 0666 / 0777 less the
+    umask. Links are left alone."""
+    if not os.path.lexists(path):  # the body wrote nothing: os.replace reports it
+        return
+    mask = current_umask()
+    paths = [path]
+    if path.is_dir() and not path.is_symlink():
+        paths += [Path(root) / name for root, dirs, files in os.walk(path) for name in (*dirs, *files)]
+    for p in paths:
+        mode = os.lstat(p).st_mode
+        if stat.S_ISDIR(mode):
+            os.chmod(p, 0o777 & ~mask)
+        elif stat.S_ISREG(mode):
+            os.chmod(p, 0o666 & ~mask)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

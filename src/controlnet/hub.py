@@ -190,4 +190,5 @@ def _not_available(repo_id: str, filename: str | None, revision: str | None, err
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return f"{what} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; fetch it with `{fetch}`"
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return f"cannot get {what} from the Hugging Face hub ({type(err).__name__}: {first}); fetch it with `{fetch}`"
+    return (f"cannot get {what} from the Hugging Face hub ({type(err).__name__}: {first}); fetch it with `{fetch}`, "
+            "or set HF_HUB_OFFLINE=1 to use only the Hugging Face cache without network retries")

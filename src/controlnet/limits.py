@@ -22,6 +22,8 @@ modules may use it while parsing.
 
 from __future__ import annotations
 
+import math
+
 import os
 import sys
 
@@ -118,6 +120,16 @@ def check_output_size(width: int, height: int, max_pixels: int | None = None, de
     if pixels > limit:
         raise UserError(f"{what}: {width}x{height} is {pixels:,} pixels, over the limit of {limit:,} ({source}); "
                         f"give a smaller size, or raise the limit with {MAX_PIXELS_FLAG} N")
+
+
+def check_scale(scale: float, width: int, height: int, max_pixels: int | None = None, device: str | None = None,
+                flag: str = "--scale") -> None:
+    """Refuse an enlargement factor that is not a finite number >= 1, or that makes a ``width`` x ``height``
+    picture larger than :func:`check_output_size` allows, before anything of that size is allocated."""
+    scale = float(scale)
+    if not (math.isfinite(scale) and scale >= 1):
+        raise UserError(f"{flag} must be a finite number >= 1, got {scale:g}")
+    check_output_size(round(width * scale), round(height * scale), max_pixels, device, what=f"{flag} {scale:g}")
 
 
 def check_cover(src_width: int, src_height: int, width: int, height: int, name: str = "condition") -> None:

@@ -10,6 +10,8 @@ text encoder(s). The files come in two layouts, both read by diffusers' LoRA loa
 
 Loading, per file (:func:`read_lora`, :func:`check_lora_fits`, :func:`inject_lora`)::
 
+    check the file's own layers and metadata       rank >= 1, down/up shapes agree, alpha a finite number > 0,
+                                                   finite float weights, the adapter metadata well-formed JSON
     state, alphas = lora_state_dict(file)          diffusers: any layout → diffusers names
     check every LoRA layer against the model       a missing layer or a wrong shape is a one-line UserError
     UNet           diffusers' load_lora_into_unet  (peft layers injected, named after the LoRA)
@@ -24,6 +26,7 @@ syntax for "this LoRA, for this generation" (:func:`split_prompt_loras`), looked
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -43,6 +46,14 @@ DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # Context width of the UNet's cross-attention per family, to name the family a misfitting LoRA was made for.
 CROSS_ATTENTION_FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+
+# The (down, up) key suffixes of one low-rank pair in each layout: kohya, peft, diffusers' older attention
+# processors. down: (rank, in[, kh, kw]); up: (out, rank[, 1, 1]).
+LORA_PAIRS = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"),
+              (".lora.down.weight", ".lora.up.weight"), (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"))
+# Adapter-metadata (peft LoraConfig) fields per component that must be positive numbers, and that name modules.
+_METADATA_NUMBERS = ("r", "lora_alpha")
+_METADATA_PATTERNS = ("rank_pattern", "alpha_pattern")
 
 # A1111 prompt syntax: <lora:NAME>, <lora:NAME:WEIGHT> or <lora:NAME:TEXT_WEIGHT:UNET_WEIGHT>.
 _PROMPT_TAG = re.compile(r"<lora:([^:>]+)((?::[^:>]*){0,2})>")
@@ -176,17 +187,56 @@ def read_lora(path: Path, unet: nn.Module) -> tuple[dict[str, torch.Tensor], dic
         raise UserError(f"LoRA {path}: not a LoRA file (it does not hold only tensors)")
     if not any("lora" in k for k in raw):
         raise UserError(f"LoRA {path}: no LoRA layers in it (no key names 'lora'); is it a full model or an embedding?")
+    check_lora_layers(raw, path)
+    metadata = _adapter_metadata(path)
     try:
         state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(raw, unet_config=unet.config)
     except Exception as err:  # noqa: BLE001 - diffusers raises many types for layouts it cannot convert
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"LoRA {path}: diffusers cannot read this layout ({first}); LoRA in the kohya/A1111 or "
                         "diffusers/peft layout is supported (not LyCORIS LoHa/LoKr)") from None
-    return state, alphas, _adapter_metadata(path)
+    return state, alphas, metadata
+
+
+def check_lora_layers(raw: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Refuse, in one line naming ``path`` and the layer, a LoRA whose low-rank pairs cannot be applied: a down
+    matrix without its up matrix, rank 0, shapes that do not agree, an alpha that is not one finite number > 0,
+    or weights that are not finite floating-point numbers."""
+    for key, tensor in raw.items():
+        if "lora" in key or key.endswith(".alpha"):
+            if not tensor.is_floating_point():
+                raise UserError(f"LoRA {path}: {key} holds {str(tensor.dtype).removeprefix('torch.')} values, not "
+                                "floating-point weights; the file is not a usable LoRA")
+            if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+                raise UserError(f"LoRA {path}: {key} holds NaN or infinite values; the file is damaged")
+        if key.endswith(".alpha"):
+            if tensor.numel() != 1 or not float(tensor.reshape(())) > 0:
+                raise UserError(f"LoRA {path}: {key} must be one number > 0 (the scale alpha / rank), got "
+                                f"{tensor.flatten()[:4].tolist()}")
+    for down_suffix, up_suffix in LORA_PAIRS:
+        for key, down in raw.items():
+            if not key.endswith(down_suffix):
+                continue
+            layer = key[: -len(down_suffix)]
+            up = raw.get(layer + up_suffix)
+            if up is None:
+                raise UserError(f"LoRA {path}: layer {layer} has {down_suffix[1:]} but no {up_suffix[1:]}; the file is "
+                                "incomplete")
+            if down.ndim not in (2, 4) or up.ndim != down.ndim:
+                raise UserError(f"LoRA {path}: layer {layer} has matrices of shapes {tuple(down.shape)} and "
+                                f"{tuple(up.shape)}; a LoRA layer is two matrices (or two convolution kernels)")
+            if down.shape[0] < 1:
+                raise UserError(f"LoRA {path}: layer {layer} has rank 0 (no low-rank update); the file is not a "
+                                "usable LoRA")
+            if up.shape[1] != down.shape[0]:
+                raise UserError(f"LoRA {path}: layer {layer}: its down matrix has rank {down.shape[0]} and its up "
+                                f"matrix {up.shape[1]}; the shapes {tuple(down.shape)} and {tuple(up.shape)} do not "
+                                "agree")
 
 
 def _adapter_metadata(path: Path) -> dict | None:
-    """diffusers' LoRA adapter metadata (the peft LoraConfig) stored in a .safetensors header, if any."""
+    """diffusers' LoRA adapter metadata (the peft LoraConfig) stored in a .safetensors header, if any, checked:
+    a JSON object whose ranks and alphas are positive numbers and whose target modules are names."""
     if path.suffix != ".safetensors":
         return None
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
@@ -194,7 +244,30 @@ def _adapter_metadata(path: Path) -> dict | None:
 
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
-    return json.loads(raw) if raw else None
+    if not raw:
+        return None
+    where = f"LoRA {path}: its {LORA_ADAPTER_METADATA_KEY!r} header"
+    try:
+        metadata = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise UserError(f"{where} is not valid JSON ({str(err).splitlines()[0][:120]}); the file is damaged") from None
+    if not isinstance(metadata, dict):
+        raise UserError(f"{where} is a JSON {type(metadata).__name__}, not an object of LoRA settings")
+    for key, value in metadata.items():
+        field = key.rsplit(".", 1)[-1]
+        if field in _METADATA_NUMBERS and not _positive_number(value):
+            raise UserError(f"{where}: {key} must be a positive number, got {value!r:.60}")
+        if field == "target_modules" and not (isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(v, str) for v in value))):
+            raise UserError(f"{where}: {key} must be a module name or a list of names, got {value!r:.60}")
+        if field in _METADATA_PATTERNS and not (isinstance(value, dict) and all(
+                isinstance(k, str) and _positive_number(v) for k, v in value.items())):
+            raise UserError(f"{where}: {key} must map module names to positive numbers, got {value!r:.60}")
+    return metadata
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def component_state_dict(state: Mapping[str, torch.Tensor], component: str,

@@ -33,6 +33,7 @@ argument is this number minus one.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,6 +47,11 @@ ROUND_BRACKET_WEIGHT = 1.1
 SQUARE_BRACKET_WEIGHT = 1 / 1.1
 # A1111's "comma_padding_backtrack" option, default 20 (modules/shared_options.py).
 COMMA_BACKTRACK = 20
+# Most chunks of a prompt that are encoded; the rest is dropped with a warning. A1111 sets no limit, but each chunk
+# is one text-encoder pass and 75 more tokens of cross-attention context in every UNet step: 20 chunks (1,500
+# tokens with CLIP's 77) is far above the prompts in circulation (a few chunks), while a prompt repeating an
+# embedding 10,000 times would otherwise take minutes.
+MAX_PROMPT_CHUNKS = 20
 # The marker parse_emphasis puts where the prompt says BREAK (A1111 writes ["BREAK", -1]).
 BREAK = "BREAK"
 
@@ -185,7 +191,14 @@ def tokenize_weighted(prompt: str, tokenizer: Any,
     pieces = [(None, 1.0) if (text == BREAK and weight == -1.0) else (list(next(token_ids)), weight)
               for text, weight in parsed]
     comma = tokenizer.get_vocab().get(",</w>")
-    return make_chunks(pieces, tokenizer.model_max_length - 2, comma, embedding_continuations(tokenizer))
+    chunks = make_chunks(pieces, tokenizer.model_max_length - 2, comma, embedding_continuations(tokenizer))
+    if len(chunks) > MAX_PROMPT_CHUNKS:
+        tokens = sum(len(ids) for ids, _ in chunks)
+        warnings.warn(f"the prompt is {tokens:,} tokens ({len(chunks)} chunks of up to "
+                      f"{tokenizer.model_max_length - 2}); only its first {MAX_PROMPT_CHUNKS} chunks are used",
+                      stacklevel=2)
+        chunks = chunks[:MAX_PROMPT_CHUNKS]
+    return chunks
 
 
 def chunk_ids(ids: list[int], weights: list[float], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -142,10 +142,11 @@ class TextConditioner(TextualInversionLoaderMixin):
         """Load a textual-inversion embedding (A1111 .pt/.safetensors, diffusers learned_embeds, SDXL clip_l/clip_g)
         with diffusers' loader; its token (default: A1111's rule, :func:`controlnet.embeddings.read_embedding`)
         then works in prompts. Returns the token."""
-        from controlnet.embeddings import find_embedding, read_embedding
+        from controlnet.embeddings import check_token, find_embedding, read_embedding
 
         path = find_embedding(str(source))
         token, vectors = read_embedding(path, token, self._embedding_targets())
+        check_token(token, path, [self.tokenizer, self.tokenizer_2])
         with self._paused():
             for component, tensor in vectors.items():
                 tokenizer = self.tokenizer if component == "text_encoder" else self.tokenizer_2

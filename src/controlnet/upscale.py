@@ -37,6 +37,7 @@ from PIL import Image
 from controlnet.defaults import DEFAULT_SCHEDULER, DEFAULT_STEPS, DEFAULT_UPSCALE_DENOISE, TILE_OVERLAP_FRACTION
 from controlnet.errors import UserError
 from controlnet.images import load_image
+from controlnet.limits import check_scale
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom exclusive
 
@@ -92,20 +93,21 @@ def upscale(pipe: Any, image: Any, scale: float = 2.0, *, tile: int | None = Non
             controlnet: Any = TILE_CONTROLNET, strength: float = 1.0, tile_factor: float | None = None,
             prompt: str = "", negative_prompt: str = "", denoise: float = DEFAULT_UPSCALE_DENOISE,
             steps: int = DEFAULT_STEPS, guidance: float | None = None, scheduler: str = DEFAULT_SCHEDULER,
-            seed: int = 0, progress: bool = False,
+            seed: int = 0, progress: bool = False, max_pixels: int | None = None,
             on_tile: Callable[[int, int], None] | None = None) -> UpscaleResult:
     """Upscale ``image`` (path, PIL image or array) ``scale`` times, tile by tile (module docstring).
 
     ``pipe``: a :class:`controlnet.pipeline.Pipeline`; ``controlnet``: the tile ControlNet (bundled name or path;
     None: plain img2img tiles); ``tile``/``overlap`` in output pixels (None: the native size and 1/8 of it);
-    ``on_tile(k, n)`` is called after each of the ``n`` tiles.
+    ``on_tile(k, n)`` is called after each of the ``n`` tiles; ``max_pixels`` bounds the output as
+    :func:`controlnet.limits.check_output_size` does (None: from the device's memory).
     """
     from controlnet.conditions import round_size
     from controlnet.pipeline import ControlUnit
 
     source = load_image(image)
-    if not scale >= 1:
-        raise UserError(f"--scale must be >= 1, got {scale}")
+    device = getattr(pipe, "device", None)
+    check_scale(scale, source.shape[1], source.shape[0], max_pixels, None if device is None else str(device))
     tile = int(tile or pipe.native_size)
     overlap = int(tile // TILE_OVERLAP_FRACTION if overlap is None else overlap)
     if tile % pipe.vae_scale_factor:

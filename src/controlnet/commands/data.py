@@ -1,6 +1,7 @@
 """``controlnet data``: make training data sets.
 
     controlnet data fill OUT --n 50000 --size 128 --seed 0     # the fill50k layout, synthetic circles
+    controlnet data examples DIR                                # first inputs for the README's examples
 """
 
 from __future__ import annotations
@@ -9,7 +10,14 @@ import argparse
 from pathlib import Path
 
 from controlnet.defaults import FILL_SAMPLES, FILL_SIZE
+from controlnet.errors import UserError
 from controlnet.limits import BYTES_PER_PIXEL, MAX_PIXELS_FLAG, check_max_pixels
+
+EXAMPLE_FILES = ("circle.png", "picture.png", "photo.png", "photo.jpg", "mask.png")
+# The README's example prompt is "red circle with yellow background"; the photo is a second, other circle.
+EXAMPLE_CIRCLE = dict(cx=64, cy=64, radius=36, circle="red", background="yellow")
+EXAMPLE_PHOTO = dict(cx=56, cy=72, radius=30, circle="blue", background="white")
+EXAMPLE_MASK_MARGIN = 6  # px the mask reaches beyond the photo's circle, so its anti-aliased edge is repainted too
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +41,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     fill.add_argument("--seed", type=int, default=0, help="random seed")
     fill.add_argument("-q", "--quiet", action="store_true", help="no summary line")
     fill.set_defaults(func=run_fill)
+    examples = kinds.add_parser(
+        "examples", help="first inputs for the README's examples, sized for the embedded model",
+        description=f"Write {', '.join(EXAMPLE_FILES)} into DIR ({FILL_SIZE}x{FILL_SIZE}, the embedded model's "
+                    "size): circle.png a fill condition (a white outline on black), picture.png the picture it "
+                    "describes (a red circle on yellow), photo.png / photo.jpg another such picture (a blue circle "
+                    "on white) and mask.png white where that circle is (the part to repaint). Existing files of "
+                    "those names are refused.",
+    )
+    examples.add_argument("dir", type=Path, help="folder to write the files into (made if missing)")
+    examples.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    examples.set_defaults(func=run_examples)
 
 
 def run_fill(args: argparse.Namespace) -> int:
@@ -43,4 +62,38 @@ def run_fill(args: argparse.Namespace) -> int:
                             max_pixels=check_max_pixels(args.max_pixels))
     if not args.quiet:
         print(f"wrote {args.n} fill samples to {out}")
+    return 0
+
+
+def write_examples(folder: Path) -> list[Path]:
+    """Write :data:`EXAMPLE_FILES` into ``folder`` (each atomically); the paths written. Refuses, in one line and
+    before writing anything, a folder that already holds one of them."""
+    import numpy as np
+    from PIL import Image
+
+    from controlnet.data.fill import FillSample
+    from controlnet.fileio import atomic_path, check_writable_folder
+
+    folder = Path(folder).expanduser()
+    check_writable_folder(folder, "controlnet data examples")
+    taken = [name for name in EXAMPLE_FILES if (folder / name).exists()]
+    if taken:
+        raise UserError(f"{folder} already holds {', '.join(taken)}; remove them or choose another folder")
+    circle, photo = FillSample(**EXAMPLE_CIRCLE, size=FILL_SIZE), FillSample(**EXAMPLE_PHOTO, size=FILL_SIZE)
+    grown = FillSample(**{**EXAMPLE_PHOTO, "radius": EXAMPLE_PHOTO["radius"] + EXAMPLE_MASK_MARGIN}, size=FILL_SIZE)
+    pictures = {"circle.png": circle.condition, "picture.png": circle.target, "photo.png": photo.target,
+                "photo.jpg": photo.target, "mask.png": np.where(grown.disk, 255, 0).astype(np.uint8)}
+    written = []
+    for name in EXAMPLE_FILES:
+        with atomic_path(folder / name) as tmp:
+            Image.fromarray(pictures[name]).save(tmp, format="JPEG" if name.endswith(".jpg") else "PNG", quality=95)
+        written.append(folder / name)
+    return written
+
+
+def run_examples(args: argparse.Namespace) -> int:
+    """Write the example inputs."""
+    written = write_examples(args.dir)
+    if not args.quiet:
+        print(f"wrote {', '.join(p.name for p in written)} to {args.dir}")
     return 0

@@ -17,6 +17,10 @@ from typing import Any
 from controlnet.errors import UserError
 from controlnet.options import add_config_options
 
+# accelerate's launcher re-raises a failed process as a CalledProcessError traceback unless given --quiet
+# (accelerate/commands/launch.py, _run_subprocess).
+_LAUNCH = ("Several processes (GPUs, or CPU processes): accelerate launch --quiet -m controlnet train ... ; with "
+           "--quiet a refused option is its one line, without accelerate's traceback of the failed process.")
 _HELP = "train a ControlNet on a locked base model (the paper's recipe), resumable"
 
 
@@ -24,7 +28,8 @@ def register(subparsers: Any) -> None:
     """Add the ``train`` sub-command."""
     from controlnet.train.config import TrainConfig
 
-    p = subparsers.add_parser("train", help=_HELP, description=_HELP + ". Defaults follow the original recipe.")
+    p = subparsers.add_parser("train", help=_HELP, description=_HELP + ". Defaults follow the original recipe.",
+                              epilog=_LAUNCH)
     add_config_options(p, TrainConfig)
     p.set_defaults(func=run)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from controlnet.defaults import DEFAULT_SCHEDULER, DEFAULT_STEPS, DEFAULT_UPSCALE_DENOISE, DTYPE_CHOICES, SCHEDULERS
 from controlnet.errors import UserError
+from controlnet.limits import BYTES_PER_PIXEL, MAX_PIXELS_FLAG
 
 
 def register(subparsers: Any) -> None:
@@ -35,10 +36,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--negative-prompt", default="", help="what to avoid")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="denoising steps of the schedule")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: generate's)")
-    p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS), help="sampler")
+    p.add_argument("--scheduler", default=DEFAULT_SCHEDULER, metavar="NAME",
+                   help=f"sampler: {', '.join(SCHEDULERS)}, or A1111's name ('DPM++ 2M Karras')")
     p.add_argument("--seed", type=int, default=0, help="tile k uses seed + k")
-    p.add_argument("--base", default=None, help="base model: a diffusers folder or a .safetensors/.ckpt file "
-                   "(default: the embedded tiny model)")
+    p.add_argument("--base", default=None, help="base model: a diffusers folder, a .safetensors/.ckpt file or a "
+                   "Hugging Face hub id like org/name[@REV] (default: the embedded tiny model)")
+    p.add_argument(MAX_PIXELS_FLAG, type=int, default=None, metavar="N",
+                   help="largest output, in pixels (default: the device's memory / "
+                   f"{BYTES_PER_PIXEL} bytes per pixel, as generate)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_CHOICES], help="model precision")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: the best available)")
     p.add_argument("--out", default=None, metavar="FILE",
@@ -51,14 +56,14 @@ def run(args: argparse.Namespace) -> int:
     """Check the inputs, load the models, upscale, write the PNG with its settings."""
     import sys
 
+    from controlnet.defaults import scheduler_name
     from controlnet.embedded import resolve_controlnet
     from controlnet.images import load_image, png_metadata, save_png
-    from controlnet.pipeline import Pipeline
-    from controlnet.upscale import upscale
+    from controlnet.limits import check_max_pixels, check_scale
 
     source = load_image(args.image)  # a missing or unreadable picture fails before any model loads
-    if not args.scale >= 1:
-        raise UserError(f"--scale must be >= 1, got {args.scale}")
+    check_scale(args.scale, source.shape[1], source.shape[0], check_max_pixels(args.max_pixels), args.device)
+    args.scheduler = scheduler_name(args.scheduler)  # A1111's names become ours
     if not 0.0 <= args.denoise <= 1.0:
         raise UserError(f"--denoise must be in [0, 1], got {args.denoise}")
     controlnet = None if args.controlnet in ("", "none") else args.controlnet
@@ -66,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
         resolve_controlnet(controlnet)
     scale_name = f"{args.scale:g}"
     out = Path(args.out) if args.out else Path("outputs") / f"{Path(args.image).stem}-x{scale_name}.png"
+    from controlnet.pipeline import Pipeline  # torch and the models only once the options are known to be good
+    from controlnet.upscale import upscale
+
     pipe = Pipeline.from_pretrained(args.base, dtype=args.dtype, device=args.device)
 
     def report(k: int, n: int) -> None:
@@ -75,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     result = upscale(pipe, source, args.scale, tile=args.tile, overlap=args.overlap, controlnet=controlnet,
                      strength=args.strength, prompt=args.prompt, negative_prompt=args.negative_prompt,
                      denoise=args.denoise, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
-                     seed=args.seed, on_tile=report)
+                     seed=args.seed, max_pixels=args.max_pixels, on_tile=report)
     result.settings["upscale"]["source"] = str(args.image)
     save_png(out, result.image, png_metadata(result.settings))
     print(out)

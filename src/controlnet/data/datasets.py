@@ -100,11 +100,15 @@ def find_manifest(data: str | Path) -> Path:
     data = Path(data).expanduser()
     if data.is_file():
         return data
+    if data.exists() and not data.is_dir():  # a FIFO or a device would block the read or never end
+        raise UserError(f"--data {data} is not a regular file (a FIFO, a device, ...); pass a folder or a manifest file")
     if not data.is_dir():
         raise UserError(f"--data {data} does not exist; pass a folder with prompt.json or metadata.jsonl")
     for name in MANIFEST_NAMES:
         if (data / name).is_file():
             return data / name
+        if (data / name).exists():
+            raise UserError(f"--data {data}: its {name} is not a regular file (a FIFO, a device, ...); make it one")
     raise UserError(
         f"--data {data} has no prompt.json (fill50k layout) or metadata.jsonl (image, conditioning_image, text); "
         "add one, or pass the manifest file itself"

@@ -193,6 +193,9 @@ def _check_paths(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and Path(value).expanduser().exists() and not Path(value).expanduser().is_dir():
             raise UserError(f"{_flag(name)} {value} is a file; give a folder")
+    from controlnet.train.folder import check_out_folder
+
+    check_out_folder(Path(config.out).expanduser())
     if config.export_original:
         from controlnet.checkpoints import PICKLE_SUFFIXES
 
