@@ -59,5 +59,5 @@ def test_readme_blocks_run_in_order(tmp_path):
             assert proc.returncode == 0, f"README command failed ({proc.returncode}): {argv[-1]}\n{proc.stderr[-2000:]}"
             ran.append(argv[-1])
     assert any(c.startswith("controlnet generate") for c in ran)
-    for made in ("examples/condition.png", "outputs/first", "outputs/python.png", "runs/fill-small/controlnet"):
+    for made in ("examples/circle.png", "outputs/first", "outputs/python.png", "runs/fill-small/controlnet"):
         assert (tmp_path / made).exists(), f"{made} was not written by the README's commands"

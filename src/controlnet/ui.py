@@ -1008,11 +1008,13 @@ def launch(config: UiConfig, block: bool = True, quiet: bool = False) -> Any:
     app = build_app(backend)
     app.queue(default_concurrency_limit=1)
     if not quiet:
-        print(f"controlnet ui: PNGs are saved in {backend.output_dir}; press Ctrl+C to stop", flush=True)
+        print(f"controlnet ui: serving http://{config.host}:{config.port}; PNGs are saved in {backend.output_dir}; "
+              "press Ctrl+C to stop", flush=True)
     try:
+        # quiet=True always: gradio's own banner suggests share=True in launch(), which a CLI user cannot act on.
         app.launch(
             server_name=config.host, server_port=config.port, share=False, inbrowser=False,
-            prevent_thread_lock=not block, quiet=quiet, show_error=False, ssr_mode=False,
+            prevent_thread_lock=not block, quiet=True, show_error=False, ssr_mode=False,
             allowed_paths=[str(backend.output_dir)], mcp_server=False, auth=config.auth,
             max_file_size=MAX_UPLOAD, app_kwargs={"middleware": [body_limit_middleware()]},
         )
