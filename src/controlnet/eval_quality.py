@@ -49,9 +49,12 @@ class ClipFeatures:
         import torch
         from transformers import CLIPModel, CLIPProcessor
 
+        from controlnet.hub import quiet_loading
+
         try:
-            self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval().to(device)
-            self.processor = CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
+            with quiet_loading():
+                self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval().to(device)
+                self.processor = CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
         except (OSError, ValueError, KeyError) as err:
             raise UserError(f"{folder} is not a CLIP model folder ({str(err).splitlines()[0]}); pass a folder "
                             "saved by transformers' CLIPModel, e.g. openai/clip-vit-base-patch16") from None

@@ -17,8 +17,8 @@ Scores by condition type (:data:`SCORES`; the annotator names the type, :data:`S
 * hed, pidinet, softedge, scribble, lineart, lines, mlsd → ``ms_ssim``: multi-scale SSIM (Wang, Simoncelli, Bovik
   2003) of the grey conditions in [0, 1] with torchmetrics' ``multiscale_structural_similarity_index_measure``,
   the function eval/eval_edge.py calls (``MultiScaleStructuralSimilarityIndexMeasure(data_range=1.0)``); also
-  ``ssim``, single-scale (:func:`controlnet.metrics.ssim`). MS-SSIM's five scales need images over 160 px; a
-  smaller image uses the first scales that fit, their weights rescaled to sum to 1 (:func:`ms_ssim`).
+  ``ssim``, single-scale (:func:`controlnet.metrics.ssim`). MS-SSIM's five scales need images of 176 px or more; a
+  smaller image (under 176 px) uses the first scales that fit, their weights rescaled to sum to 1 (:func:`ms_ssim`).
 * depth → ``rmse``: root mean squared error of the 8-bit depth images (eval/eval_depth.py), in 0..255.
 * segmentation → ``miou``: mean IoU over the classes present in either label map (palette colours → classes).
 * openpose, openpose_hand, pose → ``pck``: the fraction of the reference person's keypoints that the re-detected
@@ -198,7 +198,7 @@ def _grey(image: np.ndarray) -> np.ndarray:
 def ms_ssim(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
     """(MS-SSIM, scales used) of two (H, W, 3) uint8 conditions, grey in [0, 1], torchmetrics' computation.
 
-    torchmetrics needs the image's side above ``(kernel - 1) * max(1, scales - 1) ** 2`` pixels; the most scales
+    torchmetrics needs ``side // max(1, scales - 1) ** 2 > kernel - 1`` (and ``side >= 2 ** scales``); the most scales
     (of 5) that fit are used, with :data:`MS_SSIM_BETAS` cut to them and rescaled to sum to 1.
     """
     import torch
@@ -206,7 +206,7 @@ def ms_ssim(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
 
     side = min(a.shape[:2])
     scales = max((n for n in range(1, len(MS_SSIM_BETAS) + 1)
-                  if side > (MS_SSIM_KERNEL - 1) * max(1, n - 1) ** 2), default=0)
+                  if side // max(1, n - 1) ** 2 > MS_SSIM_KERNEL - 1 and side >= 2**n), default=0)
     if scales == 0:
         raise UserError(f"MS-SSIM needs images over {MS_SSIM_KERNEL - 1} pixels, got {side}; raise --resolution")
     betas = np.array(MS_SSIM_BETAS[:scales]) / sum(MS_SSIM_BETAS[:scales])
@@ -217,7 +217,8 @@ def ms_ssim(a: np.ndarray, b: np.ndarray) -> tuple[float, int]:
 
 
 def palette_labels(image: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """``(H, W)`` int64: the index of the nearest palette colour of each pixel."""
+    """``(H, W)`` int64: the index of the nearest palette colour of each pixel; of classes that share a colour
+    (ADE20K's 6 and 48), the first."""
     pixels = image.reshape(-1, 1, 3).astype(np.int32)
     distance = ((pixels - palette[None].astype(np.int32)) ** 2).sum(axis=2)  # (H*W, classes)
     return distance.argmin(axis=1).reshape(image.shape[:2])
