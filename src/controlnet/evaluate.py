@@ -39,15 +39,15 @@ import json
 import math
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from controlnet.errors import UserError
-from controlnet.eval_protocol import (DEFAULT_CLIP_WEIGHTS, NO_WEIGHTS, PROTOCOL_GUIDANCE, PROTOCOL_NEGATIVE_PROMPT, PROTOCOL_PER_EXAMPLE,
-                                      PROTOCOL_SCHEDULER, PROTOCOL_STEPS)
+from controlnet.eval_protocol import (DEFAULT_CLIP_WEIGHTS, NO_WEIGHTS, PROTOCOL_GUIDANCE, PROTOCOL_NEGATIVE_PROMPT,
+                                      PROTOCOL_PER_EXAMPLE, PROTOCOL_SCHEDULER, PROTOCOL_STEPS)
 
 # --------------------------------------------------------------------------- protocol settings
 

@@ -44,8 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--guidance", type=float, default=PROTOCOL_GUIDANCE,
                         help="classifier-free guidance scale (the protocol's; the embedded demo uses 5)")
     parser.add_argument("--scheduler", default=PROTOCOL_SCHEDULER, help="sampler")
-    parser.add_argument("--negative-prompt", default=None, help=f"default: the protocol's {PROTOCOL_NEGATIVE_PROMPT!r}, "
-                        "or empty on the embedded base (its vocabulary lacks those words)")
+    parser.add_argument("--negative-prompt", default=None,
+                        help=f"default: the protocol's {PROTOCOL_NEGATIVE_PROMPT!r}, or empty on the embedded base "
+                        "(its vocabulary lacks those words)")
     parser.add_argument("--strength", type=float, default=1.0, help="ControlNet strength")
     parser.add_argument("--seed", type=int, default=0, help="seed of image 0; also seeds the bootstrap")
     parser.add_argument("--resolution", type=int, default=None, help="square side of the images (default: the "
