@@ -582,6 +582,10 @@ def _resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return resize_cover(image, size[1], size[0])
 
 
+def _shown(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.3f}"
+
+
 def worst_grid(out: Path, results: list[dict[str, Any]], kind: str, shown: int = WORST_SHOWN,
                pad: int = 4, label_height: int = 14) -> np.ndarray:
     """(H, W, 3) uint8: the ``shown`` worst examples by the primary score, each its worst image, in rows
@@ -603,11 +607,10 @@ def worst_grid(out: Path, results: list[dict[str, Any]], kind: str, shown: int =
         k = min(range(len(r["images"])), key=lambda i: badness(r["images"][i]["scores"].get(kind)))
         cells = [load_image(folder / f"{r['id']}{suffix}") for suffix in
                  ("_condition.png", f"_{k}.png", f"_{k}_detected.png")]
-        value = r["images"][k]["scores"].get(kind)
-        shown_value = "undefined" if value is None else f"{value:.3f}"
-        rows.append((f"{r['id']} seed {r['images'][k]['seed']}: {kind} {shown_value}", cells))
+        mean, value = (_shown(v) for v in (r["scores"].get(kind), r["images"][k]["scores"].get(kind)))
+        rows.append((f"{r['id']}: {kind} {mean} (this image, seed {r['images'][k]['seed']}: {value})", cells))
     side_h, side_w = rows[0][1][0].shape[:2]
-    width = max(3 * (side_w + pad) + pad, 360)
+    width = max(3 * (side_w + pad) + pad, 480)  # room for the label
     canvas = Image.new("RGB", (width, label_height + len(rows) * (side_h + label_height + pad) + pad), (255,) * 3)
     draw = ImageDraw.Draw(canvas)
     for j, name in enumerate(("condition", "generated", "re-detected")):
