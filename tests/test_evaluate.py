@@ -297,6 +297,7 @@ def test_cli_on_the_embedded_model_with_and_without_the_controlnet(fill_data, tm
     (["--annotator", "tile"], "has no controllability score"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--controlnet", "no-such-folder/controlnet", "--annotator", "canny"], "no-such-folder/controlnet"),
+    (["--controlnet", "none", "--annotator", "hed"], "ControlNetHED.pth"),  # weights not in the (empty) cache
 ])
 def test_bad_input_exits_2_in_one_line_and_writes_nothing(fill_data, tmp_path, capsys, extra, message):
     out = tmp_path / "out"

@@ -99,7 +99,7 @@ class EvalConfig:
 
     ``controlnet`` None evaluates the base alone (the "without ControlNet" row). ``negative_prompt`` None: the
     protocol's, except on the embedded base, whose vocabulary has none of its words (there: the empty prompt
-    it was trained with). ``scheduler`` None: the protocol's UniPC. ``resolution`` None: the base's native size
+    it was trained with). ``scheduler`` None: the base's own. ``resolution`` None: the base's native size
     (with a given generator: the dataset's image size). ``limit``: the first N examples only.
     """
 
@@ -121,7 +121,6 @@ class EvalConfig:
     clip_weights: str | None = None
     fid_weights: str | None = None
     bootstrap: int = 1000
-    device: str | None = None
 
     def check(self) -> None:
         """One-line :class:`UserError` for a setting out of range."""
@@ -428,7 +427,8 @@ def evaluate(config: EvalConfig, generate: Generator | None = None, progress: bo
     config.check()
     rows = read_dataset(config.data, config.annotator)[: config.limit]
     kind = score_kind(config.annotator, config.controlnet, [r.prompt for r in rows])
-    params = annotators.get(config.annotator).resolve(dict(config.annotator_params)) if config.annotator else {}
+    # Missing detector weights fail here, once, before anything is written.
+    params = annotators.get(config.annotator).check_ready(dict(config.annotator_params)) if config.annotator else {}
     pipe = None
     if generate is None:
         from controlnet.demo import load_pipeline
