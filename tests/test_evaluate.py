@@ -4,6 +4,7 @@ comparisons, image quality from local weights only, and bad input refused in one
 from __future__ import annotations
 
 import json
+from json import dumps as json_dumps  # the stand-in pose detector's parameter is called json
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,47 @@ def test_pck_counts_keypoints_within_a_tenth_of_the_box():
     assert pck([ref], [np.zeros((5, 3)), ref]) == 1.0  # matched to the right person
     assert pck([ref], []) == 0.0
     assert np.isnan(pck([np.zeros((5, 3))], [ref]))
+
+
+def _toy_pose(image, json=None):
+    """A stand-in pose detector: one "person" whose first five keypoints are the centroid and the four extreme
+    points of the pixels unlike the border colour (none found: no person), as OpenPose JSON; drawn as dots."""
+    from controlnet.data.fill import circle_mask
+
+    mask = circle_mask(image)
+    people = []
+    if mask.any():
+        ys, xs = np.nonzero(mask)
+        points = [(xs.mean(), ys.mean()), (xs.min(), ys[xs.argmin()]), (xs.max(), ys[xs.argmax()]),
+                  (xs[ys.argmin()], ys.min()), (xs[ys.argmax()], ys.max())]
+        flat = [v for x, y in points for v in (float(x), float(y), 1.0)] + [0.0] * 3 * (18 - len(points))
+        people.append({"pose_keypoints_2d": flat})
+    if json is not None:
+        Path(json).write_text(json_dumps({"people": people}))
+    canvas = np.zeros_like(image)
+    for person in people:
+        for x, y in np.array(person["pose_keypoints_2d"]).reshape(18, 3)[:5, :2].astype(int):
+            canvas[y, x] = 255
+    return canvas
+
+
+def test_pose_scores_pck_through_the_annotators_json(fill_data, tmp_path, monkeypatch):
+    """The pose route end to end, with a stand-in detector registered as "pose": the keypoints of the dataset's
+    image are the reference, those of each generated image are compared (all found: 1; no person: 0)."""
+    from controlnet import annotators
+    from controlnet.annotators.registry import Annotator, Param
+
+    toy = Annotator("pose", _toy_pose, "stand-in", (Param("json", Path, None, "keypoints out"),))
+    monkeypatch.setitem(annotators.REGISTRY, "pose", toy)
+    kw = {"controlnet": "lllyasviel/control_v11p_sd15_openpose", "annotator": "pose"}
+    own = _run(fill_data, tmp_path / "own", identity, **kw)
+    assert own["score"] == "pck" and _mean(own, "pck") == 1.0
+    assert _mean(_run(fill_data, tmp_path / "blank", blank, **kw), "pck") == 0.0
+
+    def moved(example, seeds):  # the picture 40 px to the right: the circle's keypoints far off
+        return [np.roll(example.image, 40, axis=1) for _ in seeds]
+
+    assert _mean(_run(fill_data, tmp_path / "moved", moved, **kw), "pck") < 0.5
 
 
 def test_segmentation_colours_read_back_as_their_classes():
