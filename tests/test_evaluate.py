@@ -180,6 +180,42 @@ def test_pose_scores_pck_through_the_annotators_json(fill_data, tmp_path, monkey
     assert _mean(_run(fill_data, tmp_path / "moved", moved, **kw), "pck") < 0.5
 
 
+def _toy_depth(image):
+    """A stand-in depth detector: brightness as nearness (8-bit, grey)."""
+    return np.repeat(image.mean(axis=2, keepdims=True).round().astype(np.uint8), 3, axis=2)
+
+
+def _toy_segmentation(image):
+    """A stand-in segmenter: ADE20K class 12 where the pixels are unlike the border colour, class 0 elsewhere."""
+    from controlnet.annotators.palettes import ADE20K
+    from controlnet.data.fill import circle_mask
+
+    return ADE20K[np.where(circle_mask(image), 12, 0)]
+
+
+@pytest.mark.parametrize("name, detector", [("depth", _toy_depth), ("segmentation", _toy_segmentation)])
+def test_depth_rmse_and_segmentation_miou_known_answers(fill_data, tmp_path, monkeypatch, name, detector):
+    """With stand-in detectors registered under the real names: the own image scores RMSE 0 / mIoU 1; a blank
+    one scores the condition's RMS / the background's share over two classes, computed here from the files."""
+    from controlnet import annotators
+    from controlnet.annotators.registry import Annotator
+
+    monkeypatch.setitem(annotators.REGISTRY, name, Annotator(name, detector, "stand-in"))
+    kw = {"controlnet": None, "annotator": name}
+    metric, perfect = ("rmse", 0.0) if name == "depth" else ("miou", 1.0)
+    assert _mean(_run(fill_data, tmp_path / "own", identity, **kw), metric) == perfect
+    _run(fill_data, tmp_path / "blank", blank, **kw)
+    rows = [json.loads(line) for line in (tmp_path / "blank" / "results.jsonl").read_text().splitlines()]
+    for row in rows:
+        condition = load_image(tmp_path / "blank" / "images" / f"{row['id']}_condition.png")
+        if name == "depth":
+            expected = np.sqrt(np.mean(condition[..., 0].astype(np.float64) ** 2))
+        else:
+            background = np.mean((condition == condition[0, 0]).all(axis=2))
+            expected = background / 2  # background IoU = its share; the circle's class: 0
+        assert row["scores"][metric] == pytest.approx(expected, abs=1e-9), row["id"]
+
+
 def test_segmentation_colours_read_back_as_their_classes():
     from controlnet.annotators.palettes import ADE20K
     from controlnet.annotators.structured import segmentation
