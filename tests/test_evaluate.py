@@ -398,3 +398,11 @@ def test_dataset_with_missing_files_exits_2_in_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == EXIT_BAD_INPUT and len(err.splitlines()) == 1 and message in err, err
         assert not out.exists()
+
+
+def test_no_data_and_missing_runs_to_compare_exit_2_in_one_line(tmp_path, capsys):
+    for argv, message in ((["evaluate"], "pass --data DATASET"),
+                          (["evaluate", "--compare", str(tmp_path / "a"), str(tmp_path / "b")], "does not exist")):
+        assert _main(argv) == EXIT_BAD_INPUT
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
