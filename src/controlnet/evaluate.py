@@ -354,6 +354,11 @@ def _caption_folder(folder: Path, annotator: str | None) -> list[DatasetRow]:
     images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise UserError(f"--data {folder} has no prompt.json, metadata.jsonl or images; give a dataset folder")
+    stems = [p.stem for p in images]
+    twice = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if twice:
+        raise UserError(f"--data {folder}: images share a name ({', '.join(twice[:5])}) and would share a caption "
+                        "file; rename them")
     missing = [p.with_suffix(".txt").name for p in images if not p.with_suffix(".txt").is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -422,6 +427,8 @@ def evaluate(config: EvalConfig, generate: Generator | None = None, progress: bo
     Everything is checked before ``config.out`` is written to; examples already scored with the same settings are
     read back, not generated again.
     """
+    from tqdm.auto import tqdm
+
     from controlnet import annotators
 
     config.check()
@@ -448,8 +455,6 @@ def evaluate(config: EvalConfig, generate: Generator | None = None, progress: bo
     }
     key = settings_key(settings)
     scorer = Scorer(kind, config.annotator, params)
-    from tqdm.auto import tqdm
-
     results = []
     for row in tqdm(rows, desc="evaluate", unit="example", disable=not progress, file=sys.stderr):
         result = read_done(config.out, row.id, key)
