@@ -406,3 +406,20 @@ def test_no_data_and_missing_runs_to_compare_exit_2_in_one_line(tmp_path, capsys
         assert _main(argv) == EXIT_BAD_INPUT
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_the_pipeline_is_called_in_batches_of_at_most_twelve_consecutive_seeds():
+    from controlnet.evaluate import generate_images
+
+    calls = []
+
+    class Recording:
+        def __call__(self, prompt, controls, **settings):
+            calls.append((settings["seed"], settings["num_images"]))
+            images = [np.full((8, 8, 3), settings["seed"] + k, np.uint8) for k in range(settings["num_images"])]
+            return type("Result", (), {"images": images})()
+
+    seeds = list(range(5, 19))
+    images = generate_images(Recording(), "p", None, np.zeros((8, 8, 3), np.uint8), seeds,
+                             EvalConfig(Path("data"), Path("out")), "")
+    assert calls == [(5, 12), (17, 2)] and [int(im[0, 0, 0]) for im in images] == seeds

@@ -392,15 +392,21 @@ def pipeline_generator(pipe: Any, config: EvalConfig, negative_prompt: str) -> G
 
 def generate_images(pipe: Any, prompt: str, controlnet: str | None, condition: np.ndarray, seeds: Sequence[int],
                     config: EvalConfig, negative_prompt: str) -> list[np.ndarray]:
-    """Images for consecutive ``seeds`` (image k from seed ``seeds[0] + k``): the one call of the pipeline."""
+    """Images for consecutive ``seeds`` (image k from seed ``seeds[0] + k``), in batches of at most
+    :data:`controlnet.defaults.MAX_NUM_IMAGES`: the one place that calls the pipeline."""
+    from controlnet.defaults import MAX_NUM_IMAGES
     from controlnet.pipeline import ControlUnit
 
     controls = [] if controlnet is None else [ControlUnit(controlnet, condition, strength=config.strength)]
     height, width = condition.shape[:2]
-    result = pipe(prompt, controls, negative_prompt=negative_prompt, steps=config.steps, guidance=config.guidance,
-                  scheduler=config.scheduler, seed=seeds[0], size=(width, height), num_images=len(seeds),
-                  output_type="np", progress=False)
-    return list(result.images)
+    images: list[np.ndarray] = []
+    for start in range(0, len(seeds), MAX_NUM_IMAGES):
+        batch = seeds[start : start + MAX_NUM_IMAGES]
+        result = pipe(prompt, controls, negative_prompt=negative_prompt, steps=config.steps, guidance=config.guidance,
+                      scheduler=config.scheduler, seed=batch[0], size=(width, height), num_images=len(batch),
+                      output_type="np", progress=False)
+        images += list(result.images)
+    return images
 
 
 def negative_prompt_of(config: EvalConfig, pipe: Any) -> str:
