@@ -29,6 +29,7 @@ COMMANDS = [
     "controlnet.commands.train",
     "controlnet.commands.data",
     "controlnet.commands.demo",
+    "controlnet.commands.evaluate",
     "controlnet.commands.convert",
     "controlnet.commands.ui",
 ]
