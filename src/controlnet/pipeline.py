@@ -112,6 +112,8 @@ class ControlUnit:
         residual_scales: optional per-residual factors (down residuals then mid, ``num_residuals`` values),
             multiplied by ``strength``; replaces the ``0.825**(N-1-j)`` of guess mode and of the control modes.
         control_mode: "balanced", "prompt" or "controlnet" (the A1111 extension's modes; module docstring).
+        control_type: the condition's type for a union ControlNet ("depth", "openpose", ...; the model's own
+            names, :data:`controlnet.union.CONTROL_TYPES` for SDXL union/ProMax); None for other families.
     """
 
     controlnet: ControlNetRef
@@ -123,6 +125,7 @@ class ControlUnit:
     annotator_params: dict[str, Any] = field(default_factory=dict)
     residual_scales: Sequence[float] | None = None
     control_mode: str = "balanced"
+    control_type: str | None = None
 
     def __post_init__(self) -> None:
         self.strength, self.start, self.end = float(self.strength), float(self.start), float(self.end)

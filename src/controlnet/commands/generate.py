@@ -110,6 +110,9 @@ def register(subparsers: Any) -> None:
     unit.add_argument("--control-mode", action=_UnitOption, dest="unit_options", choices=CONTROL_MODES,
                       help="balanced; prompt: deep residuals weaker; controlnet: conditional branch only "
                       "(the A1111 extension's modes; default balanced)")
+    unit.add_argument("--control-type", action=_UnitOption, dest="unit_options", metavar="NAME",
+                      help="the condition's type for a union ControlNet (e.g. depth, openpose, canny; "
+                      "`controlnet info FILE` lists a file's types)")
     unit.add_argument("--control-dir", action=_UnitOption, dest="unit_options", metavar="DIR",
                       help="instead of --control: one generation per image in DIR, named after it (resumable)")
     p.set_defaults(func=run, unit_options=[])
@@ -296,7 +299,8 @@ def _control_units(args: argparse.Namespace, config: GenerationConfig, batch: "B
         units.append(ControlUnit(
             controlnet=spec["controlnet"], image=spec["control"],
             strength=spec.get("strength", 1.0), start=spec.get("start", 0.0), end=spec.get("end", 1.0),
-            control_mode=spec.get("control-mode", "balanced"), annotator=spec.get("annotator"),
+            control_mode=spec.get("control-mode", "balanced"), control_type=spec.get("control-type"),
+            annotator=spec.get("annotator"),
             annotator_params=annotator_params(spec.get("annotator"), spec.get("annotator-param", []), index),
         ))
     return units
@@ -578,7 +582,8 @@ def _unit_options(units: Any, roots: list[Path]) -> list[tuple[str, Any]]:
         options += [("--controlnet", stored_path(unit["controlnet"], roots, f"ControlNet {j + 1}",
                                                  names=list(bundled_controlnets()), folders=True)),
                     ("--control", stored_path(unit["control"], roots, f"ControlNet {j + 1}'s control image"))]
-        for key, kind in (("strength", float), ("start", float), ("end", float), ("control_mode", str)):
+        for key, kind in (("strength", float), ("start", float), ("end", float), ("control_mode", str),
+                          ("control_type", str)):
             value = unit.get(key)
             if value is not None:
                 if not isinstance(value, (int, float) if kind is float else str) or isinstance(value, bool):
