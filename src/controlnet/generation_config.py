@@ -296,7 +296,7 @@ class GenerationConfig:
                 raise UserError(f"{flag}: {'inpainting' if flag == '--mask' else 'the hires fix'} on {base} is not "
                                 "supported yet; use text-to-image or img2img (--init-image, --denoise)")
         if self.size is not None and any(side % FLOW_SIZE_MULTIPLE for side in self.size):
-            width, height = (max(FLOW_SIZE_MULTIPLE, round(side / FLOW_SIZE_MULTIPLE) * FLOW_SIZE_MULTIPLE)
+            width, height = (max(1, math.floor(side / FLOW_SIZE_MULTIPLE + 0.5)) * FLOW_SIZE_MULTIPLE  # halves up
                              for side in self.size)
             raise UserError(f"size {self.size[0]}x{self.size[1]} does not fit {base}: give a width and height "
                             f"divisible by {FLOW_SIZE_MULTIPLE}, e.g. {width}x{height}")

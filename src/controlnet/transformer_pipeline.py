@@ -435,7 +435,7 @@ class TransformerPipeline:
             raise UserError(f"ControlNet {index + 1}: --control-mode {unit.control_mode} is for UNet bases; drop it "
                             f"on this {self.family} base")
         cn = self.load_controlnet(unit.controlnet)
-        mode = getattr(unit, "control_type", None)
+        mode = unit.control_type
         num_mode = getattr(cn.config, "num_mode", None)
         if num_mode and mode is None:
             raise UserError(f"ControlNet {index + 1} is a union ControlNet: give --control-type, one of "
