@@ -62,7 +62,7 @@ def assets(tmp_path_factory):
 
 def _args(assets, family: str, out, *extra: str) -> list[str]:
     return ["generate", "--base", str(assets / family), "--prompt", PROMPT, "--steps", "2", "--size", f"{SIZE}x{SIZE}",
-            "--seed", "3", "--dtype", "fp32", "-q", "--out", str(out), *extra]
+            "--seed", "3", "--dtype", "fp32", "--device", "cpu", "-q", "--out", str(out), *extra]
 
 
 def _pixels(path) -> np.ndarray:
@@ -151,6 +151,20 @@ def test_union_mode_img2img_and_two_images(assets, tmp_path):
     assert not np.array_equal(_pixels(out / "00000-3.png"), np.asarray(other[0]))  # the mode acts
     settings = json.loads(Image.open(out / "00000-4.png").text["settings"])
     assert settings["denoise"] == 0.5 and settings["controlnets"][0]["control_type"] == "depth"
+
+
+def test_offload_and_vae_tiling_are_mapped(assets, tmp_path):
+    """--offload model (accelerate's hooks, here executing on the CPU: the same arithmetic) and --vae-tiling on
+    give the direct call's image with tiling on; --vae-tiling off another (128 px: 2x2 tiles of the tiny VAE)."""
+    size = ["--size", "128x128"]
+    assert _main(_args(assets, "flux", tmp_path / "on", *size, "--offload", "model", "--vae-tiling", "on")) == 0
+    assert _main(_args(assets, "flux", tmp_path / "off", *size, "--vae-tiling", "off")) == 0
+    pipe = TransformerPipeline.from_pretrained(assets / "flux")
+    pipe.vae_tiling = "on"
+    direct = pipe(PROMPT, height=128, width=128, steps=2, seed=3)
+    tiled = _pixels(tmp_path / "on" / "00000-3.png")
+    assert np.array_equal(tiled, np.asarray(direct[0]))
+    assert not np.array_equal(tiled, _pixels(tmp_path / "off" / "00000-3.png"))
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])

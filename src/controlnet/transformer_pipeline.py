@@ -434,6 +434,9 @@ class TransformerPipeline:
         if unit.control_mode != "balanced":
             raise UserError(f"ControlNet {index + 1}: --control-mode {unit.control_mode} is for UNet bases; drop it "
                             f"on this {self.family} base")
+        if unit.residual_scales is not None or getattr(unit, "residual_scale", 1.0) != 1.0:
+            raise UserError(f"ControlNet {index + 1}: residual scales are for UNet ControlNets; on this "
+                            f"{self.family} base give --strength")
         cn = self.load_controlnet(unit.controlnet)
         mode = unit.control_type
         num_mode = getattr(cn.config, "num_mode", None)
