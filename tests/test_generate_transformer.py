@@ -153,6 +153,24 @@ def test_union_mode_img2img_and_two_images(assets, tmp_path):
     assert settings["denoise"] == 0.5 and settings["controlnets"][0]["control_type"] == "depth"
 
 
+def test_hub_ids_for_the_base_and_the_controlnet(assets, tmp_path, monkeypatch):
+    """A Flux base and its ControlNet named by hub ids (a hand-built cache, offline) give the folders' image."""
+    from cli_checks import offline_hub
+    from hubcache import add_to_hub_cache
+
+    offline_hub(monkeypatch, tmp_path / "hub")
+    add_to_hub_cache(tmp_path / "hub", "org/tiny-flux", {".": assets / "flux"})
+    add_to_hub_cache(tmp_path / "hub", "org/tiny-flux-controlnet", {".": assets / "cn-flux"})
+    unit = ["--control", str(assets / "cond.png"), "--strength", "0.8"]
+    by_id = _args(assets, "flux", tmp_path / "id", "--controlnet", "org/tiny-flux-controlnet", *unit)
+    by_id[by_id.index("--base") + 1] = "org/tiny-flux"
+    assert _main(by_id) == 0
+    assert _main(_args(assets, "flux", tmp_path / "path", "--controlnet", str(assets / "cn-flux"), *unit)) == 0
+    assert np.array_equal(_pixels(tmp_path / "id" / "00000-3.png"), _pixels(tmp_path / "path" / "00000-3.png"))
+    settings = json.loads(Image.open(tmp_path / "id" / "00000-3.png").text["settings"])
+    assert settings["base"] == "org/tiny-flux" and settings["controlnets"][0]["controlnet"] == "org/tiny-flux-controlnet"
+
+
 def test_offload_and_vae_tiling_are_mapped(assets, tmp_path):
     """--offload model (accelerate's hooks, here executing on the CPU: the same arithmetic) and --vae-tiling on
     give the direct call's image with tiling on; --vae-tiling off another (128 px: 2x2 tiles of the tiny VAE)."""

@@ -222,8 +222,8 @@ class GenerationConfig:
                                    f"{describe_family_defaults('scheduler')}; Flux and SD3: flow-matching Euler "
                                    "only)", group=SAMPLING, metavar="NAME")
     seed: int | None = option(0, help="image k uses seed + k; -1 picks a random seed (0..2**63-1)", group=SAMPLING)
-    size: tuple[int, int] | None = option(None, help="output size, multiples of 8 (default: the first control "
-                                          "image's aspect ratio at the base's resolution)", group=SAMPLING,
+    size: tuple[int, int] | None = option(None, help="output size, multiples of 8 (16 on Flux and SD3; default: "
+                                          "the first control image's aspect ratio at the base's resolution)", group=SAMPLING,
                                           metavar="WxH")
     num_images: int = option(1, help=f"images to generate, one batch, 1..{MAX_NUM_IMAGES}", group=SAMPLING, metavar="N")
     eta: float = option(0.0, help="DDIM eta, 0 = deterministic sampling (UNet bases)", group=SAMPLING)
