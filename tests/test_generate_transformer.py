@@ -171,6 +171,19 @@ def test_hub_ids_for_the_base_and_the_controlnet(assets, tmp_path, monkeypatch):
     assert settings["base"] == "org/tiny-flux" and settings["controlnets"][0]["controlnet"] == "org/tiny-flux-controlnet"
 
 
+def test_a_single_file_controlnet_without_config(assets, tmp_path):
+    """The ControlNet's weights alone (a single .safetensors, its config inferred from the shapes and the base)
+    give the folder's image."""
+    import shutil
+
+    single = tmp_path / "flux-controlnet.safetensors"
+    shutil.copyfile(assets / "cn-flux" / "diffusion_pytorch_model.safetensors", single)
+    unit = ["--control", str(assets / "cond.png"), "--strength", "0.8"]
+    assert _main(_args(assets, "flux", tmp_path / "file", "--controlnet", str(single), *unit)) == 0
+    assert _main(_args(assets, "flux", tmp_path / "folder", "--controlnet", str(assets / "cn-flux"), *unit)) == 0
+    assert np.array_equal(_pixels(tmp_path / "file" / "00000-3.png"), _pixels(tmp_path / "folder" / "00000-3.png"))
+
+
 def test_offload_and_vae_tiling_are_mapped(assets, tmp_path):
     """--offload model (accelerate's hooks, here executing on the CPU: the same arithmetic) and --vae-tiling on
     give the direct call's image with tiling on; --vae-tiling off another (128 px: 2x2 tiles of the tiny VAE)."""
@@ -223,17 +236,17 @@ def test_family_defaults_replace_only_what_is_left_to_the_base():
      "unknown control mode 'sketch'"),
     ("flux", ["--controlnet", "{a}/cn-flux", "--control", "{a}/cond.png", "--control-mode", "prompt"],
      "--control-mode prompt is for UNet bases"),
-    ("flux", ["--size", "40x40"], "does not fit a Flux base: give a width and height divisible by 16, e.g. 48x48"),
-    ("sd3", ["--size", "32x24"], "does not fit a SD3 base: give a width and height divisible by 16"),
+    ("flux", ["--size", "40x40"], "does not fit Flux bases: give a width and height divisible by 16, e.g. 48x48"),
+    ("sd3", ["--size", "32x24"], "does not fit SD3 bases: give a width and height divisible by 16"),
     ("flux", ["--scheduler", "euler"], "--scheduler is for UNet bases"),
     ("sd3", ["--eta", "0.5"], "--eta is for UNet bases"),
     ("flux", ["--guess-mode"], "--guess-mode is for UNet bases"),
     ("sd3", ["--reuse-residuals", "2"], "--reuse-residuals is for UNet bases"),
     ("flux", ["--negative-prompt", "blur"], "Flux is guidance-distilled"),
-    ("flux", ["--init-image", "{a}/init.png", "--mask", "{a}/init.png"], "--mask: inpainting on a Flux base is not"),
-    ("sd3", ["--hires-scale", "2"], "--hires-scale: the hires fix on a SD3 base is not"),
-    ("flux", ["--lora", "{a}/style.safetensors"], "--lora is not supported on a Flux base"),
-    ("sd3", ["--clip-skip", "2"], "--clip-skip is not supported on a SD3 base"),
+    ("flux", ["--init-image", "{a}/init.png", "--mask", "{a}/init.png"], "--mask: inpainting on Flux bases is not"),
+    ("sd3", ["--hires-scale", "2"], "--hires-scale: the hires fix on SD3 bases is not"),
+    ("flux", ["--lora", "{a}/style.safetensors"], "--lora is not supported on Flux bases"),
+    ("sd3", ["--clip-skip", "2"], "--clip-skip is not supported on SD3 bases"),
 ])
 def test_what_a_transformer_base_cannot_do_exits_2_in_one_line(assets, tmp_path, capsys, family, extra, message):
     out = tmp_path / "out"

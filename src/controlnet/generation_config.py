@@ -281,12 +281,12 @@ class GenerationConfig:
 
     def _check_flow(self, defaults: FlowDefaults) -> None:
         """A Flux or SD3 base's rules (one-line :class:`UserError` for what it has no use for) and defaults."""
-        base = f"a {defaults.label} base"
+        base = f"{defaults.label} bases"
         unet_only = (("--scheduler", self.scheduler is not None), ("--eta", self.eta != 0.0),
                      ("--guess-mode", self.guess_mode), ("--reuse-residuals", self.reuse_residuals != 1))
         for flag, given in unet_only:
             if given:
-                raise UserError(f"{flag} is for UNet bases (SD1.x/SD2.x/SDXL); {base} samples with flow-matching "
+                raise UserError(f"{flag} is for UNet bases (SD1.x/SD2.x/SDXL); {base} sample with flow-matching "
                                 "Euler: drop it")
         if defaults.label == "Flux" and self.negative_prompt:
             raise UserError("--negative-prompt: Flux is guidance-distilled and runs no CFG, so a negative prompt "

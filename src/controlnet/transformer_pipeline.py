@@ -9,6 +9,10 @@ FluxPipeline / StableDiffusion3Pipeline do, turns each unit's condition image in
     cn = load_transformer_controlnet("FLUX.1-dev-Controlnet-Union", base=pipe.transformer)
     images = pipe("a red circle", [TransformerUnit(cn, canny, mode="canny", end=0.8)], seed=0)
 
+:meth:`TransformerPipeline.generate` is ``controlnet generate`` 's entry: :class:`controlnet.pipeline.ControlUnit` s and
+a :class:`controlnet.generation_config.GenerationConfig` (the family's defaults: :data:`FLOW_DEFAULTS`) in, a
+:class:`controlnet.pipeline.GenerationResult` with its settings out, as the UNet pipeline's call.
+
 Generation order (one generator, seeded once): the starting noise first, then the condition latents (a VAE
 posterior sample each, as diffusers' pipelines draw them), so that a seed gives the same noise with or without
 ControlNets. A unit that never acts (strength 0, no step in its range) is neither encoded nor run.
@@ -433,10 +437,10 @@ class TransformerPipeline:
 
         if unit.control_mode != "balanced":
             raise UserError(f"ControlNet {index + 1}: --control-mode {unit.control_mode} is for UNet bases; drop it "
-                            f"on this {self.family} base")
+                            f"on this {self.defaults.label} base")
         if unit.residual_scales is not None or getattr(unit, "residual_scale", 1.0) != 1.0:
             raise UserError(f"ControlNet {index + 1}: residual scales are for UNet ControlNets; on this "
-                            f"{self.family} base give --strength")
+                            f"{self.defaults.label} base give --strength")
         cn = self.load_controlnet(unit.controlnet)
         mode = unit.control_type
         num_mode = getattr(cn.config, "num_mode", None)

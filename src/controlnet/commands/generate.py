@@ -390,7 +390,7 @@ def check_model_options(args: argparse.Namespace, family: str = UNET) -> dict[st
                      ("--channels-last", args.channels_last), ("--base-config", args.base_config))
         for flag, given in unet_only:
             if given:
-                raise UserError(f"{flag} is not supported on a {FLOW_DEFAULTS[family].label} base yet (UNet bases "
+                raise UserError(f"{flag} is not supported on {FLOW_DEFAULTS[family].label} bases yet (UNet bases "
                                 "only); drop it")
 
     if args.scheduler is not None:
