@@ -30,6 +30,7 @@ COMMANDS = [
     "controlnet.commands.data",
     "controlnet.commands.demo",
     "controlnet.commands.convert",
+    "controlnet.commands.info",
     "controlnet.commands.ui",
 ]
 

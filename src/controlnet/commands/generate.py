@@ -63,7 +63,10 @@ def register(subparsers: Any) -> None:
         help="generate images from a prompt and control images",
         description="Generate images from a prompt and one or more ControlNets with their condition images. "
         "Repeat --controlnet NAME_OR_PATH --control IMAGE [--annotator NAME [--annotator-param KEY=VALUE ...]] "
-        "[--strength S] [--start A] [--end B] once per ControlNet, in order.",
+        "[--strength S] [--start A] [--end B] [--control-type NAME] once per ControlNet, in order. --controlnet takes "
+        "every UNet control family, told from the file: ControlNets (original or diffusers layout), Union/ProMax "
+        "ControlNets (with --control-type; units naming one union model run as one pass), Control-LoRAs and "
+        "T2I-Adapters (--strength: the adapter scale; --end: the fraction of steps it acts for).",
     )
     p.add_argument("--prompt", default=None, help="what to draw (required unless --prompts or --from-png gives it)")
     p.add_argument("--base", default=None, help="base model: a diffusers folder, a .safetensors/.ckpt file or a "
@@ -94,7 +97,8 @@ def register(subparsers: Any) -> None:
     unit = p.add_argument_group("per ControlNet (repeat the group, in order)")
     unit.add_argument("--controlnet", action=_UnitOption, dest="unit_options", metavar="NAME_OR_PATH",
                       help="a bundled ControlNet name (e.g. fill), a path (diffusers folder, .safetensors, .pth) or a "
-                      "hub id (e.g. lllyasviel/control_v11p_sd15_canny)")
+                      "hub id (e.g. lllyasviel/control_v11p_sd15_canny): a ControlNet, Union/ProMax ControlNet, "
+                      "Control-LoRA or T2I-Adapter (`controlnet info FILE` says which)")
     unit.add_argument("--control", action=_UnitOption, dest="unit_options", metavar="IMAGE",
                       help="its condition image (resized to the output size: cover, then centre-crop)")
     unit.add_argument("--annotator", action=_UnitOption, dest="unit_options", metavar="NAME",
@@ -113,6 +117,10 @@ def register(subparsers: Any) -> None:
     unit.add_argument("--control-type", action=_UnitOption, dest="unit_options", metavar="NAME",
                       help="the condition's type for a union ControlNet (e.g. depth, openpose, canny; "
                       "`controlnet info FILE` lists a file's types)")
+    unit.add_argument("--residual-scale", action=_UnitOption, dest="unit_options", type=float, metavar="S",
+                      help="scales the residuals of the unit's pass, >= 0 (default 1.0); the same as --strength except "
+                      "for a union ControlNet given several conditions (its units fused into one pass): there "
+                      "--strength scales each condition's fused input, this the pass's residuals")
     unit.add_argument("--control-dir", action=_UnitOption, dest="unit_options", metavar="DIR",
                       help="instead of --control: one generation per image in DIR, named after it (resumable)")
     p.set_defaults(func=run, unit_options=[])
@@ -300,6 +308,7 @@ def _control_units(args: argparse.Namespace, config: GenerationConfig, batch: "B
             controlnet=spec["controlnet"], image=spec["control"],
             strength=spec.get("strength", 1.0), start=spec.get("start", 0.0), end=spec.get("end", 1.0),
             control_mode=spec.get("control-mode", "balanced"), control_type=spec.get("control-type"),
+            residual_scale=spec.get("residual-scale", 1.0),
             annotator=spec.get("annotator"),
             annotator_params=annotator_params(spec.get("annotator"), spec.get("annotator-param", []), index),
         ))
@@ -583,7 +592,7 @@ def _unit_options(units: Any, roots: list[Path]) -> list[tuple[str, Any]]:
                                                  names=list(bundled_controlnets()), folders=True)),
                     ("--control", stored_path(unit["control"], roots, f"ControlNet {j + 1}'s control image"))]
         for key, kind in (("strength", float), ("start", float), ("end", float), ("control_mode", str),
-                          ("control_type", str)):
+                          ("control_type", str), ("residual_scale", float)):
             value = unit.get(key)
             if value is not None:
                 if not isinstance(value, (int, float) if kind is float else str) or isinstance(value, bool):
