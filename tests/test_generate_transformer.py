@@ -236,6 +236,8 @@ def test_family_defaults_replace_only_what_is_left_to_the_base():
      "unknown control mode 'sketch'"),
     ("flux", ["--controlnet", "{a}/cn-flux", "--control", "{a}/cond.png", "--control-mode", "prompt"],
      "--control-mode prompt is for UNet bases"),
+    ("sd3", ["--controlnet", "{a}/cn-sd3", "--control", "{a}/cond.png", "--residual-scale", "0.5"],
+     "residual scales are for UNet ControlNets; on this SD3 base give --strength"),
     ("flux", ["--size", "40x40"], "does not fit Flux bases: give a width and height divisible by 16, e.g. 48x48"),
     ("sd3", ["--size", "32x24"], "does not fit SD3 bases: give a width and height divisible by 16"),
     ("flux", ["--scheduler", "euler"], "--scheduler is for UNet bases"),

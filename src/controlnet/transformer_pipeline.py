@@ -438,7 +438,7 @@ class TransformerPipeline:
         if unit.control_mode != "balanced":
             raise UserError(f"ControlNet {index + 1}: --control-mode {unit.control_mode} is for UNet bases; drop it "
                             f"on this {self.defaults.label} base")
-        if unit.residual_scales is not None or getattr(unit, "residual_scale", 1.0) != 1.0:
+        if unit.residual_scales is not None or unit.residual_scale != 1.0:
             raise UserError(f"ControlNet {index + 1}: residual scales are for UNet ControlNets; on this "
                             f"{self.defaults.label} base give --strength")
         cn = self.load_controlnet(unit.controlnet)
