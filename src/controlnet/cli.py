@@ -31,6 +31,7 @@ COMMANDS = [
     "controlnet.commands.demo",
     "controlnet.commands.evaluate",
     "controlnet.commands.convert",
+    "controlnet.commands.info",
     "controlnet.commands.ui",
 ]
 

@@ -4,7 +4,8 @@ its hires fix (:class:`HiresFix`).
 The list of generation settings exists here once. ``controlnet generate`` builds its options from the fields (the
 flag ``--mask-blur`` is the field ``mask_blur``, ``--hires-scale`` the hires field ``scale``; help text, group and
 choices from the field's metadata), the web UI and the batches build a config, :meth:`GenerationConfig.check`
-applies every rule (before any model is loaded: this module imports nothing heavy), the PNG settings are
+applies every rule (before any model is loaded: this module imports nothing heavy; ``check(family)`` adds a
+Flux or SD3 base's defaults and rules, :data:`FLOW_DEFAULTS`), the PNG settings are
 :meth:`GenerationConfig.to_settings` and ``--from-png`` is :meth:`GenerationConfig.from_settings`.
 :class:`controlnet.pipeline.Pipeline` takes one: ``pipe(prompt, controls, config)``.
 
@@ -37,6 +38,34 @@ SAMPLING, IMAGE, HIRES = "sampling", "image to image and inpainting", "hires fix
 MAX_STEPS = 1000
 # Largest side of an output, in pixels (SDXL's 1024 x 16); the pixel budget of the device is checked too.
 MAX_SIDE = 16384
+
+
+@dataclass(frozen=True)
+class FlowDefaults:
+    """A flow-matching base family's generation defaults (diffusers' FluxPipeline and StableDiffusion3Pipeline
+    ``__call__`` defaults): Flux's guidance is its distilled guidance embedding (no CFG), SD3's a CFG weight."""
+
+    label: str
+    steps: int
+    guidance: float
+    max_sequence_length: int
+
+
+# Flow-matching (transformer) base families, by controlnet.transformer_controlnet's family names.
+FLOW_DEFAULTS = {"flux": FlowDefaults("Flux", steps=28, guidance=3.5, max_sequence_length=512),
+                 "sd3": FlowDefaults("SD3", steps=28, guidance=7.0, max_sequence_length=256)}
+# Output sides of Flux and SD3 bases are multiples of 16: the VAE's 8x times Flux's 2x2 packing / SD3's 2x2 patches.
+FLOW_SIZE_MULTIPLE = 16
+
+
+class FamilyDefault(int):
+    """A steps value left to the base family (:meth:`GenerationConfig.check`): it equals DEFAULT_STEPS, the UNet
+    bases' default, and a Flux or SD3 base replaces it with its own; a value given explicitly is a plain int."""
+
+
+def _flow_defaults_text(name: str) -> str:
+    """``name`` ("guidance", "steps") of the Flux and SD3 bases, for --help: "3.5 for Flux, 7.0 for SD3"."""
+    return ", ".join(f"{getattr(d, name)} for {d.label}" for d in FLOW_DEFAULTS.values())
 
 
 def _size_text(size: tuple[int, int] | None) -> str | None:
@@ -180,30 +209,37 @@ class GenerationConfig:
     ``scheduler`` None: the base family's; ``seed`` None (or -1): a random one; ``size`` None: the first control image's
     aspect ratio at the base's native resolution (or an init image's size)."""
 
-    negative_prompt: str = option("", help="what to avoid (the unconditional branch of guidance)", group=SAMPLING)
-    steps: int = option(DEFAULT_STEPS, help="denoising steps", group=SAMPLING)
-    guidance: float | None = option(None, help="classifier-free guidance scale, <= 1 turns it off (default: "
-                                    f"{describe_family_defaults('guidance')})", group=SAMPLING)
+    negative_prompt: str = option("", help="what to avoid (the unconditional branch of guidance; not on Flux, "
+                                  "which has no CFG)", group=SAMPLING)
+    steps: int = option(FamilyDefault(DEFAULT_STEPS), help=f"denoising steps (default: {DEFAULT_STEPS}), "
+                        f"{FLOW_DEFAULTS['flux'].steps} on Flux and SD3 bases", group=SAMPLING)
+    guidance: float | None = option(None, help="classifier-free guidance scale, <= 1 turns it off; on Flux the "
+                                    "distilled guidance (default: "
+                                    f"{describe_family_defaults('guidance')}, {_flow_defaults_text('guidance')})",
+                                    group=SAMPLING)
     scheduler: str | None = option(None, help=f"sampler: {', '.join(SCHEDULERS)}, or A1111's name ('DPM++ 2M Karras'); "
                                    "lcm/tcd: 4-8 steps with an LCM/TCD LoRA (default: "
-                                   f"{describe_family_defaults('scheduler')})", group=SAMPLING, metavar="NAME")
+                                   f"{describe_family_defaults('scheduler')}; Flux and SD3: flow-matching Euler "
+                                   "only)", group=SAMPLING, metavar="NAME")
     seed: int | None = option(0, help="image k uses seed + k; -1 picks a random seed (0..2**63-1)", group=SAMPLING)
-    size: tuple[int, int] | None = option(None, help="output size, multiples of 8 (default: the first control "
-                                          "image's aspect ratio at the base's resolution)", group=SAMPLING,
+    size: tuple[int, int] | None = option(None, help="output size, multiples of 8 (16 on Flux and SD3; default: "
+                                          "the first control image's aspect ratio at the base's resolution)", group=SAMPLING,
                                           metavar="WxH")
     num_images: int = option(1, help=f"images to generate, one batch, 1..{MAX_NUM_IMAGES}", group=SAMPLING, metavar="N")
-    eta: float = option(0.0, help="DDIM eta, 0 = deterministic sampling", group=SAMPLING)
+    eta: float = option(0.0, help="DDIM eta, 0 = deterministic sampling (UNet bases)", group=SAMPLING)
     guess_mode: bool = option(False, help="control on the conditional branch only, residual scales 0.825**(N-1-i) "
-                              "(works with an empty prompt)", group=SAMPLING)
+                              "(works with an empty prompt; UNet bases)", group=SAMPLING)
     reuse_residuals: int = option(1, help="compute each ControlNet every N steps and reuse its residuals in between "
-                                  "(faster, less exact; default 1: every step)", group=SAMPLING, metavar="N")
+                                  "(faster, less exact; default 1: every step; UNet bases)", group=SAMPLING,
+                                  metavar="N")
     image: ImageToImage = field(default_factory=ImageToImage)
     hires: HiresFix | None = None
 
-    def check(self) -> "GenerationConfig":
+    def check(self, family: str | None = None) -> "GenerationConfig":
         """Every rule of the settings, once (types too: settings read from a file are untrusted); returns self with
         the scheduler under our name. Rules that need the model (the scheduler's schedule length, an inpainting
-        UNet, the device's pixel budget) are the pipeline's."""
+        UNet, the device's pixel budget) are the pipeline's. ``family`` "flux" or "sd3" (:data:`FLOW_DEFAULTS`):
+        also that base's rules, and its defaults where the config leaves them to the base."""
         _need("negative prompt", self.negative_prompt, "text")
         _need("steps", self.steps, "int")
         if not 1 <= self.steps <= MAX_STEPS:
@@ -239,7 +275,35 @@ class GenerationConfig:
             self.hires.check()
             if self.image.init_image is not None:
                 raise UserError("hires fix is for text-to-image; for an init image, run img2img at the larger size")
+        if family in FLOW_DEFAULTS:
+            self._check_flow(FLOW_DEFAULTS[family])
         return self
+
+    def _check_flow(self, defaults: FlowDefaults) -> None:
+        """A Flux or SD3 base's rules (one-line :class:`UserError` for what it has no use for) and defaults."""
+        base = f"{defaults.label} bases"
+        unet_only = (("--scheduler", self.scheduler is not None), ("--eta", self.eta != 0.0),
+                     ("--guess-mode", self.guess_mode), ("--reuse-residuals", self.reuse_residuals != 1))
+        for flag, given in unet_only:
+            if given:
+                raise UserError(f"{flag} is for UNet bases (SD1.x/SD2.x/SDXL); {base} sample with flow-matching "
+                                "Euler: drop it")
+        if defaults.label == "Flux" and self.negative_prompt:
+            raise UserError("--negative-prompt: Flux is guidance-distilled and runs no CFG, so a negative prompt "
+                            "has no effect; drop it (SD3 takes one)")
+        for flag, given in (("--mask", self.image.mask is not None), ("--hires-scale", self.hires is not None)):
+            if given:
+                raise UserError(f"{flag}: {'inpainting' if flag == '--mask' else 'the hires fix'} on {base} is not "
+                                "supported yet; use text-to-image or img2img (--init-image, --denoise)")
+        if self.size is not None and any(side % FLOW_SIZE_MULTIPLE for side in self.size):
+            width, height = (max(1, math.floor(side / FLOW_SIZE_MULTIPLE + 0.5)) * FLOW_SIZE_MULTIPLE  # halves up
+                             for side in self.size)
+            raise UserError(f"size {self.size[0]}x{self.size[1]} does not fit {base}: give a width and height "
+                            f"divisible by {FLOW_SIZE_MULTIPLE}, e.g. {width}x{height}")
+        if isinstance(self.steps, FamilyDefault):
+            self.steps = defaults.steps
+        if self.guidance is None:
+            self.guidance = defaults.guidance
 
     @classmethod
     def build(cls, **settings: Any) -> "GenerationConfig":
@@ -299,4 +363,5 @@ def describe_image(image: Any) -> str:
     return f"<{type(image).__name__}>"
 
 
-__all__ = ["GenerationConfig", "HiresFix", "ImageToImage", "MAX_STEPS", "describe_image", "parse_size"]
+__all__ = ["FLOW_DEFAULTS", "FLOW_SIZE_MULTIPLE", "FamilyDefault", "FlowDefaults", "GenerationConfig", "HiresFix",
+           "ImageToImage", "MAX_STEPS", "describe_image", "parse_size"]

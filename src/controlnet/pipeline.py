@@ -30,6 +30,22 @@ Decisions (the sampler's and the conditions' own are in :mod:`controlnet.samplin
 * Guess mode (lllyasviel/ControlNet gradio_*.py, "guess_mode"): control on the conditional half of the CFG batch
   only, residual j of N scaled by ``strength * 0.825**(N-1-j)`` (:func:`controlnet.residuals.original_guess_mode_scales`).
   ``residual_scales`` on a unit overrides the per-residual factors (e.g. diffusers' ``logspace(-1, 0, N)``).
+* Control families (:meth:`Pipeline.load_controlnet` tells them from the file): a unit's ``strength``, ``start`` /
+  ``end``, ``residual_scales`` and control mode act on every family's residuals alike, and the residuals of all
+  units add, so ControlNets, a T2I-Adapter and union passes compose in one generation. What differs:
+
+  - T2I-Adapter (TencentARC; diffusers' StableDiffusion[XL]AdapterPipeline): its features are computed once per
+    generation and added inside the UNet's down blocks at every step in range; ``strength`` is diffusers'
+    ``adapter_conditioning_scale`` and ``end`` its ``adapter_conditioning_factor`` (with ``start`` 0). The
+    "prompt" mode weakens its deep features by 0.825 per level as it does a ControlNet's residuals; "controlnet"
+    and guess mode keep the unconditional half uncontrolled (diffusers' adapter pipelines have neither).
+  - Union/ProMax (xinsir): each unit names its ``control_type``; the units naming one union model are fused into
+    one forward pass (several conditions, in unit order), so they must share ``start``/``end``, the control mode
+    and ``residual_scale``. With several conditions ``strength`` scales each condition's fused input (xinsir's and
+    diffusers' rule: not a linear scale of the result) and ``residual_scale`` scales the pass's residuals; with one,
+    both scale the residuals.
+  - Control-LoRA (Stability): built on this pipeline's base UNet at its first load (base weights plus the file's
+    deltas); then a ControlNet like any other.
 * Size: multiples of the VAE factor (8); other sizes are rounded to the nearest multiple, with a warning.
   Without ``size``: the first control image's aspect ratio with its short side at the base's native
   resolution (the original's ``image_resolution`` rule), or a square at the native resolution.
@@ -85,13 +101,14 @@ from controlnet.img2img import Source
 from controlnet.limits import check_output_size
 from controlnet.loading import load_base
 from controlnet.model import UNetControlNet
+from controlnet.t2i_adapter import T2IAdapter, feature_layout
 from controlnet.residuals import original_guess_mode_scales
 from controlnet.sampling import Control, in_step_range, make_scheduler, sample
 from controlnet.runtime import Runtime
-from controlnet.settings import unit_settings
+from controlnet.settings import describe_controlnet, unit_settings
 from controlnet.text_conditioner import TextConditioner
 
-ControlNetRef = Union[UNetControlNet, str, os.PathLike]
+ControlNetRef = Union[UNetControlNet, nn.Module, str, os.PathLike]
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 
@@ -101,7 +118,8 @@ class ControlUnit:
     """One ControlNet with its condition and its settings for a generation.
 
     Args:
-        controlnet: a loaded :class:`~controlnet.model.ControlNet`, a bundled name ("fill") or a path.
+        controlnet: a loaded control model, a bundled name ("fill"), a path or a hub id: a ControlNet, a
+            Union/ProMax ControlNet, a Control-LoRA or a T2I-Adapter (the family is told from the file).
         image: the condition: a path, a PIL image (any mode), an array ``(H, W[, C])`` (uint8, or float in
             [0, 1]) or a tensor ``([1,] 3, H, W)`` / ``(H, W, 3)`` in [0, 1]. Resized to the output size by
             "cover, then centre-crop".
@@ -112,6 +130,11 @@ class ControlUnit:
         residual_scales: optional per-residual factors (down residuals then mid, ``num_residuals`` values),
             multiplied by ``strength``; replaces the ``0.825**(N-1-j)`` of guess mode and of the control modes.
         control_mode: "balanced", "prompt" or "controlnet" (the A1111 extension's modes; module docstring).
+        control_type: the condition's type for a union ControlNet ("depth", "openpose", ...; the model's own
+            names, :data:`controlnet.union.CONTROL_TYPES` for SDXL union/ProMax); None for other families.
+        residual_scale: multiplies the residuals of the unit's pass (>= 0). The same as ``strength`` for every
+            family but a union ControlNet fusing several conditions, where ``strength`` scales each condition's
+            fused input and ``residual_scale`` the pass's residuals (module docstring).
     """
 
     controlnet: ControlNetRef
@@ -123,9 +146,14 @@ class ControlUnit:
     annotator_params: dict[str, Any] = field(default_factory=dict)
     residual_scales: Sequence[float] | None = None
     control_mode: str = "balanced"
+    control_type: str | None = None
+    residual_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.strength, self.start, self.end = float(self.strength), float(self.start), float(self.end)
+        self.residual_scale = float(self.residual_scale)
+        if not math.isfinite(self.residual_scale) or self.residual_scale < 0:
+            raise UserError(f"residual scale must be a number >= 0, got {self.residual_scale}")
         if self.control_mode not in CONTROL_MODES:
             raise UserError(f"unknown control mode {self.control_mode!r}; choose one of {', '.join(CONTROL_MODES)}")
         if not math.isfinite(self.strength) or self.strength < 0:
@@ -243,27 +271,66 @@ class Pipeline:
         pipe.variant = variant
         return pipe
 
-    def load_controlnet(self, name_or_path: ControlNetRef) -> UNetControlNet:
-        """A ControlNet by bundled name or path (cached), or a given model, checked against the base's family."""
-        if isinstance(name_or_path, UNetControlNet):
+    def load_controlnet(self, name_or_path: ControlNetRef) -> nn.Module:
+        """A control model by bundled name, path or hub id (cached), or a given model, checked against the base.
+
+        The family is told from the file (:func:`controlnet.families.detect_family`): a ControlNet (original or
+        diffusers layout), a Union/ProMax ControlNet, a Control-LoRA (built on this pipeline's base UNet as it is
+        at its first load) or a T2I-Adapter. A model for another base (family or block widths), or a Flux/SD3
+        ControlNet on this UNet base, is refused in one line naming both."""
+        if isinstance(name_or_path, nn.Module):
             cn = name_or_path
         else:
-            from controlnet.checkpoints import load_controlnet
             from controlnet.loading import resolve_controlnet_source
 
             path = resolve_controlnet_source(str(name_or_path), variant=self.variant)  # also hub ids
             key = str(path.resolve())
             if key not in self._controlnets:
                 with quiet_loading():
-                    cn = load_controlnet(path, dtype=self.dtype, device=self.device)
+                    cn = self._load_control_model(path)
                 self._controlnets[key] = self.runtime.prepare(cn)  # offload, compile, channels-last
             cn = self._controlnets[key]
         if id(cn) not in self._checked:
-            from controlnet.checkpoints import check_compatible
+            from controlnet.t2i_adapter import T2IAdapter
 
-            check_compatible(cn, self.unet)
+            if isinstance(cn, T2IAdapter):
+                from controlnet.t2i_adapter import check_compatible as check_adapter
+
+                check_adapter(cn, dict(self.unet.config))
+            else:
+                from controlnet.checkpoints import check_compatible
+
+                check_compatible(cn, self.unet)
             self._checked.add(id(cn))
         return cn
+
+    def _load_control_model(self, path: Path) -> nn.Module:
+        """The model of the control file or folder at ``path``, of the family its keys tell."""
+        from controlnet.families import detect_family
+        from controlnet.transformer_formats import is_transformer_controlnet
+
+        if is_transformer_controlnet(path):
+            from controlnet.checkpoints import detect_family as base_family
+
+            raise UserError(f"{path} is a ControlNet for a transformer base (Flux/SD3), but the base model is "
+                            f"{base_family(self.unet)} (a UNet); use it with a Flux or SD3 base, or a ControlNet "
+                            f"made for {base_family(self.unet)}")
+        family = detect_family(path)
+        if family == "t2i-adapter":
+            from controlnet.t2i_adapter import load_t2i_adapter
+
+            return load_t2i_adapter(_with_config(path, "T2IAdapter"), dtype=self.dtype, device=self.device)
+        if family == "union":
+            from controlnet.union import load_union
+
+            return load_union(path, dtype=self.dtype, device=self.device)
+        if family == "control-lora":
+            from controlnet.control_lora import load_control_lora
+
+            return load_control_lora(path, self.unet, dtype=self.dtype, device=self.device)
+        from controlnet.checkpoints import load_controlnet
+
+        return load_controlnet(path, dtype=self.dtype, device=self.device)
 
     @property
     def native_size(self) -> int:
@@ -504,19 +571,26 @@ class Pipeline:
                       guess_mode: bool) -> tuple[Control, np.ndarray]:
         """The sampler's :class:`~controlnet.sampling.Control` for ``unit``, and its condition ``(H, W, 3)``."""
         cn = self.load_controlnet(unit.controlnet)
+        union = _check_control_type(cn, unit)
         condition = prepare_condition(unit.image, width, height, unit.annotator, unit.annotator_params)
+        # A union pass's own strength is handed on per condition (its fused input); here only its residual scale.
+        scale = unit.residual_scale * (1.0 if union else unit.strength)
+        count = len(feature_layout(cn.config)) if isinstance(cn, T2IAdapter) else cn.num_residuals
         if unit.residual_scales is not None:
-            scales: float | list[float] = [unit.strength * float(s) for s in unit.residual_scales]
-            if len(scales) != cn.num_residuals:
-                raise UserError(f"residual_scales has {len(scales)} values; this ControlNet has {cn.num_residuals} residuals")
+            scales: float | list[float] = [scale * float(s) for s in unit.residual_scales]
+            if len(scales) != count:
+                raise UserError(f"residual_scales has {len(scales)} values; this model has {count} residuals")
         elif guess_mode or unit.control_mode != "balanced":  # the soft injection of "prompt" and "controlnet"
-            scales = original_guess_mode_scales(cn.num_residuals, unit.strength)
+            scales = original_guess_mode_scales(count, scale)
         else:
-            scales = unit.strength
+            scales = scale
         hint = torch.from_numpy(condition).permute(2, 0, 1)[None]  # (1, 3, H, W) in [0, 1], masked pixels -1
         # A pooled ControlNet (global_pool_conditions) controls the conditional branch only, as in diffusers.
-        cond_only = guess_mode or unit.control_mode == "controlnet" or bool(cn.config.global_pool_conditions)
-        return Control(cn, hint, scales, unit.start, unit.end, cond_only), condition
+        pooled = bool(getattr(getattr(cn, "config", None), "global_pool_conditions", False))
+        cond_only = guess_mode or unit.control_mode == "controlnet" or pooled
+        control = Control(cn, [hint] if union else hint, scales, unit.start, unit.end, cond_only,
+                          [unit.control_type] if union else None, [unit.strength] if union else None)
+        return control, condition
 
     def initial_noise(self, latents: torch.Tensor | None, generators: list[torch.Generator], width: int,
                       height: int) -> torch.Tensor:
@@ -547,7 +621,8 @@ class Pipeline:
             start, timesteps, inpainting = img2img.image_start(
                 self.vae, self.unet, sampler, steps, denoise, run.generators,
                 lambda: self.initial_noise(latents, run.generators, width, height), source, image_latents, self.device)
-        active = [control for (control, _), unit in zip(prepared, run.controls) if unit.strength > 0]
+        active = fuse_union_passes([(control, unit) for (control, _), unit in zip(prepared, run.controls)
+                                    if unit.strength > 0])
         final = sample(self.unet, sampler, start, timesteps, text, active, run.guidance, added=added, reuse=run.reuse,
                        eta=run.eta, generators=run.generators, progress=run.progress,
                        callback=_stop_if_not_finite(run.callback, len(timesteps)), inpainting=inpainting)
@@ -578,6 +653,70 @@ class Pipeline:
         if source is not None and source.mask is not None:
             arrays = img2img.paste_back_all(arrays, source, mask_blur, whole, box)
         return [Image.fromarray(a) for a in arrays] if output_type == "pil" else arrays
+
+
+def _with_config(path: Path, class_name: str) -> Path:
+    """A diffusers weights file whose folder's config.json names ``class_name``: that folder (its config holds what
+    shapes cannot tell); anything else as it is."""
+    import json
+
+    config = path.parent / "config.json"
+    if path.is_file() and path.name.startswith("diffusion_pytorch_model") and config.is_file():
+        try:
+            if json.loads(config.read_text()).get("_class_name") == class_name:
+                return path.parent
+        except (OSError, ValueError, AttributeError):
+            pass
+    return path
+
+
+def _check_control_type(cn: nn.Module, unit: ControlUnit) -> bool:
+    """Whether ``cn`` is a union ControlNet; refuses, in one line, a union unit without a valid control type and a
+    control type on a model of another family."""
+    from controlnet.union import CONTROL_TYPES, UnionControlNet
+
+    where = f"ControlNet {describe_controlnet(unit.controlnet)}"
+    if not isinstance(cn, UnionControlNet):
+        if unit.control_type is not None:
+            raise UserError(f"control type {unit.control_type!r} given for {where}, which is no Union/ProMax "
+                            "ControlNet; a control type is for a union model only")
+        return False
+    if unit.control_type is None:
+        names = ", ".join(k for k, v in CONTROL_TYPES.items() if v < cn.union_config.num_control_type)
+        raise UserError(f"{where} is a Union/ProMax ControlNet: give the condition's control type "
+                        f"(--control-type NAME), one of {names}")
+    cn.control_type_index(unit.control_type)  # an unknown name: one line naming the valid ones
+    return True
+
+
+def fuse_union_passes(controls: Sequence[tuple[Control, ControlUnit]]) -> list[Control]:
+    """The controls of the active units, those of one union ControlNet fused into one pass (its conditions, types
+    and strengths in unit order, at the place of its first unit). A fused pass runs with one step range, control
+    mode and residual scale, so the units of one union model must agree on them (one-line error otherwise)."""
+    from controlnet.union import UnionControlNet
+
+    out: list[Control] = []
+    first: dict[int, tuple[Control, ControlUnit]] = {}
+    for control, unit in controls:
+        cn = control.controlnet
+        if not isinstance(cn, UnionControlNet) or id(cn) not in first:
+            if isinstance(cn, UnionControlNet):
+                control = dataclasses.replace(control, condition=list(control.condition),
+                                              control_types=list(control.control_types),
+                                              condition_scales=list(control.condition_scales))
+                first[id(cn)] = (control, unit)
+            out.append(control)
+            continue
+        fused, head = first[id(cn)]
+        shared = ("start", "end", "control_mode", "residual_scale", "residual_scales")
+        differ = [name for name in shared if getattr(unit, name) != getattr(head, name)]
+        if differ or control.cond_only != fused.cond_only:
+            raise UserError(f"the units of union ControlNet {describe_controlnet(unit.controlnet)} run in one pass, "
+                            f"so they need the same {', '.join(differ or ['control mode'])}; give them alike")
+        fused.condition.extend(control.condition)
+        fused.control_types.extend(control.control_types)
+        fused.condition_scales.extend(control.condition_scales)
+    return out
 
 
 def _stop_if_not_finite(callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None,

@@ -39,6 +39,16 @@ Decisions:
   then every ``reuse`` steps, and reuses the last ones in between (about 1/reuse of the ControlNet's cost; it
   trades controllability for speed).
 * Latents stay float32 through the scheduler; the models run in their own dtype.
+
+The other control families share the loop through :class:`Control`:
+
+* A T2I-Adapter (:mod:`controlnet.t2i_adapter`) sees neither the latents, the timestep nor the text: its features
+  are computed once per generation (from the condition at batch 1, repeated over the images and the CFG halves,
+  as diffusers' StableDiffusionAdapterPipeline does) and handed to every step in range as
+  ``("down_intrablock", i)`` residuals; ``scales`` multiplies them (``adapter_conditioning_scale``), and the step
+  range ``[0, f]`` is diffusers' ``adapter_conditioning_factor`` f. ``reuse`` changes nothing for it.
+* A Union ControlNet (:mod:`controlnet.union`) runs all its conditions in one pass: ``condition`` is a list, one
+  image per condition, with ``control_types`` and ``condition_scales``; ``scales`` scales the pass's residuals.
 """
 
 from __future__ import annotations
@@ -54,7 +64,6 @@ from torch import nn
 from controlnet.defaults import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, SCHEDULERS, scheduler_name
 from controlnet.errors import UserError
 from controlnet.devices import placement
-from controlnet.model import UNetControlNet
 from controlnet.residuals import Residuals
 
 __all__ = ["DEFAULT_GUIDANCE", "DEFAULT_SCHEDULER", "DEFAULT_STEPS", "SCHEDULERS", "Control", "Inpainting",
@@ -84,17 +93,43 @@ def in_step_range(start: float, end: float, step: int, num_steps: int) -> bool:
 
 @dataclass
 class Control:
-    """A ControlNet ready for :func:`sample`: its model, its condition, and when and how strongly it acts."""
+    """A control branch ready for :func:`sample`: its model, its condition, and when and how strongly it acts.
 
-    controlnet: UNetControlNet
-    condition: torch.Tensor  # (1, 3, H, W) in [0, 1] (masked pixels -1), at the output size
-    scales: float | list[float]  # conditioning_scale of ControlNet.forward (the unit's strength included)
+    ``controlnet`` is a UNet ControlNet, a Union ControlNet (``condition`` a list, one image per condition, with
+    ``control_types`` and ``condition_scales`` one per condition) or a T2I-Adapter (module docstring).
+    """
+
+    controlnet: nn.Module
+    condition: torch.Tensor | list[torch.Tensor]  # (1, 3, H, W) in [0, 1] (masked pixels -1), at the output size
+    scales: float | list[float]  # per residual or for all (the unit's strength included, except a union's fused)
     start: float = 0.0
     end: float = 1.0
     cond_only: bool = False  # control on the conditional half of the CFG batch only
+    control_types: list[str] | None = None  # a union pass: one type per condition
+    condition_scales: list[float] | None = None  # a union pass: one strength per condition (on its fused input)
 
     def active(self, step: int, num_steps: int) -> bool:
         return in_step_range(self.start, self.end, step, num_steps)
+
+    @property
+    def is_adapter(self) -> bool:
+        """Whether the branch is a T2I-Adapter (features once per generation, not residuals per step)."""
+        from controlnet.t2i_adapter import T2IAdapter
+
+        return isinstance(self.controlnet, T2IAdapter)
+
+    def encode(self) -> torch.Tensor | list[torch.Tensor] | Residuals:
+        """What does not depend on the step, computed once: the hint encoder's features ``(1, C0, h, w)`` (a list
+        for a union pass), or a T2I-Adapter's features, scaled, as ``("down_intrablock", i)`` residuals."""
+        where = placement(self.controlnet)
+        images = self.condition if isinstance(self.condition, list) else [self.condition]
+        if self.is_adapter:
+            image = images[0].to(**where)
+            if self.controlnet.config.in_channels == 1:  # a sketch adapter: one gray channel (edge maps are gray)
+                image = image.mean(dim=1, keepdim=True)
+            return self.controlnet(image).scaled(self.scales)
+        hints = [self.controlnet.encode_hint(image.to(**where)) for image in images]
+        return hints if isinstance(self.condition, list) else hints[0]
 
 
 @dataclass
@@ -155,8 +190,7 @@ def sample(unet: nn.Module, scheduler: Any, latents: torch.Tensor, timesteps: Se
     model = placement(unet)  # where the UNet runs: the residuals must be there too
     cfg = guidance > 1.0
     n = len(timesteps)
-    hints = {k: c.controlnet.encode_hint(c.condition.to(**placement(c.controlnet)))  # (1, C0, h, w)
-             for k, c in enumerate(controls) if any(c.active(i, n) for i in range(n))}
+    hints = {k: c.encode() for k, c in enumerate(controls) if any(c.active(i, n) for i in range(n))}
     step_kwargs = _step_kwargs(scheduler, eta, generators)
     last: dict[int, tuple[int, Residuals]] = {}  # control → (step, residuals) last computed
     for i, t in enumerate(tqdm(timesteps, desc="sampling", unit="step", disable=not progress, leave=False)):
@@ -184,24 +218,32 @@ def sample(unet: nn.Module, scheduler: Any, latents: torch.Tensor, timesteps: Se
     return latents
 
 
-def control_residuals(control: Control, hint: torch.Tensor, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                      added: dict[str, torch.Tensor] | None, cfg: bool, out: dict[str, Any]) -> Residuals:
-    """One ControlNet's residuals for the batch ``x`` (scaled by its ``scales``), as tensors placed like ``out``
-    (``Tensor.to`` keyword arguments). With ``cond_only`` under CFG, computed on the conditional half of the batch
-    and zero on the unconditional half (which stays uncontrolled)."""
+def control_residuals(control: Control, hint: torch.Tensor | list[torch.Tensor] | Residuals, x: torch.Tensor,
+                      t: torch.Tensor, text: torch.Tensor, added: dict[str, torch.Tensor] | None, cfg: bool,
+                      out: dict[str, Any]) -> Residuals:
+    """One control branch's residuals for the batch ``x`` (scaled by its ``scales``), as tensors placed like ``out``
+    (``Tensor.to`` keyword arguments); ``hint`` is what :meth:`Control.encode` gave. With ``cond_only`` under CFG,
+    computed on the conditional half of the batch and zero on the unconditional half (which stays uncontrolled)."""
     split = cfg and control.cond_only
     if split:
         half = x.shape[0] // 2
         x, text = x[half:], text[half:]
         added = {k: v[half:] for k, v in added.items()} if added else None
-    cn = control.controlnet
-    where = placement(cn)  # a caller's model is run as it is
-    res = cn(
-        x.to(**where), t, text.to(**where),
-        hint_embedding=hint.expand(x.shape[0], -1, -1, -1),
-        conditioning_scale=control.scales,
-        added_cond_kwargs={k: v.to(**where) for k, v in added.items()} if added else None,
-    )
+    if isinstance(hint, Residuals):  # a T2I-Adapter's features: the same at every step, repeated over the batch
+        res, where = hint.map(lambda f: f.expand(x.shape[0], -1, -1, -1)), placement(control.controlnet)
+    else:
+        cn = control.controlnet
+        where = placement(cn)  # a caller's model is run as it is
+        several = isinstance(hint, list)  # a union pass
+        union = dict(control_type=control.control_types, condition_scale=control.condition_scales) if several else {}
+        res = cn(
+            x.to(**where), t, text.to(**where),
+            hint_embedding=[h.expand(x.shape[0], -1, -1, -1) for h in hint] if several
+            else hint.expand(x.shape[0], -1, -1, -1),
+            conditioning_scale=control.scales,
+            added_cond_kwargs={k: v.to(**where) for k, v in added.items()} if added else None,
+            **union,
+        )
     if split:  # the unconditional rows get zeros: no control there
         res = res.map(lambda r: torch.cat([torch.zeros_like(r), r]))
     return res.to(**out) if where != out else res

@@ -21,7 +21,9 @@ def unit_settings(controls: Sequence[Any]) -> list[dict[str, Any]]:
         {"controlnet": describe_controlnet(u.controlnet), "control": describe_image(u.image),
          "strength": u.strength, "start": u.start, "end": u.end, "control_mode": u.control_mode,
          "annotator": u.annotator or "",
-         "annotator_params": {k: describe_value(v) for k, v in u.annotator_params.items()}}
+         "annotator_params": {k: describe_value(v) for k, v in u.annotator_params.items()},
+         **({"control_type": u.control_type} if getattr(u, "control_type", None) else {}),
+         **({"residual_scale": u.residual_scale} if getattr(u, "residual_scale", 1.0) != 1.0 else {})}
         for u in controls
     ]
 

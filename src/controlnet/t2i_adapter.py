@@ -39,6 +39,7 @@ from torch import nn
 
 from controlnet.errors import UserError
 from controlnet.fileio import atomic_path
+from controlnet.residuals import DOWN_INTRABLOCK, Residuals
 
 ADAPTER_TYPES = ("full_adapter", "full_adapter_xl", "light_adapter")
 # The class name diffusers writes in an adapter's config.json (diffusers.models.adapter.T2IAdapter).
@@ -189,9 +190,9 @@ class _Stage(nn.Module):
 class T2IAdapter(nn.Module):
     """A T2I-Adapter: condition image (B, C, H, W) in [0, 1] → one feature map per UNet down block.
 
-    Call it once per image; pass ``list(features)`` to every UNet step as ``down_intrablock_additional_residuals``
-    (the UNet consumes the list it is given). ``scale`` multiplies every feature map (diffusers'
-    ``adapter_conditioning_scale``).
+    Call it once per image; its :class:`~controlnet.residuals.Residuals` go to every UNet step through
+    ``unet_kwargs()`` (``down_intrablock_additional_residuals``, a fresh list each time: the UNet consumes it).
+    ``scale`` multiplies every feature map (diffusers' ``adapter_conditioning_scale``).
     """
 
     def __init__(self, config: T2IAdapterConfig):
@@ -206,7 +207,9 @@ class T2IAdapter(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.body[0].resnets[0].block1.weight.dtype
 
-    def forward(self, image: torch.Tensor, scale: float = 1.0) -> list[torch.Tensor]:
+    def forward(self, image: torch.Tensor, scale: float = 1.0) -> Residuals:
+        """The feature maps of ``image`` (B, C, H, W) in [0, 1], times ``scale``, as ``("down_intrablock", i)``
+        residuals (one per stage, in the order the UNet's down blocks add them)."""
         side = self.config.downscale_factor
         if image.ndim != 4 or image.shape[1] != self.config.in_channels:
             raise UserError(f"the T2I-Adapter takes (B, {self.config.in_channels}, H, W) images, got "
@@ -221,7 +224,7 @@ class T2IAdapter(nn.Module):
         for stage in self.body:
             x = stage(x)
             features.append(x if scale == 1.0 else x * scale)
-        return features
+        return Residuals({(DOWN_INTRABLOCK, i): f for i, f in enumerate(features)})
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write diffusers' folder layout atomically (``T2IAdapter.from_pretrained`` reads it)."""
@@ -237,6 +240,24 @@ class T2IAdapter(nn.Module):
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         return path
+
+
+def save_original(adapter: T2IAdapter, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write ``adapter`` in TencentARC's layout (``conv_in.*``, ``body.*``), one ``.safetensors`` or ``.pth`` file
+    by the suffix of ``path``, atomically (:func:`native_to_original`)."""
+    from safetensors.torch import save_file
+
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in (".safetensors", ".pth", ".pt", ".ckpt"):
+        raise UserError(f"{path}: the original T2I-Adapter layout is one .safetensors or .pth file")
+    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous()
+               for k, v in native_to_original(adapter.state_dict(), adapter.config).items()}
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".safetensors":
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        else:
+            torch.save(tensors, tmp)
+    return path
 
 
 # --------------------------------------------------------------------------------------------- layouts
@@ -367,10 +388,22 @@ def check_compatible(adapter: T2IAdapter | T2IAdapterConfig, unet_config: Mappin
     num_blocks = len(places) - 1
     fits = len(features) in (num_blocks, num_blocks + 1) and features == places[: len(features)]
     if not fits:
+        from controlnet.checkpoints import detect_family
+
+        try:
+            base = detect_family(dict(unet_config))
+        except (UserError, KeyError, TypeError):
+            base = "unknown family"
         raise UserError(
-            f"this T2I-Adapter ({config.adapter_type}, feature widths {[c for c, _ in features]}) does not fit the "
-            f"base UNet (block widths {list(unet_config['block_out_channels'])}); use an adapter made for this base "
+            f"this T2I-Adapter for {adapter_family(config)} ({config.adapter_type}, feature widths "
+            f"{[c for c, _ in features]}) does not fit the base model, {base} (block widths "
+            f"{list(unet_config['block_out_channels'])}); use an adapter made for this base "
             "(full_adapter/light_adapter for SD1.x, full_adapter_xl for SDXL)")
+
+
+def adapter_family(config: T2IAdapterConfig) -> str:
+    """The base family a released adapter type is made for: "sdxl" (full_adapter_xl) or "sd1/sd2"."""
+    return "sdxl" if config.adapter_type == "full_adapter_xl" else "sd1/sd2"
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -9,6 +9,10 @@ FluxPipeline / StableDiffusion3Pipeline do, turns each unit's condition image in
     cn = load_transformer_controlnet("FLUX.1-dev-Controlnet-Union", base=pipe.transformer)
     images = pipe("a red circle", [TransformerUnit(cn, canny, mode="canny", end=0.8)], seed=0)
 
+:meth:`TransformerPipeline.generate` is ``controlnet generate`` 's entry: :class:`controlnet.pipeline.ControlUnit` s and
+a :class:`controlnet.generation_config.GenerationConfig` (the family's defaults: :data:`FLOW_DEFAULTS`) in, a
+:class:`controlnet.pipeline.GenerationResult` with its settings out, as the UNet pipeline's call.
+
 Generation order (one generator, seeded once): the starting noise first, then the condition latents (a VAE
 posterior sample each, as diffusers' pipelines draw them), so that a seed gives the same noise with or without
 ControlNets. A unit that never acts (strength 0, no step in its range) is neither encoded nor run.
@@ -20,9 +24,11 @@ and their pooled projections side by side; the negative prompt ("" by default) g
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,21 +41,12 @@ from controlnet import runtime
 from controlnet.errors import UserError
 from controlnet.flow_sampling import FlowControl, FlowText, acts, flow_schedule, flux_sigmas, sample
 from controlnet.devices import placement
+from controlnet.generation_config import FLOW_DEFAULTS, FLOW_SIZE_MULTIPLE, GenerationConfig
+from controlnet.pipeline import GenerationResult
 from controlnet.transformer_controlnet import (FLUX, FLUX_LATENT_PATCH, SD3, FluxControlNet, TransformerControlNet, check_fits,
                                                base_family, latent_image_ids, pack_latents)
 
 
-@dataclass(frozen=True)
-class FlowDefaults:
-    """A family's generation defaults (diffusers' FluxPipeline and StableDiffusion3Pipeline ``__call__`` defaults)."""
-
-    steps: int
-    guidance: float
-    max_sequence_length: int
-
-
-FLOW_DEFAULTS = {FLUX: FlowDefaults(steps=28, guidance=3.5, max_sequence_length=512),
-                 SD3: FlowDefaults(steps=28, guidance=7.0, max_sequence_length=256)}
 # Flux pipelines' default size: 128 latents (diffusers FluxPipeline.default_sample_size) times the VAE's 8x.
 FLUX_DEFAULT_SAMPLE_SIZE = 128
 # Components of a diffusers Flux / SD3 folder (model_index.json) → whether it is a torch model.
@@ -97,6 +94,10 @@ class TransformerPipeline:
         self._offload_device = torch.device("cpu")
         self._offload_hooks: list[Any] = []
         self._offloaded_controlnets: list[nn.Module] = []
+        self.base = ""  # where the base came from (settings / metadata)
+        self.variant: str | None = None  # weights variant for hub ControlNets, as from_pretrained got it
+        self.max_pixels: int | None = None  # largest output, pixels per image (controlnet.limits)
+        self._controlnets: dict[str, TransformerControlNet] = {}
 
     # ------------------------------------------------------------------------------------------- runtime
 
@@ -157,7 +158,28 @@ class TransformerPipeline:
         for part in parts.values():
             if isinstance(part, nn.Module):
                 move(part.eval(), torch.device(device), dtype)
-        return cls(scheduler_config=_scheduler_config(path), **parts)
+        pipe = cls(scheduler_config=_scheduler_config(path), **parts)
+        pipe.base = str(Path(name).expanduser()) if Path(name).expanduser().exists() else str(name)
+        pipe.variant = variant
+        return pipe
+
+    def load_controlnet(self, name_or_path: str | os.PathLike) -> TransformerControlNet:
+        """A Flux or SD3 ControlNet by path or hub id (:func:`controlnet.loading.resolve_controlnet_source`; any
+        layout :func:`controlnet.transformer_formats.load_transformer_controlnet` reads), checked against the base
+        and placed like the transformer; cached by path."""
+        from controlnet.hub import quiet_loading
+        from controlnet.loading import resolve_controlnet_source
+        from controlnet.transformer_formats import load_transformer_controlnet
+
+        path = resolve_controlnet_source(str(name_or_path), variant=self.variant)
+        if path.is_file() and path.name.startswith("diffusion_pytorch_model") and (path.parent / "config.json").is_file():
+            path = path.parent  # a diffusers ControlNet repository from the hub: its config.json with the weights
+        key = str(path.resolve())
+        if key not in self._controlnets:
+            with quiet_loading():
+                self._controlnets[key] = load_transformer_controlnet(path, base=self.transformer,
+                                                                     **placement(self.transformer)).eval()
+        return self._controlnets[key]
 
     # ------------------------------------------------------------------------------------------- encoders
 
@@ -339,6 +361,97 @@ class TransformerPipeline:
             return latents.float()
         return randn_tensor(shape, generator=generator, dtype=torch.float32)
 
+    # ------------------------------------------------------------------------------------------- GenerationConfig
+
+    def generate(self, prompt: str, controls: Sequence[Any] = (), config: GenerationConfig | None = None, *,
+                 progress: bool = True) -> GenerationResult:
+        """``controlnet generate`` on this base: ``controls`` are :class:`controlnet.pipeline.ControlUnit` s (a
+        ControlNet path or hub id, a condition image, its annotator; a union ControlNet's mode as its
+        ``control_type``), ``config`` a :class:`GenerationConfig` (checked with this family's rules and defaults).
+
+        As on UNet bases: the conditions are resized by "cover, then centre-crop" (and annotated), image k uses
+        seed + k, the init image is fitted to the output size, and the result carries the settings that reproduce
+        it; ``latents`` are (B, C, h, w) (Flux's tokens unpacked)."""
+        from controlnet.conditions import condition_to_pil, prepare_condition
+        from controlnet.devices import DTYPE_NAMES
+        from controlnet.img2img import load_source
+        from controlnet.limits import check_output_size
+        from controlnet.settings import unit_settings
+
+        config = config or GenerationConfig()  # a checked copy: the caller's object stays as it was
+        config = dataclasses.replace(config, image=dataclasses.replace(config.image)).check(self.family)
+        seed = random.SystemRandom().randrange(2**31) if config.seed is None else config.seed
+        image = config.image
+        source = load_source(image.init_image) if image.init_image is not None else None
+        width, height = self.output_size(config.size, controls, source)
+        check_output_size(width, height, self.max_pixels, device=str(placement(self.transformer)["device"]),
+                          what="output size")
+        conditions = [prepare_condition(u.image, width, height, u.annotator, u.annotator_params) for u in controls]
+        units = [self._unit(u, condition, j) for j, (u, condition) in enumerate(zip(controls, conditions))]
+        init = None if source is None else torch.from_numpy(source.fit(width, height).image).permute(2, 0, 1)[None] / 255.0
+        outputs = [self(prompt, units, height=height, width=width, steps=config.steps, guidance=config.guidance,
+                        negative_prompt=config.negative_prompt, seed=seed + k, init_image=init,
+                        denoise=image.strength, output_type="latent", progress=progress)
+                   for k in range(config.num_images)]  # one at a time: image k alone is seed + k's
+        images = [_to_pil(self.decode(out, height, width)[0]) for out in outputs]
+        latents = torch.cat(outputs)
+        if self.family == FLUX:
+            latents = unpack_latents(latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        used = dataclasses.replace(config, seed=seed, size=(width, height),
+                                   image=dataclasses.replace(image, denoise=image.strength) if source else image)
+        settings = {"prompt": prompt, **used.to_settings(), "seeds": [seed + k for k in range(used.num_images)],
+                    "dtype": DTYPE_NAMES.get(placement(self.transformer)["dtype"], ""), "base": self.base,
+                    "controlnets": unit_settings(controls)}
+        return GenerationResult(images, latents.cpu(), [condition_to_pil(c) for c in conditions], seed, settings)
+
+    def output_size(self, size: tuple[int, int] | None, controls: Sequence[Any] = (),
+                    source: Any = None) -> tuple[int, int]:
+        """(width, height): ``size`` as given (multiples of 16: :meth:`GenerationConfig.check`); else the init
+        image's size, or the first condition's aspect ratio with its short side at the base's default size (as
+        on UNet bases), rounded to multiples of 16; else the base's default square."""
+        from controlnet.conditions import round_size, to_condition_array
+
+        if size is not None:
+            width, height = size
+        elif source is not None:
+            width, height = round_size(*source.size, FLOW_SIZE_MULTIPLE)
+        elif controls:
+            h, w = to_condition_array(controls[0].image).shape[:2]
+            scale = self.default_size / min(h, w)
+            width, height = round_size(w * scale, h * scale, FLOW_SIZE_MULTIPLE)
+        else:
+            width = height = self.default_size
+        self.check_size(height, width)
+        return width, height
+
+    @property
+    def default_size(self) -> int:
+        """The base's default side in pixels (diffusers' pipelines: Flux 1024, SD3 its sample size x 8)."""
+        latent = FLUX_DEFAULT_SAMPLE_SIZE if self.family == FLUX else self.transformer.config.sample_size
+        return int(latent) * self.vae_scale_factor
+
+    def _unit(self, unit: Any, condition: Any, index: int) -> TransformerUnit:
+        """The :class:`TransformerUnit` of a ControlUnit and its prepared condition (H, W, 3) in [0, 1]: its
+        ControlNet loaded, a union ControlNet's mode checked (one line naming the modes)."""
+        from controlnet.transformer_controlnet import FLUX_UNION_MODES, union_mode_index
+
+        if unit.control_mode != "balanced":
+            raise UserError(f"ControlNet {index + 1}: --control-mode {unit.control_mode} is for UNet bases; drop it "
+                            f"on this {self.defaults.label} base")
+        if unit.residual_scales is not None or unit.residual_scale != 1.0:
+            raise UserError(f"ControlNet {index + 1}: residual scales are for UNet ControlNets; on this "
+                            f"{self.defaults.label} base give --strength")
+        cn = self.load_controlnet(unit.controlnet)
+        mode = unit.control_type
+        num_mode = getattr(cn.config, "num_mode", None)
+        if num_mode and mode is None:
+            raise UserError(f"ControlNet {index + 1} is a union ControlNet: give --control-type, one of "
+                            f"{', '.join(FLUX_UNION_MODES)}")
+        if num_mode:
+            union_mode_index(mode, num_mode)  # an unknown name: one line naming the modes
+        hint = torch.from_numpy(condition).clamp(0, 1).permute(2, 0, 1)[None]  # (1, 3, H, W)
+        return TransformerUnit(cn, hint, unit.strength, unit.start, unit.end, mode)
+
     def _flow_control(self, unit: TransformerUnit, height: int, width: int,
                       generator: torch.Generator | None) -> FlowControl:
         image = condition_tensor(unit.image, height, width)
@@ -359,6 +472,17 @@ def condition_tensor(image: Any, height: int, width: int) -> torch.Tensor:
         return tensor.float()
     processor = VaeImageProcessor(do_normalize=False)
     return processor.preprocess(_pil(image), height=height, width=width).float()
+
+
+def flow_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """The dtype of a Flux or SD3 base: as given; "auto"/None: bf16 on CUDA (fp16 overflows T5's and FLUX.1's
+    activations; their model cards load them in bfloat16), else the device's default
+    (:func:`controlnet.devices.default_dtype`)."""
+    from controlnet.devices import resolve_dtype
+
+    if (dtype is None or dtype == "auto") and torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return resolve_dtype(dtype, device)
 
 
 def round_half_up(x: float) -> int:

@@ -16,6 +16,13 @@ Image to image, inpainting and hires fix (see :mod:`controlnet.img2img`)::
     controlnet generate --prompt "..." --init-image photo.png --mask mask.png [--inpaint-full-res]
     controlnet generate --prompt "..." --controlnet ... --control c.png --hires-scale 2 --hires-denoise 0.5
 
+Flux and SD3/SD3.5 bases (diffusers folders or hub ids) run :class:`controlnet.transformer_pipeline.TransformerPipeline`
+with their ControlNets (diffusers folders, single files, XLabs and Stability layouts; a union ControlNet's mode by
+``--control-type``); :func:`base_family` makes the choice, the options and outputs are the same::
+
+    controlnet generate --base black-forest-labs/FLUX.1-dev --prompt "..." \\
+        --controlnet InstantX/FLUX.1-dev-Controlnet-Union --control edges.png --control-type canny
+
 Batches (:mod:`controlnet.batch`, resumable): ``--control-dir DIR`` in place of a ``--control`` (one generation
 per image of DIR), ``--prompts FILE`` (one per line). ``--from-png IMG`` re-runs the settings stored in one of our
 PNGs; options after it override them.
@@ -26,6 +33,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
+import json
 import re
 import sys
 from pathlib import Path
@@ -33,7 +42,7 @@ from typing import Any
 
 from controlnet.defaults import CONTROL_MODES, DTYPE_CHOICES
 from controlnet.errors import UserError
-from controlnet.generation_config import GenerationConfig, HiresFix, ImageToImage
+from controlnet.generation_config import FLOW_DEFAULTS, GenerationConfig, HiresFix, ImageToImage
 from controlnet.limits import BYTES_PER_PIXEL, MAX_PIXELS_FLAG, check_cover, check_max_pixels, check_output_size
 from controlnet.options import add_config_options
 
@@ -54,12 +63,16 @@ def register(subparsers: Any) -> None:
         help="generate images from a prompt and control images",
         description="Generate images from a prompt and one or more ControlNets with their condition images. "
         "Repeat --controlnet NAME_OR_PATH --control IMAGE [--annotator NAME [--annotator-param KEY=VALUE ...]] "
-        "[--strength S] [--start A] [--end B] once per ControlNet, in order.",
+        "[--strength S] [--start A] [--end B] [--control-type NAME] once per ControlNet, in order. --controlnet takes "
+        "every UNet control family, told from the file: ControlNets (original or diffusers layout), Union/ProMax "
+        "ControlNets (with --control-type; units naming one union model run as one pass), Control-LoRAs and "
+        "T2I-Adapters (--strength: the adapter scale; --end: the fraction of steps it acts for).",
     )
     p.add_argument("--prompt", default=None, help="what to draw (required unless --prompts or --from-png gives it)")
     p.add_argument("--base", default=None, help="base model: a diffusers folder, a .safetensors/.ckpt file or a "
                    "hub id (org/name, org/name/file.safetensors; downloaded into the Hugging Face cache on first use "
-                   "unless HF_HUB_OFFLINE=1) (default: the embedded tiny model)")
+                   "unless HF_HUB_OFFLINE=1); SD1.x, SD2.x, SDXL, or a Flux / SD3 diffusers folder or hub id "
+                   "(default: the embedded tiny model)")
     p.add_argument("--base-config", default=None, metavar="DIR",
                    help="for a single-file --base offline: a diffusers folder of the same family (configs, tokenizer)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_CHOICES],
@@ -84,7 +97,8 @@ def register(subparsers: Any) -> None:
     unit = p.add_argument_group("per ControlNet (repeat the group, in order)")
     unit.add_argument("--controlnet", action=_UnitOption, dest="unit_options", metavar="NAME_OR_PATH",
                       help="a bundled ControlNet name (e.g. fill), a path (diffusers folder, .safetensors, .pth) or a "
-                      "hub id (e.g. lllyasviel/control_v11p_sd15_canny)")
+                      "hub id (e.g. lllyasviel/control_v11p_sd15_canny): a ControlNet, Union/ProMax ControlNet, "
+                      "Control-LoRA or T2I-Adapter (`controlnet info FILE` says which)")
     unit.add_argument("--control", action=_UnitOption, dest="unit_options", metavar="IMAGE",
                       help="its condition image (resized to the output size: cover, then centre-crop)")
     unit.add_argument("--annotator", action=_UnitOption, dest="unit_options", metavar="NAME",
@@ -100,6 +114,13 @@ def register(subparsers: Any) -> None:
     unit.add_argument("--control-mode", action=_UnitOption, dest="unit_options", choices=CONTROL_MODES,
                       help="balanced; prompt: deep residuals weaker; controlnet: conditional branch only "
                       "(the A1111 extension's modes; default balanced)")
+    unit.add_argument("--control-type", action=_UnitOption, dest="unit_options", metavar="NAME",
+                      help="the condition's type for a union ControlNet (e.g. depth, openpose, canny; "
+                      "`controlnet info FILE` lists a file's types)")
+    unit.add_argument("--residual-scale", action=_UnitOption, dest="unit_options", type=float, metavar="S",
+                      help="scales the residuals of the unit's pass, >= 0 (default 1.0); the same as --strength except "
+                      "for a union ControlNet given several conditions (its units fused into one pass): there "
+                      "--strength scales each condition's fused input, this the pass's residuals")
     unit.add_argument("--control-dir", action=_UnitOption, dest="unit_options", metavar="DIR",
                       help="instead of --control: one generation per image in DIR, named after it (resumable)")
     p.set_defaults(func=run, unit_options=[])
@@ -171,7 +192,9 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is None and not args.prompts:
         raise UserError("give --prompt TEXT (or --prompts FILE, or --from-png IMG); see `controlnet generate --help`")
     config = config_from_args(args)
-    model_options = check_model_options(args)
+    family = base_family(args.base, args.revision)  # a hub base: its model_index.json is fetched
+    config.check(family)  # a Flux or SD3 base's rules and defaults
+    model_options = check_model_options(args, family)
     max_pixels = check_max_pixels(args.max_pixels)
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
@@ -192,21 +215,80 @@ def run(args: argparse.Namespace) -> int:
         load_source(config.image.init_image, config.image.mask, config.image.mask_invert)  # files, mask size
     check_writable_folder(out, "--out")
 
-    # 2. Models, then the generation.
+    # 2. Models, then the generation: generate(prompt=..., controls=...) -> controlnet.pipeline.GenerationResult.
+    load = _load_transformer_base if family in FLOW_DEFAULTS else _load_unet_base
+    generate = functools.partial(load(args, config, model_options, max_pixels), config=config,
+                                 progress=not args.quiet)
+    if batch.active:
+        batch.run(generate, units, out, config.num_images, quiet=args.quiet)
+        return 0
+    result = generate(prompt=args.prompt, controls=units)
+    for path in write_outputs(out, result):
+        print(path)
+    return 0
+
+
+# --------------------------------------------------------------------------- the base: UNet or Flux/SD3 transformer
+
+UNET = "unet"
+# model_index.json's transformer class → the flow-matching family (controlnet.generation_config.FLOW_DEFAULTS).
+FLOW_TRANSFORMERS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+
+
+def base_family(base: str | None, revision: str | None = None) -> str:
+    """"flux" or "sd3" for a diffusers folder or hub repository whose model_index.json names a Flux or SD3
+    transformer; "unet" for anything else (the embedded base, single files, SD folders: the UNet loader reads and
+    checks them). A hub base's model_index.json is fetched alone (the rest when the base is loaded)."""
+    if base is None:
+        return UNET
+    path = Path(base).expanduser()
+    if path.is_dir():
+        index_file = path / "model_index.json"
+    elif path.exists():
+        return UNET
+    else:
+        from controlnet import hub
+
+        ref = hub.hub_ref(base, revision)
+        if ref is None or ref.filename is not None:
+            return UNET
+        index_file = hub.hub_file(ref.repo_id, "model_index.json", revision=ref.revision)
+    try:
+        entry = json.loads(index_file.read_text()).get("transformer")
+    except (OSError, ValueError, AttributeError):
+        return UNET  # no or no readable model_index.json: the UNet loader says what is wrong with it
+    return FLOW_TRANSFORMERS.get(entry[-1] if isinstance(entry, list) and entry else None, UNET)
+
+
+def _load_unet_base(args: argparse.Namespace, config: GenerationConfig, options: dict[str, Any],
+                    max_pixels: int | None) -> Any:
+    """An SD1.x/SD2.x/SDXL (or the embedded) base, as :class:`controlnet.pipeline.Pipeline` (its ``__call__``
+    generates); ``config.size`` rounded to its VAE's multiple."""
     from controlnet.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(args.base, dtype=args.dtype, device=args.device, base_config=args.base_config,
                                     revision=args.revision, variant=args.variant)
     pipe.max_pixels = max_pixels
-    apply_model_options(pipe, model_options)
+    apply_model_options(pipe, options)
     config.size = _rounded_size(config.size, pipe.vae_scale_factor)
-    if batch.active:
-        batch.run(pipe, config, units, out, not args.quiet)
-        return 0
-    result = pipe(args.prompt, units, config, progress=not args.quiet)
-    for path in write_outputs(out, result):
-        print(path)
-    return 0
+    return pipe
+
+
+def _load_transformer_base(args: argparse.Namespace, config: GenerationConfig, options: dict[str, Any],
+                           max_pixels: int | None) -> Any:
+    """A Flux or SD3 base, as :class:`controlnet.transformer_pipeline.TransformerPipeline` (its ``generate``)."""
+    from controlnet.devices import resolve_device
+    from controlnet.transformer_pipeline import TransformerPipeline, flow_dtype
+
+    device = resolve_device(args.device)
+    pipe = TransformerPipeline.from_pretrained(args.base, dtype=flow_dtype(args.dtype, device),
+                                               device="cpu" if options["offload"] else device,
+                                               revision=args.revision, variant=args.variant)
+    pipe.max_pixels = max_pixels
+    pipe.vae_tiling = options["vae_tiling"]
+    if options["offload"]:
+        pipe.enable_offload(options["offload"], device)
+    return pipe.generate
 
 
 def _control_units(args: argparse.Namespace, config: GenerationConfig, batch: "Batch") -> list[Any]:
@@ -225,7 +307,9 @@ def _control_units(args: argparse.Namespace, config: GenerationConfig, batch: "B
         units.append(ControlUnit(
             controlnet=spec["controlnet"], image=spec["control"],
             strength=spec.get("strength", 1.0), start=spec.get("start", 0.0), end=spec.get("end", 1.0),
-            control_mode=spec.get("control-mode", "balanced"), annotator=spec.get("annotator"),
+            control_mode=spec.get("control-mode", "balanced"), control_type=spec.get("control-type"),
+            residual_scale=spec.get("residual-scale", 1.0),
+            annotator=spec.get("annotator"),
             annotator_params=annotator_params(spec.get("annotator"), spec.get("annotator-param", []), index),
         ))
     return units
@@ -304,9 +388,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format for the conv models")
 
 
-def check_model_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The model options parsed and checked before any model is loaded."""
+def check_model_options(args: argparse.Namespace, family: str = UNET) -> dict[str, Any]:
+    """The model options parsed and checked before any model is loaded (on a Flux or SD3 base: only those it
+    takes; the others are refused in one line)."""
     from controlnet.defaults import scheduler_name
+
+    if family in FLOW_DEFAULTS:
+        unet_only = (("--lora", args.lora), ("--lora-dir", args.lora_dir), ("--embedding", args.embedding),
+                     ("--vae", args.vae), ("--clip-skip", args.clip_skip != 1), ("--compile", args.compile),
+                     ("--channels-last", args.channels_last), ("--base-config", args.base_config))
+        for flag, given in unet_only:
+            if given:
+                raise UserError(f"{flag} is not supported on {FLOW_DEFAULTS[family].label} bases yet (UNet bases "
+                                "only); drop it")
 
     if args.scheduler is not None:
         args.scheduler = scheduler_name(args.scheduler)  # unknown names fail here; A1111's become ours
@@ -391,13 +485,11 @@ class Batch:
             print(f"every output of the batch is in {out} already; nothing to do", file=sys.stderr)
         return bool(left)
 
-    def run(self, pipe: Any, config: GenerationConfig, units: list[Any], out: Path, progress: bool) -> None:
-        import functools
-
+    def run(self, generate: Any, units: list[Any], out: Path, num_images: int, quiet: bool) -> None:
+        """Every job not done yet, through ``generate(prompt=..., controls=...)`` (the base, its config bound)."""
         from controlnet.batch import run_jobs
 
-        generate = functools.partial(pipe, config=config, progress=progress)
-        run_jobs(generate, self.jobs(), out, config.num_images, units, self.control_unit, quiet=not progress)
+        run_jobs(generate, self.jobs(), out, num_images, units, self.control_unit, quiet=quiet)
 
 
 class FromPng(argparse.Action):
@@ -499,7 +591,8 @@ def _unit_options(units: Any, roots: list[Path]) -> list[tuple[str, Any]]:
         options += [("--controlnet", stored_path(unit["controlnet"], roots, f"ControlNet {j + 1}",
                                                  names=list(bundled_controlnets()), folders=True)),
                     ("--control", stored_path(unit["control"], roots, f"ControlNet {j + 1}'s control image"))]
-        for key, kind in (("strength", float), ("start", float), ("end", float), ("control_mode", str)):
+        for key, kind in (("strength", float), ("start", float), ("end", float), ("control_mode", str),
+                          ("control_type", str), ("residual_scale", float)):
             value = unit.get(key)
             if value is not None:
                 if not isinstance(value, (int, float) if kind is float else str) or isinstance(value, bool):
