@@ -37,6 +37,8 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")
 # The paper's zero-convolution ablation (Sec. 4.2, Fig. 8): "replacing the zero convolutions with standard
 # convolution layers initialized with Gaussian weights".
 ZERO_CONV_INITS = ("zero", "gaussian")
+CONTROL_LORA = "control-lora"  # --architecture: low-rank deltas on the copy (controlnet.control_lora_train)
+DEFAULT_CONTROL_LORA_RANK = 128  # Stability's smaller release: control-lora-*-rank128.safetensors
 AUTO_SCORE = "auto"  # --score: the scorer that fits the data (controlnet.train.scores.choose_scorer)
 
 # The option groups of `controlnet train --help`.
@@ -97,7 +99,11 @@ class TrainConfig:
         "1x1 convs)", group=RECIPE, choices=ZERO_CONV_INITS)
     architecture: str = option(
         "copy", help="copy: the paper's ControlNet (a trainable copy of the encoder); lite: the paper's ablation "
-        "ControlNet-lite (one conv per encoder layer)", group=RECIPE)
+        "ControlNet-lite (one conv per encoder layer); control-lora: low-rank deltas on the copied layers, saved "
+        "in Stability's Control-LoRA layout", group=RECIPE)
+    rank: int | None = option(
+        None, help=f"rank of --architecture control-lora's deltas (default {DEFAULT_CONTROL_LORA_RANK})",
+        group=RECIPE, metavar="R")
     seed: int = option(
         0, help="seed of the data order, empty prompts, timesteps, noise and the new ControlNet", group=RECIPE)
 
@@ -173,18 +179,33 @@ def _check_choices(config: TrainConfig) -> None:
     from controlnet.train.scores import scorer_names
 
     choices = {"mixed_precision": MIXED_PRECISIONS, "zero_conv_init": ZERO_CONV_INITS,
-               "architecture": ARCHITECTURES, "score": (AUTO_SCORE, *scorer_names())}
+               "architecture": (*ARCHITECTURES, CONTROL_LORA), "score": (AUTO_SCORE, *scorer_names())}
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise UserError(f"{_flag(name)} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
     if config.architecture == "lite" and config.export_original:
         raise UserError("--export-original: the original layout has no place for a lite ControlNet; drop the flag")
+    _check_rank(config)
     if config.annotator is not None:
         from controlnet import annotators
 
         annotators.get(config.annotator).resolve(dict(config.annotator_params))  # unknown name or parameter
     elif config.annotator_params:
         raise UserError("--annotator-param needs --annotator")
+
+
+def _check_rank(config: TrainConfig) -> None:
+    if config.architecture != CONTROL_LORA:
+        if config.rank is not None:
+            raise UserError(f"--rank is for --architecture {CONTROL_LORA}; drop it or add that")
+        return
+    if config.rank is not None and int(config.rank) < 1:
+        raise UserError(f"--rank must be >= 1, got {config.rank}")
+    if config.export_original:
+        raise UserError("--export-original: a Control-LoRA is written in Stability's layout (OUT/controlnet/); "
+                        "drop the flag")
+    if config.init:
+        raise UserError(f"--init: --architecture {CONTROL_LORA} starts from a copy of the base's encoder; drop --init")
 
 
 def _check_paths(config: TrainConfig) -> None:

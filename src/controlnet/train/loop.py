@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from controlnet.checkpoints import save_controlnet
+from controlnet.control_lora_train import is_low_rank, save_control_lora
 from controlnet.data.cache import module_digest
 from controlnet.train.config import TrainConfig, TrainResult
 from controlnet.train.distributed import data_parallel, gradient_sync, make_accelerator
@@ -117,7 +118,10 @@ def finish(run: Run, losses: list[float], empty_prompts: int) -> TrainResult:
             _checkpoint(run)
         if run.validator is not None and run.step not in {r["step"] for r in _validations(run)}:
             run.log.write(run.validator.run(run.step, run.controlnet))
-        save_controlnet(run.controlnet, out / "controlnet")
+        if is_low_rank(run.controlnet):  # --architecture control-lora: Stability's layout
+            save_control_lora(run.controlnet, out / "controlnet")
+        else:
+            save_controlnet(run.controlnet, out / "controlnet")
         if run.decoder and run.step > config.unlock_decoder_after:  # the decoder trained in at least one step
             unet_path = save_unet(run.unet, out / "unet")
         if config.export_original:

@@ -29,7 +29,7 @@ from controlnet.errors import UserError
 from controlnet.fileio import atomic_path, atomic_write_text
 from controlnet.devices import DTYPES
 from controlnet.model import ControlNet
-from controlnet.train.config import TrainConfig
+from controlnet.train.config import CONTROL_LORA, DEFAULT_CONTROL_LORA_RANK, TrainConfig
 from controlnet.train.log import RunLog
 from controlnet.train.objective import constant_after_warmup, enable_gradient_checkpointing, make_adamw
 from controlnet.train.state import check_fresh, list_checkpoints, load_checkpoint, resume_folder
@@ -116,7 +116,8 @@ def set_up(config: TrainConfig, accelerator: Any, out: Path, inputs: Inputs) -> 
     vae_config = base.vae.config
     del base  # the caches hold what the VAE and the text encoders computed (the validator keeps its own refs)
 
-    groups = [{"params": list(controlnet.parameters()), "lr": config.lr}]
+    # (a Control-LoRA's copied base weights are frozen: only its deltas and whole tensors train)
+    groups = [{"params": [p for p in controlnet.parameters() if p.requires_grad], "lr": config.lr}]
     if decoder:  # its parameters get gradients only once unlocked
         groups.append({"params": list(decoder.values()), "lr": config.decoder_lr})
     optimizer = make_adamw(groups, config.weight_decay)
@@ -180,7 +181,13 @@ def make_controlnet(config: TrainConfig, unet: torch.nn.Module, vae_scale_factor
         cn = load_controlnet(config.init, dtype=torch.float32)
         check_compatible(cn, unet)
         return cn.train()
-    cn = ControlNet.from_unet(unet, vae_scale_factor=vae_scale_factor, architecture=config.architecture)
+    low_rank = config.architecture == CONTROL_LORA  # a copy whose copied layers then learn low-rank deltas
+    cn = ControlNet.from_unet(unet, vae_scale_factor=vae_scale_factor,
+                              architecture="copy" if low_rank else config.architecture)
+    if low_rank:
+        from controlnet.control_lora_train import add_low_rank
+
+        add_low_rank(cn, config.rank or DEFAULT_CONTROL_LORA_RANK)
     if config.zero_conv_init == "gaussian":  # the ablation: the base is disturbed from the first step
         with torch.no_grad():
             for conv in (*cn.zero_convs(), cn.controlnet_cond_embedding.conv_out):
