@@ -124,6 +124,8 @@ def test_training_saves_a_control_lora_the_pipeline_loads_and_resumes_exactly(ti
     a, b = load_file(str(whole.controlnet / name)), load_file(str(resumed.controlnet / name))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.any() for k, v in a.items() if k.endswith(".up"))  # the deltas trained
+    in_checkpoint = load_file(str(whole.checkpoints[-1] / name))  # the last checkpoint's file: the same
+    assert in_checkpoint.keys() == a.keys() and all(torch.equal(a[k], in_checkpoint[k]) for k in a)
 
     pipe = Pipeline.from_pretrained(tiny[0], dtype=torch.float32)
     checkpoint = load_file(str(whole.checkpoints[-1] / "controlnet" / "diffusion_pytorch_model.safetensors"))

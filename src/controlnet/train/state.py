@@ -160,6 +160,7 @@ def save_checkpoint(out: Path, step: int, position: int, controlnet: torch.nn.Mo
     from safetensors.torch import save_file
 
     from controlnet.checkpoints import save_controlnet
+    from controlnet.control_lora_train import is_low_rank, save_control_lora
     from controlnet.fileio import atomic_path
 
     path = out / "checkpoints" / f"step-{step:06d}"
@@ -179,6 +180,8 @@ def save_checkpoint(out: Path, step: int, position: int, controlnet: torch.nn.Mo
         with atomic_path(path) as tmp:
             tmp.mkdir()
             save_controlnet(controlnet, tmp / "controlnet")
+            if is_low_rank(controlnet):  # the file `controlnet generate` reads (controlnet/ holds the frozen copy too)
+                save_control_lora(controlnet, tmp)
             if unlocked:
                 save_file({k: v.detach().to("cpu").contiguous() for k, v in decoder.items()}, str(tmp / DECODER_FILE))
             torch.save(state, tmp / STATE_FILE)
