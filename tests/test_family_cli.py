@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from controlnet.errors import EXIT_BAD_INPUT
 from controlnet.testing import SD_SCHEDULE, build_text_encoder_2, build_unet, tiny_components, trained_like
 from test_families import files  # noqa: F401  (the fixture: a file or folder of every UNet family)
+from test_union import SDXL64
 from test_union import oracle as union_oracle
 
 diffusers = pytest.importorskip("diffusers")
@@ -125,7 +126,7 @@ def bases(tmp_path_factory):
     torch.manual_seed(0)
     adapter = trained_like(diffusers.T2IAdapter(channels=[32, 64], num_res_blocks=2), 1)
     adapter.save_pretrained(root / "adapter_sd1")
-    _, union = union_oracle(6, unet=sdxl["unet"])
+    _, union = union_oracle(6)  # the tiny SDXL UNet's config, as the base's
     union.save_pretrained(root / "union")
     Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "cond.png")
     return root
@@ -146,7 +147,8 @@ def test_generate_takes_a_t2i_adapter_and_records_it(bases, tmp_path, capsys):
     assert units[0]["end"] == 0.5
 
 
-def test_generate_union_units_record_their_control_types_and_rerun(bases, tmp_path, capsys):
+def test_generate_union_units_record_their_control_types_and_rerun(bases, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(bases)  # stored settings name files under the current folder or the PNG's
     out = tmp_path / "out"
     union, cond = str(bases / "union"), str(bases / "cond.png")
     assert generate(bases, "sdxl", out, "--controlnet", union, "--control", cond, "--control-type", "depth",
@@ -206,10 +208,16 @@ def test_convert_t2i_adapter_between_layouts(files, tmp_path, capsys):  # noqa: 
 
 
 def test_convert_union_to_a_diffusers_folder_and_refusals(files, tmp_path, capsys):  # noqa: F811
-    single = files["union"][2]
+    """A lone ProMax .safetensors (xinsir's file, no config beside it; shapes a released config can be inferred
+    from) becomes a folder diffusers' ControlNetUnionModel loads with the same tensors."""
+    _, promax = union_oracle(8, **SDXL64)
+    single = str(tmp_path / "diffusion_pytorch_model_promax.safetensors")
+    save_file({k: v.contiguous() for k, v in promax.state_dict().items()}, single)
     assert main(["convert", single, str(tmp_path / "union"), "--to", "diffusers", "-q"]) == 0
-    reference = diffusers.ControlNetUnionModel.from_pretrained(tmp_path / "union")
-    assert reference.config.num_control_type == 8
+    converted = diffusers.ControlNetUnionModel.from_pretrained(tmp_path / "union")
+    assert converted.config.num_control_type == 8
+    theirs = promax.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in converted.state_dict().items())
     err = refused(capsys, main(["convert", single, str(tmp_path / "u.safetensors"), "--to", "original"]))
     assert "Union/ProMax ControlNet" in err and "diffusers" in err
     err = refused(capsys, main(["convert", files["control-lora"][0], str(tmp_path / "cl"), "--to", "diffusers"]))

@@ -217,7 +217,7 @@ def _describe_controlnet(sd: Mapping[str, Any], config: Mapping[str, Any], famil
         widths = [sd[k].shape[0] for k in sorted(sd, key=_natural) if re.fullmatch(r"down_blocks\.\d+\.resnets\.0\.conv1\.weight", k)]
         hint = sd.get("controlnet_cond_embedding.conv_in.weight")
     else:
-        skips = {k.split(".")[1] for k in sd if k.startswith(prefix + "zero_convs.")}
+        skips = {k[len(prefix):].split(".")[1] for k in sd if k.startswith(prefix + "zero_convs.")}
         widths = []
         hint = sd.get(prefix + "input_hint_block.0.weight")
     widths = list(config.get("block_out_channels", widths))
