@@ -49,7 +49,7 @@ def test_info_names_every_unet_family(files, capsys):  # noqa: F811
     for family, paths in files.items():
         for path in paths:
             lines = info(capsys, path)
-            assert lines["family"].split(" ")[0] == family, (path, lines)
+            assert lines["family"].split(", ")[0] == family, (path, lines)
             assert set(lines) == {"file", "family", "base", "layers", "conditions", "dtype", "parameters"}
 
 
@@ -80,7 +80,7 @@ def test_info_counts_parameters_from_the_header(files, capsys):  # noqa: F811
     path = files["controlnet"][0]
     with safe_open(path, framework="pt") as f:
         total = sum(f.get_tensor(k).numel() for k in f.keys())
-    assert info(capsys, path)["parameters"] == f"{total / 1e6:.2f}M" if total >= 1e5 else str(total)
+    assert total >= 1e5 and info(capsys, path)["parameters"] == f"{total / 1e6:.2f}M"
 
 
 def test_info_on_transformer_controlnets(tmp_path, capsys):
@@ -90,7 +90,7 @@ def test_info_on_transformer_controlnets(tmp_path, capsys):
                                          pooled_projection_dim=16, axes_dims_rope=[2, 2, 4], num_mode=7)
     flux.save_pretrained(tmp_path / "flux")
     lines = info(capsys, tmp_path / "flux")
-    assert lines["family"] == "flux-controlnet (a Flux ControlNet, diffusers layout)" and lines["base"] == "flux"
+    assert lines["family"] == "flux-controlnet, a Flux ControlNet (diffusers layout)" and lines["base"] == "flux"
     assert lines["layers"] == "2 double-stream + 1 single-stream blocks"
     assert lines["conditions"] == "union: 7 modes (canny, tile, depth, blur, pose, gray, lq)"
     assert lines["parameters"] == str(sum(p.numel() for p in flux.parameters()))
@@ -99,8 +99,15 @@ def test_info_on_transformer_controlnets(tmp_path, capsys):
                                        pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)
     save_file({k: v.contiguous() for k, v in sd3.state_dict().items()}, str(tmp_path / "sd3_cn.safetensors"))
     lines = info(capsys, tmp_path / "sd3_cn.safetensors")
-    assert lines["family"] == "sd3-controlnet (an SD3 ControlNet, diffusers layout)"
+    assert lines["family"] == "sd3-controlnet, an SD3 ControlNet (diffusers layout)"
     assert lines["layers"] == "1 joint blocks" and lines["conditions"] == "one condition image"
+
+
+def test_info_on_a_bundled_name(capsys):
+    from controlnet.embedded import bundled_controlnets
+
+    for name, path in bundled_controlnets().items():
+        assert info(capsys, name) == {**info(capsys, path), "file": str(path)}
 
 
 def test_info_refuses_what_is_no_control_model(tmp_path, capsys):
