@@ -144,14 +144,19 @@ def generate(root, base: str, out, *units: str) -> int:
                  "--size", "64x64", "--seed", "1", "--out", str(out), *units])
 
 
-def test_generate_takes_a_t2i_adapter_and_records_it(bases, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert generate(bases, "sd1", out, "--controlnet", str(bases / "adapter_sd1"), "--control",
-                    str(bases / "cond.png"), "--strength", "0.7", "--end", "0.5") == 0
+def test_generate_takes_a_t2i_adapter_and_a_control_lora_together(bases, files, tmp_path, capsys):  # noqa: F811
+    out, cond = tmp_path / "out", str(bases / "cond.png")
+    assert generate(bases, "sd1", out, "--controlnet", str(bases / "adapter_sd1"), "--control", cond,
+                    "--strength", "0.7", "--end", "0.5", "--controlnet", files["control-lora"][0], "--control", cond) == 0
     with Image.open(out / "00000-1.png") as image:
         units = json.loads(image.text["controlnets"])
+        both = np.asarray(image)
     assert units[0]["controlnet"] == str(bases / "adapter_sd1") and units[0]["strength"] == 0.7
-    assert units[0]["end"] == 0.5
+    assert units[0]["end"] == 0.5 and units[1]["controlnet"] == files["control-lora"][0]
+    assert generate(bases, "sd1", tmp_path / "alone", "--controlnet", str(bases / "adapter_sd1"), "--control", cond,
+                    "--strength", "0.7", "--end", "0.5") == 0
+    with Image.open(tmp_path / "alone" / "00000-1.png") as image:
+        assert not np.array_equal(np.asarray(image), both)  # the Control-LoRA acts beside the adapter
 
 
 def test_generate_union_units_record_their_control_types_and_rerun(bases, tmp_path, capsys, monkeypatch):
