@@ -175,6 +175,11 @@ def test_generate_union_units_record_their_control_types_and_rerun(bases, tmp_pa
         units = json.loads(image.text["settings"])["controlnets"]
         pixels = np.asarray(image)
     assert [(u["control_type"], u["strength"]) for u in units] == [("depth", 1.0), ("openpose", 0.5)]
+    # The same two conditions as consecutive --control options after one --controlnet.
+    assert generate(bases, "sdxl", tmp_path / "consecutive", "--controlnet", union, "--control", cond, "--control-type",
+                    "depth", "--control", cond, "--control-type", "openpose", "--strength", "0.5") == 0
+    with Image.open(tmp_path / "consecutive" / "00000-1.png") as image:
+        assert np.array_equal(np.asarray(image), pixels)
     capsys.readouterr()
     assert main(["generate", "--from-png", str(first), "--quiet", "--out", str(tmp_path / "again")]) == 0
     with Image.open(tmp_path / "again" / "00000-1.png") as image:
