@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from controlnet.errors import EXIT_BAD_INPUT
-from controlnet.testing import SD_SCHEDULE, build_text_encoder_2, build_unet, tiny_components, trained_like
+from controlnet.testing import SD_SCHEDULE, build_text_encoder_2, tiny_components, trained_like
 from test_families import files  # noqa: F401  (the fixture: a file or folder of every UNet family)
 from test_union import SDXL64
 from test_union import oracle as union_oracle

@@ -17,7 +17,6 @@ from controlnet.errors import UserError
 from controlnet.model import ControlNet
 from controlnet.pipeline import ControlUnit, Pipeline
 from controlnet.testing import SD_SCHEDULE, build_text_encoder_2, build_unet, tiny_components, trained_like
-from controlnet.union import union_from_state_dict
 from test_control_lora import control_lora_file
 from test_t2i_adapter import SDXL3, tencentarc_layout
 
