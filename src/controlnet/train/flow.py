@@ -66,11 +66,32 @@ def check_flow_options(config: TrainConfig, family: str) -> None:
 
 
 def check_unet_options(config: TrainConfig) -> None:
-    """Refuse, in one line, the transformer ControlNet's options on a UNet base."""
+    """Refuse, in one line, the transformer ControlNet's options, and an ``--init`` folder holding a Flux or SD3
+    ControlNet, on a UNet base."""
     for name in ("controlnet_layers", "controlnet_single_layers"):
         if getattr(config, name) is not None:
             raise UserError(f"--{name.replace('_', '-')} is for Flux and SD3 bases; drop it for this UNet base "
                             "(its ControlNet copies the whole encoder)")
+    family = init_family(config.init)
+    if family is not None:
+        raise UserError(f"--init {config.init} is a {FAMILY_NAMES[family]} ControlNet but the base is "
+                        f"{FAMILY_NAMES['unet']}; use a ControlNet made for this base, or a {FAMILY_NAMES[family]} base")
+
+
+def init_family(init: str | Path | None) -> str | None:
+    """"flux" or "sd3" when ``init`` is a diffusers folder whose config.json names a Flux or SD3 ControlNet."""
+    import json
+
+    from controlnet.transformer_controlnet import CLASS_NAMES
+
+    config = Path(init).expanduser() / "config.json" if init is not None else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        name = json.loads(config.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None  # the loader names what is wrong with it
+    return next((family for family, cls in CLASS_NAMES.items() if cls == name), None)
 
 
 def read_flow_base(config: TrainConfig, family: str, device: torch.device) -> tuple[Any, int, TransformerControlNet]:
