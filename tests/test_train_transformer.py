@@ -161,6 +161,23 @@ def test_at_step_0_the_residuals_are_zero_and_the_base_is_reproduced_bit_for_bit
     assert torch.equal(controlled, plain)
 
 
+@pytest.mark.parametrize("family,single", [("flux", 1), ("flux", 0), ("sd3", None)])
+def test_exactly_the_parameters_the_loss_does_not_reach_are_locked(assets, tmp_path, family, single):
+    """After a backward pass of the loss, the ControlNet's parameters without a gradient are the locked ones (what
+    DistributedDataParallel needs), and there are some only where no block reads the last block's text stream."""
+    from controlnet.testing import trained_like
+    from controlnet.train.flow import make_flow_controlnet
+
+    pipe = _pipe(assets, family)
+    config = _config(assets, family, tmp_path, controlnet_single_layers=single)
+    cn = make_flow_controlnet(config, pipe.transformer)
+    locked = {n for n, p in cn.named_parameters() if not p.requires_grad}
+    trained_like(cn, 3).train()  # nonzero zero linears: gradients reach the copied blocks
+    _objective(assets, family, pipe)(cn, pipe.transformer, _batch(pipe, [300, 700], [0, 1])).backward()
+    assert {n for n, p in cn.named_parameters() if p.grad is None} == locked
+    assert bool(locked) == (single != 1)
+
+
 def test_sigma_follows_the_logit_normal_law_on_the_training_schedules_levels():
     """The stream's uniform draws give σ whose logits are standard normal (Flux, unshifted levels), and SD3's
     levels are shifted by its scheduler's shift 3."""
@@ -303,3 +320,50 @@ def test_an_init_of_the_right_family_continues_from_its_weights(assets, tmp_path
     assert all(torch.equal(v, saved[k]) for k, v in cn.state_dict().items())
     with pytest.raises(UserError, match="--controlnet-single-layers"):
         read_flow_base(_config(assets, "sd3", tmp_path / "y", controlnet_single_layers=1), "sd3", torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------------------------- data parallel
+
+
+@pytest.mark.slow  # two `accelerate launch` processes: tens of seconds
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(assets, tmp_path, family):
+    """As for UNet bases (tests/test_train_ddp.py, whose tolerance this takes): the same samples, per-step losses
+    within 1e-5 relative, the weight updates within 1e-2 relative L2 norm. Every ControlNet parameter the loss does
+    not reach (the last copied block's text-stream output) is left out of the gradient reduction."""
+    import os
+    import subprocess
+    import sys
+
+    from controlnet.cli import main
+    from controlnet.train.flow import make_flow_controlnet
+
+    layers = [f"--controlnet-layers={LAYERS[family]['controlnet_layers']}"]
+    if family == "flux":
+        layers.append("--controlnet-single-layers=0")  # the last double block's text stream reaches nothing
+    common = ["--base", str(assets / family), "--data", str(assets / "data"), "--resolution", str(R), "--max-steps",
+              "3", "--lr", "1e-3", "--seed", "1", "--quiet", "--no-plot", "--no-tensorboard", *layers]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+              "-m", "controlnet", "train", "--out", str(tmp_path / "ddp"), "--batch-size", "1", *common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["train", "--out", str(tmp_path / "one"), "--batch-size", "2", *common]) == 0
+
+    def records(out):
+        return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+    ddp, one = records(tmp_path / "ddp"), records(tmp_path / "one")
+    assert [r["empty_prompts"] for r in ddp] == [r["empty_prompts"] for r in one]
+    np.testing.assert_allclose([r["loss"] for r in ddp], [r["loss"] for r in one], rtol=1e-5)
+    pipe = _pipe(assets, family)
+    torch.manual_seed(1)
+    config = _config(assets, family, tmp_path, controlnet_single_layers=0 if family == "flux" else None)
+    init = make_flow_controlnet(config, pipe.transformer).state_dict()
+    a = load_file(tmp_path / "ddp" / "controlnet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "one" / "controlnet" / "diffusion_pytorch_model.safetensors")
+    update_a = torch.cat([(a[k] - init[k]).flatten() for k in init])
+    update_b = torch.cat([(b[k] - init[k]).flatten() for k in init])
+    assert update_b.abs().max() > 1e-4
+    assert (update_a - update_b).norm() <= 1e-2 * update_b.norm()

@@ -127,7 +127,7 @@ def make_flow_controlnet(config: TrainConfig, transformer: torch.nn.Module) -> T
 
     family = base_family(transformer)
     if config.init:
-        return load_init(config.init, transformer).train()
+        return lock_unreached(load_init(config.init, transformer)).train()
     double, single = DEFAULT_LAYERS[family]
     layers = double if config.controlnet_layers is None else config.controlnet_layers
     if family == FLUX:
@@ -135,7 +135,25 @@ def make_flow_controlnet(config: TrainConfig, transformer: torch.nn.Module) -> T
         cn = FluxControlNet.from_transformer(transformer, num_layers=layers, num_single_layers=single)
     else:
         cn = SD3ControlNet.from_transformer(transformer, num_layers=layers)
-    return cn.train()
+    return lock_unreached(cn).train()
+
+
+# The parameters of a joint (double-stream) block that only compute its text-stream output (diffusers
+# FluxTransformerBlock / JointTransformerBlock: the text attention output and feed-forward).
+TEXT_OUTPUT_PARAMETERS = ("attn.to_add_out.", "ff_context.")
+
+
+def lock_unreached(cn: TransformerControlNet) -> TransformerControlNet:
+    """``cn`` with the parameters no residual depends on locked (``requires_grad=False``): the text-stream output
+    of its last joint block when no block reads it (SD3's last block; Flux's last double block without single
+    blocks). They would never get a gradient, which DistributedDataParallel's reduction refuses; locked, they stay
+    as copied, as they would unlocked."""
+    blocks = cn.transformer_blocks
+    if len(blocks) and not len(getattr(cn, "single_transformer_blocks", ())) and hasattr(blocks[-1], "ff_context"):
+        for name, p in blocks[-1].named_parameters():
+            if name.startswith(TEXT_OUTPUT_PARAMETERS):
+                p.requires_grad_(False)
+    return cn
 
 
 def load_init(init: str | Path, transformer: torch.nn.Module) -> TransformerControlNet:
