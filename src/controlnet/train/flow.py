@@ -75,7 +75,8 @@ def check_unet_options(config: TrainConfig) -> None:
     family = init_family(config.init)
     if family is not None:
         raise UserError(f"--init {config.init} is a {FAMILY_NAMES[family]} ControlNet but the base is "
-                        f"{FAMILY_NAMES['unet']}; use a ControlNet made for this base, or a {FAMILY_NAMES[family]} base")
+                        f"{FAMILY_NAMES['unet']}; use a ControlNet made for this base, or a "
+                        f"{FAMILY_NAMES[family]} base")
 
 
 def init_family(init: str | Path | None) -> str | None:
@@ -115,8 +116,9 @@ def check_flow_resolution(resolution: int, pipe: Any) -> int:
     patch = FLUX_LATENT_PATCH if pipe.family == FLUX else pipe.transformer.config.patch_size
     factor = pipe.vae_scale_factor * patch
     if resolution % factor:
+        lower = max(factor, resolution // factor * factor)
         raise UserError(f"--resolution {resolution} must be a multiple of {factor} for this "
-                        f"{FAMILY_NAMES[pipe.family]} base (VAE x packing); try {max(factor, resolution // factor * factor)}")
+                        f"{FAMILY_NAMES[pipe.family]} base (VAE x packing); try {lower}")
     return int(resolution)
 
 

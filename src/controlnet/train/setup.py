@@ -65,7 +65,7 @@ class Run:
     accelerator: Any
     out: Path
     controlnet: ControlNet  # fp32 master weights, trained
-    unet: torch.nn.Module  # the locked base UNet (or transformer), in the mixed-precision dtype unless its decoder trains
+    unet: torch.nn.Module  # the locked UNet or transformer, in the mixed-precision dtype unless its decoder trains
     decoder: dict[str, torch.nn.Parameter]  # the UNet's decoder by name, when --unlock-decoder-after is set
     objective: Any  # objective(controlnet, unet, batch) -> loss: the base's (controlnet.train.objective)
     resolution: int
