@@ -367,3 +367,52 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(assets, 
     update_b = torch.cat([(b[k] - init[k]).flatten() for k in init])
     assert update_b.abs().max() > 1e-4
     assert (update_a - update_b).norm() <= 1e-2 * update_b.norm()
+
+
+@pytest.mark.slow  # three training runs in subprocesses, one killed
+def test_sigkill_then_resume_latest_ends_bit_identical_to_an_uninterrupted_run(assets, tmp_path):
+    """tests/test_train_resume.py's test on a Flux base: SIGKILL after the first checkpoint, --resume latest (with
+    data-loader workers), the same log and weights as an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from controlnet.train.state import CHECKPOINT_RE
+
+    steps = 16
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "controlnet", "train", "--base", str(assets / "flux"), "--data",
+                str(assets / "data"), "--out", str(out), "--resolution", str(R), "--max-steps", str(steps),
+                "--checkpoint-every", "4", "--batch-size", "2", "--grad-accum", "2", "--hflip", "--lr", "1e-3",
+                "--seed", "3", "--controlnet-layers", "2", "--controlnet-single-layers", "1", "--quiet", "--no-plot",
+                "--no-tensorboard", *extra]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.Popen(cmd(tmp_path / "whole"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    killed = tmp_path / "killed"
+    victim = subprocess.Popen(cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while victim.poll() is None and time.monotonic() < deadline:
+        if (killed / "checkpoints").is_dir() and any(CHECKPOINT_RE.match(p.name)
+                                                     for p in (killed / "checkpoints").iterdir()):
+            break
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait() == -signal.SIGKILL
+    assert not (killed / "controlnet").exists()  # it died mid-run
+    resumed = subprocess.run(cmd(killed, "--resume", "latest", "--num-workers", "2"), env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert whole.wait(timeout=300) == 0, whole.stderr.read()[-2000:]
+
+    def losses(out):
+        return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+    assert losses(killed) == losses(tmp_path / "whole") and len(losses(killed)) == steps
+    a = load_file(tmp_path / "whole" / "controlnet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(killed / "controlnet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
