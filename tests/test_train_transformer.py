@@ -259,6 +259,24 @@ def test_an_interrupted_run_resumed_ends_bit_identical_to_an_uninterrupted_one(a
     assert any(a[k].abs().sum() > 0 for k in a if k.startswith("controlnet_blocks."))  # it trained
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_validation_samples_with_the_flow_sampler_and_step_0_is_the_bases_own_sample(assets, tmp_path, family):
+    """Validation grids and scores at steps 0, 1, 2; at step 0 (zero residuals) the sample is the base's own
+    generation without a ControlNet, pixel for pixel."""
+    from controlnet.train import train
+
+    result = train(_config(assets, family, tmp_path / "run", validate_every=1, validation_count=2,
+                           validation_steps=2, validation_guidance=3.0, score="ssim", lr=1e-3))
+    assert [r["step"] for r in result.validations] == [0, 1, 2]
+    assert all(0 <= r["score"] <= 1 and len(r["scores"]) == 2 for r in result.validations)
+    grid = np.array(Image.open(tmp_path / "run" / result.validations[0]["grid"]).convert("RGB"))  # (2R, 3R, 3)
+    row = json.loads((assets / "data" / "prompt.json").read_text().splitlines()[0])
+    plain = _pipe(assets, family)(row["prompt"], [], height=R, width=R, steps=2, guidance=3.0, seed=5,
+                                  output_type="pt")[0]
+    plain = (plain.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(grid[:R, R:2 * R], plain)  # row 0: the manifest's first example, condition | sample | image
+
+
 def test_text_caches_are_keyed_by_the_family(assets, tmp_path):
     """The same data on a Flux and an SD3 base share no text entry (their encodings differ); a second run on the
     same base finds everything cached."""
@@ -299,8 +317,8 @@ def test_a_wrong_family_init_and_unet_only_options_are_refused_in_one_line(asset
     assert "--init" in err
     err = _one_line_error(capsys, _train_argv(assets, "sd1", tmp_path / "c", "--init", str(sd3_cn)))
     assert "--init" in err and "SD3" in err and "UNet" in err
-    err = _one_line_error(capsys, _train_argv(assets, "flux", tmp_path / "d", "--validate-every", "5"))
-    assert "--validate-every" in err
+    err = _one_line_error(capsys, _train_argv(assets, "flux", tmp_path / "d", "--export-original", "x.safetensors"))
+    assert "--export-original" in err
     err = _one_line_error(capsys, _train_argv(assets, "sd1", tmp_path / "e", "--controlnet-layers", "2"))
     assert "--controlnet-layers" in err
     err = _one_line_error(capsys, _train_argv(assets, "flux", tmp_path / "f", "--controlnet-layers", "9"))

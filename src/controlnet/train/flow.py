@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from controlnet.data.cache import entry_key, module_digest, tokenizer_digest
@@ -28,6 +29,7 @@ from controlnet.data.datasets import Encoders
 from controlnet.errors import UserError
 from controlnet.train.config import TrainConfig
 from controlnet.train.objective import FlowMatchingObjective
+from controlnet.train.validation import Validator
 from controlnet.transformer_controlnet import (FAMILY_NAMES, FLUX, SD3, FluxControlNet, SD3ControlNet,
                                                TransformerControlNet)
 
@@ -54,7 +56,7 @@ def is_flow_pipeline(base: Any) -> bool:
 def check_flow_options(config: TrainConfig, family: str) -> None:
     """Refuse, in one line, what training on a Flux or SD3 base does not do."""
     label = FAMILY_NAMES[family]
-    unsupported = {"--validate-every": bool(config.validate_every), "--export-original": bool(config.export_original),
+    unsupported = {"--export-original": bool(config.export_original),
                    "--unlock-decoder-after": config.unlock_decoder_after is not None,
                    f"--architecture {config.architecture}": config.architecture != "copy",
                    f"--zero-conv-init {config.zero_conv_init}": config.zero_conv_init != "zero"}
@@ -216,6 +218,32 @@ def flow_objective(config: TrainConfig, pipe: Any, base_dtype: torch.dtype) -> F
     sigmas = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler_config).sigmas.float()
     conditions = TransformerPipeline(pipe.transformer, pipe.vae, None, None, None, None, pipe.scheduler_config)
     return FlowMatchingObjective(pipe.family, sigmas, conditions.encode_condition, config.seed, base_dtype)
+
+
+class FlowValidator(Validator):
+    """Validation samples on a Flux or SD3 base: :class:`~controlnet.transformer_pipeline.TransformerPipeline`'s
+    flow-matching sampler, ``--validation-steps`` Euler steps at ``--validation-guidance`` (Flux: the distilled
+    guidance scale; SD3: the CFG weight), the ControlNet at strength 1."""
+
+    def components_of(self, base: Any) -> dict[str, Any]:
+        names = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
+                 "tokenizer_3", "scheduler_config")
+        return {name: getattr(base, name) for name in names}
+
+    def sampler(self, controlnet: Any) -> Any:
+        from controlnet.transformer_pipeline import TransformerPipeline, TransformerUnit
+
+        pipe = TransformerPipeline(**self.components)
+        size = self.resolution
+
+        def sample(condition: np.ndarray, prompt: str) -> np.ndarray:
+            hint = torch.from_numpy(np.ascontiguousarray(condition)).permute(2, 0, 1)[None].float() / 255  # (1, 3, R, R)
+            image = pipe(prompt, [TransformerUnit(controlnet, hint)], height=size, width=size,
+                         steps=self.config.validation_steps, guidance=self.config.validation_guidance,
+                         seed=self.config.seed, output_type="pt")[0]  # (3, R, R) in [0, 1]
+            return (image.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+        return sample
 
 
 def save_trained(controlnet: torch.nn.Module, path: Path) -> Path:

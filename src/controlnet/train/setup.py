@@ -30,8 +30,8 @@ from controlnet.fileio import atomic_path, atomic_write_text
 from controlnet.devices import DTYPES
 from controlnet.model import ControlNet
 from controlnet.train.config import TrainConfig
-from controlnet.train.flow import (check_unet_options, flow_encoders, flow_family, flow_objective, is_flow_pipeline,
-                                   read_flow_base)
+from controlnet.train.flow import (FlowValidator, check_unet_options, flow_encoders, flow_family, flow_objective,
+                                   is_flow_pipeline, read_flow_base)
 from controlnet.train.log import RunLog
 from controlnet.train.objective import (DenoisingObjective, constant_after_warmup, enable_gradient_checkpointing,
                                         make_adamw)
@@ -115,7 +115,8 @@ def set_up(config: TrainConfig, accelerator: Any, out: Path, inputs: Inputs) -> 
     unet, decoder, unet_dtype = lock_base(config, base, controlnet)
     validator = None
     if config.validate_every and main:
-        validator = Validator(config, base, prep.examples, store, resolution, unet_dtype, out)
+        validator = (FlowValidator if is_flow_pipeline(base) else Validator)(config, base, prep.examples, store,
+                                                                              resolution, unet_dtype, out)
     objective = (flow_objective(config, base, unet_dtype) if is_flow_pipeline(base)
                  else DenoisingObjective(DDPMScheduler.from_config(base.scheduler_config), unet_dtype, resolution))
     vae_config = base.vae.config
