@@ -277,6 +277,26 @@ def test_validation_samples_with_the_flow_sampler_and_step_0_is_the_bases_own_sa
     assert np.array_equal(grid[:R, R:2 * R], plain)  # row 0: the manifest's first example, condition | sample | image
 
 
+def test_the_locked_transformer_is_unchanged_and_half_the_prompts_are_empty(assets, tmp_path):
+    """The base's digest at the end is the fresh transformer's; each step's empty prompts are the seeded draws of
+    its stream positions (the paper's 50%), as on UNet bases."""
+    from diffusers import FluxTransformer2DModel
+
+    from controlnet.data.cache import module_digest
+    from controlnet.data.datasets import sample_draws
+    from controlnet.train import train
+
+    result = train(_config(assets, "flux", tmp_path / "run", max_steps=6, checkpoint_every=0, lr=1e-3))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    start, end = (next(r for r in log if r["kind"] == kind) for kind in ("start", "end"))
+    assert start["locked_base"] == end["locked_base"] == module_digest(
+        FluxTransformer2DModel.from_pretrained(assets / "flux" / "transformer"))
+    expected = [sum(sample_draws(5, p, 0.5, False, 1000).empty_prompt for p in range(2 * s, 2 * s + 2))
+                for s in range(6)]
+    assert [r["empty_prompts"] for r in log if r["kind"] == "train"] == expected
+    assert result.empty_prompts == sum(expected) and 0 < sum(expected) < 12
+
+
 def test_text_caches_are_keyed_by_the_family(assets, tmp_path):
     """The same data on a Flux and an SD3 base share no text entry (their encodings differ); a second run on the
     same base finds everything cached."""
@@ -325,7 +345,10 @@ def test_a_wrong_family_init_and_unet_only_options_are_refused_in_one_line(asset
     assert "9" in err
     err = _one_line_error(capsys, _train_argv(assets, "sd3", tmp_path / "g", "--resolution", "40"))
     assert "multiple of 16" in err
-    assert not any((tmp_path / name / "checkpoints").exists() for name in "abcdefg")
+    err = _one_line_error(capsys, _train_argv(assets, "sd3", tmp_path / "h", "--init", str(sd3_cn),
+                                              "--controlnet-layers", "1"))
+    assert "--controlnet-layers" in err and "--init" in err
+    assert not any((tmp_path / name / "checkpoints").exists() for name in "abcdefgh")
 
 
 def test_an_init_of_the_right_family_continues_from_its_weights(assets, tmp_path):
@@ -333,7 +356,9 @@ def test_an_init_of_the_right_family_continues_from_its_weights(assets, tmp_path
     from controlnet.train.flow import read_flow_base
 
     first = train(_config(assets, "flux", tmp_path / "first", max_steps=1, lr=1e-3)).controlnet
-    _, _, cn = read_flow_base(_config(assets, "flux", tmp_path / "x", init=str(first)), "flux", torch.device("cpu"))
+    config = _config(assets, "flux", tmp_path / "x", init=str(first), controlnet_layers=None,
+                     controlnet_single_layers=None)
+    _, _, cn = read_flow_base(config, "flux", torch.device("cpu"))
     saved = load_file(first / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(v, saved[k]) for k, v in cn.state_dict().items())
     with pytest.raises(UserError, match="--controlnet-single-layers"):

@@ -63,6 +63,10 @@ def check_flow_options(config: TrainConfig, family: str) -> None:
     for flag, given in unsupported.items():
         if given:
             raise UserError(f"{flag} is for UNet bases; drop it to train on this {label} base")
+    layers = [f"--{n.replace('_', '-')}" for n in ("controlnet_layers", "controlnet_single_layers")
+              if getattr(config, n) is not None]
+    if config.init and layers:
+        raise UserError(f"{' and '.join(layers)}: the --init ControlNet has its own blocks; drop the option")
     if family == SD3 and config.controlnet_single_layers:
         raise UserError(f"--controlnet-single-layers: an {label} base has no single blocks; drop the option")
 
