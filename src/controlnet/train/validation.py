@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     import torch
 
     from controlnet.data.cache import CacheStore
-    from controlnet.model import ControlNet
     from controlnet.train.config import TrainConfig
 
 # Sudden convergence: the score must rise by at least this much (absolute; the scores are in [0, 1]) between the
