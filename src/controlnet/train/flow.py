@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from controlnet.data.cache import entry_key, module_digest, tokenizer_digest
+from controlnet.data.cache import bound_annotator, entry_key, module_digest, tokenizer_digest
 from controlnet.data.datasets import Encoders
 from controlnet.errors import UserError
 from controlnet.train.config import TrainConfig
@@ -186,8 +186,6 @@ def load_init(init: str | Path, transformer: torch.nn.Module) -> TransformerCont
 
 def flow_encoders(pipe: Any, config: TrainConfig) -> Encoders:
     """The VAE and text-encoder callables that fill the caches, with identities that name the family."""
-    from controlnet.train.setup import bound_annotator
-
     vae, device = pipe.vae, next(pipe.vae.parameters()).device
 
     def encode_images(x: torch.Tensor) -> torch.Tensor:

@@ -15,12 +15,11 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 
-from controlnet.data.cache import CacheStats, CacheStore, entry_key, module_digest, tokenizer_digest
+from controlnet.data.cache import CacheStats, CacheStore, bound_annotator, entry_key, module_digest, tokenizer_digest
 from controlnet.data.datasets import (
     Encoders, Manifest, Preparation, SkippedRow, StreamBatches, TrainDataset, describe_skipped, prepare_examples,
     read_manifest, warn_resized,
@@ -247,19 +246,6 @@ def make_encoders(base: Any, config: TrainConfig) -> Encoders:
         annotate=annotate,
         annotator_id=annotator_id,
     )
-
-
-def bound_annotator(name: str, params: dict[str, Any]) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
-    """The annotator ``name`` bound to ``params`` (completed with its defaults), and its identity for the cache."""
-    from controlnet import annotators
-
-    annotator = annotators.get(name)
-    resolved = annotator.resolve(dict(params))
-
-    def annotate(image: np.ndarray) -> np.ndarray:
-        return annotator(image, **resolved)
-
-    return annotate, entry_key("annotator", name, resolved)
 
 
 def lock_base(config: TrainConfig, base: Any, controlnet: ControlNet
