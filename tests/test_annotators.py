@@ -349,7 +349,12 @@ NEURAL = {"hed", "pidinet", "lineart", "lineart_coarse", "mlsd", "openpose", "op
           "segmentation", "pose"}
 
 
-@pytest.mark.parametrize("name", annotators.list_annotators())
+# OpenPose with hands runs its hand network on every hand box it finds: minutes on a CPU.
+SLOW_ANNOTATORS = {"openpose_hand"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_ANNOTATORS else n
+                                  for n in annotators.list_annotators()])
 def test_every_annotator_accepts_every_mode_and_odd_size(name):
     h, w = 21, 33
     grey = (np.indices((h, w)).sum(axis=0) * 5 % 200 + 20).astype(np.uint8)

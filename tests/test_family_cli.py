@@ -13,8 +13,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from controlnet.errors import EXIT_BAD_INPUT
-from controlnet.testing import SD_SCHEDULE, build_text_encoder_2, build_unet, tiny_components, trained_like
+from controlnet.testing import SD_SCHEDULE, build_text_encoder_2, tiny_components, trained_like
 from test_families import files  # noqa: F401  (the fixture: a file or folder of every UNet family)
+from test_union import SDXL64
 from test_union import oracle as union_oracle
 
 diffusers = pytest.importorskip("diffusers")
@@ -48,7 +49,7 @@ def test_info_names_every_unet_family(files, capsys):  # noqa: F811
     for family, paths in files.items():
         for path in paths:
             lines = info(capsys, path)
-            assert lines["family"].split(" ")[0] == family, (path, lines)
+            assert lines["family"].split(", ")[0] == family, (path, lines)
             assert set(lines) == {"file", "family", "base", "layers", "conditions", "dtype", "parameters"}
 
 
@@ -79,7 +80,7 @@ def test_info_counts_parameters_from_the_header(files, capsys):  # noqa: F811
     path = files["controlnet"][0]
     with safe_open(path, framework="pt") as f:
         total = sum(f.get_tensor(k).numel() for k in f.keys())
-    assert info(capsys, path)["parameters"] == f"{total / 1e6:.2f}M" if total >= 1e5 else str(total)
+    assert total >= 1e5 and info(capsys, path)["parameters"] == f"{total / 1e6:.2f}M"
 
 
 def test_info_on_transformer_controlnets(tmp_path, capsys):
@@ -89,7 +90,7 @@ def test_info_on_transformer_controlnets(tmp_path, capsys):
                                          pooled_projection_dim=16, axes_dims_rope=[2, 2, 4], num_mode=7)
     flux.save_pretrained(tmp_path / "flux")
     lines = info(capsys, tmp_path / "flux")
-    assert lines["family"] == "flux-controlnet (a Flux ControlNet, diffusers layout)" and lines["base"] == "flux"
+    assert lines["family"] == "flux-controlnet, a Flux ControlNet (diffusers layout)" and lines["base"] == "flux"
     assert lines["layers"] == "2 double-stream + 1 single-stream blocks"
     assert lines["conditions"] == "union: 7 modes (canny, tile, depth, blur, pose, gray, lq)"
     assert lines["parameters"] == str(sum(p.numel() for p in flux.parameters()))
@@ -98,8 +99,15 @@ def test_info_on_transformer_controlnets(tmp_path, capsys):
                                        pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)
     save_file({k: v.contiguous() for k, v in sd3.state_dict().items()}, str(tmp_path / "sd3_cn.safetensors"))
     lines = info(capsys, tmp_path / "sd3_cn.safetensors")
-    assert lines["family"] == "sd3-controlnet (an SD3 ControlNet, diffusers layout)"
+    assert lines["family"] == "sd3-controlnet, an SD3 ControlNet (diffusers layout)"
     assert lines["layers"] == "1 joint blocks" and lines["conditions"] == "one condition image"
+
+
+def test_info_on_a_bundled_name(capsys):
+    from controlnet.embedded import bundled_controlnets
+
+    for name, path in bundled_controlnets().items():
+        assert info(capsys, name) == {**info(capsys, path), "file": str(path)}
 
 
 def test_info_refuses_what_is_no_control_model(tmp_path, capsys):
@@ -125,7 +133,7 @@ def bases(tmp_path_factory):
     torch.manual_seed(0)
     adapter = trained_like(diffusers.T2IAdapter(channels=[32, 64], num_res_blocks=2), 1)
     adapter.save_pretrained(root / "adapter_sd1")
-    _, union = union_oracle(6, unet=sdxl["unet"])
+    _, union = union_oracle(6)  # the tiny SDXL UNet's config, as the base's
     union.save_pretrained(root / "union")
     Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / "cond.png")
     return root
@@ -136,17 +144,23 @@ def generate(root, base: str, out, *units: str) -> int:
                  "--size", "64x64", "--seed", "1", "--out", str(out), *units])
 
 
-def test_generate_takes_a_t2i_adapter_and_records_it(bases, tmp_path, capsys):
-    out = tmp_path / "out"
-    assert generate(bases, "sd1", out, "--controlnet", str(bases / "adapter_sd1"), "--control",
-                    str(bases / "cond.png"), "--strength", "0.7", "--end", "0.5") == 0
+def test_generate_takes_a_t2i_adapter_and_a_control_lora_together(bases, files, tmp_path, capsys):  # noqa: F811
+    out, cond = tmp_path / "out", str(bases / "cond.png")
+    assert generate(bases, "sd1", out, "--controlnet", str(bases / "adapter_sd1"), "--control", cond,
+                    "--strength", "0.7", "--end", "0.5", "--controlnet", files["control-lora"][0], "--control", cond) == 0
     with Image.open(out / "00000-1.png") as image:
         units = json.loads(image.text["controlnets"])
+        both = np.asarray(image)
     assert units[0]["controlnet"] == str(bases / "adapter_sd1") and units[0]["strength"] == 0.7
-    assert units[0]["end"] == 0.5
+    assert units[0]["end"] == 0.5 and units[1]["controlnet"] == files["control-lora"][0]
+    assert generate(bases, "sd1", tmp_path / "alone", "--controlnet", str(bases / "adapter_sd1"), "--control", cond,
+                    "--strength", "0.7", "--end", "0.5") == 0
+    with Image.open(tmp_path / "alone" / "00000-1.png") as image:
+        assert not np.array_equal(np.asarray(image), both)  # the Control-LoRA acts beside the adapter
 
 
-def test_generate_union_units_record_their_control_types_and_rerun(bases, tmp_path, capsys):
+def test_generate_union_units_record_their_control_types_and_rerun(bases, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(bases)  # stored settings name files under the current folder or the PNG's
     out = tmp_path / "out"
     union, cond = str(bases / "union"), str(bases / "cond.png")
     assert generate(bases, "sdxl", out, "--controlnet", union, "--control", cond, "--control-type", "depth",
@@ -161,6 +175,11 @@ def test_generate_union_units_record_their_control_types_and_rerun(bases, tmp_pa
         units = json.loads(image.text["settings"])["controlnets"]
         pixels = np.asarray(image)
     assert [(u["control_type"], u["strength"]) for u in units] == [("depth", 1.0), ("openpose", 0.5)]
+    # The same two conditions as consecutive --control options after one --controlnet.
+    assert generate(bases, "sdxl", tmp_path / "consecutive", "--controlnet", union, "--control", cond, "--control-type",
+                    "depth", "--control", cond, "--control-type", "openpose", "--strength", "0.5") == 0
+    with Image.open(tmp_path / "consecutive" / "00000-1.png") as image:
+        assert np.array_equal(np.asarray(image), pixels)
     capsys.readouterr()
     assert main(["generate", "--from-png", str(first), "--quiet", "--out", str(tmp_path / "again")]) == 0
     with Image.open(tmp_path / "again" / "00000-1.png") as image:
@@ -206,10 +225,16 @@ def test_convert_t2i_adapter_between_layouts(files, tmp_path, capsys):  # noqa: 
 
 
 def test_convert_union_to_a_diffusers_folder_and_refusals(files, tmp_path, capsys):  # noqa: F811
-    single = files["union"][2]
+    """A lone ProMax .safetensors (xinsir's file, no config beside it; shapes a released config can be inferred
+    from) becomes a folder diffusers' ControlNetUnionModel loads with the same tensors."""
+    _, promax = union_oracle(8, **SDXL64)
+    single = str(tmp_path / "diffusion_pytorch_model_promax.safetensors")
+    save_file({k: v.contiguous() for k, v in promax.state_dict().items()}, single)
     assert main(["convert", single, str(tmp_path / "union"), "--to", "diffusers", "-q"]) == 0
-    reference = diffusers.ControlNetUnionModel.from_pretrained(tmp_path / "union")
-    assert reference.config.num_control_type == 8
+    converted = diffusers.ControlNetUnionModel.from_pretrained(tmp_path / "union")
+    assert converted.config.num_control_type == 8
+    theirs = promax.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in converted.state_dict().items())
     err = refused(capsys, main(["convert", single, str(tmp_path / "u.safetensors"), "--to", "original"]))
     assert "Union/ProMax ControlNet" in err and "diffusers" in err
     err = refused(capsys, main(["convert", files["control-lora"][0], str(tmp_path / "cl"), "--to", "diffusers"]))

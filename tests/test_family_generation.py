@@ -17,7 +17,6 @@ from controlnet.errors import UserError
 from controlnet.model import ControlNet
 from controlnet.pipeline import ControlUnit, Pipeline
 from controlnet.testing import SD_SCHEDULE, build_text_encoder_2, build_unet, tiny_components, trained_like
-from controlnet.union import union_from_state_dict
 from test_control_lora import control_lora_file
 from test_t2i_adapter import SDXL3, tencentarc_layout
 
@@ -56,9 +55,9 @@ def ours(pipe: Pipeline, units: list[ControlUnit], latents: torch.Tensor, **kw) 
                 scheduler="ddim", progress=False, output_type="latent", **kw).latents
 
 
-def adapter_oracle(family: str, seed: int = 0):
+def adapter_oracle(family: str, seed: int = 0, in_channels: int = 3):
     torch.manual_seed(seed)
-    return trained_like(diffusers.T2IAdapter(**ADAPTERS[family]), seed + 1)
+    return trained_like(diffusers.T2IAdapter(**ADAPTERS[family], in_channels=in_channels), seed + 1)
 
 
 @pytest.fixture(scope="module")
@@ -74,17 +73,21 @@ def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- T2I-Adapter
 
 
-# adapter_conditioning_factor: SDXL's adapter pipeline has it; SD's acts at every step (factor 1).
-@pytest.mark.parametrize("family,scale,factor", [("sd1", 1.0, 1.0), ("sd1", 0.7, 1.0), ("sdxl", 1.0, 1.0),
-                                                 ("sdxl", 0.7, 0.5)])
+# adapter_conditioning_factor: SDXL's adapter pipeline has it; SD's acts at every step (factor 1). "sd1-gray":
+# a one-channel (sketch) adapter given a gray image.
+@pytest.mark.parametrize("family,scale,factor", [("sd1", 1.0, 1.0), ("sd1", 0.7, 1.0), ("sd1-gray", 1.0, 1.0),
+                                                 ("sdxl", 1.0, 1.0), ("sdxl", 0.7, 0.5)])
 def test_t2i_adapter_matches_diffusers_adapter_pipeline(family, scale, factor, tmp_path):
+    gray = family == "sd1-gray"
+    family = "sd1" if gray else family
     comps = components(family, **(SDXL3 if family == "sdxl" else {}))
-    adapter = adapter_oracle(family)
+    adapter = adapter_oracle(family, in_channels=1 if gray else 3)
     pipeline = diffusers.StableDiffusionXLAdapterPipeline if family == "sdxl" else diffusers.StableDiffusionAdapterPipeline
     extra = {} if family == "sdxl" else dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     oracle = pipeline(**comps, adapter=adapter, **extra)
     oracle.set_progress_bar_config(disable=True)
     image, start = condition(1), noise(2)
+    image = image.convert("L") if gray else image
     negative = {} if family == "sdxl" else {"negative_prompt": NEGATIVE}  # SDXL: an empty negative → zeros
     factor_kw = {"adapter_conditioning_factor": factor} if family == "sdxl" else {}
     expected = oracle(PROMPT, image=image, num_inference_steps=STEPS, guidance_scale=7.5, height=SIZE, width=SIZE,

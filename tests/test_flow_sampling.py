@@ -11,7 +11,6 @@ its comparisons use a VAE whose posterior std is 1e-7, so both sides' samples ar
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from controlnet.testing import trained_like
 from controlnet.errors import UserError
-from controlnet.flow_sampling import FlowControl, calculate_shift, flow_schedule
+from controlnet.flow_sampling import calculate_shift, flow_schedule
 from controlnet.transformer_controlnet import FLUX_UNION_MODES, FluxControlNet, SD3ControlNet, pack_latents
 from controlnet.transformer_pipeline import TransformerPipeline, TransformerUnit, unpack_latents
 from controlnet.testing_flow import FLUX_SCHEDULER, diffusers_components, flux_components, sd3_components

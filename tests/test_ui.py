@@ -119,8 +119,8 @@ def tiny_backend(tiny_models, tmp_path_factory) -> ui.UiBackend:
 
 def test_request_from_values_follows_widget_order():
     glob = ["p", "n", 5, 7.5, "ddim", 3, 64, 128, 2, True]
-    unit = [True, "fill", "/x.safetensors", "IMG", "canny", "low=1", 0.5, 0.1, 0.9, "prompt"]
-    values = glob + unit + [False] + [None] * 9 + [False] + [None] * 9
+    unit = [True, "fill", "/x.safetensors", "IMG", "canny", "low=1", 0.5, 0.1, 0.9, "prompt", "depth"]
+    values = glob + unit + [False] + [None] * 10 + [False] + [None] * 10
     req = ui.request_from_values(values, num_units=3)
     assert (req.prompt, req.negative_prompt, req.steps, req.guidance, req.scheduler, req.seed) == ("p", "n", 5, 7.5, "ddim", 3)
     assert (req.width, req.height, req.num_images, req.guess_mode) == (64, 128, 2, True)

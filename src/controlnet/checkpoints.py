@@ -493,30 +493,29 @@ def controlnet_from_state_dict(
     with torch.device("meta"):  # no random init: every tensor comes from the file
         cn = build_controlnet(cfg)
     to_file = _file_names(cfg) if original else {}
-    _check_tensors(sd, {k: tuple(v.shape) for k, v in cn.state_dict().items()}, name, lambda k: to_file.get(k, k))
+    check_tensors(sd, {k: tuple(v.shape) for k, v in cn.state_dict().items()}, name, "ControlNet config",
+                  lambda k: to_file.get(k, k))
     cn.load_state_dict(sd, strict=True, assign=True)
     return cn
 
 
-def _check_tensors(sd: StateDict, expected: Mapping[str, tuple[int, ...]], name: str,
-                   file_key: Callable[[str], str]) -> None:
-    """Refuse ``sd`` unless it has exactly the ``expected`` keys and shapes, in floating point, all finite.
-    Errors name keys as the file spells them (``file_key``)."""
+def check_tensors(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], name: str, what: str,
+                  file_key: Callable[[str], str] = lambda k: k) -> None:
+    """Refuse ``sd`` in one line unless it has exactly the ``expected`` keys and shapes, floating point and finite.
+    ``what`` names the model in messages; ``file_key`` spells a key as the file does."""
+    examples = _examples
     missing = [file_key(k) for k in expected if k not in sd]
     unexpected = [file_key(k) for k in sd if k not in expected]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({_examples(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({_examples(unexpected)})")
-        raise UserError(f"{name} does not match the ControlNet config: {'; '.join(parts)}")
+        parts = [f"{len(missing)} missing keys ({examples(missing)})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected keys ({examples(unexpected)})"] if unexpected else []
+        raise UserError(f"{name} does not match the {what}: {'; '.join(parts)}")
     wrong = [f"{file_key(k)} {list(v.shape)} != {list(expected[k])}" for k, v in sd.items() if tuple(v.shape) != expected[k]]
     if wrong:
-        raise UserError(f"{name}: {len(wrong)} tensors have the wrong shape for the config, e.g. {_examples(wrong, 2)}")
-    floating = [file_key(k) for k, v in sd.items() if not v.is_floating_point()]
-    if floating:
-        raise UserError(f"{name}: tensors that are not floating point: {_examples(floating)}")
+        raise UserError(f"{name}: {len(wrong)} tensors have the wrong shape for the {what}, e.g. {examples(wrong)}")
+    not_float = [file_key(k) for k, v in sd.items() if not v.is_floating_point()]
+    if not_float:
+        raise UserError(f"{name}: tensors that are not floating point: {examples(not_float)}")
     refuse_non_finite(sd, name, file_key)
 
 
@@ -666,14 +665,22 @@ def save_diffusers_folder(controlnet: ControlNet, directory: str | Path, dtype: 
     A file, or a folder holding other files, is not replaced; a failed write leaves nothing behind.
     Other layouts: :func:`save_controlnet`.
     """
+    return write_model_folder(directory, controlnet.config.to_dict(), controlnet.state_dict(), dtype)
+
+
+def write_model_folder(directory: str | Path, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
+                       dtype: torch.dtype | None = None) -> Path:
+    """Write a diffusers model folder atomically: ``config.json`` (``config`` plus ``_diffusers_version``) and
+    ``diffusion_pytorch_model.safetensors`` (``tensors`` on the CPU, cast to ``dtype`` if given). A file, or a
+    folder holding other files, is not replaced; a failed write is a one-line :class:`UserError`."""
     import diffusers
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(directory).expanduser()
     check_folder_destination(path)
-    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in controlnet.state_dict().items()}
-    config = {**controlnet.config.to_dict(), "_diffusers_version": diffusers.__version__}
+    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in tensors.items()}
+    config = {**config, "_diffusers_version": diffusers.__version__}
     try:
         with atomic_path(path) as tmp:
             tmp.mkdir()

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from controlnet.errors import UserError
-from controlnet.families import CONTROL_LORA_MARKER, check_tensors, require_family
+from controlnet.checkpoints import check_tensors
+from controlnet.families import CONTROL_LORA_MARKER, require_family
 from controlnet.hint_encoders import HintEncoder
 from controlnet.model import ControlNet
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from controlnet.errors import UserError
 
@@ -121,28 +120,3 @@ def require_family(source: str | os.PathLike | Mapping[str, Any], expected: str 
                         "here; give a file of that family, or load this one where "
                         f"{describe(found).removeprefix('a ').removeprefix('an ')} is taken")
     return found
-
-
-def check_tensors(sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], name: str, what: str,
-                  file_key: Callable[[str], str] = lambda k: k) -> None:
-    """Refuse ``sd`` in one line unless it has exactly the ``expected`` keys and shapes, floating point and finite.
-    ``what`` names the model in messages; ``file_key`` spells a key as the file does."""
-    from controlnet.checkpoints import refuse_non_finite
-
-    def examples(items: list[str]) -> str:
-        items = sorted(items)
-        return ", ".join(items[:3]) + (f", ... ({len(items)} in all)" if len(items) > 3 else "")
-
-    missing = [file_key(k) for k in expected if k not in sd]
-    unexpected = [file_key(k) for k in sd if k not in expected]
-    if missing or unexpected:
-        parts = [f"{len(missing)} missing keys ({examples(missing)})"] if missing else []
-        parts += [f"{len(unexpected)} unexpected keys ({examples(unexpected)})"] if unexpected else []
-        raise UserError(f"{name} does not match the {what}: {'; '.join(parts)}")
-    wrong = [f"{file_key(k)} {list(v.shape)} != {list(expected[k])}" for k, v in sd.items() if tuple(v.shape) != expected[k]]
-    if wrong:
-        raise UserError(f"{name}: {len(wrong)} tensors have the wrong shape for the {what}, e.g. {examples(wrong)}")
-    not_float = [file_key(k) for k, v in sd.items() if not v.is_floating_point()]
-    if not_float:
-        raise UserError(f"{name}: tensors that are not floating point: {examples(not_float)}")
-    refuse_non_finite(sd, name, file_key)

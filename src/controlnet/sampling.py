@@ -66,6 +66,10 @@ from controlnet.errors import UserError
 from controlnet.devices import placement
 from controlnet.residuals import Residuals
 
+# RGB → gray for one-channel T2I-Adapters (sketch): ITU-R 601-2 luma, as PIL's convert("L") and OpenCV's
+# COLOR_RGB2GRAY (TencentARC's sketch pipeline) compute it.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+
 __all__ = ["DEFAULT_GUIDANCE", "DEFAULT_SCHEDULER", "DEFAULT_STEPS", "SCHEDULERS", "Control", "Inpainting",
            "control_residuals", "in_step_range", "make_scheduler", "sample"]
 
@@ -125,8 +129,9 @@ class Control:
         images = self.condition if isinstance(self.condition, list) else [self.condition]
         if self.is_adapter:
             image = images[0].to(**where)
-            if self.controlnet.config.in_channels == 1:  # a sketch adapter: one gray channel (edge maps are gray)
-                image = image.mean(dim=1, keepdim=True)
+            if self.controlnet.config.in_channels == 1:  # a sketch adapter: the condition's luma
+                luma = torch.tensor(LUMA_WEIGHTS, dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
+                image = (image * luma).sum(dim=1, keepdim=True)
             return self.controlnet(image).scaled(self.scales)
         hints = [self.controlnet.encode_hint(image.to(**where)) for image in images]
         return hints if isinstance(self.condition, list) else hints[0]

@@ -416,7 +416,7 @@ def t2i_adapter_from_state_dict(state_dict: Mapping[str, Any], config: T2IAdapte
     Without ``config`` it is inferred from the shapes (:func:`infer_config`). Missing, extra, mis-shaped or
     non-finite tensors are a one-line :class:`UserError` naming ``name``.
     """
-    from controlnet.families import check_tensors
+    from controlnet.checkpoints import check_tensors
 
     sd = dict(state_dict)
     if isinstance(sd.get("adapter"), Mapping):  # some releases nest the weights under "adapter"

@@ -26,27 +26,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import diffusers
 import torch
 from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.embeddings import (CombinedTimestepGuidanceTextProjEmbeddings, CombinedTimestepTextProjEmbeddings,
                                          PatchEmbed)
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed, FluxSingleTransformerBlock, FluxTransformerBlock
 from diffusers.models.transformers.transformer_sd3 import SD3SingleTransformerBlock
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 from torch import nn
 
-from controlnet.checkpoints import CONFIG_NAME, WEIGHTS_NAME, check_folder_destination, write_error
+from controlnet.checkpoints import write_model_folder
 from controlnet.errors import UserError
-from controlnet.fileio import atomic_path
 from controlnet.hint_encoders import HintEncoder  # XLabs' hint encoder has the released UNet ControlNets' layout
 from controlnet.residuals import BLOCK, SINGLE, Residuals
 
@@ -399,18 +394,7 @@ class TransformerControlNet(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write diffusers' folder layout, atomically: ``config.json`` + ``diffusion_pytorch_model.safetensors``,
         which diffusers' ``FluxControlNetModel`` / ``SD3ControlNetModel.from_pretrained`` read."""
-        path = Path(directory).expanduser()
-        check_folder_destination(path)
-        tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in self.persistent_state_dict().items()}
-        config = {**self.config.to_dict(), "_diffusers_version": diffusers.__version__}
-        try:
-            with atomic_path(path) as tmp:
-                tmp.mkdir()
-                (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-                save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        except (OSError, SafetensorError) as err:
-            raise write_error(path, err) from None
-        return path
+        return write_model_folder(directory, self.config.to_dict(), self.persistent_state_dict(), dtype)
 
     def _adopt(self, base: nn.Module, names: Sequence[str], blocks: Mapping[str, int]) -> None:
         """Copy, weights included, the base's modules ``names`` and the first ``n`` of each block list in ``blocks``."""

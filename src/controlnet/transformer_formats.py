@@ -34,7 +34,7 @@ from controlnet.checkpoints import (
     CONFIG_NAME,
     DIFFUSERS_WEIGHT_NAMES,
     MAX_CONFIG_BYTES,
-    _check_tensors,
+    check_tensors,
     _read_file,
     check_destination,
     detect_family,
@@ -61,7 +61,6 @@ from controlnet.transformer_controlnet import (
     base_family,
     build_transformer_controlnet,
     check_fits,
-    config_value,
 )
 
 StateDict = dict[str, torch.Tensor]
@@ -377,7 +376,7 @@ def transformer_controlnet_from_state_dict(
                         f"{FAMILY_NAMES[cfg.family]} one")
     with torch.device("meta"):  # no random init: every tensor comes from the file
         cn = build_transformer_controlnet(cfg)
-    _check_tensors(sd, {k: tuple(v.shape) for k, v in cn.persistent_state_dict().items()}, name, lambda k: k)
+    check_tensors(sd, {k: tuple(v.shape) for k, v in cn.persistent_state_dict().items()}, name, "ControlNet config")
     cn.load_state_dict(sd, strict=True, assign=True)
     _materialize_buffers(cn)
     if base is not None:

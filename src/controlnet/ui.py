@@ -95,6 +95,7 @@ class UnitInput:
     start: float = 0.0
     end: float = 1.0
     control_mode: str = "balanced"
+    control_type: str = ""  # a union ControlNet's condition type ("depth", ...); empty for other models
 
 
 UNIT_FIELDS = tuple(f.name for f in dataclasses.fields(UnitInput))
@@ -522,6 +523,7 @@ class UiBackend:
             return ControlUnit(
                 controlnet=model, image=unit.image, strength=float(unit.strength), start=float(unit.start),
                 end=float(unit.end), annotator=annotator, control_mode=unit.control_mode or "balanced",
+                control_type=(unit.control_type or "").strip() or None,
                 annotator_params=annotator_params(annotator, unit.annotator_params),
             )
         except UserError as err:
@@ -931,7 +933,8 @@ def _unit_widgets(gr: Any, i: int, controlnets: list[str], annotators: list[str]
     with gr.Row():
         w["model"] = gr.Dropdown(controlnets, value=controlnets[0] if controlnets else None, label="Model (bundled)",
                                  elem_id=f"unit{n}-model")
-        w["model_path"] = gr.Textbox(label="or a ControlNet file/folder on the server",
+        w["model_path"] = gr.Textbox(label="or a control model file/folder on the server (ControlNet, Union, "
+                                     "Control-LoRA, T2I-Adapter)",
                                      placeholder="/path/to/control_v11p_sd15_canny.safetensors",
                                      elem_id=f"unit{n}-model-path")
     with gr.Row():
@@ -952,6 +955,9 @@ def _unit_widgets(gr: Any, i: int, controlnets: list[str], annotators: list[str]
     w["control_mode"] = gr.Radio(list(CONTROL_MODES), value="balanced", label="Control mode",
                                  info="prompt: my prompt is more important; controlnet: ControlNet is more important",
                                  elem_id=f"unit{n}-control-mode")
+    w["control_type"] = gr.Textbox(label="Control type (union models)", placeholder="depth, openpose, canny, ...",
+                                   info="for a Union/ProMax ControlNet only: the condition's type",
+                                   elem_id=f"unit{n}-control-type")
     w["preview_status"] = gr.Textbox("", show_label=False, interactive=False, container=False,
                                      placeholder="(preview messages)", elem_id=f"unit{n}-preview-status")
     return w

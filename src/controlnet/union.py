@@ -209,23 +209,10 @@ class UnionControlNet(ControlNet):
 
     def save_pretrained(self, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
         """Write diffusers' ControlNetUnionModel folder (config.json + weights) atomically; refuses a file."""
-        import diffusers
-        from safetensors.torch import save_file
+        from controlnet.checkpoints import write_model_folder
 
-        from controlnet.fileio import atomic_path
-        from controlnet.families import WEIGHT_NAMES
-
-        path = Path(directory).expanduser()
-        if path.exists() and not path.is_dir():
-            raise UserError(f"{path} exists and is a file; choose a folder name for the Union ControlNet")
-        config = {**self.config.to_dict(), **asdict(self.union_config), "_class_name": UNION_CLASS_NAME,
-                  "_diffusers_version": diffusers.__version__}
-        tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in self.state_dict().items()}
-        with atomic_path(path) as tmp:
-            tmp.mkdir()
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            save_file(tensors, str(tmp / WEIGHT_NAMES[0]), metadata={"format": "pt"})
-        return path
+        config = {**self.config.to_dict(), **asdict(self.union_config), "_class_name": UNION_CLASS_NAME}
+        return write_model_folder(directory, config, self.state_dict(), dtype)
 
 # --------------------------------------------------------------------------------------------- loading
 
@@ -250,7 +237,8 @@ def union_from_state_dict(state_dict: Mapping[str, Any], config: ControlNetConfi
     config is inferred from the shapes (:func:`controlnet.checkpoints.infer_config`).
     """
     from controlnet.checkpoints import infer_config
-    from controlnet.families import check_tensors, require_family
+    from controlnet.checkpoints import check_tensors
+    from controlnet.families import require_family
 
     require_family(state_dict, "union", name)
     sd = dict(state_dict)

@@ -7,8 +7,6 @@ or one line naming the repository, the file and the fetch command when offline.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 # The hub repository that A1111 and ComfyUI users keep the ControlNet 1.1 annotator weights in.
 ANNOTATORS_REPO = "lllyasviel/Annotators"

@@ -65,7 +65,8 @@ def register(subparsers: Any) -> None:
         "Repeat --controlnet NAME_OR_PATH --control IMAGE [--annotator NAME [--annotator-param KEY=VALUE ...]] "
         "[--strength S] [--start A] [--end B] [--control-type NAME] once per ControlNet, in order. --controlnet takes "
         "every UNet control family, told from the file: ControlNets (original or diffusers layout), Union/ProMax "
-        "ControlNets (with --control-type; units naming one union model run as one pass), Control-LoRAs and "
+        "ControlNets (with --control-type; units naming one union model run as one pass, and several --control "
+        "after one --controlnet repeat it), Control-LoRAs and "
         "T2I-Adapters (--strength: the adapter scale; --end: the fraction of steps it acts for).",
     )
     p.add_argument("--prompt", default=None, help="what to draw (required unless --prompts or --from-png gives it)")
@@ -128,15 +129,22 @@ def register(subparsers: Any) -> None:
 
 def parse_units(options: list[tuple[str, Any]]) -> list[dict[str, Any]]:
     """Group per-ControlNet options into units: the i-th --controlnet pairs with the i-th --control, and every
-    other option applies to the unit of the --controlnet/--control given last before it."""
+    other option applies to the unit of the --controlnet/--control given last before it. With more --control than
+    --controlnet, a --control given when every --controlnet so far has its own starts a unit of the last
+    --controlnet again (several conditions of one union model: ``--controlnet union.safetensors --control a.png
+    --control-type depth --control b.png --control-type openpose``)."""
     n_controlnets = sum(1 for opt, _ in options if opt == "--controlnet")
     n_controls = sum(1 for opt, _ in options if opt in ("--control", "--control-dir"))
-    if n_controlnets != n_controls:
+    repeat = n_controls > n_controlnets  # extra --control options repeat the --controlnet before them
+    if n_controls < n_controlnets:
         raise UserError(f"got {n_controlnets} --controlnet and {n_controls} --control; give one --control IMAGE per --controlnet")
     units: list[dict[str, Any]] = []
     seen = {"--controlnet": 0, "--control": 0}
     for option, value in options:
         slot = "--control" if option == "--control-dir" else option  # a folder of controls takes a control's place
+        if slot == "--control" and repeat and 0 < seen["--controlnet"] == seen["--control"]:
+            units.append({"controlnet": units[seen["--controlnet"] - 1]["controlnet"]})
+            seen["--controlnet"] += 1
         if slot in seen:
             seen[slot] += 1
             index = seen[slot] - 1
@@ -153,6 +161,9 @@ def parse_units(options: list[tuple[str, Any]]) -> list[dict[str, Any]]:
         if key in units[index]:
             raise UserError(f"{option} given twice for ControlNet {index + 1}; give it once per --controlnet group")
         units[index][key] = value
+    if seen["--controlnet"] != seen["--control"] or not all("controlnet" in u for u in units):
+        raise UserError(f"got {n_controlnets} --controlnet and {n_controls} --control; give one --control IMAGE per "
+                        "--controlnet (several --control after one --controlnet repeat it, for a union model)")
     return units
 
 

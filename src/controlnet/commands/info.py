@@ -1,15 +1,17 @@
 """``controlnet info FILE``: what a control model file or folder is, without loading it into a model.
 
 Reads only a .safetensors file's header (names, shapes and dtypes of its tensors; a .pth pickle is read through
-``weights_only``) and a folder's config.json, and prints one ``name: value`` line each::
+``weights_only``) and a folder's config.json, and prints one ``name: value`` line each (here the bundled
+``fill`` ControlNet)::
 
-    file: control-lora-canny-rank128.safetensors
-    family: control-lora (a Control-LoRA)
-    base: sdxl
-    layers: 12 residuals (11 skips + mid); 176 low-rank layers, rank 128
+    $ controlnet info fill
+    file: .../controlnet/assets/controlnets/fill
+    family: controlnet-diffusers, a ControlNet (diffusers layout)
+    base: sd1
+    layers: 7 residuals (6 skips + mid); block widths [32, 64, 64]; diffusers layout
     conditions: a 3-channel image
-    dtype: F16
-    parameters: 2.12M
+    dtype: float16
+    parameters: 1.05M
 
 Families: ControlNets (original and diffusers layouts), Union/ProMax, Control-LoRA, T2I-Adapter
 (:mod:`controlnet.families`), and the Flux / SD3 ControlNets (:mod:`controlnet.transformer_formats`).
@@ -39,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Print what a control model file or diffusers folder is: its family (ControlNet, Union/ProMax, "
         "Control-LoRA, T2I-Adapter, Flux/SD3 ControlNet), the base it fits, its layers, its conditions or modes, "
         "its dtype and parameter count. Reads the file's header and config.json only.")
-    parser.add_argument("path", metavar="FILE", help="a .safetensors/.pth file or a diffusers folder")
+    parser.add_argument("path", metavar="FILE", help="a .safetensors/.pth file, a diffusers folder or a bundled name")
     parser.set_defaults(func=run)
 
 
@@ -53,9 +55,11 @@ def describe(path: str | Path) -> dict[str, str]:
     """The ``info`` lines of the file or folder at ``path`` (a one-line :class:`UserError` for anything else)."""
     from controlnet.errors import UserError
 
-    path = Path(path).expanduser()
+    from controlnet.embedded import bundled_controlnets
+
+    path = bundled_controlnets().get(str(path), Path(path).expanduser())
     if not path.exists():
-        raise UserError(f"{path} does not exist; give a control model file or diffusers folder")
+        raise UserError(f"{path} does not exist; give a control model file, diffusers folder or bundled name")
     weights, config = _weights_and_config(path)
     tensors = _header(weights)
     lines = {"file": str(path)}
@@ -122,7 +126,7 @@ def _describe_tensors(sd: Mapping[str, Any], config: Mapping[str, Any], name: st
     if transformer is not None:
         return _describe_transformer(sd, config, name, transformer)
     family = family_of_keys(sd.keys(), name)
-    lines = {"family": f"{family} ({family_name(family)})"}
+    lines = {"family": f"{family}, {family_name(family)}"}
     if family == "t2i-adapter":
         return lines | _describe_adapter(sd, config, name)
     if family == "control-lora":
@@ -148,7 +152,7 @@ def _describe_transformer(sd: Mapping[str, Any], config: Mapping[str, Any], name
 
     layout = detect_layout(sd)[1] if not config else "diffusers"
     title = "an SD3 ControlNet" if family == "sd3" else "a Flux ControlNet"
-    lines = {"family": f"{family}-controlnet ({title}, {LAYOUT_NAMES[layout]})", "base": family}
+    lines = {"family": f"{family}-controlnet, {title} ({LAYOUT_NAMES[layout]})", "base": family}
     if family == "flux":
         double, single = ("double_blocks.", "single_blocks.") if layout == "xlabs" else \
             ("transformer_blocks.", "single_transformer_blocks.")
@@ -217,7 +221,7 @@ def _describe_controlnet(sd: Mapping[str, Any], config: Mapping[str, Any], famil
         widths = [sd[k].shape[0] for k in sorted(sd, key=_natural) if re.fullmatch(r"down_blocks\.\d+\.resnets\.0\.conv1\.weight", k)]
         hint = sd.get("controlnet_cond_embedding.conv_in.weight")
     else:
-        skips = {k.split(".")[1] for k in sd if k.startswith(prefix + "zero_convs.")}
+        skips = {k[len(prefix):].split(".")[1] for k in sd if k.startswith(prefix + "zero_convs.")}
         widths = []
         hint = sd.get(prefix + "input_hint_block.0.weight")
     widths = list(config.get("block_out_channels", widths))

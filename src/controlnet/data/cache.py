@@ -33,7 +33,7 @@ import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Collection, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 import numpy as np
 import torch
@@ -172,3 +172,16 @@ class CacheStore:
         with open(self.path("conditions", key), "rb") as f:
             data = f.read()
         return np.array(Image.open(io.BytesIO(data)).convert("RGB"))  # writable (torch.from_numpy)
+
+
+def bound_annotator(name: str, params: dict[str, Any]) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
+    """The annotator ``name`` bound to ``params`` (completed with its defaults), and its identity for the cache."""
+    from controlnet import annotators
+
+    annotator = annotators.get(name)
+    resolved = annotator.resolve(dict(params))
+
+    def annotate(image: np.ndarray) -> np.ndarray:
+        return annotator(image, **resolved)
+
+    return annotate, entry_key("annotator", name, resolved)

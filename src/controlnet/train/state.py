@@ -159,9 +159,9 @@ def save_checkpoint(out: Path, step: int, position: int, controlnet: torch.nn.Mo
     """Write OUT/checkpoints/step-N atomically, then drop the oldest beyond ``config.keep``; the kept ones."""
     from safetensors.torch import save_file
 
-    from controlnet.checkpoints import save_controlnet
     from controlnet.control_lora_train import is_low_rank, save_control_lora
     from controlnet.fileio import atomic_path
+    from controlnet.train.flow import save_trained
 
     path = out / "checkpoints" / f"step-{step:06d}"
     unlocked = bool(decoder) and any(p.requires_grad for p in decoder.values())
@@ -179,7 +179,7 @@ def save_checkpoint(out: Path, step: int, position: int, controlnet: torch.nn.Mo
     try:
         with atomic_path(path) as tmp:
             tmp.mkdir()
-            save_controlnet(controlnet, tmp / "controlnet")
+            save_trained(controlnet, tmp / "controlnet")
             if is_low_rank(controlnet):  # the file `controlnet generate` reads (controlnet/ holds the frozen copy too)
                 save_control_lora(controlnet, tmp)
             if unlocked:
