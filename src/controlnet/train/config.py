@@ -55,7 +55,8 @@ class TrainConfig:
     out: str | Path = option(
         help="output folder: controlnet/, checkpoints/, log.jsonl, validation/, training.png", group=DATA)
     base: str | Path | None = option(
-        None, help="base model: a diffusers Stable Diffusion folder (default: the embedded model)", group=DATA)
+        None, help="base model: a diffusers Stable Diffusion, Flux or SD3 folder (default: the embedded model)",
+        group=DATA)
     init: str | Path | None = option(
         None, help="start from this ControlNet (folder, file or bundled name) instead of a copy of the base's "
         "encoder", group=DATA)
@@ -98,6 +99,12 @@ class TrainConfig:
     architecture: str = option(
         "copy", help="copy: the paper's ControlNet (a trainable copy of the encoder); lite: the paper's ablation "
         "ControlNet-lite (one conv per encoder layer)", group=RECIPE)
+    controlnet_layers: int | None = option(
+        None, help="Flux and SD3 bases: the ControlNet copies the base's first N double (SD3: joint) blocks "
+        "(default: Flux 4, SD3 12, as diffusers' training examples)", group=RECIPE, metavar="N")
+    controlnet_single_layers: int | None = option(
+        None, help="Flux bases: the ControlNet copies the base's first N single blocks (default 4)", group=RECIPE,
+        metavar="N")
     seed: int = option(
         0, help="seed of the data order, empty prompts, timesteps, noise and the new ControlNet", group=RECIPE)
 
@@ -163,6 +170,9 @@ def _check_counts(config: TrainConfig) -> None:
             raise UserError(f"{_flag(name)} must be >= 1, got {getattr(config, name)}")
     for name in ("checkpoint_every", "keep", "validate_every", "num_workers", "lr_warmup_steps"):
         if int(getattr(config, name)) < 0:
+            raise UserError(f"{_flag(name)} must be >= 0, got {getattr(config, name)}")
+    for name in ("controlnet_layers", "controlnet_single_layers"):
+        if getattr(config, name) is not None and int(getattr(config, name)) < 0:
             raise UserError(f"{_flag(name)} must be >= 0, got {getattr(config, name)}")
     if config.unlock_decoder_after is not None and config.unlock_decoder_after < 0:
         raise UserError(f"--unlock-decoder-after must be >= 0, got {config.unlock_decoder_after}")

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import torch
 
-from controlnet.checkpoints import save_controlnet
 from controlnet.data.cache import module_digest
 from controlnet.train.config import TrainConfig, TrainResult
 from controlnet.train.distributed import data_parallel, gradient_sync, make_accelerator
 from controlnet.train.folder import run_folder
 from controlnet.train.log import write_plot
-from controlnet.train.objective import denoising_loss
+from controlnet.train.flow import save_trained
 from controlnet.train.setup import LOG_FILE, Run, read_inputs, save_unet, set_up
 from controlnet.train.state import save_checkpoint
 from controlnet.train.validation import sudden_convergence_step
@@ -73,8 +72,7 @@ def optimize(run: Run) -> tuple[list[float], int]:
         last = (micro + 1) % config.grad_accum == 0  # the step's last micro-batch
         with gradient_sync((controlnet, unet), sync=last):
             with accelerator.autocast():
-                loss = denoising_loss(controlnet, unet, run.noise_scheduler, batch, run.prediction_type,
-                                      run.unet_dtype, run.resolution)
+                loss = run.objective(controlnet, unet, batch)
             accelerator.backward(loss / config.grad_accum)
         micro_loss += loss.detach().float() / config.grad_accum
         micro_empty += batch["empty"].sum()
@@ -117,10 +115,12 @@ def finish(run: Run, losses: list[float], empty_prompts: int) -> TrainResult:
             _checkpoint(run)
         if run.validator is not None and run.step not in {r["step"] for r in _validations(run)}:
             run.log.write(run.validator.run(run.step, run.controlnet))
-        save_controlnet(run.controlnet, out / "controlnet")
+        save_trained(run.controlnet, out / "controlnet")
         if run.decoder and run.step > config.unlock_decoder_after:  # the decoder trained in at least one step
             unet_path = save_unet(run.unet, out / "unet")
         if config.export_original:
+            from controlnet.checkpoints import save_controlnet
+
             export = save_controlnet(run.controlnet, Path(config.export_original).expanduser(), format="original")
         locked_after = module_digest(run.unet, exclude=run.decoder)
     validations = _validations(run) if main else []

@@ -30,8 +30,11 @@ from controlnet.fileio import atomic_path, atomic_write_text
 from controlnet.devices import DTYPES
 from controlnet.model import ControlNet
 from controlnet.train.config import TrainConfig
+from controlnet.train.flow import (FlowValidator, check_unet_options, flow_encoders, flow_family, flow_objective,
+                                   is_flow_pipeline, read_flow_base)
 from controlnet.train.log import RunLog
-from controlnet.train.objective import constant_after_warmup, enable_gradient_checkpointing, make_adamw
+from controlnet.train.objective import (DenoisingObjective, constant_after_warmup, enable_gradient_checkpointing,
+                                        make_adamw)
 from controlnet.train.state import check_fresh, list_checkpoints, load_checkpoint, resume_folder
 from controlnet.train.validation import Validator
 
@@ -47,9 +50,9 @@ LOG_FILE = "log.jsonl"
 class Inputs:
     """What a run is given, read and checked (:func:`read_inputs`)."""
 
-    base: Any  # the base's components (controlnet.pipeline.Pipeline), fp32, locked
+    base: Any  # the base's components (controlnet.pipeline.Pipeline; Flux/SD3: TransformerPipeline), fp32, locked
     resolution: int
-    controlnet: ControlNet  # fp32, a new copy of the base's encoder or --init
+    controlnet: ControlNet  # fp32, a new copy of the base's encoder (Flux/SD3: first blocks) or --init
     manifest: Manifest
     resume_dir: Path | None  # the checkpoint to resume from, None for a fresh run
 
@@ -62,9 +65,9 @@ class Run:
     accelerator: Any
     out: Path
     controlnet: ControlNet  # fp32 master weights, trained
-    unet: torch.nn.Module  # the locked base UNet, in the mixed-precision dtype unless its decoder trains
+    unet: torch.nn.Module  # the locked UNet or transformer, in the mixed-precision dtype unless its decoder trains
     decoder: dict[str, torch.nn.Parameter]  # the UNet's decoder by name, when --unlock-decoder-after is set
-    noise_scheduler: Any  # the base's training noise schedule (diffusers DDPMScheduler)
+    objective: Any  # objective(controlnet, unet, batch) -> loss: the base's (controlnet.train.objective)
     resolution: int
     unet_dtype: torch.dtype
     optimizer: Any
@@ -82,10 +85,6 @@ class Run:
     checkpoints: list[Path] = field(default_factory=list)
     last_saved: int = -1
 
-    @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type  # "epsilon" | "v_prediction" | "sample"
-
 
 def read_inputs(config: TrainConfig, accelerator: Any, out: Path) -> Inputs:
     """The manifest, the checkpoint to resume from, the base and the ControlNet to train; nothing is written."""
@@ -94,6 +93,11 @@ def read_inputs(config: TrainConfig, accelerator: Any, out: Path) -> Inputs:
     resume_dir = resume_folder(config.resume, out, say=main and not config.quiet)
     if resume_dir is None:
         check_fresh(out)  # on every process: an error must stop them all
+    family = flow_family(config.base)
+    if family is not None:  # Flux / SD3: controlnet.train.flow
+        base, resolution, controlnet = read_flow_base(config, family, device)
+        return Inputs(base, resolution, controlnet, manifest, resume_dir)
+    check_unet_options(config)
     base = load_base(config.base, device)
     resolution = check_resolution(config.resolution or base.native_size, base)
     torch.manual_seed(config.seed)  # a new ControlNet starts alike on every process
@@ -111,8 +115,10 @@ def set_up(config: TrainConfig, accelerator: Any, out: Path, inputs: Inputs) -> 
     unet, decoder, unet_dtype = lock_base(config, base, controlnet)
     validator = None
     if config.validate_every and main:
-        validator = Validator(config, base, prep.examples, store, resolution, unet_dtype, out)
-    noise_scheduler = DDPMScheduler.from_config(base.scheduler_config)
+        validator = (FlowValidator if is_flow_pipeline(base) else Validator)(config, base, prep.examples, store,
+                                                                              resolution, unet_dtype, out)
+    objective = (flow_objective(config, base, unet_dtype) if is_flow_pipeline(base)
+                 else DenoisingObjective(DDPMScheduler.from_config(base.scheduler_config), unet_dtype, resolution))
     vae_config = base.vae.config
     del base  # the caches hold what the VAE and the text encoders computed (the validator keeps its own refs)
 
@@ -129,7 +135,7 @@ def set_up(config: TrainConfig, accelerator: Any, out: Path, inputs: Inputs) -> 
             print(f"resuming from {resume_dir} at step {step}", file=sys.stderr)
 
     dataset = TrainDataset(prep.examples, store, config.seed, config.empty_prompt_prob, config.hflip,
-                           int(noise_scheduler.config.num_train_timesteps),
+                           objective.num_timesteps,
                            float(vae_config.scaling_factor),  # latents scaled to unit variance (SD1.x: 0.18215)
                            prep.empty_text_key, shift_factor=float(getattr(vae_config, "shift_factor", None) or 0.0))
     micro_steps = max(0, config.max_steps - step) * config.grad_accum
@@ -141,7 +147,7 @@ def set_up(config: TrainConfig, accelerator: Any, out: Path, inputs: Inputs) -> 
                  tensorboard=config.tensorboard)
     return Run(
         config=config, accelerator=accelerator, out=out, controlnet=controlnet, unet=unet, decoder=decoder,
-        noise_scheduler=noise_scheduler, resolution=resolution, unet_dtype=unet_dtype,
+        objective=objective, resolution=resolution, unet_dtype=unet_dtype,
         optimizer=accelerator.prepare_optimizer(optimizer),  # fp16: gradient scaling happens through it
         lr_scheduler=lr_scheduler, loader=loader, log=log, validator=validator, cache=prep.stats,
         examples=len(prep.examples), skipped=skipped,
@@ -218,6 +224,8 @@ def prepare_data(config: TrainConfig, manifest: Manifest, base: Any, resolution:
 
 def make_encoders(base: Any, config: TrainConfig) -> Encoders:
     """The VAE / text encoder / annotator callables that fill the caches, with their identities."""
+    if is_flow_pipeline(base):
+        return flow_encoders(base, config)
     vae, device = base.vae, base.device
 
     def encode_images(x: torch.Tensor) -> torch.Tensor:
@@ -258,7 +266,7 @@ def lock_base(config: TrainConfig, base: Any, controlnet: ControlNet
               ) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter], torch.dtype]:
     """The locked UNet (in the mixed-precision dtype, unless its decoder will train: fp32 master weights then),
     its decoder's parameters by name (empty without --unlock-decoder-after) and the UNet's dtype."""
-    unet = base.unet.requires_grad_(False).eval()
+    unet = (base.transformer if is_flow_pipeline(base) else base.unet).requires_grad_(False).eval()
     decoder = ({name: p for name, p in unet.named_parameters() if name.startswith(DECODER_PREFIXES)}
                if config.unlock_decoder_after is not None else {})
     unet_dtype = torch.float32 if decoder else DTYPES[config.mixed_precision]

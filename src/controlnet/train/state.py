@@ -159,8 +159,8 @@ def save_checkpoint(out: Path, step: int, position: int, controlnet: torch.nn.Mo
     """Write OUT/checkpoints/step-N atomically, then drop the oldest beyond ``config.keep``; the kept ones."""
     from safetensors.torch import save_file
 
-    from controlnet.checkpoints import save_controlnet
     from controlnet.fileio import atomic_path
+    from controlnet.train.flow import save_trained
 
     path = out / "checkpoints" / f"step-{step:06d}"
     unlocked = bool(decoder) and any(p.requires_grad for p in decoder.values())
@@ -178,7 +178,7 @@ def save_checkpoint(out: Path, step: int, position: int, controlnet: torch.nn.Mo
     try:
         with atomic_path(path) as tmp:
             tmp.mkdir()
-            save_controlnet(controlnet, tmp / "controlnet")
+            save_trained(controlnet, tmp / "controlnet")
             if unlocked:
                 save_file({k: v.detach().to("cpu").contiguous() for k, v in decoder.items()}, str(tmp / DECODER_FILE))
             torch.save(state, tmp / STATE_FILE)

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     import torch
 
     from controlnet.data.cache import CacheStore
-    from controlnet.model import ControlNet
     from controlnet.train.config import TrainConfig
 
 # Sudden convergence: the score must rise by at least this much (absolute; the scores are in [0, 1]) between the
@@ -33,31 +32,44 @@ class Validator:
 
     def __init__(self, config: TrainConfig, base: Any, examples: Sequence[PreparedExample], store: CacheStore,
                  resolution: int, dtype: torch.dtype, out: Path):
-        from diffusers import DDIMScheduler
-
-        self.components = dict(
-            unet=base.unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-            scheduler=DDIMScheduler.from_config(base.scheduler_config),  # the original's sampler
-            text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
-        )
-        self.device, self.dtype, self.out, self.config, self.resolution = base.device, dtype, out, config, resolution
+        self.components = self.components_of(base)
+        self.dtype, self.out, self.config, self.resolution = dtype, out, config, resolution
         self.items = [(store.load_condition(ex.condition_key), ex.prompt, to_resolution(load_rgb(ex.image), resolution))
                       for ex in examples[: config.validation_count]]
         self.metric, self.score = choose_scorer(config.score, config.annotator, config.annotator_params,
                                                 [prompt for _, prompt, _ in self.items])
 
-    def run(self, step: int, controlnet: ControlNet) -> dict[str, Any]:
-        """Sample and score every validation condition; write the grid; return the log record."""
-        pipe = Pipeline(**self.components, dtype=self.dtype, device=self.device)
-        was_training = controlnet.training
-        controlnet.eval()
-        rows, scores = [], []
-        for condition, prompt, target in self.items:
+    def components_of(self, base: Any) -> dict[str, Any]:
+        """What a sampling pipeline is made of, from the base's components."""
+        from diffusers import DDIMScheduler
+
+        return dict(
+            unet=base.unet, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+            scheduler=DDIMScheduler.from_config(base.scheduler_config),  # the original's sampler
+            text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, device=base.device,
+        )
+
+    def sampler(self, controlnet: Any) -> Callable[[np.ndarray, str], np.ndarray]:
+        """``sample(condition, prompt)``: one validation sample (R, R, 3) uint8 under ``controlnet`` at strength 1."""
+        pipe = Pipeline(**self.components, dtype=self.dtype)
+
+        def sample(condition: np.ndarray, prompt: str) -> np.ndarray:
             result = pipe(prompt=prompt, controls=[ControlUnit(controlnet=controlnet, image=condition, strength=1.0)],
                           steps=self.config.validation_steps, guidance=self.config.validation_guidance,
                           seed=self.config.seed, size=(self.resolution, self.resolution), output_type="np",
                           progress=False)
-            sample = np.asarray(result.images[0], dtype=np.uint8)  # (R, R, 3)
+            return np.asarray(result.images[0], dtype=np.uint8)
+
+        return sample
+
+    def run(self, step: int, controlnet: Any) -> dict[str, Any]:
+        """Sample and score every validation condition; write the grid; return the log record."""
+        sample_of = self.sampler(controlnet)
+        was_training = controlnet.training
+        controlnet.eval()
+        rows, scores = [], []
+        for condition, prompt, target in self.items:
+            sample = sample_of(condition, prompt)  # (R, R, 3) uint8
             scores.append(self.score(sample, condition, prompt, target))
             rows.append(np.concatenate([condition, sample, target], axis=1))  # (R, 3R, 3)
         controlnet.train(was_training)
