@@ -26,7 +26,8 @@ The ControlNet (``--controlnet-minutes``; 0 skips it): :meth:`FluxControlNet.fro
 ``--controlnet-layers`` double blocks and no single block, trained with the same flow-matching objective on the
 locked base (the condition: the outline's VAE latents, packed, as ``encode_condition`` gives them). Every
 ``--eval-every`` steps the log records the held-out IoU of 8 conditions (``controlnet.demo.held_out_samples``).
-A JSON line every 50 steps shows the progress; stages resume from ``--work``.
+A JSON line every 50 steps shows the progress; the base resumes from ``--work`` (a larger ``--minutes`` or
+``--steps`` continues a finished one), the ControlNet starts anew.
 """
 
 from __future__ import annotations
@@ -220,7 +221,7 @@ def train_base(args, parts: dict, data: dict, table) -> tuple[torch.nn.Module, d
         s = torch.load(ckpt, weights_only=True)
         model.load_state_dict(s["model"]); ema.load_state_dict(s["ema"]); opt.load_state_dict(s["opt"])
         step, seconds = s["step"], s["seconds"]
-        if s["done"]:
+        if s["done"] and not (step < args.steps and seconds < args.minutes * 60):  # a larger budget continues it
             return ema, s
     flow = FlowData(parts, data, table)
     g = torch.Generator().manual_seed(args.seed + step)
