@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from controlnet.defaults import DEMO_GUIDANCE
-from controlnet.demo import EVAL_SEED, FILL_CONTROLNET, compare, comparison_grid, held_out_samples, load_pipeline
+from controlnet.demo import BACKBONES, EVAL_SEED, FILL_CONTROLNET, compare, comparison_grid, held_out_samples, load_pipeline
 from controlnet.fileio import atomic_write_text
 from controlnet.images import save_png
 
@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--reuse-residuals", type=int, default=1,
                     help="compute the ControlNet every N steps (the speed option's controllability cost)")
     ap.add_argument("--controlnet", default=FILL_CONTROLNET, help="a ControlNet folder or bundled name (default: fill)")
+    ap.add_argument("--backbone", choices=BACKBONES, default="sd", help="the embedded base (controlnet demo's option)")
     ap.add_argument("--out", type=Path, default=None, help=f"the report (default: {DEFAULT_OUT})")
     ap.add_argument("--ship", action="store_true", help=f"write the report to the tracked {SHIPPED_OUT}")
     ap.add_argument("--grid", type=Path, default=None, help="also write a grid of the first 8 (PNG)")
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
           f"report: {args.out}", flush=True)
 
     start = time.perf_counter()
-    pipe = load_pipeline()
+    pipe = load_pipeline(backbone=args.backbone)
     samples = held_out_samples(args.n, args.seed)
     result = compare(pipe, samples, controlnet=args.controlnet, steps=args.steps, guidance=args.guidance, seed=args.seed,
                      reuse_residuals=args.reuse_residuals, progress=not args.quiet)
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         value = summary[key]
         checks[key] = {"value": round(value, 4), "target": f"{op} {bound}",
                        "met": value >= bound if op == ">=" else value <= bound}
-    report = {"controlnet": str(args.controlnet), "n": args.n, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+    report = {"backbone": args.backbone, "controlnet": str(args.controlnet), "n": args.n, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
               "reuse_residuals": args.reuse_residuals,
               "seconds": round(time.perf_counter() - start, 1), "targets": checks,
               **{k: round(v, 4) for k, v in summary.items() if k != "n"}}

@@ -8,6 +8,10 @@ ControlNet, writes a grid (condition | base alone | with ControlNet) and measure
 - the locked base keeps its skills: the circle's colour matches the prompt
   (:func:`controlnet.data.fill.circle_colour_correct`) with the ControlNet as without it.
 
+``backbone="flux"`` runs the same comparison on the embedded tiny Flux-layout base (assets/tiny-flux, a diffusers
+FluxPipeline folder) and its ``fill`` ControlNet (assets/tiny-flux/controlnets/fill), through
+:class:`controlnet.transformer_pipeline.TransformerPipeline`.
+
 ``scripts/evaluate_demo.py`` runs the same measurement on 64 held-out random conditions.
 """
 
@@ -24,6 +28,9 @@ from controlnet.defaults import DEMO_GUIDANCE, DEMO_SEED, DEMO_STEPS  # noqa: F4
 from controlnet.fileio import atomic_write_text
 
 FILL_CONTROLNET = "fill"
+BACKBONES = ("sd", "flux")  # the embedded tiny-sd UNet base; the embedded tiny Flux-layout transformer base
+FLUX_BASE_NAME = "tiny-flux"
+FLUX_FILL_SUBFOLDER = "controlnets/fill"  # the Flux base's fill ControlNet, inside its folder
 EVAL_SEED = 20260  # the held-out conditions of scripts/evaluate_demo.py; training data uses other seeds
 
 # The 8 fixed demo conditions: positions, radii and colour pairs spread over the palette (128 px images).
@@ -67,10 +74,29 @@ def held_out_samples(n: int, seed: int = EVAL_SEED, size: int = 128) -> list[Fil
     return [random_condition(rng, size) for _ in range(n)]
 
 
-def load_pipeline(base: str | Path | None = None) -> Any:
-    """The inference pipeline on ``base`` (None: the embedded tiny base)."""
+def flux_base_dir() -> Path:
+    """The embedded tiny Flux-layout base (a diffusers FluxPipeline folder)."""
+    from controlnet.embedded import assets_dir
+    from controlnet.errors import UserError
+
+    path = assets_dir() / FLUX_BASE_NAME
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"the embedded Flux base is missing from {path}; reinstall the package or use --backbone sd")
+    return path
+
+
+def load_pipeline(base: str | Path | None = None, backbone: str = "sd") -> Any:
+    """The inference pipeline on ``base`` (None: the embedded tiny base of ``backbone``, "sd" or "flux")."""
     from controlnet.pipeline import Pipeline
 
+    if backbone not in BACKBONES:
+        from controlnet.errors import UserError
+
+        raise UserError(f"unknown demo backbone {backbone!r}; use one of {', '.join(BACKBONES)}")
+    if backbone == "flux":
+        from controlnet.transformer_pipeline import TransformerPipeline
+
+        return TransformerPipeline.from_pretrained(flux_base_dir() if base is None else base)
     # fp32 on every device: the demo's figures (README) are fp32 figures, whatever base it is given.
     return Pipeline.from_pretrained(None if base is None else str(base), dtype="fp32")
 
@@ -91,10 +117,31 @@ def generate(pipe: Any, sample: FillSample, controlnet: str | None, steps: int, 
 
     from controlnet.pipeline import ControlUnit
 
+    if getattr(pipe, "family", None) == "flux":
+        return _generate_flux(pipe, sample, controlnet, steps, guidance, seed, reuse_residuals)
+
     controls = [] if controlnet is None else [ControlUnit(controlnet=controlnet, image=Image.fromarray(sample.condition))]
     out = pipe(prompt=sample.prompt, controls=controls, steps=steps, guidance=guidance, seed=seed,
                size=(sample.size, sample.size), output_type="np", progress=False, reuse_residuals=reuse_residuals)
     return _to_uint8(out.images[0])
+
+
+def _generate_flux(pipe: Any, sample: FillSample, controlnet: str | None, steps: int, guidance: float, seed: int,
+                   reuse_residuals: int) -> np.ndarray:
+    """:func:`generate` on a Flux :class:`~controlnet.transformer_pipeline.TransformerPipeline`: "fill" names the
+    embedded Flux base's fill ControlNet; the prompt is encoded to the T5 tokenizer's length."""
+    from controlnet.errors import UserError
+    from controlnet.transformer_pipeline import TransformerUnit
+
+    if reuse_residuals != 1:
+        raise UserError("reusing ControlNet residuals is for UNet bases; drop it with the Flux backbone")
+    units = []
+    if controlnet is not None:
+        path = flux_base_dir() / FLUX_FILL_SUBFOLDER if controlnet == FILL_CONTROLNET else controlnet
+        units = [TransformerUnit(pipe.load_controlnet(path), sample.condition)]
+    out = pipe(sample.prompt, units, height=sample.size, width=sample.size, steps=steps, guidance=guidance,
+               seed=seed, max_sequence_length=pipe.tokenizer_2.model_max_length, output_type="pt")
+    return _to_uint8(out[0].permute(1, 2, 0).float().numpy())
 
 
 def compare(pipe: Any, samples: Sequence[FillSample], controlnet: str = FILL_CONTROLNET,
@@ -140,16 +187,17 @@ def comparison_grid(result: DemoResult, pad: int = 4, label_height: int = 14) ->
 
 def run_demo(out_dir: str | Path = "outputs/demo", steps: int = DEMO_STEPS, guidance: float = DEMO_GUIDANCE,
              seed: int = DEMO_SEED, samples: Sequence[FillSample] = DEMO_SAMPLES, pipe: Any = None,
-             progress: bool = True) -> tuple[DemoResult, Path]:
-    """The demo: compare with and without the bundled fill ControlNet; write grid.png and metrics.json."""
+             progress: bool = True, backbone: str = "sd") -> tuple[DemoResult, Path]:
+    """The demo: compare with and without the bundled fill ControlNet of the ``backbone``'s embedded base;
+    write grid.png and metrics.json."""
     import json
 
     from controlnet.images import save_png
 
-    pipe = pipe if pipe is not None else load_pipeline()
+    pipe = pipe if pipe is not None else load_pipeline(backbone=backbone)
     result = compare(pipe, samples, FILL_CONTROLNET, steps, guidance, seed, progress=progress)
     out_dir = Path(out_dir)
     grid = save_png(out_dir / "grid.png", comparison_grid(result))
-    metrics = dict(result.summary(), steps=steps, guidance=guidance, seed=seed)
+    metrics = dict(result.summary(), steps=steps, guidance=guidance, seed=seed, backbone=backbone)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return result, grid

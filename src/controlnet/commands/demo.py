@@ -2,6 +2,7 @@
 
     controlnet demo                     # writes outputs/demo/grid.png and prints the metrics
     controlnet demo --out my/folder --steps 20
+    controlnet demo --backbone flux     # the embedded tiny Flux-layout base and its fill ControlNet
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=DEMO_STEPS, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=DEMO_GUIDANCE, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=DEMO_SEED, help="random seed")
+    parser.add_argument("--backbone", choices=("sd", "flux"), default="sd",
+                        help="the embedded base: the tiny SD-layout UNet (default) or the tiny Flux-layout transformer")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-sample lines, only the metrics and the grid's path")
     parser.set_defaults(func=run)
 
@@ -38,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     start = time.perf_counter()
     if not args.quiet:
-        print("controlnet demo: the embedded tiny base, alone and with the bundled 'fill' ControlNet")
+        print(f"controlnet demo: the embedded tiny {args.backbone} base, alone and with its 'fill' ControlNet")
     result, grid = run_demo(args.out, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                            progress=not args.quiet)
+                            progress=not args.quiet, backbone=args.backbone)
     s = result.summary()
     print(f"controllability (IoU with the condition's disk): {s['iou_without_controlnet']:.2f} base alone -> "
           f"{s['iou_with_controlnet']:.2f} with ControlNet")
