@@ -307,7 +307,7 @@ def test_malformed_lora_files_are_one_line_naming_the_file_and_the_fault(tmp_pat
     with pytest.raises(UserError) as err:
         pipe.load_lora(path)
     assert str(err.value).startswith(f"LoRA {path}: ") and message in str(err.value) and "\n" not in str(err.value)
-    assert pipe.loras == {} and not pipe._lora_files  # nothing was injected
+    assert pipe.loras == {} and not pipe.text._lora_files  # nothing was injected
 
 
 def test_kohya_training_metadata_is_not_read_so_bad_values_there_do_not_matter(tmp_path):

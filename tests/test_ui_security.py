@@ -350,12 +350,28 @@ def served(tmp_path_factory):
             app.close()
 
 
+# The endpoint's inputs: the prompt ("data"), param_1, then each unit's ui.UNIT_FIELDS from param_2, then the
+# page's other fields. Fields after the units are written below by their index in a page of 10-field units.
+FIRST_UNIT, OLD_UNIT_FIELDS = 2, 10
+
+
+def _param(index: int) -> str:
+    """The endpoint's name of input ``index`` (counted in a page of 10-field units)."""
+    after_units = FIRST_UNIT + ui.MAX_UNITS * OLD_UNIT_FIELDS
+    if index >= after_units:
+        index += ui.MAX_UNITS * (len(ui.UNIT_FIELDS) - OLD_UNIT_FIELDS)
+    return f"param_{index}"
+
+
 def _generate(served, prompt: str, **fields) -> str:
     """Press Generate over HTTP (the page's own endpoint); returns the status line."""
-    # Each unit's model path, image and parameters box (and the img2img pictures) have no default value.
-    values = {f"param_{10 * unit + k}": "" if k != 5 else None for unit in range(ui.MAX_UNITS) for k in (4, 5, 7)}
-    values.update(data=prompt, param_33=None, param_34=None, param_40=2, param_43=1, param_44=SIZE, param_45=SIZE)
-    values.update(fields)
+    # Each unit's model path, image, parameters box and control type (and the img2img pictures) have no default.
+    no_default = [ui.UNIT_FIELDS.index(name) for name in ("model_path", "image", "annotator_params", "control_type")]
+    values = {f"param_{FIRST_UNIT + len(ui.UNIT_FIELDS) * unit + k}": None if ui.UNIT_FIELDS[k] == "image" else ""
+              for unit in range(ui.MAX_UNITS) for k in no_default}
+    values.update({"data": prompt, _param(33): None, _param(34): None, _param(40): 2, _param(43): 1,
+                   _param(44): SIZE, _param(45): SIZE})
+    values.update({_param(int(k.removeprefix("param_"))): v for k, v in fields.items()})
     result = served.client.predict(**values, api_name="/on_generate")
     return result[3]
 
