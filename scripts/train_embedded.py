@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from controlnet.data import shapes
 from controlnet.data.fill import COLOURS, random_condition
 from controlnet.fileio import atomic_path, atomic_write_text
 from controlnet.testing import build_text_encoder, build_tokenizer, build_vae
@@ -63,13 +64,19 @@ SCHEDULER_CONFIG = dict(
     clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
 )
 VOCABULARY = sorted(set(COLOURS) | {"circle", "with", "background"})
+# The shapes world (controlnet.data.shapes): captions "<colour> <shape>, ... on <colour> background".
+SHAPES_VOCABULARY = sorted(set(COLOURS) | set(shapes.KINDS) | {"on", "background"})
 EMPTY_PROMPT_RATE = 0.1  # classifier-free guidance needs an unconditional model
 KL_WEIGHT = 1e-6  # SD's autoencoder kl_weight (on the summed KL)
 
 
+WORLD = "circles"  # or "shapes": set by main() from --world
+
+
 def sample_batch(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, list[str]]:
-    """(n, 3, H, W) targets in [-1, 1] and their prompts."""
-    samples = [random_condition(rng, IMAGE_SIZE) for _ in range(n)]
+    """(n, 3, H, W) targets in [-1, 1] and their prompts, from the world of --world."""
+    draw = shapes.random_sample if WORLD == "shapes" else random_condition
+    samples = [draw(rng, IMAGE_SIZE) for _ in range(n)]
     x = torch.from_numpy(np.stack([s.target for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x, [s.prompt for s in samples]
 
@@ -87,6 +94,12 @@ def train_vae(args, work: Path) -> "torch.nn.Module":
     vae = build_vae(VAE_CONFIG, seed=args.seed).train()
     with torch.no_grad():  # conv_out gives (mean, logvar) x latent channels
         vae.encoder.conv_out.bias[VAE_CONFIG["latent_channels"]:] = VAE_INIT_LOGVAR
+    if args.vae_init:  # fine-tune another base's VAE (same config) on this world
+        from diffusers import AutoencoderKL
+
+        vae.load_state_dict(AutoencoderKL.from_pretrained(args.vae_init / "vae").float().state_dict())
+        with torch.no_grad():  # its posterior was made deterministic for shipping: sample again while training
+            vae.quant_conv.bias[VAE_CONFIG["latent_channels"]:] = VAE_INIT_LOGVAR
     state = {"phase": "full", "steps": 0, "seconds": 0.0, "full_steps": 0, "full_seconds": 0.0}
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=True)
@@ -175,12 +188,39 @@ def evaluate_base(unet, vae, text, tokenizer, n: int = 16, steps: int = 20, guid
     from controlnet.pipeline import Pipeline
 
     pipe = Pipeline(unet, vae, text, tokenizer, DDIMScheduler(**SCHEDULER_CONFIG))
+    if WORLD == "shapes":
+        return evaluate_shapes_base(pipe, n, steps, guidance)
     right, drawn = 0, 0
     for i, s in enumerate(held_out_samples(n)):
         img = pipe(s.prompt, steps=steps, guidance=guidance, seed=i, output_type="np", progress=False).images[0]
         right += circle_colour_correct(img, s.prompt)
         drawn += bool(circle_mask(img).mean() > 0.02)
     return {"colour_accuracy": right / n, "circle_drawn": drawn / n}
+
+
+def evaluate_shapes_base(pipe, n: int, steps: int, guidance: float) -> dict:
+    """The fraction of the caption's colours the base draws as a region (``detect_shapes``'s palette regions), and
+    the fraction of those whose detected kind is the caption's, on ``n`` held-out captions."""
+    rng = np.random.default_rng(HELD_OUT_SEED)
+    found, kinds, total = 0, 0, 0
+    names = list(COLOURS)
+    for i in range(n):
+        sample = shapes.random_sample(rng, IMAGE_SIZE)
+        img = pipe(sample.prompt, steps=steps, guidance=guidance, seed=i, output_type="np", progress=False).images[0]
+        img = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
+        index, labels = shapes.palette_index(img), shapes.LABEL_COLOURS.tolist()
+        detected = shapes.detect_shapes(img).reshape(-1, 3).tolist()
+        for s in sample.shapes:
+            region = (index.ravel() == names.index(s.colour))
+            total += 1
+            if region.mean() > shapes.MIN_REGION_FRACTION:
+                found += 1
+                hits = [detected[j] for j in np.flatnonzero(region)]
+                kinds += max(set(map(tuple, hits)), key=hits.count) == tuple(labels[shapes.KINDS.index(s.kind) + 1])
+    return {"colours_drawn": found / total, "kinds_right": kinds / total}
+
+
+HELD_OUT_SEED = 20260  # the demo's held-out seed: no training sample comes from it
 
 
 def train_unet(args, work: Path, latents: torch.Tensor, prompts: list[str], tokenizer, vae=None):
@@ -193,6 +233,8 @@ def train_unet(args, work: Path, latents: torch.Tensor, prompts: list[str], toke
         text = CLIPTextModel.from_pretrained(args.init / "text_encoder", torch_dtype=torch.float32).train()
     else:
         unet = UNet2DConditionModel(**UNET_CONFIG).train()
+        if args.unet_init:  # another base's UNet (same config) as the starting point; the text encoder is new
+            unet.load_state_dict(UNet2DConditionModel.from_pretrained(args.unet_init / "unet").float().state_dict())
         text = build_text_encoder(len(tokenizer), TEXT_HIDDEN, TEXT_LAYERS, TEXT_HEADS, MAX_TOKENS,
                                   seed=args.seed).train()
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
@@ -309,6 +351,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help=f"the trained pipeline folder (default: {DEFAULT_OUT})")
     ap.add_argument("--ship", action="store_true", help=f"write the base to the tracked {SHIPPED_OUT}")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--world", choices=("circles", "shapes"), default="circles",
+                    help="circles: one circle per image (tiny-sd); shapes: controlnet.data.shapes (tiny-shapes)")
+    ap.add_argument("--vae-init", type=Path, default=None, help="fine-tune this pipeline folder's VAE")
+    ap.add_argument("--unet-init", type=Path, default=None, help="start from this pipeline folder's UNet")
     ap.add_argument("--vae-steps", type=int, default=3000)
     ap.add_argument("--vae-minutes", type=float, default=9.0)
     ap.add_argument("--vae-batch", type=int, default=8)
@@ -342,7 +388,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global WORLD
     args = parse_args(argv)
+    WORLD = args.world
     print(f"training the embedded base: work folder {args.work}, result {args.out}; a line every 50 steps",
           flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -359,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         vae = train_vae(args, args.work)
         vae_state = torch.load(args.work / "vae.pt", weights_only=True)
-        tokenizer = build_tokenizer(VOCABULARY, max_length=MAX_TOKENS)
+        tokenizer = build_tokenizer(SHAPES_VOCABULARY if WORLD == "shapes" else VOCABULARY, max_length=MAX_TOKENS)
     latents, prompts = encode_set(vae, args.latent_set, args.seed + 2, args.work)
     if args.init:  # the shipped scaling factor: the UNet was trained with it
         args.scaling_factor = float(vae.config.scaling_factor)
