@@ -5,6 +5,10 @@
     # continue the shipped base (what the second round did: 4,000 more UNet steps, stopped after the step-4000 eval)
     OMP_NUM_THREADS=2 .venv/bin/python scripts/train_embedded.py --init src/controlnet/assets/tiny-sd \
         --work outputs/train_base2 --out outputs/tiny-sd-new --unet-batch 32 --unet-lr 5e-4 --unet-minutes 38
+    # the shapes-world base (tiny-shapes): tiny-sd's VAE fine-tuned and its UNet as the start, a new text encoder
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/train_embedded.py --world shapes --vae-init src/controlnet/assets/tiny-sd \
+        --unet-init src/controlnet/assets/tiny-sd --work outputs/train_shapes --vae-minutes 6 --vae-crop-minutes 4 \
+        --unet-minutes 32 --unet-steps 20000 --eval-every 1000            # → outputs/tiny-shapes
 
 Stages (each resumes from ``--work`` if interrupted; the final folder is written atomically; a JSON line every 50
 steps shows the progress). The base goes to ``--out`` (default outputs/tiny-sd); only ``--ship`` replaces the
@@ -339,8 +343,9 @@ def save_pipeline(out: Path, vae, text, unet, tokenizer) -> None:
         tmp.chmod(0o755)
 
 
-DEFAULT_OUT = Path("outputs/tiny-sd")
-SHIPPED_OUT = Path("src/controlnet/assets/tiny-sd")  # tracked: the embedded base; written only with --ship
+# Per world: the default result folder, and the tracked embedded base that only --ship writes.
+DEFAULT_OUT = {"circles": Path("outputs/tiny-sd"), "shapes": Path("outputs/tiny-shapes")}
+SHIPPED_OUT = {"circles": Path("src/controlnet/assets/tiny-sd"), "shapes": Path("src/controlnet/assets/tiny-shapes")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -348,8 +353,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     inside the package's assets needs --ship."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("outputs/train_base"))
-    ap.add_argument("--out", type=Path, default=None, help=f"the trained pipeline folder (default: {DEFAULT_OUT})")
-    ap.add_argument("--ship", action="store_true", help=f"write the base to the tracked {SHIPPED_OUT}")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"the trained pipeline folder (default: {DEFAULT_OUT['circles']} or {DEFAULT_OUT['shapes']})")
+    ap.add_argument("--ship", action="store_true",
+                    help=f"write the base to the tracked {SHIPPED_OUT['circles']} (or {SHIPPED_OUT['shapes']})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--world", choices=("circles", "shapes"), default="circles",
                     help="circles: one circle per image (tiny-sd); shapes: controlnet.data.shapes (tiny-shapes)")
@@ -378,12 +385,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--min-snr-gamma", type=float, default=5.0)
     ap.add_argument("--eval-every", type=int, default=500)
     args = ap.parse_args(argv)
-    if args.ship and args.out is not None and args.out != SHIPPED_OUT:
-        ap.error(f"--ship writes {SHIPPED_OUT}; drop --out {args.out}")
-    assets = (Path(__file__).resolve().parents[1] / SHIPPED_OUT.parent).resolve()
+    shipped = SHIPPED_OUT[args.world]
+    if args.ship and args.out is not None and args.out != shipped:
+        ap.error(f"--ship writes {shipped}; drop --out {args.out}")
+    assets = (Path(__file__).resolve().parents[1] / shipped.parent).resolve()
     if not args.ship and args.out is not None and args.out.resolve().is_relative_to(assets):
         ap.error(f"--out {args.out} is inside the package's tracked assets; pass --ship to replace them")
-    args.out = SHIPPED_OUT if args.ship else (args.out or DEFAULT_OUT)
+    args.out = shipped if args.ship else (args.out or DEFAULT_OUT[args.world])
     return args
 
 

@@ -4,6 +4,8 @@ Layout under ``controlnet/assets/``::
 
     tiny-sd/                  a diffusers Stable Diffusion 1.x folder (model_index.json, unet/, vae/,
                               text_encoder/, tokenizer/, scheduler/) trained on synthetic fill data
+    tiny-shapes/              the same layout, trained on the shapes world (controlnet.data.shapes)
+    tiny-flux/                a diffusers Flux folder, and its ControlNets under tiny-flux/controlnets/
     controlnets/<name>/       bundled ControlNets in the native (diffusers) layout, e.g. controlnets/fill/
 
 ``scripts/train_embedded.py`` makes them; ``src/controlnet/assets/README.md`` has the recipe and timings.
@@ -29,6 +31,14 @@ def default_base_dir() -> Path:
     path = assets_dir() / BASE_NAME
     if not (path / "model_index.json").is_file():
         raise UserError(f"the embedded base model is missing from {path}; reinstall the package or pass --base PATH")
+    return path
+
+
+def embedded_base(name: str) -> Path | None:
+    """The folder of the embedded base called ``name`` ("tiny-sd", "tiny-shapes", "tiny-flux"), or None."""
+    path = assets_dir() / name
+    if "/" in name or "\\" in name or name.startswith(".") or not (path / "model_index.json").is_file():
+        return None
     return path
 
 

@@ -118,6 +118,13 @@ class ShapesSample:
             out[m > 0] = KINDS.index(s.kind) + 1
         return out
 
+    def labels_by_shape(self) -> np.ndarray:
+        """(H, W) uint8: 0 for the background, i + 1 where shape i is visible (the top shape winning)."""
+        out = np.zeros((self.size, self.size), np.uint8)
+        for i, m in enumerate(self._masks(1)):
+            out[m > 0] = i + 1
+        return out
+
 
 def make_caption(shapes: list[tuple[str, str]], background: str) -> str:
     """"<colour> <kind>, <colour> <kind> on <colour> background" for ``shapes`` as (colour, kind) pairs."""
