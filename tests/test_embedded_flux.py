@@ -38,17 +38,62 @@ def test_generates_at_the_shipped_size_as_diffusers_flux_pipeline(pipe):
     from diffusers import FluxPipeline
     from diffusers.utils.torch_utils import randn_tensor
 
-    length = pipe.tokenizer_2.model_max_length
+    length = pipe.tokenizer_2.model_max_length  # ours encodes to it by default; diffusers to 512 unless told
     noise = randn_tensor((1, 4, SIZE // 8, SIZE // 8), generator=torch.Generator().manual_seed(3))
-    ours = pipe(PROMPT, height=SIZE, width=SIZE, steps=4, latents=noise, max_sequence_length=length,
-                output_type="latent")
+    ours = pipe(PROMPT, height=SIZE, width=SIZE, steps=4, latents=noise, output_type="latent")
     theirs = FluxPipeline.from_pretrained(flux_base_dir(), torch_dtype=torch.float32, local_files_only=True)(
         PROMPT, latents=pack_latents(noise), height=SIZE, width=SIZE, num_inference_steps=4,
         max_sequence_length=length, output_type="latent").images
     assert ours.shape == theirs.shape == (1, (SIZE // 16) ** 2, 16)
     assert (ours - theirs).abs().max() < TOL
-    image = pipe(PROMPT, height=SIZE, width=SIZE, steps=4, seed=0, max_sequence_length=length, output_type="pt")
+    image = pipe(PROMPT, height=SIZE, width=SIZE, steps=4, seed=0, output_type="pt")
     assert image.shape == (1, 3, SIZE, SIZE)
+
+
+def test_prompts_are_encoded_to_the_t5_tokenizers_length_for_generation_and_training(pipe, tmp_path):
+    """The shipped T5 was trained on 16-token prompts: generation and training's cached text embeddings use its
+    tokenizer's model_max_length, not Flux's 512."""
+    from controlnet.train import TrainConfig
+    from controlnet.train.flow import flow_encoders
+
+    length = pipe.tokenizer_2.model_max_length
+    assert length == 16 and pipe.max_sequence_length == length
+    explicit = pipe.encode_prompt([PROMPT], max_sequence_length=length)
+    text = pipe.encode_prompt([PROMPT])
+    assert text.embeds.shape == (1, length, pipe.transformer.config.joint_attention_dim)
+    assert torch.equal(text.embeds, explicit.embeds) and text.ids.shape == (length, 3)
+    config = TrainConfig(data=tmp_path / "data", out=tmp_path / "out", base=flux_base_dir())
+    encoders = flow_encoders(pipe, config)
+    hidden, pooled = encoders.encode_prompts([PROMPT])
+    assert torch.equal(hidden, explicit.embeds) and torch.equal(pooled, explicit.pooled)
+    longer = TransformerPipeline(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.text_encoder_2,
+                                 _with_length(pipe.tokenizer_2, 512), pipe.scheduler_config)
+    assert flow_encoders(longer, config).text_id != encoders.text_id  # the cache key names the length
+
+
+def _with_length(tokenizer, length: int):
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.model_max_length = length
+    return tokenizer
+
+
+@pytest.mark.parametrize("resolution, expected", [(None, SIZE), (64, 64)])
+def test_training_defaults_to_the_bases_native_size_and_resolution_wins(resolution, expected, tmp_path):
+    """`controlnet train --base tiny-flux` without --resolution trains at the base's 128 px (its VAE config's
+    sample size; Flux transformers name none), not Flux's 1024 generation default; --resolution still wins."""
+    from controlnet.commands.train import config_from_args, register
+    from controlnet.train.flow import read_flow_base
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    argv = ["train", "--base", str(flux_base_dir()), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+            "--controlnet-layers", "1", "--controlnet-single-layers", "0"]
+    config = config_from_args(parser.parse_args(argv + (["--resolution", str(resolution)] if resolution else [])))
+    assert config.resolution == resolution
+    pipe, used, _ = read_flow_base(config, "flux", torch.device("cpu"))
+    assert used == expected and pipe.native_size == SIZE == pipe.vae.config.sample_size
 
 
 def test_a_new_controlnet_leaves_the_shipped_base_bit_identical(pipe):

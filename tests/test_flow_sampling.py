@@ -10,6 +10,7 @@ its comparisons use a VAE whose posterior std is 1e-7, so both sides' samples ar
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -222,6 +223,32 @@ def test_schedule_is_diffusers_with_the_resolution_shift():
 
 
 # --------------------------------------------------------------------------------------------- loading, round trips
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("limit", [8, 512, int(1e30)])  # short; a real T5's; transformers' "no limit" sentinel
+def test_prompts_are_encoded_to_the_family_length_or_the_t5_tokenizers_shorter_one(flux, sd3, family, limit):
+    """T5 runs to min(diffusers' default: Flux 512, SD3 256; the T5 tokenizer's model_max_length): the text equals
+    diffusers' encode_prompt given that length; an explicit max_sequence_length still wins."""
+    components = dict(flux if family == "flux" else sd3)
+    key = "tokenizer_2" if family == "flux" else "tokenizer_3"
+    components[key] = copy.deepcopy(components[key])
+    components[key].model_max_length = limit
+    expected = min(limit, {"flux": 512, "sd3": 256}[family])
+    ours = TransformerPipeline(**components)
+    assert ours.max_sequence_length == expected
+    text = ours.encode_prompt([PROMPT])
+    if family == "flux":
+        embeds, pooled, _ = FluxPipeline(**diffusers_components(components)).encode_prompt(
+            PROMPT, None, max_sequence_length=expected)
+        assert text.embeds.shape[1] == text.ids.shape[0] == expected
+    else:
+        embeds, _, pooled, _ = StableDiffusion3Pipeline(**diffusers_components(components)).encode_prompt(
+            PROMPT, None, None, do_classifier_free_guidance=False, max_sequence_length=expected)
+    assert text.embeds.shape == embeds.shape and (text.embeds - embeds).abs().max() < TOL
+    assert (text.pooled - pooled).abs().max() < TOL
+    explicit = ours.encode_prompt([PROMPT], max_sequence_length=4)
+    assert explicit.embeds.shape[1] == text.embeds.shape[1] - expected + 4
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])

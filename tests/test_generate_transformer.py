@@ -19,7 +19,7 @@ from controlnet.errors import EXIT_BAD_INPUT
 from controlnet.generation_config import GenerationConfig
 from controlnet.pipeline import ControlUnit
 from controlnet.testing import build_unet, trained_like
-from controlnet.testing_flow import diffusers_components, flux_components, sd3_components
+from controlnet.testing_flow import T5_TOKENS, diffusers_components, flux_components, sd3_components
 from controlnet.transformer_controlnet import FLUX_UNION_MODES, FluxControlNet, SD3ControlNet, pack_latents
 from controlnet.transformer_formats import save_transformer_controlnet
 from controlnet.transformer_pipeline import TransformerPipeline, TransformerUnit
@@ -104,12 +104,14 @@ def test_generate_writes_the_direct_calls_images_with_the_family_defaults(assets
 
 
 def _diffusers_latents(assets, family: str, guidance: float) -> torch.Tensor:
-    """diffusers' ControlNet pipeline on the same folders: the noise ours draws from seed 3, then its generator."""
+    """diffusers' ControlNet pipeline on the same folders: the noise ours draws from seed 3, then its generator; T5
+    to the tiny tokenizer's length (ours encodes to it by default, diffusers' pipelines to 512 / 256 tokens)."""
     g = torch.Generator().manual_seed(3)
     noise = randn_tensor((1, 16, SIZE // 8, SIZE // 8), generator=g)
     control = _condition(assets) * 2 - 1
     common = dict(control_image=control, controlnet_conditioning_scale=0.8, control_guidance_end=0.75, height=SIZE,
-                  width=SIZE, num_inference_steps=2, guidance_scale=guidance, generator=g, output_type="latent")
+                  width=SIZE, num_inference_steps=2, guidance_scale=guidance, generator=g, output_type="latent",
+                  max_sequence_length=T5_TOKENS)
     if family == "flux":
         cn = FluxControlNetModel.from_pretrained(assets / "cn-flux")
         pipe = FluxControlNetPipeline.from_pretrained(assets / "flux", controlnet=cn)

@@ -17,7 +17,8 @@ Generation order (one generator, seeded once): the starting noise first, then th
 posterior sample each, as diffusers' pipelines draw them), so that a seed gives the same noise with or without
 ControlNets. A unit that never acts (strength 0, no step in its range) is neither encoded nor run.
 
-Text: Flux, CLIP's pooled output + T5's last hidden states (``max_sequence_length`` tokens) with zero text position
+Text: Flux, CLIP's pooled output + T5's last hidden states (``max_sequence_length`` tokens: the family's default,
+diffusers' Flux 512 / SD3 256, or the T5 tokenizer's ``model_max_length`` where shorter) with zero text position
 ids; SD3, the two CLIPs' penultimate hidden states side by side, padded to T5's width and followed by T5's tokens,
 and their pooled projections side by side; the negative prompt ("" by default) gives SD3's unconditional rows.
 """
@@ -49,6 +50,8 @@ from controlnet.transformer_controlnet import (FLUX, FLUX_LATENT_PATCH, SD3, Flu
 
 # Flux pipelines' default size: 128 latents (diffusers FluxPipeline.default_sample_size) times the VAE's 8x.
 FLUX_DEFAULT_SAMPLE_SIZE = 128
+# A tokenizer's model_max_length above this is no length but transformers' "no limit" sentinel (int(1e30)).
+NO_TOKEN_LIMIT = 100_000
 # Components of a diffusers Flux / SD3 folder (model_index.json) → whether it is a torch model.
 COMPONENTS = {"transformer": True, "vae": True, "text_encoder": True, "tokenizer": False, "text_encoder_2": True,
               "tokenizer_2": False, "text_encoder_3": True, "tokenizer_3": False}
@@ -186,8 +189,9 @@ class TransformerPipeline:
     @torch.inference_mode()
     def encode_prompt(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
                       max_sequence_length: int | None = None) -> FlowText:
-        """The text conditioning of ``prompts`` (with ``negative_prompts``: SD3's [uncond, cond] rows)."""
-        length = max_sequence_length or self.defaults.max_sequence_length
+        """The text conditioning of ``prompts`` (with ``negative_prompts``: SD3's [uncond, cond] rows), T5's part
+        ``max_sequence_length`` tokens long (default :attr:`max_sequence_length`)."""
+        length = max_sequence_length or self.max_sequence_length
         if self.family == FLUX:
             embeds = self._t5(list(prompts), length)
             pooled = self.text_encoder(self._ids(self.tokenizer, prompts, self.text_encoder)).pooler_output
@@ -200,6 +204,18 @@ class TransformerPipeline:
         clip = torch.cat([h1, h2.to(h1)], dim=-1)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (N, 77, T5 width)
         return FlowText(torch.cat([clip, t5.to(clip)], dim=-2), torch.cat([p1, p2.to(p1)], dim=-1))
+
+    @property
+    def max_sequence_length(self) -> int:
+        """T5 tokens a prompt is encoded to by default: the family's (diffusers' FluxPipeline 512,
+        StableDiffusion3Pipeline 256), or the T5 tokenizer's ``model_max_length`` where that is shorter (a base
+        whose T5 was trained on short prompts, as the embedded tiny-flux)."""
+        default = self.defaults.max_sequence_length
+        tokenizer = self.tokenizer_2 if self.family == FLUX else self.tokenizer_3
+        limit = getattr(tokenizer, "model_max_length", None)
+        if limit is None or limit > NO_TOKEN_LIMIT:
+            return default
+        return min(default, int(limit))
 
     def _ids(self, tokenizer: Any, texts: Sequence[str], encoder: nn.Module, length: int | None = None) -> torch.Tensor:
         return tokenizer(list(texts), padding="max_length", max_length=length or tokenizer.model_max_length,
@@ -423,6 +439,16 @@ class TransformerPipeline:
             width = height = self.default_size
         self.check_size(height, width)
         return width, height
+
+    @property
+    def native_size(self) -> int:
+        """The base's training size in pixels: the transformer's sample size x the VAE's factor (SD3: 1024), or
+        for Flux, whose transformer config has none, the size its VAE config names (FLUX.1: 1024; the embedded
+        tiny-flux: 128)."""
+        latent = getattr(self.transformer.config, "sample_size", None)
+        if latent:
+            return int(latent) * self.vae_scale_factor
+        return int(getattr(self.vae.config, "sample_size", None) or self.default_size)
 
     @property
     def default_size(self) -> int:

@@ -102,14 +102,16 @@ def init_family(init: str | Path | None) -> str | None:
 
 
 def read_flow_base(config: TrainConfig, family: str, device: torch.device) -> tuple[Any, int, TransformerControlNet]:
-    """The locked base, the training resolution and the ControlNet to train (fp32), as for a UNet base."""
+    """The locked base, the training resolution (``--resolution``, default the base's native size:
+    :attr:`~controlnet.transformer_pipeline.TransformerPipeline.native_size`) and the ControlNet to train (fp32), as
+    for a UNet base."""
     from controlnet.transformer_pipeline import TransformerPipeline
 
     check_flow_options(config, family)
     pipe = TransformerPipeline.from_pretrained(config.base, dtype=torch.float32, device=device)
     for module in pipe.models():
         module.requires_grad_(False)
-    resolution = check_flow_resolution(config.resolution or pipe.default_size, pipe)
+    resolution = check_flow_resolution(config.resolution or pipe.native_size, pipe)
     torch.manual_seed(config.seed)  # a new ControlNet starts alike on every process
     controlnet = make_flow_controlnet(config, pipe.transformer).to(device=device, dtype=torch.float32)
     return pipe, resolution, controlnet
@@ -204,7 +206,7 @@ def flow_encoders(pipe: Any, config: TrainConfig) -> Encoders:
         encode_images=encode_images, encode_prompts=encode_prompts,
         vae_id=entry_key(pipe.family, module_digest(vae)),
         text_id=entry_key(pipe.family, module_digest(*encoders), tokenizer_digest(*tokenizers),
-                          pipe.defaults.max_sequence_length),
+                          pipe.max_sequence_length),
         annotate=annotate, annotator_id=annotator_id,
     )
 
