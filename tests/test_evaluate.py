@@ -1,5 +1,6 @@
 """`controlnet evaluate`: known answers of the scores, the fill IoU equal to the demo's, resume, the bootstrap,
-comparisons, image quality from local weights only, and bad input refused in one line."""
+comparisons (of two runs, and of two ControlNets evaluated side by side), image quality from local weights only,
+and bad input refused in one line."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from cli_checks import offline_hub
 from controlnet.data.fill import fill_iou, make_fill_dataset
 from controlnet.errors import EXIT_BAD_INPUT, UserError
+from controlnet.eval_compare import COMPARISON_FILE, evaluate_pair, pair_configs, run_folder
 from controlnet.eval_stats import bootstrap_interval, compare, describe, format_comparison
 from controlnet.evaluate import (EvalConfig, controlnet_annotators, evaluate, ms_ssim, palette_labels, pck,
                                  score_kind)
@@ -296,6 +298,86 @@ def test_compare_picks_the_known_better_run(fill_data, tmp_path, capsys):
     assert "B - A" in format_comparison(list(table.values()), "a", "b")
 
 
+CANNY = "lllyasviel/control_v11p_sd15_canny"
+DEPTH = "lllyasviel/control_v11f1p_sd15_depth"
+
+
+def _pair(data: Path, out: Path, generators, controlnets=(CANNY, None), **settings) -> dict:
+    config = EvalConfig(data, out, annotator="canny", clip_weights="none", **{"per_example": 2, **settings})
+    return evaluate_pair(config, list(controlnets), generators=generators, progress=False)
+
+
+def test_two_controlnets_the_own_image_beats_blank_with_an_interval_excluding_zero(fill_data, tmp_path):
+    out = tmp_path / "pair"
+    comparison = _pair(fill_data, out, (identity, blank))
+    runs = out / "lllyasviel--control_v11p_sd15_canny", out / "none"
+    assert [comparison[side]["run"] for side in ("a", "b")] == [str(r) for r in runs]
+    for run, controlnet in zip(runs, (CANNY, None)):
+        assert json.loads((run / "summary.json").read_text())["settings"]["controlnet"] == controlnet
+    table = {r["metric"]: r for r in comparison["scores"]}
+    f1 = table["edge_f1"]
+    assert (f1["a"], f1["b"], f1["n"]) == (1.0, 0.0, 5) and f1["better"] == "A"
+    assert f1["low"] == f1["difference"] == f1["high"] == -1.0  # B - A is -1 on every example
+    assert table["ms_ssim"]["better"] == "A" and table["ms_ssim"]["high"] < 0
+    assert comparison["scores"] == compare(*runs, comparison["bootstrap"]["samples"], comparison["bootstrap"]["seed"])
+    assert json.loads((out / COMPARISON_FILE).read_text()) == comparison
+
+
+def test_a_stopped_comparison_resumes_without_generating_finished_examples(fill_data, tmp_path):
+    calls: dict[str, list[str]] = {"a": [], "b": []}
+    stop = True
+
+    def counting(side, generate):
+        def wrapped(example, seeds):
+            calls[side].append(example.id)
+            if side == "b" and example.id == "000003" and stop:
+                raise KeyboardInterrupt
+            return generate(example, seeds)
+        return wrapped
+
+    generators = counting("a", half_blank), counting("b", identity)
+    out = tmp_path / "pair"
+    with pytest.raises(KeyboardInterrupt):
+        _pair(fill_data, out, generators)
+    assert calls == {"a": ["000001", "000002", "000003", "000004", "000005"], "b": ["000001", "000002", "000003"]}
+    assert not (out / COMPARISON_FILE).exists()
+    stop, calls["a"], calls["b"] = False, [], []
+    first = _pair(fill_data, out, generators)
+    assert calls == {"a": [], "b": ["000003", "000004", "000005"]}
+    assert {r["metric"]: r["better"] for r in first["scores"]}["edge_f1"] == "B"
+    calls["b"].clear()
+    assert _pair(fill_data, out, generators) == first and calls == {"a": [], "b": []}
+
+
+def test_sub_folders_are_named_by_the_controlnet_and_told_apart_when_names_collide(tmp_path):
+    assert [run_folder(c) for c in (None, "fill", CANNY, "./runs/a b/final/")] == [
+        "none", "fill", "lllyasviel--control_v11p_sd15_canny", "runs--a--b--final"]
+    a, b = pair_configs(EvalConfig(tmp_path / "data", tmp_path / "out"), ["runs/a", "runs--a"])
+    assert (a.out.name, b.out.name, a.controlnet, b.controlnet) == ("runs--a-A", "runs--a-B", "runs/a", "runs--a")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--controlnet", CANNY, "--controlnet", DEPTH], "take different conditions (canny vs depth)"),
+    (["--controlnet", "fill", "--controlnet", DEPTH], "take different conditions (fill vs depth)"),
+    (["--annotator", "canny", "--controlnet", CANNY, "--controlnet", DEPTH],
+     f"--annotator canny does not make the conditions of the ControlNet {DEPTH}"),
+    (["--controlnet", "fill", "--controlnet", "fill"], "--controlnet fill is given twice"),
+    (["--controlnet", "none", "--controlnet", "none"], "--controlnet none is given twice"),
+    (["--controlnet", "{cn}", "--controlnet", "{cn}/../cn"], "is given twice"),
+    (["--controlnet", "fill", "--controlnet", "none", "--controlnet", CANNY], "give one to evaluate, or two"),
+    (["--annotator", "canny", "--controlnet", "none", "--controlnet", "no-such-folder/controlnet"],
+     "no-such-folder/controlnet"),  # the second model is loaded before the first generates
+])
+def test_comparison_refusals_exit_2_in_one_line_before_generating(fill_data, tmp_path, capsys, extra, message):
+    (tmp_path / "cn").mkdir()
+    out = tmp_path / "out"
+    extra = [arg.replace("{cn}", str(tmp_path / "cn")) for arg in extra]
+    assert _main(["evaluate", "--data", str(fill_data), "--out", str(out), *extra]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("controlnet evaluate: error: ") and message in err, err
+    assert not out.exists()
+
+
 def test_outputs_summary_and_worst_grid(fill_data, tmp_path):
     summary = _run(fill_data, tmp_path / "out", half_blank, controlnet=None, annotator="canny")
     out = tmp_path / "out"
@@ -367,6 +449,20 @@ def test_cli_on_the_embedded_model_with_and_without_the_controlnet(fill_data, tm
         assert settings["controlnet"] == controlnet and settings["negative_prompt"] == ""  # embedded base
         assert settings["resolution"] == 128 and settings["scheduler"] == "unipc"
     assert _main(["evaluate", "--compare", str(tmp_path / "without"), str(tmp_path / "with")]) == 0
+
+
+def test_cli_compares_the_controlnet_with_the_base_alone_on_the_embedded_model(fill_data, tmp_path, capsys):
+    out = tmp_path / "pair"
+    argv = ["evaluate", "--data", str(fill_data), "--limit", "2", "-k", "1", "--steps", "2", "-q", "--out", str(out),
+            "--controlnet", "fill", "--controlnet", "none"]
+    assert _main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"A = fill: {out / 'fill'}" in printed and f"B = none (the base alone): {out / 'none'}" in printed
+    comparison = json.loads((out / COMPARISON_FILE).read_text())
+    assert [r["metric"] for r in comparison["scores"]] == ["iou", "colour_accuracy"]
+    assert comparison["scores"] == compare(out / "fill", out / "none")
+    assert _main(["evaluate", "--compare", str(out / "fill"), str(out / "none")]) == 0
+    assert capsys.readouterr().out.splitlines()[2:] == printed.splitlines()[-len(comparison["scores"]) - 2:-1]
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -426,15 +426,19 @@ def settings_key(settings: dict[str, Any]) -> str:
 EXAMPLES_DIR, IMAGES_DIR = "examples", "images"
 
 
-def evaluate(config: EvalConfig, generate: Generator | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the protocol over ``config.data`` into ``config.out``; return the summary (also in summary.json).
+@dataclass
+class EvalPlan:
+    """A checked evaluation, nothing loaded or written yet: the examples, the score kind, the annotator's
+    parameters as :meth:`check_ready` completed them."""
 
-    ``generate`` replaces the pipeline (a function of an :class:`EvalExample` and K seeds returning K images).
-    Everything is checked before ``config.out`` is written to; examples already scored with the same settings are
-    read back, not generated again.
-    """
-    from tqdm.auto import tqdm
+    config: EvalConfig
+    rows: list[DatasetRow]
+    kind: str
+    params: dict[str, Any]
 
+
+def plan_evaluation(config: EvalConfig) -> EvalPlan:
+    """Check ``config`` against its dataset, score kind and annotator (one-line errors); load and write nothing."""
     from controlnet import annotators
 
     config.check()
@@ -442,17 +446,39 @@ def evaluate(config: EvalConfig, generate: Generator | None = None, progress: bo
     kind = score_kind(config.annotator, config.controlnet, [r.prompt for r in rows])
     # Missing detector weights fail here, once, before anything is written.
     params = annotators.get(config.annotator).check_ready(dict(config.annotator_params)) if config.annotator else {}
-    pipe = None
-    if generate is None:
-        from controlnet.demo import load_pipeline
+    return EvalPlan(config, rows, kind, params)
 
-        pipe = load_pipeline(config.base)
+
+def evaluate(config: EvalConfig, generate: Generator | None = None, progress: bool = True,
+             pipe: Any = None) -> dict[str, Any]:
+    """Run the protocol over ``config.data`` into ``config.out``; return the summary (also in summary.json).
+
+    ``generate`` replaces the pipeline (a function of an :class:`EvalExample` and K seeds returning K images);
+    ``pipe``: an already loaded pipeline on ``config.base``. Everything is checked before ``config.out`` is
+    written to; examples already scored with the same settings are read back, not generated again.
+    """
+    return run_plan(plan_evaluation(config), generate, progress, pipe)
+
+
+def run_plan(plan: EvalPlan, generate: Generator | None = None, progress: bool = True,
+             pipe: Any = None) -> dict[str, Any]:
+    """Generate and score the examples of a checked :class:`EvalPlan` not yet done (:func:`evaluate`)."""
+    from tqdm.auto import tqdm
+
+    config = plan.config
+    if generate is None:
+        if pipe is None:
+            from controlnet.demo import load_pipeline
+
+            pipe = load_pipeline(config.base)
         if config.controlnet is not None:
             pipe.load_controlnet(config.controlnet)  # a bad name or an incompatible model: one line, now
         generate = pipeline_generator(pipe, config, negative_prompt_of(config, pipe))
+    else:
+        pipe = None
     settings = {
-        "data": str(Path(config.data).expanduser().resolve()), "score": kind, "controlnet": config.controlnet,
-        "annotator": config.annotator, "annotator_params": {k: str(v) for k, v in params.items()},
+        "data": str(Path(config.data).expanduser().resolve()), "score": plan.kind, "controlnet": config.controlnet,
+        "annotator": config.annotator, "annotator_params": {k: str(v) for k, v in plan.params.items()},
         "base": "embedded" if config.base is None else config.base, "per_example": config.per_example,
         "steps": config.steps, "guidance": config.guidance, "scheduler": config.scheduler,
         "negative_prompt": negative_prompt_of(config, pipe), "strength": config.strength, "seed": config.seed,
@@ -460,9 +486,10 @@ def evaluate(config: EvalConfig, generate: Generator | None = None, progress: bo
         "generator": "pipeline" if pipe is not None else "given",
     }
     key = settings_key(settings)
-    scorer = Scorer(kind, config.annotator, params)
+    scorer = Scorer(plan.kind, config.annotator, plan.params)
     results = []
-    for row in tqdm(rows, desc="evaluate", unit="example", disable=not progress, file=sys.stderr):
+    desc = "evaluate" if config.controlnet is None else f"evaluate {config.controlnet}"
+    for row in tqdm(plan.rows, desc=desc, unit="example", disable=not progress, file=sys.stderr):
         result = read_done(config.out, row.id, key)
         if result is None:
             example = load_example(row, settings["resolution"], scorer)

@@ -1,11 +1,5 @@
-"""``controlnet evaluate``: controllability scores the way ControlNet++ measures them, and comparisons of two runs.
-
-    controlnet evaluate --data fill_val --out runs/fill                   # the bundled fill ControlNet
-    controlnet evaluate --data fill_val --out runs/base --controlnet none  # the base alone, same conditions
-    controlnet evaluate --data photos --annotator canny --controlnet lllyasviel/control_v11p_sd15_canny \\
-        --base stable-diffusion-v1-5/stable-diffusion-v1-5 --out runs/canny
-    controlnet evaluate --compare runs/base/summary.json runs/fill/summary.json
-"""
+"""``controlnet evaluate``: controllability scores the way ControlNet++ measures them, and comparisons of two
+ControlNets or of two runs (:data:`EXAMPLES`)."""
 
 from __future__ import annotations
 
@@ -15,9 +9,30 @@ from pathlib import Path
 from controlnet.eval_protocol import (DEFAULT_CLIP_WEIGHTS, NO_WEIGHTS, PROTOCOL_GUIDANCE, PROTOCOL_NEGATIVE_PROMPT,
                                       PROTOCOL_PER_EXAMPLE, PROTOCOL_SCHEDULER, PROTOCOL_STEPS)
 
+EXAMPLES = """\
+examples:
+  controlnet evaluate --data fill_val --out runs/fill                    # the bundled fill ControlNet
+  controlnet evaluate --data fill_val --out runs/base --controlnet none   # the base alone, same conditions
+  controlnet evaluate --data fill_val --out runs/pair --controlnet fill --controlnet none
+                                      # both (runs/pair/fill, runs/pair/none), then which is better, with intervals
+  controlnet evaluate --data photos --annotator canny --controlnet lllyasviel/control_v11p_sd15_canny \\
+      --base stable-diffusion-v1-5/stable-diffusion-v1-5 --out runs/canny
+  controlnet evaluate --data photos --annotator canny --controlnet runs/a/final --controlnet runs/b/final \\
+      --base stable-diffusion-v1-5/stable-diffusion-v1-5 --out runs/ab   # two of your own, compared
+  controlnet evaluate --compare runs/base/summary.json runs/fill/summary.json   # two finished runs
+"""
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``evaluate`` command."""
+    from controlnet.cli import HelpFormatter
+
+    class ExamplesFormatter(HelpFormatter):
+        """The command's help, with the examples' lines kept as written (argparse reflows an epilog)."""
+
+        def _fill_text(self, text: str, width: int, indent: str) -> str:
+            return text if text == EXAMPLES else super()._fill_text(text, width, indent)
+
     parser = subparsers.add_parser(
         "evaluate", help="score how well generated images follow their conditions (ControlNet++ protocol)",
         description="For each example of a dataset generate K images from its condition and caption, re-detect "
@@ -25,13 +40,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "type (canny: edge F1; soft edges and line art: MS-SSIM; depth: RMSE; segmentation: mIoU; "
                     "pose: PCK; fill: IoU); CLIP score and a CLIP-feature FID where the weights are on this "
                     "machine. Writes OUT/results.jsonl, OUT/summary.json and OUT/worst.png; resumes a stopped run. "
-                    "With --compare: which of two runs is better per score, with a paired bootstrap interval.",
+                    "With --controlnet given twice: each evaluated into its own sub-folder of OUT, then which is "
+                    "better per score, with a paired bootstrap interval (OUT/comparison.json). With --compare: "
+                    "the same for two finished runs.",
+        epilog=EXAMPLES,
+        formatter_class=ExamplesFormatter,
     )
     parser.add_argument("--data", type=Path, help="dataset: a folder with prompt.json (fill50k layout) or "
                         "metadata.jsonl (diffusers layout), or a folder of images with NAME.txt captions")
     parser.add_argument("--out", type=Path, default=Path("outputs/evaluate"), help="output folder")
-    parser.add_argument("--controlnet", default="fill", help="bundled name, folder, file or hub id; 'none': "
-                        "the base alone")
+    parser.add_argument("--controlnet", action="append", default=None, help="bundled name, folder, file or hub "
+                        "id (default: fill); 'none': the base alone; twice: evaluate both and compare them")
     parser.add_argument("--base", default=None, help="base model (default: the embedded tiny model)")
     parser.add_argument("--annotator", default=None, help="the detector the conditions are made and re-detected "
                         "with (canny, hed, lineart, depth, segmentation, openpose, ...); without it the dataset's "
@@ -64,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluate, or compare two runs; print the table."""
+    """Evaluate, compare two ControlNets, or compare two runs; print the table."""
     from controlnet.errors import UserError
 
     if args.compare:
@@ -75,23 +94,49 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.data is None:
         raise UserError("pass --data DATASET to evaluate, or --compare A B to compare two runs")
-    from controlnet import annotators
+    controlnets = [None if name == "none" else name for name in args.controlnet or ["fill"]]
+    config = _config(args, controlnets[0])
+    if len(controlnets) > 1:
+        return _run_pair(args, config, controlnets)
     from controlnet.eval_stats import format_summary
-    from controlnet.evaluate import EvalConfig, evaluate
+    from controlnet.evaluate import evaluate
 
-    params = annotators.parse_params(args.annotator, args.annotator_param) if args.annotator else {}
-    if args.annotator_param and not args.annotator:
-        raise UserError("--annotator-param needs --annotator")
-    config = EvalConfig(
-        data=args.data, out=args.out, controlnet=None if args.controlnet == "none" else args.controlnet,
-        annotator=args.annotator, annotator_params=params, base=args.base, per_example=args.per_example,
-        steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, negative_prompt=args.negative_prompt,
-        strength=args.strength, seed=args.seed, resolution=args.resolution, limit=args.limit,
-        clip_weights=args.clip_weights, fid_weights=args.fid_weights, bootstrap=args.bootstrap)
     summary = evaluate(config, progress=not args.quiet)
     for note in summary["notes"]:
         print(note)
     print(f"{summary['examples']} examples x {args.per_example} images; {summary['score']}: {summary['measures']}")
     print(format_summary(summary["scores"]))
     print(f"wrote {args.out / 'results.jsonl'}, summary.json, worst.png")
+    return 0
+
+
+def _config(args: argparse.Namespace, controlnet: str | None):
+    """The :class:`controlnet.evaluate.EvalConfig` of the command line, with ``controlnet``."""
+    from controlnet import annotators
+    from controlnet.errors import UserError
+    from controlnet.evaluate import EvalConfig
+
+    if args.annotator_param and not args.annotator:
+        raise UserError("--annotator-param needs --annotator")
+    params = annotators.parse_params(args.annotator, args.annotator_param) if args.annotator else {}
+    return EvalConfig(
+        data=args.data, out=args.out, controlnet=controlnet, annotator=args.annotator, annotator_params=params,
+        base=args.base, per_example=args.per_example, steps=args.steps, guidance=args.guidance,
+        scheduler=args.scheduler, negative_prompt=args.negative_prompt, strength=args.strength, seed=args.seed,
+        resolution=args.resolution, limit=args.limit, clip_weights=args.clip_weights, fid_weights=args.fid_weights,
+        bootstrap=args.bootstrap)
+
+
+def _run_pair(args: argparse.Namespace, config, controlnets: list[str | None]) -> int:
+    """Evaluate each of two ControlNets into its sub-folder of --out; print and write the comparison."""
+    from controlnet.eval_compare import BASE_ALONE, COMPARISON_FILE, evaluate_pair
+    from controlnet.eval_stats import format_comparison
+
+    comparison = evaluate_pair(config, controlnets, progress=not args.quiet)
+    for note in comparison["notes"]:
+        print(note)
+    a, b = (f"{side['controlnet'] or BASE_ALONE + ' (the base alone)'}: {side['run']}"
+            for side in (comparison["a"], comparison["b"]))
+    print(format_comparison(comparison["scores"], a, b))
+    print(f"wrote {args.out / COMPARISON_FILE}")
     return 0
