@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
 from controlnet.defaults import FILL_SAMPLES, FILL_SIZE
 from controlnet.errors import UserError
@@ -74,21 +75,21 @@ def run_fill(args: argparse.Namespace) -> int:
     """Write the fill data set."""
     from controlnet.data.fill import make_fill_dataset
 
-    out = make_fill_dataset(args.out, args.n, size=args.size, seed=args.seed,
-                            max_pixels=check_max_pixels(args.max_pixels))
-    if not args.quiet:
-        print(f"wrote {args.n} fill samples to {out}")
-    return 0
+    return _write_samples(make_fill_dataset, args, "fill samples")
 
 
 def run_shapes(args: argparse.Namespace) -> int:
     """Write the shapes data set."""
     from controlnet.data.shapes import make_shapes_dataset
 
-    out = make_shapes_dataset(args.out, args.n, size=args.size, seed=args.seed,
-                              max_pixels=check_max_pixels(args.max_pixels))
+    return _write_samples(make_shapes_dataset, args, "shapes images with captions")
+
+
+def _write_samples(make: Callable[..., Path], args: argparse.Namespace, what: str) -> int:
+    """``make(out, n, size=, seed=, max_pixels=)`` with the options of :func:`_add_sample_options`; one summary line."""
+    out = make(args.out, args.n, size=args.size, seed=args.seed, max_pixels=check_max_pixels(args.max_pixels))
     if not args.quiet:
-        print(f"wrote {args.n} shapes images with captions to {out}")
+        print(f"wrote {args.n} {what} to {out}")
     return 0
 
 
