@@ -67,12 +67,11 @@ class Shape:
     radius: float
     angle: float = 0.0
 
-    def polygon(self, scale: float = 1.0) -> np.ndarray:
-        """(K, 2) float vertices (squares and triangles) in px times ``scale``."""
+    def polygon(self) -> np.ndarray:
+        """(K, 2) float vertices (squares and triangles) in px, pixel i's centre at coordinate i."""
         corners = {"square": 4, "triangle": 3}[self.kind]
         theta = np.deg2rad(self.angle) + 2 * np.pi * np.arange(corners) / corners - np.pi / 2
-        xy = np.stack([self.cx + self.radius * np.cos(theta), self.cy + self.radius * np.sin(theta)], axis=1)
-        return xy * scale
+        return np.stack([self.cx + self.radius * np.cos(theta), self.cy + self.radius * np.sin(theta)], axis=1)
 
 
 @dataclass(frozen=True)
