@@ -552,7 +552,7 @@ def test_the_scorer_table_holds_the_fill_score(tiny):
     metric, score = choose_scorer("fill", None, {}, [])
     sample = FillSample(cx=16, cy=16, radius=8, circle="red", background="blue", size=R)
     assert metric == "fill_iou" and score(sample.target, sample.condition, sample.prompt, sample.target) > 0.9
-    with pytest.raises(UserError, match="--score must be one of auto, canny, fill, ssim"):
+    with pytest.raises(UserError, match="--score must be one of auto, canny, fill, segmentation, ssim"):
         _config(tiny, "unused", score="nope").check()
 
 

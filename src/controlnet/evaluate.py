@@ -20,7 +20,8 @@ Scores by condition type (:data:`SCORES`; the annotator names the type, :data:`S
   ``ssim``, single-scale (:func:`controlnet.metrics.ssim`). MS-SSIM's five scales need images of 176 px or more; a
   smaller image (under 176 px) uses the first scales that fit, their weights rescaled to sum to 1 (:func:`ms_ssim`).
 * depth → ``rmse``: root mean squared error of the 8-bit depth images (eval/eval_depth.py), in 0..255.
-* segmentation → ``miou``: mean IoU over the classes present in either label map (palette colours → classes).
+* segmentation, shapes → ``miou``: mean IoU over the classes present in either label map (ADE20K palette colours
+  → classes).
 * openpose, openpose_hand, pose → ``pck``: the fraction of the reference person's keypoints that the re-detected
   pose has within :data:`PCK_ALPHA` times the longer side of that person's keypoint box; the reference keypoints
   are the annotator's on the dataset's image.
@@ -74,6 +75,7 @@ SCORE_OF_ANNOTATOR: dict[str, str] = {
                                     "lines", "mlsd")},
     "depth": "rmse",
     "segmentation": "miou",
+    "shapes": "miou",  # the shapes world's label maps, ADE20K palette rows 0-3 (controlnet.data.shapes)
     **{name: "pck" for name in ("openpose", "openpose_hand", "pose")},
 }
 FILL = "fill"
@@ -86,7 +88,7 @@ CONDITION_WORDS: dict[str, tuple[str, ...]] = {
     "lineart": ("lineart", "lineart_coarse"),
     "mlsd": ("mlsd", "lines"),
     "depth": ("depth",),
-    "seg": ("segmentation",), "segmentation": ("segmentation",),
+    "seg": ("segmentation", "shapes"), "segmentation": ("segmentation", "shapes"),
     "openpose": ("openpose", "openpose_hand", "pose"), "pose": ("openpose", "openpose_hand", "pose"),
     "fill": (FILL,),
     "tile": (), "inpaint": (), "shuffle": (), "normal": (), "normalbae": (), "ip2p": (),

@@ -8,7 +8,7 @@ Every annotator is a callable ``annotator(image, **params) -> (H, W, 3) uint8`` 
     annotators.list_annotators()          # ['canny', 'depth', 'depth_map', ...]
     annotators.REGISTRY["canny"].params   # declared parameters with their defaults
 
-The model-free ones (canny, lines, scribble, shuffle, tile, inpaint, invert and the ``*_map`` / ``pose_json``
+The model-free ones (canny, lines, scribble, shuffle, tile, inpaint, invert, shapes and the ``*_map`` / ``pose_json``
 renderers of data you already have) need no weights. The neural detectors of the ControlNet 1.1 releases (hed,
 pidinet, lineart, lineart_coarse, mlsd, openpose, openpose_hand) and the transformers-based ones (depth, normal,
 segmentation, pose) take ``weights`` (a file, a folder or a hub id; default: their hub repository through the
@@ -29,6 +29,7 @@ from controlnet.annotators import edges, pose as _pose, structured, transforms
 from controlnet.annotators.inputs import KINDS
 from controlnet.annotators.registry import Annotator, Param
 from controlnet.annotators.transforms import inpaint_condition, inpaint_condition_from_uint8
+from controlnet.data import shapes as _shapes
 from controlnet.errors import UserError
 
 __all__ = [
@@ -169,6 +170,11 @@ def _register_builtins() -> None:
     register(
         "inpaint", transforms.inpaint, "image with masked pixels black (0, 0, 0), others >= 1 (ControlNet 1.1 inpaint)",
         [Param("mask", Path, None, "mask image, white = area to repaint (same size)", required=True)],
+    )
+    register(
+        "shapes", _shapes.detect_shapes,
+        "shapes-world segmentation: background/circle/square/triangle in the ADE20K palette (the embedded shapes "
+        "ControlNets)",
     )
     register("invert", transforms.invert, "255 - image: black-on-white line art to white-on-black (lineart, scribble)")
     register(

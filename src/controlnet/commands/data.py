@@ -1,6 +1,7 @@
 """``controlnet data``: make training data sets.
 
     controlnet data fill OUT --n 50000 --size 128 --seed 0     # the fill50k layout, synthetic circles
+    controlnet data shapes OUT --n 16000 --size 128 --seed 0   # captioned shapes images (conditions: --annotator)
     controlnet data examples DIR                                # first inputs for the README's examples
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
 from controlnet.defaults import FILL_SAMPLES, FILL_SIZE
 from controlnet.errors import UserError
@@ -22,8 +24,9 @@ EXAMPLE_MASK_MARGIN = 6  # px the mask reaches beyond the photo's circle, so its
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``data`` command and its sub-commands."""
-    parser = subparsers.add_parser("data", help="make training data sets (synthetic fill circles)",
-                                   description="Make training data sets.")
+    parser = subparsers.add_parser("data", help="make training data sets (synthetic fill circles, shapes)",
+                                   description="Make training data sets: fill circles with their conditions, "
+                                               "captioned shapes images, the README's example inputs.")
     kinds = parser.add_subparsers(dest="kind", metavar="KIND")
     kinds.required = True
     fill = kinds.add_parser(
@@ -32,15 +35,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "with one colour on a background of another, prompt.json '<colour> circle with <colour> "
                     "background'.",
     )
-    fill.add_argument("out", type=Path, help="new folder to write")
-    fill.add_argument("--n", type=int, default=FILL_SAMPLES, help="number of samples")
-    fill.add_argument("--size", type=int, default=FILL_SIZE, help="image side in px")
-    fill.add_argument(MAX_PIXELS_FLAG, type=int, default=None, metavar="N",
-                      help="largest image, in pixels (default: this machine's memory / "
-                      f"{BYTES_PER_PIXEL} bytes per pixel)")
-    fill.add_argument("--seed", type=int, default=0, help="random seed")
-    fill.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+    _add_sample_options(fill)
     fill.set_defaults(func=run_fill)
+    shapes = kinds.add_parser(
+        "shapes", help="synthetic shapes images with captions (prompt.json, target/); conditions by --annotator",
+        description="Write N images of one to three overlapping circles, squares and triangles of distinct "
+                    "colours on a background of another: target/i.png, and prompt.json rows {\"target\", "
+                    "\"prompt\"} with captions such as 'red circle, blue square on yellow background'. No "
+                    "conditions are stored: 'controlnet train --annotator canny|softedge|shapes' makes them.",
+    )
+    _add_sample_options(shapes)
+    shapes.set_defaults(func=run_shapes)
     examples = kinds.add_parser(
         "examples", help="first inputs for the README's examples, sized for the embedded model",
         description=f"Write {', '.join(EXAMPLE_FILES)} into DIR ({FILL_SIZE}x{FILL_SIZE}, the embedded model's "
@@ -54,14 +59,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     examples.set_defaults(func=run_examples)
 
 
+def _add_sample_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a synthetic data set: OUT, --n, --size, --max-pixels, --seed, -q."""
+    parser.add_argument("out", type=Path, help="new folder to write")
+    parser.add_argument("--n", type=int, default=FILL_SAMPLES, help="number of samples")
+    parser.add_argument("--size", type=int, default=FILL_SIZE, help="image side in px")
+    parser.add_argument(MAX_PIXELS_FLAG, type=int, default=None, metavar="N",
+                        help="largest image, in pixels (default: this machine's memory / "
+                        f"{BYTES_PER_PIXEL} bytes per pixel)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no summary line")
+
+
 def run_fill(args: argparse.Namespace) -> int:
     """Write the fill data set."""
     from controlnet.data.fill import make_fill_dataset
 
-    out = make_fill_dataset(args.out, args.n, size=args.size, seed=args.seed,
-                            max_pixels=check_max_pixels(args.max_pixels))
+    return _write_samples(make_fill_dataset, args, "fill samples")
+
+
+def run_shapes(args: argparse.Namespace) -> int:
+    """Write the shapes data set."""
+    from controlnet.data.shapes import make_shapes_dataset
+
+    return _write_samples(make_shapes_dataset, args, "shapes images with captions")
+
+
+def _write_samples(make: Callable[..., Path], args: argparse.Namespace, what: str) -> int:
+    """``make(out, n, size=, seed=, max_pixels=)`` with the options of :func:`_add_sample_options`; one summary line."""
+    out = make(args.out, args.n, size=args.size, seed=args.seed, max_pixels=check_max_pixels(args.max_pixels))
     if not args.quiet:
-        print(f"wrote {args.n} fill samples to {out}")
+        print(f"wrote {args.n} {what} to {out}")
     return 0
 
 

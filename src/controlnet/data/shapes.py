@@ -44,6 +44,7 @@ MAX_SHAPES = 3
 # (8x VAE) across, the largest leaves room for two others.
 MIN_RADIUS, MAX_RADIUS = 14, 40
 SUPERSAMPLE = 4  # drawn at 4x and area-averaged: anti-aliased edges
+SUBPIXEL_BITS = 4  # OpenCV drawing's fractional bits (its ``shift``): shapes are placed to 1/16 px
 DEFAULT_SIZE = FILL_SIZE
 # Colours of the label map: ADE20K palette rows 0-3 (mmseg's ADE20KDataset.METAINFO), so that ``controlnet
 # evaluate`` scores it as a segmentation (mIoU over the classes present).
@@ -66,12 +67,11 @@ class Shape:
     radius: float
     angle: float = 0.0
 
-    def polygon(self, scale: float = 1.0) -> np.ndarray:
-        """(K, 2) float vertices (squares and triangles) in px times ``scale``."""
+    def polygon(self) -> np.ndarray:
+        """(K, 2) float vertices (squares and triangles) in px, pixel i's centre at coordinate i."""
         corners = {"square": 4, "triangle": 3}[self.kind]
         theta = np.deg2rad(self.angle) + 2 * np.pi * np.arange(corners) / corners - np.pi / 2
-        xy = np.stack([self.cx + self.radius * np.cos(theta), self.cy + self.radius * np.sin(theta)], axis=1)
-        return xy * scale
+        return np.stack([self.cx + self.radius * np.cos(theta), self.cy + self.radius * np.sin(theta)], axis=1)
 
 
 @dataclass(frozen=True)
@@ -87,16 +87,22 @@ class ShapesSample:
         return make_caption([(s.colour, s.kind) for s in self.shapes], self.background)
 
     def _masks(self, scale: int) -> list[np.ndarray]:
-        """(size*scale, size*scale) uint8 masks, one per shape."""
+        """(size*scale, size*scale) uint8 masks, one per shape, in the same place at every ``scale``: pixel i's
+        centre (coordinate i) is the centre of the scale x scale block it becomes, ``(i + 0.5) * scale - 0.5``."""
         side = self.size * scale
+        one = 1 << SUBPIXEL_BITS
+
+        def fixed(v: np.ndarray | float) -> np.ndarray:  # px at scale 1 -> cv2's fixed point at ``scale``
+            return np.rint(((np.asarray(v) + 0.5) * scale - 0.5) * one).astype(np.int32)
+
         masks = []
         for s in self.shapes:
             m = np.zeros((side, side), np.uint8)
             if s.kind == "circle":
-                centre = (int(round(s.cx * scale)), int(round(s.cy * scale)))
-                cv2.circle(m, centre, int(round(s.radius * scale)), 255, -1)
+                centre = tuple(int(v) for v in fixed(np.array([s.cx, s.cy])))
+                cv2.circle(m, centre, int(round(s.radius * scale * one)), 255, -1, shift=SUBPIXEL_BITS)
             else:
-                cv2.fillPoly(m, [np.rint(s.polygon(scale)).astype(np.int32)], 255)
+                cv2.fillPoly(m, [fixed(s.polygon())], 255, shift=SUBPIXEL_BITS)
             masks.append(m)
         return masks
 
@@ -112,10 +118,12 @@ class ShapesSample:
 
     @property
     def labels(self) -> np.ndarray:
-        """(H, W) uint8 ground-truth classes (0 background, k + 1 for ``KINDS[k]``), the top shape winning."""
+        """(H, W) uint8 ground-truth classes (0 background, k + 1 for ``KINDS[k]``), the top shape winning: a pixel
+        belongs to a shape when the shape covers at least half of it (drawn as :attr:`target` is, then averaged)."""
         out = np.zeros((self.size, self.size), np.uint8)
-        for s, m in zip(self.shapes, self._masks(1)):
-            out[m > 0] = KINDS.index(s.kind) + 1
+        for s, m in zip(self.shapes, self._masks(SUPERSAMPLE)):
+            covered = cv2.resize(m, (self.size, self.size), interpolation=cv2.INTER_AREA)  # 0..255 coverage
+            out[covered >= 128] = KINDS.index(s.kind) + 1
         return out
 
     def labels_by_shape(self) -> np.ndarray:

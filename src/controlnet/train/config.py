@@ -129,8 +129,9 @@ class TrainConfig:
     validation_guidance: float = option(
         DEFAULT_GUIDANCE, help="guidance of a validation sample (the original's)", group=OUTPUT)
     score: str = option(
-        AUTO_SCORE, help="controllability score: canny (edge F1), fill (IoU of the filled circle), ssim, or auto "
-        "(Canny conditions: canny; fill circles: fill; otherwise ssim)", group=OUTPUT)
+        AUTO_SCORE, help="controllability score: canny (edge F1), fill (IoU of the filled circle), segmentation "
+        "(mIoU), ssim, or auto (Canny conditions: canny; segmentation or shapes label maps: segmentation; fill "
+        "circles: fill; otherwise ssim)", group=OUTPUT)
     export_original: str | Path | None = option(
         None, help="also write the ControlNet in the original layout (.safetensors or .pth)", group=OUTPUT,
         metavar="PATH")

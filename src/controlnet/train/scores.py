@@ -2,9 +2,11 @@
 
 The score follows ControlNet++'s protocol (Li et al. 2024, Sec. 4), scaled down: the condition is re-extracted
 from the generated sample and compared with the condition it was given. :data:`SCORERS` lists every score by
-name: "canny" (edge F1 of the sample's Canny edges), "ssim" (SSIM of the re-extracted condition), and "fill"
-(:func:`controlnet.data.fill.fill_scorer`, which knows its circles). ``--score auto`` picks the first scorer, in
-table order, whose ``detect`` accepts the run (annotator and validation prompts), else :data:`FALLBACK_SCORER`.
+name: "canny" (edge F1 of the sample's Canny edges), "segmentation" (mean IoU of the re-extracted label map, for
+the annotators :mod:`controlnet.evaluate` scores by mIoU: segmentation, shapes), "ssim" (SSIM of the re-extracted
+condition), and "fill" (:func:`controlnet.data.fill.fill_scorer`, which knows its circles). ``--score auto`` picks
+the first scorer, in table order, whose ``detect`` accepts the run (annotator and validation prompts), else
+:data:`FALLBACK_SCORER`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from controlnet import annotators
+from controlnet.annotators.palettes import ADE20K
 from controlnet.data import fill
-from controlnet.metrics import edge_f1, ssim
+from controlnet.errors import UserError
+from controlnet.evaluate import SCORE_OF_ANNOTATOR, palette_labels
+from controlnet.metrics import edge_f1, mean_iou, ssim
 
 # ``score(sample, condition, prompt, target) -> float``: sample, condition and the dataset's image (target) are
 # (R, R, 3) uint8 arrays.
@@ -49,8 +54,29 @@ def _ssim_scorer(annotator: str | None, params: dict[str, Any]) -> ScoreFn:
     return lambda sample, condition, prompt, target: float(ssim(annotate(sample, **params), condition))
 
 
+def _segmentation_scorer(annotator: str | None, params: dict[str, Any]) -> ScoreFn:
+    """Mean IoU over the classes present of the label maps (ADE20K palette) of the sample's re-extracted condition
+    and the condition, as ``controlnet evaluate`` scores segmentation."""
+    if annotator is None or SCORE_OF_ANNOTATOR.get(annotator) != "miou":
+        raise UserError(f"--score segmentation needs a segmentation annotator (--annotator one of "
+                        f"{', '.join(_segmentation_annotators())}), got {annotator or 'none'}")
+    annotate = annotators.get(annotator)
+
+    def score(sample: np.ndarray, condition: np.ndarray, prompt: str, target: np.ndarray) -> float:
+        detected = palette_labels(annotate(sample, **params), ADE20K)
+        return float(mean_iou(detected, palette_labels(condition, ADE20K), len(ADE20K)))
+
+    return score
+
+
+def _segmentation_annotators() -> list[str]:
+    return sorted(name for name, kind in SCORE_OF_ANNOTATOR.items() if kind == "miou")
+
+
 SCORERS: dict[str, Scorer] = {scorer.name: scorer for scorer in (
     Scorer("canny", "edge_f1", _canny_scorer, detect=lambda annotator, prompts: annotator == "canny"),
+    Scorer("segmentation", "miou", _segmentation_scorer,
+           detect=lambda annotator, prompts: annotator in _segmentation_annotators()),
     Scorer("ssim", "ssim", _ssim_scorer),
     Scorer("fill", "fill_iou", fill.fill_scorer, detect=fill.is_fill_run),
 )}
