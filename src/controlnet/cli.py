@@ -20,6 +20,7 @@ import sys
 from typing import Any, NoReturn
 
 from controlnet.errors import EXIT_BAD_INPUT, UserError
+from controlnet.options import HelpFormatter
 
 # Sub-commands, in the order ``controlnet --help`` lists them.
 COMMANDS = [
@@ -34,17 +35,6 @@ COMMANDS = [
     "controlnet.commands.info",
     "controlnet.commands.ui",
 ]
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """argparse's help with "(default: X)" added to an option's help, unless the help already says what the
-    default is (it mentions "default") or there is none worth stating (None, False, an empty string or list)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if "default" in text or action.default is None or action.default is False or action.default in ("", []):
-            return action.help
-        return super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):

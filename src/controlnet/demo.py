@@ -129,7 +129,7 @@ def generate(pipe: Any, sample: FillSample, controlnet: str | None, steps: int, 
 def _generate_flux(pipe: Any, sample: FillSample, controlnet: str | None, steps: int, guidance: float, seed: int,
                    reuse_residuals: int) -> np.ndarray:
     """:func:`generate` on a Flux :class:`~controlnet.transformer_pipeline.TransformerPipeline`: "fill" names the
-    embedded Flux base's fill ControlNet; the prompt is encoded to the T5 tokenizer's length."""
+    embedded Flux base's fill ControlNet."""
     from controlnet.errors import UserError
     from controlnet.transformer_pipeline import TransformerUnit
 
@@ -140,7 +140,7 @@ def _generate_flux(pipe: Any, sample: FillSample, controlnet: str | None, steps:
         path = flux_base_dir() / FLUX_FILL_SUBFOLDER if controlnet == FILL_CONTROLNET else controlnet
         units = [TransformerUnit(pipe.load_controlnet(path), sample.condition)]
     out = pipe(sample.prompt, units, height=sample.size, width=sample.size, steps=steps, guidance=guidance,
-               seed=seed, max_sequence_length=pipe.tokenizer_2.model_max_length, output_type="pt")
+               seed=seed, output_type="pt")
     return _to_uint8(out[0].permute(1, 2, 0).float().numpy())
 
 

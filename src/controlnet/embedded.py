@@ -42,6 +42,17 @@ def embedded_base(name: str) -> Path | None:
     return path
 
 
+def is_embedded(base: str | None) -> bool:
+    """Whether ``base`` (a pipeline's ``base`` string: "embedded", a name or a path) is one of the embedded bases,
+    whose vocabularies are their worlds' words only."""
+    if not base:
+        return False
+    if base == "embedded" or embedded_base(base) is not None:
+        return True
+    path = Path(base).expanduser()
+    return path.exists() and path.resolve().parent == assets_dir().resolve()
+
+
 def bundled_controlnets() -> dict[str, Path]:
     """Names of the bundled ControlNets and their folders."""
     root = assets_dir() / "controlnets"

@@ -117,6 +117,7 @@ class EvalConfig:
     scheduler: str | None = PROTOCOL_SCHEDULER
     negative_prompt: str | None = None
     strength: float = 1.0
+    guess_mode: bool = False
     seed: int = 0
     resolution: int | None = None
     limit: int | None = None
@@ -406,7 +407,7 @@ def generate_images(pipe: Any, prompt: str, controlnet: str | None, condition: n
         batch = seeds[start : start + MAX_NUM_IMAGES]
         result = pipe(prompt, controls, negative_prompt=negative_prompt, steps=config.steps, guidance=config.guidance,
                       scheduler=config.scheduler, seed=batch[0], size=(width, height), num_images=len(batch),
-                      output_type="np", progress=False)
+                      guess_mode=config.guess_mode, output_type="np", progress=False)
         images += list(result.images)
     return images
 
@@ -415,7 +416,9 @@ def negative_prompt_of(config: EvalConfig, pipe: Any) -> str:
     """The negative prompt: the configured one, else the protocol's, except on the embedded base (module doc)."""
     if config.negative_prompt is not None:
         return config.negative_prompt
-    return "" if pipe is not None and getattr(pipe, "base", "") == "embedded" else PROTOCOL_NEGATIVE_PROMPT
+    from controlnet.embedded import is_embedded
+
+    return "" if pipe is not None and is_embedded(getattr(pipe, "base", "")) else PROTOCOL_NEGATIVE_PROMPT
 
 
 def settings_key(settings: dict[str, Any]) -> str:
@@ -484,7 +487,7 @@ def run_plan(plan: EvalPlan, generate: Generator | None = None, progress: bool =
         "base": "embedded" if config.base is None else config.base, "per_example": config.per_example,
         "steps": config.steps, "guidance": config.guidance, "scheduler": config.scheduler,
         "negative_prompt": negative_prompt_of(config, pipe), "strength": config.strength, "seed": config.seed,
-        "resolution": config.resolution or (pipe.native_size if pipe is not None else None),
+        "guess_mode": config.guess_mode, "resolution": config.resolution or (pipe.native_size if pipe is not None else None),
         "generator": "pipeline" if pipe is not None else "given",
     }
     key = settings_key(settings)

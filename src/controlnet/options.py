@@ -60,3 +60,14 @@ def option_type(hint: Any) -> Any:
     args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
     origin = typing.get_origin(args[0]) or args[0]
     return origin if origin in (bool, int, float, dict) else str
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with "(default: X)" added to an option's help, unless the help already says what the
+    default is (it mentions "default") or there is none worth stating (None, False, an empty string or list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default in ("", []):
+            return action.help
+        return super()._get_help_string(action)

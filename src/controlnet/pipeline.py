@@ -341,8 +341,10 @@ class Pipeline:
 
     @property
     def family(self) -> str:
-        """"sd1", "sd2", "sdxl", or "embedded" for the tiny model shipped in the package."""
-        if self.base == "embedded":
+        """"sd1", "sd2", "sdxl", or "embedded" for the tiny models shipped in the package."""
+        from controlnet.embedded import is_embedded
+
+        if is_embedded(self.base):
             return "embedded"
         from controlnet.checkpoints import detect_family
 

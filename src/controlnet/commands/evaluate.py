@@ -25,7 +25,7 @@ examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``evaluate`` command."""
-    from controlnet.cli import HelpFormatter
+    from controlnet.options import HelpFormatter
 
     class ExamplesFormatter(HelpFormatter):
         """The command's help, with the examples' lines kept as written (argparse reflows an epilog)."""
@@ -67,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"default: the protocol's {PROTOCOL_NEGATIVE_PROMPT!r}, or empty on the embedded base "
                         "(its vocabulary lacks those words)")
     parser.add_argument("--strength", type=float, default=1.0, help="ControlNet strength")
+    parser.add_argument("--guess-mode", action="store_true",
+                        help="the paper's classifier-free guidance resolution weighting (the original's guess mode): "
+                             "control on the conditional branch only, residual i of N scaled by 0.825**(N-1-i)")
     parser.add_argument("--seed", type=int, default=0, help="seed of image 0; also seeds the bootstrap")
     parser.add_argument("--resolution", type=int, default=None, help="square side of the images (default: the "
                         "base's native size)")
@@ -122,7 +125,7 @@ def _config(args: argparse.Namespace, controlnet: str | None):
     return EvalConfig(
         data=args.data, out=args.out, controlnet=controlnet, annotator=args.annotator, annotator_params=params,
         base=args.base, per_example=args.per_example, steps=args.steps, guidance=args.guidance,
-        scheduler=args.scheduler, negative_prompt=args.negative_prompt, strength=args.strength, seed=args.seed,
+        scheduler=args.scheduler, negative_prompt=args.negative_prompt, strength=args.strength, guess_mode=args.guess_mode, seed=args.seed,
         resolution=args.resolution, limit=args.limit, clip_weights=args.clip_weights, fid_weights=args.fid_weights,
         bootstrap=args.bootstrap)
 

@@ -557,6 +557,7 @@ def stored_options(text: dict[str, str], path: str) -> dict[str, Any]:
 
 def _stored_options(path: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The option values of stored ``settings`` (untrusted: checked as the options are, paths under the roots)."""
+    from controlnet.embedded import embedded_base
     from controlnet.stored_settings import stored_path
 
     roots = [Path.cwd(), Path(path).expanduser().resolve().parent]
@@ -572,7 +573,9 @@ def _stored_options(path: str, settings: dict[str, Any]) -> dict[str, Any]:
     if settings.get("dtype") in DTYPE_CHOICES:
         options["dtype"] = settings["dtype"]
     base = settings.get("base")
-    if base not in (None, "", "embedded"):
+    if isinstance(base, str) and embedded_base(base) is not None:  # "tiny-shapes": a name, not a path
+        options["base"] = base
+    elif base not in (None, "", "embedded"):
         options["base"] = stored_path(base, roots, "base", folders=True)
     options.update(_model_options(settings, roots))
     options["unit_options"] = _unit_options(settings.get("controlnets", []), roots)

@@ -116,22 +116,23 @@ class ShapesSample:
             img[m > 0] = COLOURS[s.colour]
         return cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA)
 
-    @property
-    def labels(self) -> np.ndarray:
-        """(H, W) uint8 ground-truth classes (0 background, k + 1 for ``KINDS[k]``), the top shape winning: a pixel
-        belongs to a shape when the shape covers at least half of it (drawn as :attr:`target` is, then averaged)."""
+    def _coverage_labels(self, label_of_shape) -> np.ndarray:
+        """(H, W) uint8: ``label_of_shape(i, shape)`` where shape i covers at least half of a pixel (drawn as
+        :attr:`target` is, then averaged), the top shape winning; 0 elsewhere."""
         out = np.zeros((self.size, self.size), np.uint8)
-        for s, m in zip(self.shapes, self._masks(SUPERSAMPLE)):
+        for i, (s, m) in enumerate(zip(self.shapes, self._masks(SUPERSAMPLE))):
             covered = cv2.resize(m, (self.size, self.size), interpolation=cv2.INTER_AREA)  # 0..255 coverage
-            out[covered >= 128] = KINDS.index(s.kind) + 1
+            out[covered >= 128] = label_of_shape(i, s)
         return out
 
+    @property
+    def labels(self) -> np.ndarray:
+        """(H, W) uint8 ground-truth classes: 0 background, k + 1 for ``KINDS[k]``."""
+        return self._coverage_labels(lambda i, s: KINDS.index(s.kind) + 1)
+
     def labels_by_shape(self) -> np.ndarray:
-        """(H, W) uint8: 0 for the background, i + 1 where shape i is visible (the top shape winning)."""
-        out = np.zeros((self.size, self.size), np.uint8)
-        for i, m in enumerate(self._masks(1)):
-            out[m > 0] = i + 1
-        return out
+        """(H, W) uint8: 0 for the background, i + 1 where shape i is visible."""
+        return self._coverage_labels(lambda i, s: i + 1)
 
 
 def make_caption(shapes: list[tuple[str, str]], background: str) -> str:
