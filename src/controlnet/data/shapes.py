@@ -113,7 +113,7 @@ class ShapesSample:
         img = np.empty((side, side, 3), np.uint8)
         img[:] = COLOURS[self.background]
         for s, m in zip(self.shapes, self._masks(SUPERSAMPLE)):
-            img[m > 0] = COLOURS[s.colour]
+            cv2.copyTo(np.full_like(img, COLOURS[s.colour]), m, img)  # the shape's colour where it covers
         return cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA)
 
     def _coverage_labels(self, label_of_shape) -> np.ndarray:
@@ -198,8 +198,10 @@ def make_shapes_dataset(out: str | Path, n: int, size: int = DEFAULT_SIZE, seed:
 def palette_index(image: np.ndarray) -> np.ndarray:
     """(H, W) int: index of the nearest :data:`COLOURS` entry of each pixel of an (H, W, 3) uint8 image."""
     palette = np.array(list(COLOURS.values()), np.float32)  # (C, 3)
-    d = ((image[:, :, None, :].astype(np.float32) - palette[None, None]) ** 2).sum(axis=3)  # (H, W, C)
-    return d.argmin(axis=2)
+    pixels = image.reshape(-1, 3).astype(np.float32)  # (H*W, 3)
+    # |x - p|^2 without the |x|^2 term, the same for every p: -2 x.p + |p|^2
+    d = pixels @ (-2.0 * palette.T) + (palette**2).sum(axis=1)  # (H*W, C)
+    return d.argmin(axis=1).reshape(image.shape[:2])
 
 
 def classify_region(mask: np.ndarray) -> int:
