@@ -64,3 +64,38 @@ def test_shell_scripts_ship_only_with_ship(tmp_path, script, controlnet, ship):
     else:
         hint = f"rerun with --ship to copy it over src/controlnet/assets/controlnets/{controlnet}"
         assert len(lines) == 2 and hint in proc.stdout
+
+
+def test_train_embedded_shapes_world_writes_its_own_base_only_with_ship():
+    script = _script("train_embedded")
+    assert script.parse_args(["--world", "shapes"]).out == Path("outputs/tiny-shapes")
+    assert script.parse_args(["--world", "shapes", "--ship"]).out == Path("src/controlnet/assets/tiny-shapes")
+    assert (ROOT / "src/controlnet/assets/tiny-shapes/model_index.json").is_file()
+
+
+@pytest.mark.parametrize("kind, annotator", [("canny", "canny"), ("segmentation", "shapes"), ("softedge", "softedge")])
+@pytest.mark.parametrize("ship", [False, True])
+def test_shapes_controlnet_script_trains_on_the_types_annotator_and_ships_only_with_ship(tmp_path, kind, annotator,
+                                                                                      ship):
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$*" >> "$CALLS"\ncat > /dev/null\n')
+    fake.chmod(0o755)
+    work, data = tmp_path / "work", tmp_path / "data"
+    argv = [str(ROOT / "scripts" / "train_shapes_controlnet.sh"), *(["--ship"] if ship else []), kind, str(work), "3"]
+    env = {**os.environ, "PYTHON": str(fake), "CALLS": str(calls), "DATA": str(data)}
+    proc = subprocess.run(argv, env=env, capture_output=True, stdin=subprocess.DEVNULL, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = calls.read_text().splitlines()
+    assert lines[0].startswith(f"-m controlnet data shapes {data}")
+    assert f"--annotator {annotator} " in lines[1] and "--base src/controlnet/assets/tiny-shapes" in lines[1]
+    if ship:
+        assert lines[2:] == [f"- {work}/run/controlnet src/controlnet/assets/controlnets/shapes-{kind}"]
+    else:
+        assert len(lines) == 2 and f"controlnets/shapes-{kind}" in proc.stdout
+
+
+def test_shapes_controlnet_script_refuses_an_unknown_type(tmp_path):
+    proc = subprocess.run([str(ROOT / "scripts" / "train_shapes_controlnet.sh"), "depth", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and "canny, segmentation or softedge" in proc.stderr
