@@ -219,8 +219,8 @@ def evaluate_shapes_base(pipe, n: int, steps: int, guidance: float) -> dict:
             total += 1
             if region.mean() > shapes.MIN_REGION_FRACTION:
                 found += 1
-                hits = [detected[j] for j in np.flatnonzero(region)]
-                kinds += max(set(map(tuple, hits)), key=hits.count) == tuple(labels[shapes.KINDS.index(s.kind) + 1])
+                hits = [tuple(detected[j]) for j in np.flatnonzero(region)]
+                kinds += max(set(hits), key=hits.count) == tuple(labels[shapes.KINDS.index(s.kind) + 1])
     return {"colours_drawn": found / total, "kinds_right": kinds / total}
 
 
