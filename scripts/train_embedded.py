@@ -211,7 +211,7 @@ def evaluate_shapes_base(pipe, n: int, steps: int, guidance: float) -> dict:
     for i in range(n):
         sample = shapes.random_sample(rng, IMAGE_SIZE)
         img = pipe(sample.prompt, steps=steps, guidance=guidance, seed=i, output_type="np", progress=False).images[0]
-        img = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
+        img = np.asarray(img)  # (H, W, 3) uint8: the pipeline's "np" output
         index, labels = shapes.palette_index(img), shapes.LABEL_COLOURS.tolist()
         detected = shapes.detect_shapes(img).reshape(-1, 3).tolist()
         for s in sample.shapes:
