@@ -144,14 +144,7 @@ def make_fill_dataset(out: str | Path, n: int, size: int = DEFAULT_SIZE, seed: i
     ``max_pixels`` None: derived from this machine's memory). Every file write is checked: a failed one (no space,
     a file-size limit) is a one-line :class:`UserError` naming the file, and nothing is left at ``out``.
     """
-    out = Path(out)
-    if n < 1:
-        raise UserError(f"--n must be at least 1, got {n}")
-    if size < 16 or size % 8:
-        raise UserError(f"--size must be a multiple of 8 and at least 16, got {size}")
-    check_output_size(size, size, max_pixels, device="cpu", what=f"--size {size}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not empty; pick a new folder")
+    out = check_new_set(out, n, size, 16, max_pixels)
     rng = np.random.default_rng(seed)
     with atomic_path(out) as tmp:
         (tmp / "source").mkdir(parents=True)
@@ -165,6 +158,20 @@ def make_fill_dataset(out: str | Path, n: int, size: int = DEFAULT_SIZE, seed: i
                 row = {"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": s.prompt}
                 _write_checked(prompts, json.dumps(row) + "\n", out / "prompt.json")
             _write_checked(prompts, "", out / "prompt.json", flush=True)
+    return out
+
+
+def check_new_set(out: str | Path, n: int, size: int, min_size: int, max_pixels: int | None) -> Path:
+    """``out`` as a Path once the arguments of a synthetic set are valid (``n`` >= 1, ``size`` a multiple of 8 of at
+    least ``min_size`` and within the output limit, ``out`` new or an empty folder); one-line UserErrors."""
+    out = Path(out)
+    if n < 1:
+        raise UserError(f"--n must be at least 1, got {n}")
+    if size < min_size or size % 8:
+        raise UserError(f"--size must be a multiple of 8 and at least {min_size}, got {size}")
+    check_output_size(size, size, max_pixels, device="cpu", what=f"--size {size}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not empty; pick a new folder")
     return out
 
 

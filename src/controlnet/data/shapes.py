@@ -31,12 +31,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from controlnet.data.fill import COLOURS, FILL_PNG_LEVEL, _write_checked
+from controlnet.data.fill import COLOURS, FILL_PNG_LEVEL, _write_checked, check_new_set
 from controlnet.defaults import FILL_SIZE
 from controlnet.errors import UserError
 from controlnet.fileio import atomic_path
 from controlnet.images import save_png
-from controlnet.limits import check_output_size
 
 KINDS = ("circle", "square", "triangle")  # label k + 1 in the label maps; 0 is the background
 MAX_SHAPES = 3
@@ -171,14 +170,7 @@ def random_sample(rng: np.random.Generator, size: int = DEFAULT_SIZE, max_shapes
 def make_shapes_dataset(out: str | Path, n: int, size: int = DEFAULT_SIZE, seed: int = 0,
                         max_pixels: int | None = None) -> Path:
     """Write ``n`` seeded captioned shapes images to the new folder ``out`` (atomically); return it."""
-    out = Path(out)
-    if n < 1:
-        raise UserError(f"--n must be at least 1, got {n}")
-    if size < 32 or size % 8:
-        raise UserError(f"--size must be a multiple of 8 and at least 32, got {size}")
-    check_output_size(size, size, max_pixels, device="cpu", what=f"--size {size}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} already exists and is not empty; pick a new folder")
+    out = check_new_set(out, n, size, 32, max_pixels)
     rng = np.random.default_rng(seed)
     with atomic_path(out) as tmp:
         (tmp / "target").mkdir(parents=True)
