@@ -2,6 +2,7 @@
 of `controlnet train`, and held-out scores with their bootstrap intervals from `controlnet evaluate` summaries.
 
     python scripts/shapes_figures.py curves OUT.png LABEL=RUN_DIR [LABEL=RUN_DIR ...] [--title T]
+    python scripts/shapes_figures.py panels OUT.png LABEL=RUN_DIR [LABEL=RUN_DIR ...]     # one panel per run
     python scripts/shapes_figures.py bars OUT.png LABEL=EVAL_DIR [LABEL=EVAL_DIR ...] [--title T]
 
 RUN_DIR is a `controlnet train --out` folder (its log.jsonl); EVAL_DIR a `controlnet evaluate --out` folder (its
@@ -70,6 +71,24 @@ def plot_curves(out: Path, runs: list[tuple[str, Path]], title: str) -> None:
     _save(figure, out)
 
 
+def plot_panels(out: Path, runs: list[tuple[str, Path]], title: str) -> None:
+    """One panel per run, each in its own metric (runs of different condition types)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(3.7 * len(runs), 3.2))
+    for i, (label, run) in enumerate(runs):
+        ax = figure.add_subplot(1, len(runs), i + 1)
+        steps, scores, metric = validation_curve(run)
+        ax.plot(steps, scores, marker="o", markersize=3)
+        ax.set_title(label)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"validation {metric}")
+        ax.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
+    _save(figure, out)
+
+
 def plot_bars(out: Path, evaluations: list[tuple[str, Path]], title: str) -> None:
     from matplotlib.figure import Figure
 
@@ -89,12 +108,13 @@ def plot_bars(out: Path, evaluations: list[tuple[str, Path]], title: str) -> Non
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kind", choices=("curves", "bars"))
+    ap.add_argument("kind", choices=("curves", "panels", "bars"))
     ap.add_argument("out", type=Path)
     ap.add_argument("items", nargs="+", help="LABEL=PATH")
     ap.add_argument("--title", default="")
     args = ap.parse_args(argv)
-    (plot_curves if args.kind == "curves" else plot_bars)(args.out, _pairs(args.items), args.title)
+    plot = {"curves": plot_curves, "panels": plot_panels, "bars": plot_bars}[args.kind]
+    plot(args.out, _pairs(args.items), args.title)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 
 from controlnet.embedded import assets_dir, bundled_controlnets, default_base_dir
 
-MAX_SHIPPED_BYTES = 25 * 1024 * 1024  # the budget for all shipped weights together
+MAX_SHIPPED_BYTES = 40 * 1024 * 1024  # the budget for all shipped weights together (three bases, six ControlNets)
 
 
 def _weights(root: Path) -> list[Path]:

@@ -100,8 +100,11 @@ def test_detector_reads_random_scenes():
     assert np.mean(scores) >= 0.8
 
 
-def test_label_colours_are_the_first_ade20k_classes():
-    assert np.array_equal(LABEL_COLOURS, ADE20K[:4])
+def test_label_colours_read_back_as_distinct_ade20k_classes():
+    from controlnet.data.shapes import ADE20K_CLASSES
+
+    assert palette_labels(LABEL_COLOURS[None], ADE20K)[0].tolist() == list(ADE20K_CLASSES)
+    assert len(set(ADE20K_CLASSES)) == len(LABEL_COLOURS)
 
 
 # --------------------------------------------------------------------------- scores

@@ -75,7 +75,7 @@ SCORE_OF_ANNOTATOR: dict[str, str] = {
                                     "lines", "mlsd")},
     "depth": "rmse",
     "segmentation": "miou",
-    "shapes": "miou",  # the shapes world's label maps, ADE20K palette rows 0-3 (controlnet.data.shapes)
+    "shapes": "miou",  # the shapes world's label maps, black and ADE20K colours (controlnet.data.shapes)
     **{name: "pck" for name in ("openpose", "openpose_hand", "pose")},
 }
 FILL = "fill"
