@@ -13,6 +13,7 @@ Layout under ``controlnet/assets/``::
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -40,6 +41,15 @@ def embedded_base(name: str) -> Path | None:
     if "/" in name or "\\" in name or name.startswith(".") or not (path / "model_index.json").is_file():
         return None
     return path
+
+
+def local_base(name: str | os.PathLike) -> Path | None:
+    """``name`` as a local base: the existing path it names (which wins), else the embedded base of that name, else
+    None (a hub id, or nothing)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    return embedded_base(str(name))
 
 
 def is_embedded(base: str | None) -> bool:

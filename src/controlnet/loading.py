@@ -58,14 +58,11 @@ def load_base(path: str | os.PathLike, dtype: torch.dtype, base_config: str | os
 def resolve_base(name: str | os.PathLike, revision: str | None = None, variant: str | None = None) -> Path:
     """A local path for base model ``name``: the path itself, an embedded base's name ("tiny-shapes"), or a hub id
     in the cache (downloaded on first use)."""
-    from controlnet.embedded import embedded_base
+    from controlnet.embedded import local_base
 
-    path = Path(name).expanduser()
-    if path.exists():
+    path = local_base(name)
+    if path is not None:
         return path
-    embedded = embedded_base(str(name))
-    if embedded is not None:
-        return embedded
     ref = hub.hub_ref(name, revision)
     if ref is not None and ref.filename is not None:
         return hub.hub_file(ref.repo_id, ref.filename, revision=ref.revision)

@@ -252,14 +252,12 @@ def base_family(base: str | None, revision: str | None = None) -> str:
     checks them). A hub base's model_index.json is fetched alone (the rest when the base is loaded)."""
     if base is None:
         return UNET
-    from controlnet.embedded import embedded_base
+    from controlnet.embedded import local_base
 
-    path = Path(base).expanduser()
-    if not path.exists() and embedded_base(base) is not None:  # "tiny-flux", "tiny-shapes"
-        path = embedded_base(base)
-    if path.is_dir():
+    path = local_base(base)  # a path, or an embedded base's name ("tiny-flux", "tiny-shapes")
+    if path is not None and path.is_dir():
         index_file = path / "model_index.json"
-    elif path.exists():
+    elif path is not None:
         return UNET
     else:
         from controlnet import hub

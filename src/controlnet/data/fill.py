@@ -156,8 +156,8 @@ def make_fill_dataset(out: str | Path, n: int, size: int = DEFAULT_SIZE, seed: i
                 save_png(tmp / "source" / f"{i}.png", s.condition, atomic=False, compress_level=FILL_PNG_LEVEL)
                 save_png(tmp / "target" / f"{i}.png", s.target, atomic=False, compress_level=FILL_PNG_LEVEL)
                 row = {"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": s.prompt}
-                _write_checked(prompts, json.dumps(row) + "\n", out / "prompt.json")
-            _write_checked(prompts, "", out / "prompt.json", flush=True)
+                write_checked(prompts, json.dumps(row) + "\n", out / "prompt.json")
+            write_checked(prompts, "", out / "prompt.json", flush=True)
     return out
 
 
@@ -175,7 +175,7 @@ def check_new_set(out: str | Path, n: int, size: int, min_size: int, max_pixels:
     return out
 
 
-def _write_checked(f: Any, text: str, name: Path, flush: bool = False) -> None:
+def write_checked(f: Any, text: str, name: Path, flush: bool = False) -> None:
     """``f.write(text)`` (and a flush), a failure being a one-line :class:`UserError` naming ``name``."""
     try:
         f.write(text)

@@ -31,7 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from controlnet.data.fill import COLOURS, FILL_PNG_LEVEL, _write_checked, check_new_set
+from controlnet.data.fill import COLOURS, FILL_PNG_LEVEL, write_checked, check_new_set
 from controlnet.defaults import FILL_SIZE
 from controlnet.errors import UserError
 from controlnet.fileio import atomic_path
@@ -182,9 +182,9 @@ def make_shapes_dataset(out: str | Path, n: int, size: int = DEFAULT_SIZE, seed:
             for i in range(n):
                 s = random_sample(rng, size)
                 save_png(tmp / "target" / f"{i}.png", s.target, atomic=False, compress_level=FILL_PNG_LEVEL)
-                _write_checked(prompts, json.dumps({"target": f"target/{i}.png", "prompt": s.prompt}) + "\n",
+                write_checked(prompts, json.dumps({"target": f"target/{i}.png", "prompt": s.prompt}) + "\n",
                                out / "prompt.json")
-            _write_checked(prompts, "", out / "prompt.json", flush=True)
+            write_checked(prompts, "", out / "prompt.json", flush=True)
     return out
 
 
