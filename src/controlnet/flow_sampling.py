@@ -15,7 +15,7 @@ FlowMatchEulerDiscreteScheduler does. :func:`sample`, top to bottom::
 The unit semantics are the UNet sampler's (:mod:`controlnet.sampling`): a unit acts at step i of n iff
 ``in_step_range(start, end, i, n)`` and its strength is not zero; otherwise it is not run at all. Several units
 add their residuals (Zhang et al. 2023, Sec. 3.4); a union ControlNet given several (condition, mode) pairs is
-several units sharing one model, one pass per pair.
+several units sharing one model, whose active units run as one batched pass (:func:`unit_residuals`).
 
 Families:
 
@@ -41,7 +41,8 @@ from controlnet.errors import UserError
 from controlnet.devices import placement
 from controlnet.residuals import Residuals
 from controlnet.sampling import in_step_range
-from controlnet.transformer_controlnet import FLUX, SD3, TransformerControlNet, base_family, transformer_kwargs
+from controlnet.transformer_controlnet import (FLUX, SD3, TransformerControlNet, base_family, transformer_kwargs,
+                                               union_mode_index)
 
 # Flux's distilled models take t and the guidance scale in [0, 1]-units; diffusers' schedule counts 1000 steps.
 NUM_TRAIN_TIMESTEPS = 1000
@@ -127,7 +128,8 @@ def flux_sigmas(num_steps: int) -> list[float]:
 def sample(transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor,
            text: FlowText, controls: Sequence[FlowControl] = (), guidance: float = 3.5, *,
            img_ids: torch.Tensor | None = None, progress: bool = False,
-           callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+           callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+           batch_units: bool = True) -> torch.Tensor:
     """Euler integration of a flow-matching base from ``sigmas[0]`` to ``sigmas[-1]`` under summed ControlNet
     residuals: the loop of the module docstring.
 
@@ -140,6 +142,7 @@ def sample(transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, 
             (<= 1: one branch, no guidance).
         img_ids: Flux's image position ids (L, 3).
         progress: a tqdm bar over the steps; callback: called as ``callback(i, t, latents)`` after every step.
+        batch_units: run the active units that share a ControlNet as one forward (:func:`unit_residuals`).
 
     Returns the final latents, float32, shaped as ``latents``.
     """
@@ -158,10 +161,8 @@ def sample(transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, 
         x = torch.cat([latents] * 2) if cfg else latents  # (2B or B, ...)
         x = x.to(**where)
         t_in = t.to(where["device"], torch.float32).expand(x.shape[0])
-        residuals = Residuals()  # nothing added: the plain base
-        for c in controls:
-            if c.active(i, n):
-                residuals = residuals + control_residuals(c, x, t_in, text, guidance, img_ids, where)
+        active = [c for c in controls if c.active(i, n)]
+        residuals = unit_residuals(active, x, t_in, text, guidance, img_ids, where, batch_units)
         v = base_velocity(transformer, x, t_in, text, residuals, guidance, img_ids).float()
         if cfg:
             v_uncond, v_cond = v.chunk(2)
@@ -186,30 +187,66 @@ def base_velocity(transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text
                        pooled_projections=text.pooled.to(**where), return_dict=False, **added)[0]
 
 
-def control_residuals(control: FlowControl, x: torch.Tensor, t: torch.Tensor, text: FlowText, guidance: float,
-                      img_ids: torch.Tensor | None, out: Mapping[str, Any]) -> Residuals:
-    """One unit's residuals (times its strength) for the batch ``x``, placed like ``out`` (``Tensor.to`` keyword
-    arguments). The condition's rows repeat to the batch (SD3's CFG batch: both halves controlled)."""
-    cn = control.controlnet
+def unit_residuals(active: Sequence[FlowControl], x: torch.Tensor, t: torch.Tensor, text: FlowText, guidance: float,
+                   img_ids: torch.Tensor | None, out: Mapping[str, Any], batch_units: bool = True) -> Residuals:
+    """The summed residuals of the ``active`` units for the batch ``x`` (B, ...), placed like ``out``.
+
+    With ``batch_units``, units sharing one ControlNet (a union ControlNet's (condition, mode) pairs) run as one
+    forward of K * B rows, [unit 1's B rows, unit 2's, ...], each row with its unit's condition, mode and strength;
+    the K chunks of each residual are then summed. Otherwise one forward per unit, as diffusers'
+    FluxMultiControlNetModel loops. The two agree to float rounding.
+    """
+    groups: dict[tuple[int, bool], list[FlowControl]] = {}  # same model and (for a union) all with a mode
+    for k, c in enumerate(active):
+        key = (id(c.controlnet), c.mode is None) if batch_units else (k, False)
+        groups.setdefault(key, []).append(c)
+    residuals = Residuals()  # nothing added: the plain base
+    for group in groups.values():
+        residuals = residuals + control_residuals(group, x, t, text, guidance, img_ids, out)
+    return residuals
+
+
+def control_residuals(controls: FlowControl | Sequence[FlowControl], x: torch.Tensor, t: torch.Tensor,
+                      text: FlowText, guidance: float, img_ids: torch.Tensor | None,
+                      out: Mapping[str, Any]) -> Residuals:
+    """The residuals (times the strengths) of one unit, or the sum of several units of one ControlNet run as one
+    forward, for the batch ``x``, placed like ``out`` (``Tensor.to`` keyword arguments). Each condition's rows repeat
+    to the batch (SD3's CFG batch: both halves controlled)."""
+    controls = [controls] if isinstance(controls, FlowControl) else list(controls)
+    cn, k = controls[0].controlnet, len(controls)
     where = placement(cn)
-    cond = control.condition.to(**where)
-    if cond.shape[0] != x.shape[0]:
-        if x.shape[0] % cond.shape[0]:
-            raise UserError(f"a condition of batch {cond.shape[0]} cannot be repeated to the batch of {x.shape[0]}")
-        cond = cond.repeat(x.shape[0] // cond.shape[0], *[1] * (cond.ndim - 1))
-    hidden, pooled = x.to(**where), text.pooled.to(**where)
+    cond = torch.cat([_rows(c.condition.to(**where), x.shape[0]) for c in controls])  # (K B, ...)
+    scale: float | torch.Tensor = controls[0].strength
+    mode: int | str | torch.Tensor | None = controls[0].mode
+    if k > 1:
+        scale = torch.tensor([c.strength for c in controls]).repeat_interleave(x.shape[0])  # (K B,)
+        if mode is not None:
+            indices = [union_mode_index(c.mode, cn.config.num_mode or 0) for c in controls]
+            mode = torch.tensor(indices).repeat_interleave(x.shape[0])
+    hidden, pooled = _rows(x.to(**where), k * x.shape[0]), _rows(text.pooled.to(**where), k * x.shape[0])
+    embeds, t = _rows(text.embeds.to(**where), k * x.shape[0]), _rows(t.to(where["device"]), k * x.shape[0])
     if cn.family == FLUX:
-        res = cn(hidden_states=hidden, timestep=t.to(where["device"]) / NUM_TRAIN_TIMESTEPS,
-                 encoder_hidden_states=text.embeds.to(**where), pooled_projections=pooled,
-                 img_ids=img_ids.to(**where), txt_ids=text.ids.to(**where), condition=cond, mode=control.mode,
-                 guidance=_guidance(cn.config, guidance, hidden), conditioning_scale=control.strength)
+        res = cn(hidden_states=hidden, timestep=t / NUM_TRAIN_TIMESTEPS, encoder_hidden_states=embeds,
+                 pooled_projections=pooled, img_ids=img_ids.to(**where), txt_ids=text.ids.to(**where), condition=cond,
+                 mode=mode, guidance=_guidance(cn.config, guidance, hidden), conditioning_scale=scale)
     else:
         c = cn.config
-        res = cn(hidden_states=hidden, timestep=t.to(where["device"]),
-                 encoder_hidden_states=text.embeds.to(**where) if c.joint_attention_dim is not None else None,
+        res = cn(hidden_states=hidden, timestep=t,
+                 encoder_hidden_states=embeds if c.joint_attention_dim is not None else None,
                  pooled_projections=torch.zeros_like(pooled) if c.force_zeros_for_pooled_projection else pooled,
-                 condition=cond, conditioning_scale=control.strength)
+                 condition=cond, conditioning_scale=scale)
+    if k > 1:  # (K B, ...) -> the sum of the K units' (B, ...)
+        res = res.map(lambda r: r.reshape(k, -1, *r.shape[1:]).sum(0))
     return res.to(**out) if where != dict(out) else res
+
+
+def _rows(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """``tensor``'s rows repeated to ``batch`` rows (a condition of batch 1 to the image batch, ...)."""
+    if tensor.shape[0] == batch:
+        return tensor
+    if batch % tensor.shape[0]:
+        raise UserError(f"a condition of batch {tensor.shape[0]} cannot be repeated to the batch of {batch}")
+    return tensor.repeat(batch // tensor.shape[0], *[1] * (tensor.ndim - 1))
 
 
 def _guidance(config: Any, guidance: float, x: torch.Tensor) -> torch.Tensor | None:

@@ -204,6 +204,15 @@ def latent_image_ids(height: int, width: int, device: torch.device | str = "cpu"
     return ids.reshape(height * width, 3)
 
 
+def scale_rows(residual: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """``residual`` (B, L, D) times a conditioning scale: one float, or (B,) one per row, multiplied in float32 as a
+    float scale is (so that a row scaled by s equals the whole batch scaled by s)."""
+    if not torch.is_tensor(scale):
+        return residual * scale
+    factor = scale.to(residual.device, torch.float32).reshape(-1, *[1] * (residual.ndim - 1))
+    return (residual * factor).to(residual.dtype)
+
+
 def union_mode_index(mode: int | str, num_mode: int) -> int:
     """The mode-embedding index of a union control mode given by name (:data:`FLUX_UNION_MODES`) or index."""
     if isinstance(mode, str):
@@ -508,7 +517,7 @@ class FluxControlNet(TransformerControlNet):
         condition: torch.Tensor,
         mode: int | str | torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
-        conditioning_scale: float = 1.0,
+        conditioning_scale: float | torch.Tensor = 1.0,
     ) -> Residuals:
         """Residuals for the locked Flux base.
 
@@ -520,6 +529,7 @@ class FluxControlNet(TransformerControlNet):
             condition: see :meth:`embed_condition`.
             mode: a union ControlNet's control mode (name, index, or (B,) indices).
             guidance: (B,) distilled guidance scale (FLUX.1-dev).
+            conditioning_scale: the residuals' factor, one for all rows or (B,) per row.
         """
         c = self.config
         tokens = self.embed_condition(condition)
@@ -545,8 +555,8 @@ class FluxControlNet(TransformerControlNet):
         for block in self.single_transformer_blocks:
             context, h = block(hidden_states=h, encoder_hidden_states=context, temb=temb, image_rotary_emb=rotary)
             single.append(h)
-        double = [z(s) * conditioning_scale for z, s in zip(self.controlnet_blocks, double)]
-        single = [z(s) * conditioning_scale for z, s in zip(self.controlnet_single_blocks, single)]
+        double = [scale_rows(z(s), conditioning_scale) for z, s in zip(self.controlnet_blocks, double)]
+        single = [scale_rows(z(s), conditioning_scale) for z, s in zip(self.controlnet_single_blocks, single)]
         return Residuals({**self.place(BLOCK, double), **self.place(SINGLE, single)})
 
     def _mode_token(self, mode: int | str | torch.Tensor | None, context: torch.Tensor,
@@ -652,7 +662,7 @@ class SD3ControlNet(TransformerControlNet):
         encoder_hidden_states: torch.Tensor | None,
         pooled_projections: torch.Tensor,
         condition: torch.Tensor,
-        conditioning_scale: float = 1.0,
+        conditioning_scale: float | torch.Tensor = 1.0,
     ) -> Residuals:
         """Residuals for the locked SD3 base.
 
@@ -662,6 +672,7 @@ class SD3ControlNet(TransformerControlNet):
             encoder_hidden_states: joint text embeddings (B, T, joint_attention_dim); unused by the SD3.5 layout.
             pooled_projections: (B, pooled_projection_dim); zeros where ``force_zeros_for_pooled_projection``.
             condition: VAE latents of the condition (B, C + extra_conditioning_channels, H, W).
+            conditioning_scale: the residuals' factor, one for all rows or (B,) per row.
         """
         if self.pos_embed is None:
             raise UserError("this SD3.5 ControlNet uses its base's patch embedding; load it with the base "
@@ -682,7 +693,7 @@ class SD3ControlNet(TransformerControlNet):
             for block in self.transformer_blocks:
                 h = block(h, temb)
                 samples.append(h)
-        residuals = [z(s) * conditioning_scale for z, s in zip(self.controlnet_blocks, samples)]
+        residuals = [scale_rows(z(s), conditioning_scale) for z, s in zip(self.controlnet_blocks, samples)]
         return Residuals(self.place(BLOCK, residuals))
 
 

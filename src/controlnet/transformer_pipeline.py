@@ -101,6 +101,7 @@ class TransformerPipeline:
         self.variant: str | None = None  # weights variant for hub ControlNets, as from_pretrained got it
         self.max_pixels: int | None = None  # largest output, pixels per image (controlnet.limits)
         self._controlnets: dict[str, TransformerControlNet] = {}
+        self.batch_units = True  # units sharing a ControlNet: one forward (controlnet.flow_sampling.unit_residuals)
 
     # ------------------------------------------------------------------------------------------- runtime
 
@@ -333,7 +334,7 @@ class TransformerPipeline:
             flux = self.family == FLUX
             out = sample(self.transformer, pack_latents(noise) if flux else noise, schedule, timesteps, text,
                          flow_controls, guidance, img_ids=latent_image_ids(h // 2, w // 2) if flux else None,
-                         progress=progress)
+                         progress=progress, batch_units=self.batch_units)
             if output_type == "latent":
                 return out
             images = self.decode(out, height, width)
