@@ -338,8 +338,15 @@ def test_bad_input_is_refused_in_one_line(flux, sd3):
 
 
 def test_benchmark_times_the_same_work():
-    from benchmarks.flow import timed_calls
+    from benchmarks.flow import FlowBench, timed_calls
 
-    calls, difference = timed_calls("flux", SIZE, 2)
-    assert difference == 0.0  # ours and diffusers' final latents, bit for bit
+    calls, outputs = timed_calls(FlowBench("flux", resolution=SIZE), 2)
     assert set(calls) == {"ours", "ours_1", "diffusers", "diffusers_1"}
+    calls["ours"](), calls["diffusers"]()
+    assert torch.equal(outputs["ours"], outputs["diffusers"])  # ours and diffusers' final latents, bit for bit
+    calls, outputs = timed_calls(FlowBench("flux", resolution=SIZE, union=2), 2)
+    assert set(calls) == {"ours", "ours_1", "ours_looped", "ours_looped_1", "diffusers", "diffusers_1"}
+    for name in ("ours", "ours_looped", "diffusers"):
+        calls[name]()
+    assert (outputs["ours"] - outputs["diffusers"]).abs().max() < TOL
+    assert torch.equal(outputs["ours_looped"], outputs["diffusers"])  # one forward per pair, as diffusers

@@ -1,9 +1,13 @@
-"""Tiny seeded Flux and SD3 bases for tests and benchmarks: transformer, 16-channel VAE, CLIP and T5 text encoders
+"""Seeded Flux and SD3 bases for tests and benchmarks: transformer, 16-channel VAE, CLIP and T5 text encoders
 with tokenizers built in code (no download), and the released scheduler configs.
 
 The layouts are the released ones at a size a CPU runs in milliseconds: FLUX.1's 16 latent channels packed 2x2
 into 64 token features, guidance embedding, CLIP pooled + T5 text; SD3's two CLIPs with projections + T5,
 2x2 patches. The VAE downsamples 8x like the real ones.
+
+``shape="real"`` gives the released widths instead (FLUX.1-dev's and SD3-medium's transformers, random weights) at a
+chosen depth, with one-layer text encoders of the released output widths: the per-step cost of the real models
+with fewer blocks.
 """
 
 from __future__ import annotations
@@ -33,6 +37,20 @@ TINY_FLUX = dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=3, nu
 TINY_SD3 = dict(sample_size=32, patch_size=2, in_channels=LATENT_CHANNELS, num_layers=4, attention_head_dim=8,
                 num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
                 out_channels=LATENT_CHANNELS)
+# The widths of black-forest-labs/FLUX.1-dev transformer/config.json (released depth: 19 double, 38 single blocks).
+REAL_FLUX = dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, attention_head_dim=128, num_attention_heads=24,
+                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+REAL_FLUX_DEPTH = (19, 38)
+# The widths of stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json (released depth: 24 blocks).
+REAL_SD3 = dict(sample_size=128, patch_size=2, in_channels=LATENT_CHANNELS, attention_head_dim=64,
+                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                pooled_projection_dim=2048, out_channels=LATENT_CHANNELS, pos_embed_max_size=192)
+REAL_SD3_DEPTH = 24
+# The hidden sizes of SD3's CLIP ViT-L/14 and OpenCLIP bigG/14 text encoders (their projections keep them: 768 +
+# 1280 = the 2048 pooled features); the tiny SD3's two CLIPs are 32 wide.
+REAL_SD3_CLIPS = (768, 1280)
+TINY_SD3_CLIPS = (32, 32)
+SHAPES = ("tiny", "real")
 
 
 def build_t5_tokenizer(words: tuple[str, ...] = WORDS):
@@ -44,12 +62,13 @@ def build_t5_tokenizer(words: tuple[str, ...] = WORDS):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=T5_TOKENS)
 
 
-def build_t5(vocab_size: int, width: int, seed: int):
+def build_t5(vocab_size: int, width: int, seed: int, layers: int = 2, d_ff: int | None = None):
+    """A T5 encoder of output width ``width`` (4 heads of 8 features; ``d_ff`` default 2 * width)."""
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=vocab_size, d_model=width, d_ff=2 * width, d_kv=8, num_layers=2, num_heads=4,
-                      relative_attention_num_buckets=8, dropout_rate=0.0)
+    config = T5Config(vocab_size=vocab_size, d_model=width, d_ff=d_ff or 2 * width, d_kv=8, num_layers=layers,
+                      num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0)
     return T5EncoderModel(config).eval()
 
 
@@ -74,34 +93,69 @@ def build_flow_vae(factors: dict[str, float], seed: int = 3, posterior_std: floa
     return vae
 
 
-def flux_components(seed: int = 0, posterior_std: float | None = None) -> dict[str, Any]:
-    """The components of diffusers' FluxPipeline (scheduler as its config)."""
+def _text_size(shape: str) -> dict[str, Any]:
+    """The text encoders' depth: the tiny bases' two layers, or one narrow-FFN layer at the real widths."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; use one of {', '.join(SHAPES)}")
+    return dict(layers=2, d_ff=None) if shape == "tiny" else dict(layers=1, d_ff=64)
+
+
+def flux_config(shape: str = "tiny", depth: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The FluxTransformer2DModel config of ``shape``; ``depth``: (double, single) blocks, default the shape's
+    (tiny: 3, 4; real: FLUX.1-dev's 19, 38)."""
+    _text_size(shape)
+    config = dict(TINY_FLUX) if shape == "tiny" else {**REAL_FLUX, "num_layers": REAL_FLUX_DEPTH[0],
+                                                      "num_single_layers": REAL_FLUX_DEPTH[1]}
+    if depth is not None:
+        config.update(num_layers=depth[0], num_single_layers=depth[1])
+    return config
+
+
+def sd3_config(shape: str = "tiny", depth: int | None = None) -> dict[str, Any]:
+    """The SD3Transformer2DModel config of ``shape``; ``depth``: joint blocks, default the shape's (tiny: 4;
+    real: SD3-medium's 24)."""
+    _text_size(shape)
+    config = dict(TINY_SD3) if shape == "tiny" else {**REAL_SD3, "num_layers": REAL_SD3_DEPTH}
+    if depth is not None:
+        config["num_layers"] = depth
+    return config
+
+
+def flux_components(seed: int = 0, posterior_std: float | None = None, shape: str = "tiny",
+                    depth: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The components of diffusers' FluxPipeline (scheduler as its config); ``shape``, ``depth``: :func:`flux_config`.
+    The CLIP's pooled output and T5's states have the transformer's pooled and joint attention widths."""
     from diffusers import FluxTransformer2DModel
 
+    config, text = flux_config(shape, depth), _text_size(shape)
     tok = build_tokenizer(list(WORDS), max_length=CLIP_TOKENS)
     t5_tok = build_t5_tokenizer()
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**TINY_FLUX).eval()
+    transformer = FluxTransformer2DModel(**config).eval()
     return dict(transformer=transformer, vae=build_flow_vae(FLUX_VAE_FACTORS, seed + 3, posterior_std),
-                text_encoder=build_text_encoder(len(tok), hidden_size=TINY_FLUX["pooled_projection_dim"],
-                                                max_positions=CLIP_TOKENS, seed=seed + 4),
-                tokenizer=tok, text_encoder_2=build_t5(len(t5_tok), TINY_FLUX["joint_attention_dim"], seed + 5),
+                text_encoder=build_text_encoder(len(tok), hidden_size=config["pooled_projection_dim"],
+                                                layers=text["layers"], max_positions=CLIP_TOKENS, seed=seed + 4),
+                tokenizer=tok, text_encoder_2=build_t5(len(t5_tok), config["joint_attention_dim"], seed + 5, **text),
                 tokenizer_2=t5_tok, scheduler_config=dict(FLUX_SCHEDULER))
 
 
-def sd3_components(seed: int = 0, posterior_std: float | None = None) -> dict[str, Any]:
-    """The components of diffusers' StableDiffusion3Pipeline (scheduler as its config)."""
+def sd3_components(seed: int = 0, posterior_std: float | None = None, shape: str = "tiny",
+                   depth: int | None = None) -> dict[str, Any]:
+    """The components of diffusers' StableDiffusion3Pipeline (scheduler as its config); ``shape``, ``depth``:
+    :func:`sd3_config`. The two CLIPs' projections add up to the pooled width, T5 has the joint attention width."""
     from diffusers import SD3Transformer2DModel
 
+    config, text = sd3_config(shape, depth), _text_size(shape)
     tok, tok_2, t5_tok = build_tokenizer(list(WORDS), CLIP_TOKENS), build_tokenizer(list(WORDS), CLIP_TOKENS), build_t5_tokenizer()
-    clip = dict(hidden_size=32, projection_dim=32, max_positions=CLIP_TOKENS)
+    widths = TINY_SD3_CLIPS if shape == "tiny" else REAL_SD3_CLIPS
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(**TINY_SD3).eval()
+    transformer = SD3Transformer2DModel(**config).eval()
+    clips = [build_text_encoder(len(tok), hidden_size=w, projection_dim=w, layers=text["layers"],
+                                max_positions=CLIP_TOKENS, seed=seed + s) for w, s in zip(widths, (4, 6))]
     return dict(transformer=transformer, vae=build_flow_vae(SD3_VAE_FACTORS, seed + 3, posterior_std),
-                text_encoder=build_text_encoder(len(tok), **clip, seed=seed + 4), tokenizer=tok,
-                text_encoder_2=build_text_encoder(len(tok_2), **clip, seed=seed + 6), tokenizer_2=tok_2,
-                text_encoder_3=build_t5(len(t5_tok), TINY_SD3["joint_attention_dim"], seed + 5), tokenizer_3=t5_tok,
-                scheduler_config=dict(SD3_SCHEDULER))
+                text_encoder=clips[0], tokenizer=tok, text_encoder_2=clips[1], tokenizer_2=tok_2,
+                text_encoder_3=build_t5(len(t5_tok), config["joint_attention_dim"], seed + 5, **text),
+                tokenizer_3=t5_tok, scheduler_config=dict(SD3_SCHEDULER))
 
 
 def diffusers_components(components: dict[str, Any]) -> dict[str, Any]:
