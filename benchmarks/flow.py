@@ -9,7 +9,7 @@ Configs (``--shape``):
   (double and single blocks, packed VAE latents; a union one has the 10-mode embedding). SD3: SD3-medium's (24 heads
   x 64 = 1536, T5 4096, pooled 2048, caption projection 1536, 2x2 patches of 16 channels, position embedding 192)
   and an SD3 ControlNet of that width. Depth is ``--depth``; the default, "real width, Flux base 1 double + 2
-  single blocks, ControlNet 1 + 1; SD3 base 4 blocks, ControlNet 2", is about 4.4 GB (Flux) / 2.5 GB (SD3) in
+  single blocks, ControlNet 1 + 1; SD3 base 4 blocks, ControlNet 2", is about 5 GB (Flux) / 2.6 GB (SD3) in
   fp32. Full depth is the same flag on a bigger machine: ``--depth 19 38 5 10`` (FLUX.1-dev with InstantX
   FLUX.1-dev-Controlnet-Union's 5 double + 10 single blocks; about 60 GB in fp32, 30 GB in bf16) or
   ``--depth 24 12`` (SD3-medium, a 12-block ControlNet; about 13 GB in fp32). The text encoders are one layer at the released output

@@ -1,6 +1,7 @@
 """Flow-matching generation with transformer ControlNets (Flux, SD3): whole generations against diffusers'
 FluxControlNetPipeline / StableDiffusion3ControlNetPipeline (oracles only) on the same tiny seeded components,
-the unit semantics (strength 0 and steps outside the range run nothing), the schedule, loading and refusals.
+the unit semantics (strength 0 and steps outside the range run nothing), units sharing one ControlNet batched into
+one forward (equal to one forward each), the schedule, loading and refusals.
 
 Both sides get the same seed: ours draws the starting noise from it, then the condition latents; diffusers' is
 given that noise as ``latents`` and the generator after it, so that its condition latents are drawn from the same
@@ -21,12 +22,14 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from controlnet.testing import trained_like
 from controlnet.errors import UserError
-from controlnet.flow_sampling import calculate_shift, flow_schedule
-from controlnet.transformer_controlnet import FLUX_UNION_MODES, FluxControlNet, SD3ControlNet, pack_latents
+from controlnet.flow_sampling import FlowControl, FlowText, calculate_shift, flow_schedule, unit_residuals
+from controlnet.transformer_controlnet import (FLUX_UNION_MODES, FluxControlNet, SD3ControlNet, latent_image_ids,
+                                               pack_latents)
 from controlnet.transformer_pipeline import TransformerPipeline, TransformerUnit, unpack_latents
 from controlnet.testing_flow import FLUX_SCHEDULER, diffusers_components, flux_components, sd3_components
 
 TOL = 1e-4
+BATCH_TOL = 1e-5  # units of one ControlNet batched into one forward vs one forward each
 SIZE = 64  # pixels: 8x8 latents, 4x4 Flux tokens / SD3 patches
 STEPS = 4
 PROMPT = "a red circle on blue"
@@ -75,6 +78,7 @@ FLUX_CASES = {
     "one": [(0.8, 0.0, 0.75)],
     "two": [(0.6, 0.0, 1.0), (1.0, 0.5, 1.0)],
     "union": [(0.7, 0.0, 0.75), (0.5, 0.25, 1.0)],
+    "union3": [(0.7, 0.0, 0.75), (0.5, 0.25, 1.0), (0.9, 0.0, 1.0)],
     "xlabs": [(0.9, 0.25, 1.0)],
 }
 
@@ -85,11 +89,12 @@ def test_flux_generation_matches_diffusers(flux, case):
     components = flux
     if case == "xlabs":  # XLabs' hint encoder: pixels in, 16 channels packed 2x2 into the 64 token features
         nets = [flux_controlnet(flux["transformer"], 11, num_single_layers=0, conditioning_embedding_channels=16)]
-    elif case == "union":
-        nets = [flux_controlnet(flux["transformer"], 12, num_mode=10)] * 2
+    elif case.startswith("union"):
+        nets = [flux_controlnet(flux["transformer"], 12, num_mode=10)] * len(settings)
     else:
         nets = [flux_controlnet(flux["transformer"], 13 + k) for k in range(len(settings))]
-    modes = ["canny", "depth"] if case == "union" else [None] * len(settings)
+    union = case.startswith("union")
+    modes = ["canny", "depth", "pose"][:len(settings)] if union else [None] * len(settings)
     conds = conditions(len(settings))
     units = [TransformerUnit(cn, c, s, a, b, mode) for cn, c, (s, a, b), mode in zip(nets, conds, settings, modes)]
     ours = TransformerPipeline(**components)(PROMPT, units, **COMMON)
@@ -99,7 +104,7 @@ def test_flux_generation_matches_diffusers(flux, case):
     multi = len(settings) > 1
     theirs = FluxControlNetPipeline(**diffusers_components(components), controlnet=refs if multi else refs[0])(
         PROMPT, control_image=[c * 2 - 1 for c in conds] if multi else conds[0] * 2 - 1,
-        control_mode=[FLUX_UNION_MODES.index(m) for m in modes] if case == "union" else None,
+        control_mode=[FLUX_UNION_MODES.index(m) for m in modes] if union else None,
         controlnet_conditioning_scale=[s for s, _, _ in settings] if multi else settings[0][0],
         control_guidance_start=[a for _, a, _ in settings] if multi else settings[0][1],
         control_guidance_end=[b for _, _, b in settings] if multi else settings[0][2],
@@ -202,6 +207,73 @@ def test_units_at_strength_zero_or_outside_their_range_are_not_run(flux):
     assert [c[0] for c in counts] == [0, 2, 1]
     without = pipe(PROMPT, units[1:], **COMMON)
     assert torch.equal(with_off, without)  # a unit that is not run leaves no trace, not even zeros
+
+
+def randn(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def max_difference(a, b) -> float:
+    assert a.locations() == b.locations()
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_flux_union_units_batched_equal_one_forward_each(flux, k):
+    base = flux["transformer"]
+    cn, other = flux_controlnet(base, 12, num_mode=10), flux_controlnet(base, 14)
+    x = randn(2, 16, 64, seed=1)  # two prompts, 4x4 packed tokens
+    text = FlowText(randn(2, 6, 32, seed=2), randn(2, 32, seed=3), torch.zeros(6, 3))
+    modes = ["canny", 2, "pose"][:k]  # a name and an index: both resolve to the embedding's row
+    units = [FlowControl(cn, randn(1, 16, 64, seed=10 + j), strength=0.4 + 0.3 * j, mode=m) for j, m in enumerate(modes)]
+    units.insert(1, FlowControl(other, randn(1, 16, 64, seed=9), strength=0.8))  # between the union's units
+    args = (x, torch.full((2,), 700.0), text, 3.5, latent_image_ids(4, 4), dict(device=torch.device("cpu"),
+                                                                                dtype=torch.float32))
+    calls = count_calls(cn)
+    batched = unit_residuals(units, *args, batch_units=True)
+    assert calls[0] == 1
+    looped = unit_residuals(units, *args, batch_units=False)
+    assert calls[0] == 1 + k
+    assert max_difference(batched, looped) <= BATCH_TOL
+    assert max_difference(batched, unit_residuals(units[1:2], *args)) > 1e-2  # the union's part acts
+
+
+def test_sd3_units_of_one_controlnet_batched_under_cfg_equal_one_forward_each(sd3):
+    cn = trained_like(SD3ControlNet.from_transformer(sd3["transformer"], 2), 21)
+    x = randn(2, 16, 8, 8, seed=1)  # CFG rows [uncond, cond]
+    text = FlowText(randn(2, 6, 64, seed=2), randn(2, 64, seed=3))
+    units = [FlowControl(cn, randn(1, 16, 8, 8, seed=10 + j), strength=s) for j, s in enumerate((0.6, 1.0, 0.3))]
+    args = (x, torch.full((2,), 500.0), text, 5.0, None, dict(device=torch.device("cpu"), dtype=torch.float32))
+    assert max_difference(unit_residuals(units, *args), unit_residuals(units, *args, batch_units=False)) <= BATCH_TOL
+
+
+def test_per_row_strength_and_mode_equal_one_row_each(flux):
+    cn = flux_controlnet(flux["transformer"], 12, num_mode=10)
+    x, cond = randn(2, 16, 64, seed=1), randn(2, 16, 64, seed=4)
+    per_row = dict(timestep=torch.full((2,), 0.6), encoder_hidden_states=randn(2, 6, 32, seed=2),
+                   pooled_projections=randn(2, 32, seed=3), guidance=torch.full((2,), 3.5))
+    shared = dict(img_ids=latent_image_ids(4, 4), txt_ids=torch.zeros(6, 3))
+    with torch.inference_mode():
+        both = cn(x, **per_row, **shared, condition=cond, mode=torch.tensor([0, 4]),
+                  conditioning_scale=torch.tensor([0.5, 2.0]))
+        rows = [cn(x[r:r + 1], **{k: v[r:r + 1] for k, v in per_row.items()}, **shared, condition=cond[r:r + 1],
+                   mode=m, conditioning_scale=s) for r, (m, s) in enumerate((("canny", 0.5), ("pose", 2.0)))]
+    for loc, r in both.tensors.items():
+        assert (r - torch.cat([rows[0].tensors[loc], rows[1].tensors[loc]])).abs().max() <= BATCH_TOL
+
+
+@pytest.mark.parametrize("case", ["union", "union3"])
+def test_union_generation_runs_one_forward_per_step_and_equals_the_loop(flux, case):
+    cn = flux_controlnet(flux["transformer"], 12, num_mode=10)
+    units = [TransformerUnit(cn, c, s, a, b, m) for c, (s, a, b), m in
+             zip(conditions(len(FLUX_CASES[case])), FLUX_CASES[case], ("canny", "depth", "pose"))]
+    pipe = TransformerPipeline(**flux)
+    calls = count_calls(cn)
+    batched = pipe(PROMPT, units, **COMMON)
+    assert calls[0] == STEPS  # every step has an active unit: one forward each
+    pipe.batch_units = False
+    assert (batched - pipe(PROMPT, units, **COMMON)).abs().max() <= BATCH_TOL
+    assert calls[0] > 2 * STEPS
 
 
 def test_schedule_is_diffusers_with_the_resolution_shift():
