@@ -409,6 +409,22 @@ def test_bad_input_is_refused_in_one_line(flux, sd3):
     assert "SD3/SD3.5 ControlNet" in one_line(err) and "FluxTransformer2DModel" in one_line(err)
 
 
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_real_width_components_fit_their_transformer(family):
+    """The released widths at the least depth: text encoders of the widths the transformer takes, a step runs."""
+    from controlnet.testing_flow import REAL_FLUX, REAL_SD3
+
+    components = flux_components(shape="real", depth=(0, 0)) if family == "flux" else sd3_components(shape="real", depth=1)
+    pipe = TransformerPipeline(**components)
+    text = pipe.encode_prompt([PROMPT], None, max_sequence_length=16)
+    widths = REAL_FLUX if family == "flux" else REAL_SD3
+    assert text.embeds.shape[-1] == widths["joint_attention_dim"] == 4096
+    assert text.pooled.shape == (1, widths["pooled_projection_dim"])
+    out = pipe(PROMPT, steps=1, height=SIZE, width=SIZE, guidance=1.0, seed=SEED, output_type="latent",
+               max_sequence_length=16)
+    assert out.shape == ((1, 16, 64) if family == "flux" else (1, 16, SIZE // 8, SIZE // 8))
+
+
 def test_benchmark_times_the_same_work():
     from benchmarks.flow import FlowBench, timed_calls
 

@@ -215,7 +215,8 @@ def control_residuals(controls: FlowControl | Sequence[FlowControl], x: torch.Te
     controls = [controls] if isinstance(controls, FlowControl) else list(controls)
     cn, k = controls[0].controlnet, len(controls)
     where = placement(cn)
-    cond = torch.cat([_rows(c.condition.to(**where), x.shape[0]) for c in controls])  # (K B, ...)
+    conds = [_rows(c.condition.to(**where), x.shape[0]) for c in controls]
+    cond = conds[0] if k == 1 else torch.cat(conds)  # (K B, ...)
     scale: float | torch.Tensor = controls[0].strength
     mode: int | str | torch.Tensor | None = controls[0].mode
     if k > 1:
