@@ -1,13 +1,9 @@
-"""Seeded Flux and SD3 bases for tests and benchmarks: transformer, 16-channel VAE, CLIP and T5 text encoders
+"""Tiny seeded Flux and SD3 bases for tests and benchmarks: transformer, 16-channel VAE, CLIP and T5 text encoders
 with tokenizers built in code (no download), and the released scheduler configs.
 
 The layouts are the released ones at a size a CPU runs in milliseconds: FLUX.1's 16 latent channels packed 2x2
 into 64 token features, guidance embedding, CLIP pooled + T5 text; SD3's two CLIPs with projections + T5,
 2x2 patches. The VAE downsamples 8x like the real ones.
-
-``shape="real"`` gives the released widths instead (FLUX.1-dev's and SD3-medium's transformers, random weights) at a
-chosen depth, with one-layer text encoders of the released output widths: the per-step cost of the real models
-with fewer blocks.
 """
 
 from __future__ import annotations
@@ -37,6 +33,8 @@ TINY_FLUX = dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=3, nu
 TINY_SD3 = dict(sample_size=32, patch_size=2, in_channels=LATENT_CHANNELS, num_layers=4, attention_head_dim=8,
                 num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
                 out_channels=LATENT_CHANNELS)
+# shape="real": the released widths (FLUX.1-dev's and SD3-medium's transformers, random weights) at a chosen depth,
+# with one-layer text encoders of the released output widths: the per-step cost of the real models, fewer blocks.
 # The widths of black-forest-labs/FLUX.1-dev transformer/config.json (released depth: 19 double, 38 single blocks).
 REAL_FLUX = dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, attention_head_dim=128, num_attention_heads=24,
                  joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56])
