@@ -451,3 +451,56 @@ def save_docs_screenshot(path: Path) -> None:
 
 if __name__ == "__main__":
     save_docs_screenshot(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/ui.png"))
+
+
+# --------------------------------------------------------------------------- a Flux base (the embedded tiny-flux)
+
+
+FLUX_SIZE = 128  # tiny-flux's native size
+
+
+@pytest.fixture(scope="module")
+def flux_backend(tmp_path_factory) -> ui.UiBackend:
+    return ui.create_backend(ui.UiConfig(base="tiny-flux", output_dir=str(tmp_path_factory.mktemp("ui-flux"))))
+
+
+def test_flux_base_gets_its_own_controlnets_sampler_and_no_negative_prompt(flux_backend):
+    from controlnet.embedded import embedded_base
+
+    assert flux_backend.is_flow and flux_backend.pipeline.family == "flux"
+    assert flux_backend.controlnet_choices() == ["fill"]  # tiny-flux's own, not the SD-layout bundled ones
+    assert flux_backend.controlnets["fill"] == embedded_base("tiny-flux") / "controlnets" / "fill"
+    assert flux_backend.scheduler_choices() == [ui.FLOW_SCHEDULER]
+    assert flux_backend.default_sampler() == (3.5, ui.FLOW_SCHEDULER) and flux_backend.default_size() == FLUX_SIZE
+    assert flux_backend.negative_prompt == ""
+
+
+def test_flux_page_generation_equals_the_pipeline_and_drives_progress(flux_backend):
+    from controlnet.generation_config import GenerationConfig
+    from controlnet.pipeline import ControlUnit
+
+    condition = circle_image(FLUX_SIZE)
+    unit = ui.UnitInput(True, "fill", "", condition, ui.NO_ANNOTATOR, "", 1.0, 0.0, 1.0)
+    fractions = []
+    outcome = flux_backend.generate(request(prompt="a red circle", steps=2, guidance=3.5, scheduler=ui.FLOW_SCHEDULER,
+                                            seed=5, width=FLUX_SIZE, height=FLUX_SIZE, units=[unit]),
+                                    progress=lambda frac, desc: fractions.append(frac))
+    assert outcome.ok, outcome.status
+    assert fractions == [0.0, 0.5, 1.0]
+    fill = str(flux_backend.controlnets["fill"])
+    direct = flux_backend.pipeline.generate("a red circle", [ControlUnit(fill, condition)],
+                                            GenerationConfig(steps=2, seed=5, size=(FLUX_SIZE, FLUX_SIZE)),
+                                            progress=False)
+    with Image.open(outcome.files[0]) as img:
+        assert img.size == (FLUX_SIZE, FLUX_SIZE)
+        assert np.array_equal(np.asarray(img.convert("RGB")), np.asarray(direct.images[0]))
+        assert json.loads(img.text["controlnets"])[0]["controlnet"] == fill
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(guess_mode=True), "--guess-mode is for UNet bases"),
+    (dict(negative_prompt="blurry"), "Flux is guidance-distilled"),
+])
+def test_flux_page_refuses_unet_settings_in_one_line(flux_backend, overrides, message):
+    outcome = flux_backend.generate(request(**{**dict(steps=1, width=FLUX_SIZE, height=FLUX_SIZE), **overrides}))
+    assert not outcome.ok and message in outcome.status and "\n" not in outcome.status

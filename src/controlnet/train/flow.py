@@ -41,9 +41,9 @@ DEFAULT_LAYERS = {FLUX: (4, 4), SD3: (12, 0)}
 
 def flow_family(base: str | Path | None) -> str | None:
     """"flux" or "sd3" when ``base`` is a Flux or SD3 diffusers folder (or hub repository), else None."""
-    from controlnet.commands.generate import base_family
+    from controlnet.loading import base_folder_family
 
-    family = base_family(None if base is None else str(base))
+    family = base_folder_family(None if base is None else str(base))
     return family if family in FLOW_FAMILIES else None
 
 
