@@ -355,7 +355,7 @@ class TransformerPipeline:
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, FlowInpaint | None]:
         """Image-to-image: the starting latents (the picture's latents noised to the first sigma that runs, a
         posterior sample drawn after the noise), the sigmas and timesteps that run, and with a mask the known
-        region (unpacked; Flux's packed by the caller)."""
+        region (for Flux packed like the image tokens; the starting latents are returned unpacked)."""
         from controlnet.img2img import latent_mask
 
         steps = len(timesteps)
@@ -422,9 +422,9 @@ class TransformerPipeline:
         it; ``latents`` are (B, C, h, w) (Flux's tokens unpacked). With a mask: inpainting (the unmasked pixels
         pasted back through the feathered mask; ``inpaint_full_res``: the mask's box, generated at the given size or
         with its short side at the base's native size, then pasted into the picture)."""
-        from controlnet.conditions import condition_to_pil, prepare_condition
         from PIL import Image
 
+        from controlnet.conditions import condition_to_pil, prepare_condition
         from controlnet.devices import DTYPE_NAMES
         from controlnet.img2img import load_source, only_masked, paste_back_all
         from controlnet.limits import check_output_size
