@@ -247,7 +247,7 @@ def test_family_defaults_replace_only_what_is_left_to_the_base():
     ("flux", ["--guess-mode"], "--guess-mode is for UNet bases"),
     ("sd3", ["--reuse-residuals", "2"], "--reuse-residuals is for UNet bases"),
     ("flux", ["--negative-prompt", "blur"], "Flux is guidance-distilled"),
-    ("flux", ["--init-image", "{a}/init.png", "--mask", "{a}/init.png"], "--mask: inpainting on Flux bases is not"),
+    ("flux", ["--mask", "{a}/init.png"], "--mask needs --init-image IMG"),
     ("sd3", ["--hires-scale", "2"], "--hires-scale: the hires fix on SD3 bases is not"),
     ("flux", ["--lora", "{a}/style.safetensors"], "--lora is not supported on Flux bases"),
     ("sd3", ["--clip-skip", "2"], "--clip-skip is not supported on SD3 bases"),

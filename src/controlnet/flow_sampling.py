@@ -11,6 +11,7 @@ FlowMatchEulerDiscreteScheduler does. :func:`sample`, top to bottom::
         v    = transformer(x_in, t_i, text, + r)       Flux: + the distilled guidance scale as an input
         v    = v_uncond + w (v_cond - v_uncond)        SD3 only (classifier-free guidance, one batch)
         x    = x + (σ_{i+1} - σ_i) v                   Euler step of the flow ODE
+        x    = (1 - m) x_known(σ_{i+1}) + m x          inpainting only: FlowInpaint.blend
 
 The unit semantics are the UNet sampler's (:mod:`controlnet.sampling`): a unit acts at step i of n iff
 ``in_step_range(start, end, i, n)`` and its strength is not zero; otherwise it is not run at all. Several units
@@ -77,6 +78,28 @@ class FlowControl:
         return acts(self.strength, self.start, self.end, step, num_steps)
 
 
+@dataclass
+class FlowInpaint:
+    """The known region of an inpainting (diffusers' FluxInpaintPipeline / StableDiffusion3InpaintPipeline): after
+    every Euler step, where ``mask`` is 0 the latents are reset to the init image's latents noised to the step's
+    next sigma with the starting ``noise`` (``scale_noise``: σ ε + (1 - σ) x_0), so only the masked region is
+    generated, in keeping with the rest.
+
+    ``image_latents`` and ``noise`` are shaped as the sampler's latents (Flux: packed tokens); ``mask`` (1 = repaint,
+    at latent resolution, packed like the tokens for Flux) broadcasts to them.
+    """
+
+    image_latents: torch.Tensor
+    noise: torch.Tensor
+    mask: torch.Tensor
+
+    def blend(self, latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``latents`` in the mask, the known latents at noise level ``sigma`` outside it."""
+        x0, noise, m = (t.to(latents.device, torch.float32) for t in (self.image_latents, self.noise, self.mask))
+        known = sigma * noise + (1 - sigma) * x0
+        return (1 - m) * known + m * latents
+
+
 def acts(strength: float, start: float, end: float, step: int, num_steps: int) -> bool:
     """Whether a unit of ``strength`` and step range [start, end] runs at step ``step`` of ``num_steps``."""
     return strength != 0 and in_step_range(start, end, step, num_steps)
@@ -126,7 +149,7 @@ def flux_sigmas(num_steps: int) -> list[float]:
 @torch.inference_mode()
 def sample(transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor,
            text: FlowText, controls: Sequence[FlowControl] = (), guidance: float = 3.5, *,
-           img_ids: torch.Tensor | None = None, progress: bool = False,
+           img_ids: torch.Tensor | None = None, inpaint: FlowInpaint | None = None, progress: bool = False,
            callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Euler integration of a flow-matching base from ``sigmas[0]`` to ``sigmas[-1]`` under summed ControlNet
     residuals: the loop of the module docstring.
@@ -139,6 +162,7 @@ def sample(transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, 
         controls: the ControlNet units; guidance: Flux's distilled guidance scale, or SD3's CFG weight
             (<= 1: one branch, no guidance).
         img_ids: Flux's image position ids (L, 3).
+        inpaint: the known region, blended in after every step (:class:`FlowInpaint`); None: no inpainting.
         progress: a tqdm bar over the steps; callback: called as ``callback(i, t, latents)`` after every step.
 
     Returns the final latents, float32, shaped as ``latents``.
@@ -167,6 +191,8 @@ def sample(transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, 
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + guidance * (v_cond - v_uncond)
         latents = latents + (sigmas[i + 1] - sigmas[i]) * v  # Euler
+        if inpaint is not None:
+            latents = inpaint.blend(latents, sigmas[i + 1])
         if callback is not None:
             callback(i, t, latents)
     return latents

@@ -291,10 +291,9 @@ class GenerationConfig:
         if defaults.label == "Flux" and self.negative_prompt:
             raise UserError("--negative-prompt: Flux is guidance-distilled and runs no CFG, so a negative prompt "
                             "has no effect; drop it (SD3 takes one)")
-        for flag, given in (("--mask", self.image.mask is not None), ("--hires-scale", self.hires is not None)):
-            if given:
-                raise UserError(f"{flag}: {'inpainting' if flag == '--mask' else 'the hires fix'} on {base} is not "
-                                "supported yet; use text-to-image or img2img (--init-image, --denoise)")
+        if self.hires is not None:
+            raise UserError(f"--hires-scale: the hires fix on {base} is not supported yet; use text-to-image, "
+                            "img2img (--init-image, --denoise) or inpainting (--mask)")
         if self.size is not None and any(side % FLOW_SIZE_MULTIPLE for side in self.size):
             width, height = (max(1, math.floor(side / FLOW_SIZE_MULTIPLE + 0.5)) * FLOW_SIZE_MULTIPLE  # halves up
                              for side in self.size)

@@ -35,12 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from controlnet import runtime
 from controlnet.errors import UserError
-from controlnet.flow_sampling import FlowControl, FlowText, acts, flow_schedule, flux_sigmas, sample
+from controlnet.flow_sampling import FlowControl, FlowInpaint, FlowText, acts, flow_schedule, flux_sigmas, sample
 from controlnet.devices import placement
 from controlnet.generation_config import FLOW_DEFAULTS, FLOW_SIZE_MULTIPLE, GenerationConfig
 from controlnet.pipeline import GenerationResult
@@ -283,8 +284,8 @@ class TransformerPipeline:
                  height: int | None = None, width: int | None = None, steps: int | None = None,
                  guidance: float | None = None, negative_prompt: str | Sequence[str] = "", seed: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                 init_image: Any = None, denoise: float = 1.0, max_sequence_length: int | None = None,
-                 output_type: str = "pil", progress: bool = False) -> Any:
+                 init_image: Any = None, denoise: float = 1.0, mask: Any = None, mask_blur: float = 0.0,
+                 max_sequence_length: int | None = None, output_type: str = "pil", progress: bool = False) -> Any:
         """Text-to-image (or image-to-image from ``init_image``) under ``controls``; returns PIL images ("pil"), a
         (B, 3, H, W) tensor in [0, 1] ("pt") or the final latents ("latent"; Flux: packed tokens, as diffusers'
         ``output_type="latent"``).
@@ -293,10 +294,16 @@ class TransformerPipeline:
         defaults to the first condition image's (or ``init_image``'s), else the base's default. ``latents``: the
         noise (B, C, h, w) instead of drawing it from ``generator`` / ``seed``. ``denoise``: with ``init_image``,
         the last round(denoise * steps) steps run, from the image's latents noised to their first sigma
-        (diffusers' ``scale_noise``); the units' step ranges are fractions of the steps that run.
+        (diffusers' ``scale_noise``); the units' step ranges are fractions of the steps that run. ``mask``: inpaint
+        ``init_image`` where the mask (of the output size: a PIL image, an (H, W) array, white / True / > 0.5 =
+        repaint, or a (1, 1, H, W) tensor) is set (:class:`controlnet.flow_sampling.FlowInpaint`); images (not
+        latents) come back with the unmasked pixels pasted back through the mask feathered over ``mask_blur`` px
+        (:func:`controlnet.img2img.feather`).
         """
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"unknown output type {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
+        if mask is not None and init_image is None:
+            raise UserError("a mask needs an init image to inpaint; pass init_image (--init-image IMG)")
         if not 0.0 < denoise <= 1.0:
             raise UserError(f"denoise must be in (0, 1], got {denoise}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -318,13 +325,10 @@ class TransformerPipeline:
             text = self.encode_prompt(prompts, negatives, max_sequence_length)
             noise = self._noise(len(prompts), height, width, generator, latents)
             schedule, timesteps = self.schedule(steps, height, width)
+            inpaint = None
             if init_image is not None:
-                first = steps - min(round_half_up(denoise * steps), steps)  # as controlnet.img2img.img2img_timesteps
-                if first == steps:
-                    raise UserError(f"denoise {denoise} runs no step of {steps}; raise --denoise or --steps")
-                image = self.encode_latents(condition_tensor(init_image, height, width), generator)
-                noise = schedule[first] * noise + (1 - schedule[first]) * image  # the forward flow to sigma_first
-                schedule, timesteps = schedule[first:], timesteps[first:]
+                noise, schedule, timesteps, inpaint = self._image_start(init_image, mask, noise, schedule, timesteps,
+                                                                        denoise, generator)
             n = len(timesteps)
             # A unit that never acts (strength 0, or no step in its range) is not encoded, nor run.
             flow_controls = [self._flow_control(u, height, width, generator) for u in controls
@@ -333,13 +337,41 @@ class TransformerPipeline:
             flux = self.family == FLUX
             out = sample(self.transformer, pack_latents(noise) if flux else noise, schedule, timesteps, text,
                          flow_controls, guidance, img_ids=latent_image_ids(h // 2, w // 2) if flux else None,
-                         progress=progress)
+                         inpaint=inpaint, progress=progress)
             if output_type == "latent":
                 return out
             images = self.decode(out, height, width)
+            if mask is not None:  # the unmasked pixels pasted back through the feathered mask
+                from controlnet.img2img import feather
+
+                weight = torch.from_numpy(feather(_mask_array(mask, height, width), mask_blur)).to(images)
+                images = condition_tensor(init_image, height, width).to(images) * (1 - weight) + images * weight
             return images if output_type == "pt" else [_to_pil(im) for im in images]
         finally:
             runtime.release(self._offload_hooks)  # offloaded models back to the CPU
+
+    def _image_start(self, init_image: Any, mask: Any, noise: torch.Tensor, schedule: torch.Tensor,
+                     timesteps: torch.Tensor, denoise: float, generator: torch.Generator | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, FlowInpaint | None]:
+        """Image-to-image: the starting latents (the picture's latents noised to the first sigma that runs, a
+        posterior sample drawn after the noise), the sigmas and timesteps that run, and with a mask the known
+        region (for Flux packed like the image tokens; the starting latents are returned unpacked)."""
+        from controlnet.img2img import latent_mask
+
+        steps = len(timesteps)
+        height, width = (side * self.vae_scale_factor for side in noise.shape[-2:])
+        first = steps - min(round_half_up(denoise * steps), steps)  # as controlnet.img2img.img2img_timesteps
+        if first == steps:
+            raise UserError(f"denoise {denoise} runs no step of {steps}; raise --denoise or --steps")
+        masked = None if mask is None else _mask_array(mask, height, width)
+        image = self.encode_latents(condition_tensor(init_image, height, width), generator).expand_as(noise)
+        start = schedule[first] * noise + (1 - schedule[first]) * image  # the forward flow to sigma_first
+        inpaint = None
+        if masked is not None:
+            m = latent_mask(masked, self.vae_scale_factor).repeat(noise.shape[0], noise.shape[1], 1, 1)  # (B, C, h, w)
+            pack = pack_latents if self.family == FLUX else (lambda x: x)
+            inpaint = FlowInpaint(pack(image.contiguous()), pack(noise), pack(m))
+        return start, schedule[first:], timesteps[first:], inpaint
 
     def schedule(self, steps: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The sigmas (steps + 1) and timesteps (steps) of a generation at this size (the shift ``mu`` depends
@@ -387,10 +419,14 @@ class TransformerPipeline:
 
         As on UNet bases: the conditions are resized by "cover, then centre-crop" (and annotated), image k uses
         seed + k, the init image is fitted to the output size, and the result carries the settings that reproduce
-        it; ``latents`` are (B, C, h, w) (Flux's tokens unpacked)."""
+        it; ``latents`` are (B, C, h, w) (Flux's tokens unpacked). With a mask: inpainting (the unmasked pixels
+        pasted back through the feathered mask; ``inpaint_full_res``: the mask's box, generated at the given size or
+        with its short side at the base's native size, then pasted into the picture)."""
+        from PIL import Image
+
         from controlnet.conditions import condition_to_pil, prepare_condition
         from controlnet.devices import DTYPE_NAMES
-        from controlnet.img2img import load_source
+        from controlnet.img2img import load_source, only_masked, paste_back_all
         from controlnet.limits import check_output_size
         from controlnet.settings import unit_settings
 
@@ -398,18 +434,30 @@ class TransformerPipeline:
         config = dataclasses.replace(config, image=dataclasses.replace(config.image)).check(self.family)
         seed = random.SystemRandom().randrange(2**31) if config.seed is None else config.seed
         image = config.image
-        source = load_source(image.init_image) if image.init_image is not None else None
-        width, height = self.output_size(config.size, controls, source)
+        source = None
+        if image.init_image is not None:
+            source = load_source(image.init_image, image.mask, image.mask_invert)
+        whole, box, cropped = source, None, list(controls)
+        if source is not None and image.inpaint_full_res:  # "only masked": the mask's box, its conditions cut
+            source, (width, height), box, cropped = only_masked(
+                source, image.inpaint_padding, cropped, lambda area: self._full_res_size(config.size, area))
+        else:
+            width, height = self.output_size(config.size, controls, source)
         check_output_size(width, height, self.max_pixels, device=str(placement(self.transformer)["device"]),
                           what="output size")
-        conditions = [prepare_condition(u.image, width, height, u.annotator, u.annotator_params) for u in controls]
-        units = [self._unit(u, condition, j) for j, (u, condition) in enumerate(zip(controls, conditions))]
-        init = None if source is None else torch.from_numpy(source.fit(width, height).image).permute(2, 0, 1)[None] / 255.0
+        conditions = [prepare_condition(u.image, width, height, u.annotator, u.annotator_params) for u in cropped]
+        units = [self._unit(u, condition, j) for j, (u, condition) in enumerate(zip(cropped, conditions))]
+        source = None if source is None else source.fit(width, height)
+        init = None if source is None else torch.from_numpy(source.image).permute(2, 0, 1)[None] / 255.0
         outputs = [self(prompt, units, height=height, width=width, steps=config.steps, guidance=config.guidance,
                         negative_prompt=config.negative_prompt, seed=seed + k, init_image=init,
-                        denoise=image.strength, output_type="latent", progress=progress)
+                        mask=None if source is None else source.mask, denoise=image.strength, output_type="latent",
+                        progress=progress)
                    for k in range(config.num_images)]  # one at a time: image k alone is seed + k's
-        images = [_to_pil(self.decode(out, height, width)[0]) for out in outputs]
+        arrays = [np.asarray(_to_pil(self.decode(out, height, width)[0])) for out in outputs]
+        if source is not None and source.mask is not None:  # the unmasked pixels pasted back
+            arrays = paste_back_all(arrays, source, image.mask_blur, whole, box)
+        images = [Image.fromarray(a) for a in arrays]
         latents = torch.cat(outputs)
         if self.family == FLUX:
             latents = unpack_latents(latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -439,6 +487,17 @@ class TransformerPipeline:
             width = height = self.default_size
         self.check_size(height, width)
         return width, height
+
+    def _full_res_size(self, size: tuple[int, int] | None, area: np.ndarray) -> tuple[int, int]:
+        """(width, height) of an "only masked" generation of ``area`` (an array of the box's shape): ``size``, else
+        the box's aspect ratio with its short side at :attr:`native_size` (as on UNet bases)."""
+        from controlnet.conditions import round_size
+
+        if size is None:
+            h, w = area.shape[:2]
+            scale = self.native_size / min(h, w)
+            size = round_size(w * scale, h * scale, FLOW_SIZE_MULTIPLE)
+        return self.output_size(size)
 
     @property
     def native_size(self) -> int:
@@ -498,6 +557,15 @@ def condition_tensor(image: Any, height: int, width: int) -> torch.Tensor:
         return tensor.float()
     processor = VaeImageProcessor(do_normalize=False)
     return processor.preprocess(_pil(image), height=height, width=width).float()
+
+
+def _mask_array(mask: Any, height: int, width: int) -> np.ndarray:
+    """An inpainting mask as a (height, width) bool array, True = repaint (one line for another size)."""
+    from controlnet.annotators.inputs import load_mask
+
+    if torch.is_tensor(mask):
+        mask = mask.detach().float().cpu().numpy().reshape(mask.shape[-2:])
+    return load_mask(mask, (height, width), name="mask")
 
 
 def flow_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
