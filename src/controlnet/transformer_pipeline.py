@@ -26,11 +26,12 @@ and their pooled projections side by side; the negative prompt ("" by default) g
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,7 +286,8 @@ class TransformerPipeline:
                  guidance: float | None = None, negative_prompt: str | Sequence[str] = "", seed: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  init_image: Any = None, denoise: float = 1.0, mask: Any = None, mask_blur: float = 0.0,
-                 max_sequence_length: int | None = None, output_type: str = "pil", progress: bool = False) -> Any:
+                 max_sequence_length: int | None = None, output_type: str = "pil", progress: bool = False,
+                 callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> Any:
         """Text-to-image (or image-to-image from ``init_image``) under ``controls``; returns PIL images ("pil"), a
         (B, 3, H, W) tensor in [0, 1] ("pt") or the final latents ("latent"; Flux: packed tokens, as diffusers'
         ``output_type="latent"``).
@@ -298,7 +300,7 @@ class TransformerPipeline:
         ``init_image`` where the mask (of the output size: a PIL image, an (H, W) array, white / True / > 0.5 =
         repaint, or a (1, 1, H, W) tensor) is set (:class:`controlnet.flow_sampling.FlowInpaint`); images (not
         latents) come back with the unmasked pixels pasted back through the mask feathered over ``mask_blur`` px
-        (:func:`controlnet.img2img.feather`).
+        (:func:`controlnet.img2img.feather`). ``callback(i, t, latents)`` runs after every step.
         """
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"unknown output type {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
@@ -337,7 +339,7 @@ class TransformerPipeline:
             flux = self.family == FLUX
             out = sample(self.transformer, pack_latents(noise) if flux else noise, schedule, timesteps, text,
                          flow_controls, guidance, img_ids=latent_image_ids(h // 2, w // 2) if flux else None,
-                         inpaint=inpaint, progress=progress)
+                         inpaint=inpaint, progress=progress, callback=callback)
             if output_type == "latent":
                 return out
             images = self.decode(out, height, width)
@@ -412,7 +414,8 @@ class TransformerPipeline:
     # ------------------------------------------------------------------------------------------- GenerationConfig
 
     def generate(self, prompt: str, controls: Sequence[Any] = (), config: GenerationConfig | None = None, *,
-                 progress: bool = True) -> GenerationResult:
+                 progress: bool = True,
+                 callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> GenerationResult:
         """``controlnet generate`` on this base: ``controls`` are :class:`controlnet.pipeline.ControlUnit` s (a
         ControlNet path or hub id, a condition image, its annotator; a union ControlNet's mode as its
         ``control_type``), ``config`` a :class:`GenerationConfig` (checked with this family's rules and defaults).
@@ -421,7 +424,8 @@ class TransformerPipeline:
         seed + k, the init image is fitted to the output size, and the result carries the settings that reproduce
         it; ``latents`` are (B, C, h, w) (Flux's tokens unpacked). With a mask: inpainting (the unmasked pixels
         pasted back through the feathered mask; ``inpaint_full_res``: the mask's box, generated at the given size or
-        with its short side at the base's native size, then pasted into the picture)."""
+        with its short side at the base's native size, then pasted into the picture). ``callback(i, t, latents)``
+        runs after every step, ``i`` counting on across the images (one sampling run per image)."""
         from PIL import Image
 
         from controlnet.conditions import condition_to_pil, prepare_condition
@@ -449,10 +453,12 @@ class TransformerPipeline:
         units = [self._unit(u, condition, j) for j, (u, condition) in enumerate(zip(cropped, conditions))]
         source = None if source is None else source.fit(width, height)
         init = None if source is None else torch.from_numpy(source.image).permute(2, 0, 1)[None] / 255.0
+        counter = itertools.count()
+        step_callback = None if callback is None else (lambda i, t, x: callback(next(counter), t, x))
         outputs = [self(prompt, units, height=height, width=width, steps=config.steps, guidance=config.guidance,
                         negative_prompt=config.negative_prompt, seed=seed + k, init_image=init,
                         mask=None if source is None else source.mask, denoise=image.strength, output_type="latent",
-                        progress=progress)
+                        progress=progress, callback=step_callback)
                    for k in range(config.num_images)]  # one at a time: image k alone is seed + k's
         arrays = [np.asarray(_to_pil(self.decode(out, height, width)[0])) for out in outputs]
         if source is not None and source.mask is not None:  # the unmasked pixels pasted back

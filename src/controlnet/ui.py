@@ -377,8 +377,11 @@ class UiBackend:
             self._check_time_budget(kwargs)
             if progress is not None:
                 progress(0.0, "starting")
+            # A Flux or SD3 base samples the images one after another: the callback counts all their steps.
+            steps = config.steps * config.num_images if self.is_flow else config.steps
             with self._lock, self._bounded_prompt_loras() as used_loras:
-                callback = self._with_deadline(self._step_callback(progress, config.steps), kwargs)
+                pace_of = dict(kwargs, steps=steps, num_images=1) if self.is_flow else kwargs  # one image a step
+                callback = self._with_deadline(self._step_callback(progress, steps), pace_of)
                 if self.is_flow:  # TransformerPipeline.generate: the config as it is (checked for its family)
                     result = self.pipeline.generate(request.prompt or "", controls, config, progress=False,
                                                     callback=callback)
