@@ -233,6 +233,21 @@ def test_cli_converts_a_single_file_to_a_diffusers_folder(tmp_path):
         assert torch.equal(again.state_dict()[k], v), k
 
 
+def test_info_describes_a_qwen_image_controlnet(tmp_path, capsys):
+    from controlnet.cli import main
+
+    ref = diffusers_qwen(QwenImageControlNet.from_transformer(qwen_base(), 2))
+    ref.save_pretrained(tmp_path / "folder")
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "bare.safetensors"))
+    for path in (tmp_path / "folder", tmp_path / "bare.safetensors"):
+        capsys.readouterr()
+        assert main(["info", str(path)]) == 0
+        lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines())
+        assert lines["family"] == "qwenimage-controlnet, a Qwen-Image ControlNet (diffusers layout)"
+        assert lines["base"] == "qwenimage" and lines["layers"] == "2 double-stream blocks"
+        assert lines["parameters"] == str(sum(p.numel() for p in ref.parameters()))
+
+
 # --------------------------------------------------------------------------------------------- refusals
 
 

@@ -707,8 +707,8 @@ def build_transformer_controlnet(config: TransformerControlNetConfig) -> Transfo
 
 # --------------------------------------------------------------------------------------------- Qwen-Image
 
-# Qwen-Image's rotary frequency base and norm epsilon (diffusers QwenImageTransformer2DModel: QwenEmbedRope(theta=10000),
-# RMSNorm(joint_attention_dim, eps=1e-6)).
+# Qwen-Image's rotary frequency base and norm epsilon (diffusers QwenImageTransformer2DModel:
+# QwenEmbedRope(theta=10000), RMSNorm(joint_attention_dim, eps=1e-6)).
 QWEN_ROPE_THETA = 10000
 QWEN_NORM_EPS = 1e-6
 # Qwen-Image's rotary axes for its 128-wide heads (Qwen/Qwen-Image transformer/config.json `axes_dims_rope`).
@@ -806,7 +806,8 @@ class QwenImageControlNet(TransformerControlNet):
         tokens' (4 for inpainting: a mask channel packed 2x2)."""
         b = base.config
         if base_family(base) != QWEN:
-            raise UserError(f"QwenImageControlNet.from_transformer needs a QwenImageTransformer2DModel, got {type(base).__name__}")
+            raise UserError("QwenImageControlNet.from_transformer needs a QwenImageTransformer2DModel, got "
+                            f"{type(base).__name__}")
         options = [name for name in QWEN_UNSUPPORTED_OPTIONS if b.get(name)]
         if options:
             raise UserError(f"the base sets {', '.join(options)} (a Qwen-Image edit or layered variant); a Qwen-Image "
@@ -821,16 +822,14 @@ class QwenImageControlNet(TransformerControlNet):
         )
         with torch.device("meta"):
             cn = cls(config)
-        cn._adopt(base, ("pos_embed", "time_text_embed", "txt_norm", "img_in", "txt_in"), {"transformer_blocks": num_layers})
+        cn._adopt(base, ("pos_embed", "time_text_embed", "txt_norm", "img_in", "txt_in"),
+                  {"transformer_blocks": num_layers})
         for name, module in cn._new().items():
             setattr(cn, name, module)
         parameter = next(base.parameters())
         return cn.requires_grad_(True).to(device=parameter.device, dtype=parameter.dtype)
 
-    def _base_depths(self) -> dict[str, int]:
-        if self.config.base_num_layers is None:
-            raise self._missing_base()
-        return {BLOCK: self.config.base_num_layers}
+    _base_depths = SD3ControlNet._base_depths  # one list of blocks, as SD3's
 
     def forward(
         self,

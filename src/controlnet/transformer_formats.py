@@ -255,6 +255,18 @@ def _shape(sd: Mapping[str, torch.Tensor], key: str, name: str) -> tuple[int, ..
     return tuple(sd[key].shape)
 
 
+def _rope_axes(base: Any, head: int, released_head: int, released_axes: tuple[int, ...], name: str) -> tuple[int, ...]:
+    """The rotary axes of ``head``-wide attention heads: the base's, else the released model's when its heads are
+    ``released_head`` wide; shapes cannot tell them."""
+    axes = config_get(base_config(base), "axes_dims_rope")
+    if axes is not None:
+        return tuple(axes)
+    if head != released_head:
+        raise UserError(f"{name}: cannot tell the rotary axes of {head}-wide heads from the file; load it with its "
+                        "base (base=...) or pass its config")
+    return released_axes
+
+
 def infer_flux_config(sd: Mapping[str, torch.Tensor], name: str = "state dict", base: Any = None) -> FluxControlNetConfig:
     """The config of a diffusers-layout Flux ControlNet state dict, from its shapes; the rotary axes (which
     shapes cannot tell) from ``base`` (a FluxTransformer2DModel or its config), else FLUX.1's."""
@@ -262,13 +274,7 @@ def infer_flux_config(sd: Mapping[str, torch.Tensor], name: str = "state dict", 
     layers, singles = _indices(sd, "transformer_blocks."), _indices(sd, "single_transformer_blocks.")
     norm = "transformer_blocks.0.attn.norm_q.weight" if layers else "single_transformer_blocks.0.attn.norm_q.weight"
     head = _shape(sd, norm, name)[0]
-    b = base_config(base)
-    axes = config_get(b, "axes_dims_rope")
-    if axes is None:
-        if head != FLUX1_HEAD_DIM:
-            raise UserError(f"{name}: cannot tell the rotary axes of {head}-wide heads from the file; load it with its "
-                            "base (base=...) or pass its config")
-        axes = FLUX1_AXES_DIMS_ROPE
+    axes = _rope_axes(base, head, FLUX1_HEAD_DIM, FLUX1_AXES_DIMS_ROPE, name)
     hint = sd.get("input_hint_block.conv_out.weight")
     hint_channels = None if hint is None else hint.shape[0]
     patch = math.isqrt(in_channels // hint_channels) if hint_channels else 1
@@ -323,7 +329,8 @@ def infer_sd3_config(sd: Mapping[str, torch.Tensor], name: str = "state dict", b
         raise UserError(f"{name}: {err} (inferred from the tensor shapes); pass its config") from None
 
 
-def infer_qwen_config(sd: Mapping[str, torch.Tensor], name: str = "state dict", base: Any = None) -> QwenImageControlNetConfig:
+def infer_qwen_config(sd: Mapping[str, torch.Tensor], name: str = "state dict",
+                      base: Any = None) -> QwenImageControlNetConfig:
     """The config of a diffusers-layout Qwen-Image ControlNet state dict, from its shapes; the rotary axes, patch size
     and output channels (which shapes cannot tell) from ``base`` (a QwenImageTransformer2DModel or its config),
     else Qwen-Image's."""
@@ -331,17 +338,13 @@ def infer_qwen_config(sd: Mapping[str, torch.Tensor], name: str = "state dict", 
     cond_channels = _shape(sd, "controlnet_x_embedder.weight", name)[1]
     layers = _indices(sd, "transformer_blocks.")
     head = _shape(sd, "transformer_blocks.0.attn.norm_q.weight", name)[0]
+    axes = _rope_axes(base, head, QWEN_HEAD_DIM, QWEN_AXES_DIMS_ROPE, name)
     b = base_config(base)
-    axes = config_get(b, "axes_dims_rope")
-    if axes is None:
-        if head != QWEN_HEAD_DIM:
-            raise UserError(f"{name}: cannot tell the rotary axes of {head}-wide heads from the file; load it with its "
-                            "base (base=...) or pass its config")
-        axes = QWEN_AXES_DIMS_ROPE
     patch = config_get(b, "patch_size", QWEN_PATCH_SIZE)
     try:
         return QwenImageControlNetConfig(
-            patch_size=patch, in_channels=in_channels, out_channels=config_get(b, "out_channels", in_channels // patch ** 2),
+            patch_size=patch, in_channels=in_channels,
+            out_channels=config_get(b, "out_channels", in_channels // patch ** 2),
             num_layers=len(layers), attention_head_dim=head, num_attention_heads=inner // head,
             joint_attention_dim=_shape(sd, "txt_in.weight", name)[1], axes_dims_rope=tuple(axes),
             extra_condition_channels=cond_channels - in_channels,
@@ -352,8 +355,8 @@ def infer_qwen_config(sd: Mapping[str, torch.Tensor], name: str = "state dict", 
 
 def config_from_dict(config: Mapping[str, Any], source: str = "config",
                      family: str | None = None) -> TransformerControlNetConfig:
-    """A Flux, SD3 or Qwen-Image ControlNet config from a config.json dict, by its ``_class_name`` (``family`` where it has
-    none, as a diffusers model's ``.config``)."""
+    """A Flux, SD3 or Qwen-Image ControlNet config from a config.json dict, by its ``_class_name`` (``family``
+    where it has none, as a diffusers model's ``.config``)."""
     class_name = config.get("_class_name") or (CLASS_NAMES[family] if family else None)
     if class_name == CLASS_NAMES[FLUX]:
         return FluxControlNetConfig.from_dict(config)
@@ -362,7 +365,8 @@ def config_from_dict(config: Mapping[str, Any], source: str = "config",
     if class_name == CLASS_NAMES[QWEN]:
         return QwenImageControlNetConfig.from_dict(config)
     if class_name in ("ControlNetModel", "ControlNetLiteModel", "ControlNetUnionModel", "ControlNetXSAdapter"):
-        raise UserError(f"{source} describes a {class_name}, a UNet ControlNet, not one for a Flux, SD3 or Qwen-Image transformer")
+        raise UserError(f"{source} describes a {class_name}, a UNet ControlNet, not one for a Flux, SD3 or "
+                        "Qwen-Image transformer")
     raise UserError(f"{source} describes a {class_name}, not a FluxControlNetModel, SD3ControlNetModel or "
                     "QwenImageControlNetModel")
 
@@ -445,8 +449,9 @@ def _read_folder(path: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def is_transformer_controlnet(path: str | Path) -> bool:
-    """Whether ``path`` holds a Flux, SD3 or Qwen-Image ControlNet: a folder whose config.json names one, or a .safetensors
-    file with their keys (read from the header only). False for anything else, including what does not exist."""
+    """Whether ``path`` holds a Flux, SD3 or Qwen-Image ControlNet: a folder whose config.json names one, or a
+    .safetensors file with their keys (read from the header only). False for anything else, including what does not
+    exist."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path).expanduser()
