@@ -163,8 +163,8 @@ def _describe_transformer(sd: Mapping[str, Any], config: Mapping[str, Any], name
                                else "one condition image")
     else:
         native, control_type = stability_to_diffusers(sd, name) if layout == "stability" else (sd, None)
-        kind = "double-stream" if family == "qwenimage" else "joint"
-        lines["layers"] = f"{_blocks(native, 'transformer_blocks.')} {kind} blocks"
+        block_kind = "double-stream" if family == "qwenimage" else "joint"
+        lines["layers"] = f"{_blocks(native, 'transformer_blocks.')} {block_kind} blocks"
         control_type = config.get("control_type", control_type)
         kind = SD35_CONTROL_TYPES.get(control_type) if control_type is not None else None
         lines["conditions"] = f"one condition image{f' ({kind})' if kind else ''}"
