@@ -62,7 +62,8 @@ def test_cached_condition_latents_give_the_uncached_conditions_and_losses_bit_fo
 
     config = _config(assets, family, tmp_path / "out")
     pipe = TransformerPipeline.from_pretrained(assets / family, dtype=torch.float32)
-    store, manifest, encoders = CacheStore(tmp_path / "cache"), read_manifest(assets / "data"), flow_encoders(pipe, config)
+    store, manifest = CacheStore(tmp_path / "cache"), read_manifest(assets / "data")
+    encoders = flow_encoders(pipe, config)
     cached = prepare_examples(manifest, store, encoders, R, hflip=True, condition_latents=True)
     plain = prepare_examples(manifest, store, encoders, R, hflip=True)
     assert cached.stats.condition_latents_encoded == 8 and plain.stats.condition_latents_encoded == 0
@@ -128,7 +129,8 @@ def test_condition_latents_are_the_conditions_encoded_and_keyed_by_vae_resolutio
     first = prepare_examples(manifest, store, annotator("invert"), R, condition_latents=True)
     second = prepare_examples(manifest, store, annotator("invert-v2"), R, condition_latents=True)
     assert second.stats.condition_latents_cached == 0
-    assert not {ex.condition_latent_keys for ex in first.examples} & {ex.condition_latent_keys for ex in second.examples}
+    assert not {k for ex in first.examples for k in ex.condition_latent_keys} & {
+        k for ex in second.examples for k in ex.condition_latent_keys}
 
 
 def test_training_caches_the_conditions_of_latent_controlnets_only(assets, tmp_path):

@@ -283,9 +283,9 @@ def prepare_examples(
     progress: bool = False,
     condition_latents: bool = False,
 ) -> Preparation:
-    """Make sure every example's latents (both orientations with ``hflip``), text embedding and condition are in
-    ``store``; compute only what is missing. Rows whose files cannot be decoded are skipped. ``condition_latents``:
-    the condition's VAE posterior too (both orientations with ``hflip``), :func:`cache_condition_latents`.
+    """Make sure every example's latents (both orientations with ``hflip``), text embedding and condition (with
+    ``condition_latents``, its VAE posteriors too: :func:`cache_condition_latents`) are in ``store``; compute only
+    what is missing. Rows whose files cannot be decoded are skipped.
 
     With several processes, each prepares every ``world_size``-th example (starting at ``rank``) and ``gather``
     (e.g. ``accelerate.utils.gather_object``) collects the results, so all processes return the same lists.
@@ -345,14 +345,19 @@ def prepare_examples(
     _cache_prompts(prompts_needed, store, encoders, stats, batch_size)
 
     if gather is not None and world_size > 1:
-        gathered = gather([(records, stats, resized)])
-        records = [r for part, _, _ in gathered for r in part]
-        stats = CacheStats.total(s for _, s, _ in gathered)
-        resized = [r for _, _, part in gathered for r in part]
+        records, stats, resized = _gathered(gather, records, stats, resized)
     records.sort(key=lambda r: r[0])
     prepared = [r for _, r in records if isinstance(r, PreparedExample)]
     skipped = [r for _, r in records if isinstance(r, SkippedRow)]
     return Preparation(prepared, skipped, stats, resized, text_key(encoders.text_id, EMPTY_PROMPT))
+
+
+def _gathered(gather: Callable[[list[Any]], list[Any]], records: list[tuple[int, Any]], stats: CacheStats,
+              resized: list[str]) -> tuple[list[tuple[int, Any]], CacheStats, list[str]]:
+    """Every process's records, stats and resized conditions, collected by ``gather``."""
+    gathered = gather([(records, stats, resized)])
+    return ([r for part, _, _ in gathered for r in part], CacheStats.total(s for _, s, _ in gathered),
+            [r for _, _, part in gathered for r in part])
 
 
 def _encode_latents(pending: list[tuple[str, torch.Tensor]], store: CacheStore, encoders: Encoders,
