@@ -21,7 +21,8 @@ killed run leaves no half-written entry and the processes of a distributed run m
 
     CACHE/latents/xx/KEY.safetensors     {"params": (2C, h, w)} the VAE's latent distribution (mean and
                                          log-variance: diffusers' DiagonalGaussianDistribution.parameters);
-                                         a training step samples it, as the original's encode_first_stage does
+                                         a training step samples it, as the original's encode_first_stage does;
+                                         for Flux and SD3 ControlNets, the conditions' too
     CACHE/text/xx/KEY.safetensors        {"hidden": (L, D)} and, for SDXL, {"pooled": (D2,)}
     CACHE/conditions/xx/KEY.png          the condition at the training resolution, RGB uint8
 """
@@ -117,6 +118,8 @@ class CacheStats:
     prompts_cached: int = 0
     conditions_made: int = 0  # conditions resized (or annotated) and stored
     conditions_cached: int = 0
+    condition_latents_encoded: int = 0  # VAE encodings of conditions (Flux, SD3: one per condition and flip)
+    condition_latents_cached: int = 0
 
     def __add__(self, other: "CacheStats") -> "CacheStats":
         return CacheStats(**{k: v + getattr(other, k) for k, v in asdict(self).items()})

@@ -8,10 +8,11 @@ resume and data parallelism are the UNet trainer's.
   :meth:`~controlnet.transformer_controlnet.SD3ControlNet.from_transformer` (``--controlnet-layers``,
   ``--controlnet-single-layers``; defaults :data:`DEFAULT_LAYERS`), or ``--init`` checked against the base.
 * **Caches**: image latents as for UNets (the VAE's posterior); text embeddings as the family encodes them (Flux:
-  T5 + CLIP pooled; SD3: CLIP + T5 joint + both pooled), keyed by the family and the encoders.
-* **Objective**: :class:`controlnet.train.objective.FlowMatchingObjective`; the condition image is encoded by
-  the sampler's own :meth:`~controlnet.transformer_pipeline.TransformerPipeline.encode_condition`, so the VAE
-  stays loaded during training.
+  T5 + CLIP pooled; SD3: CLIP + T5 joint + both pooled), keyed by the family and the encoders; the conditions'
+  VAE posteriors, for ControlNets that take latents (:func:`caches_condition_latents`).
+* **Objective**: :class:`controlnet.train.objective.FlowMatchingObjective`; a cached condition posterior is sampled
+  and scaled as the sampler's own :meth:`~controlnet.transformer_pipeline.TransformerPipeline.encode_condition`
+  does; an XLabs ControlNet's condition pixels go through that method.
 * **Output**: OUT/controlnet in diffusers' layout (:func:`controlnet.transformer_formats.save_transformer_controlnet`),
   which ``controlnet generate --base <the same base> --controlnet OUT/controlnet`` loads.
 """
@@ -211,6 +212,13 @@ def flow_encoders(pipe: Any, config: TrainConfig) -> Encoders:
     )
 
 
+def caches_condition_latents(base: Any, controlnet: torch.nn.Module) -> bool:
+    """Whether training caches the conditions' VAE posteriors: on a Flux or SD3 base, for a ControlNet that takes
+    the condition's latents (InstantX / diffusers layout); XLabs' hint encoder takes the pixels
+    (:meth:`~controlnet.transformer_pipeline.TransformerPipeline.encode_condition`)."""
+    return is_flow_pipeline(base) and getattr(controlnet, "input_hint_block", None) is None
+
+
 def flow_objective(config: TrainConfig, pipe: Any, base_dtype: torch.dtype) -> FlowMatchingObjective:
     """The flow-matching objective of ``pipe``'s base, with only the VAE kept for the conditions."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -221,7 +229,9 @@ def flow_objective(config: TrainConfig, pipe: Any, base_dtype: torch.dtype) -> F
     # (dynamic shifting) unshifted, SD3's shifted by its `shift`.
     sigmas = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler_config).sigmas.float()
     conditions = TransformerPipeline(pipe.transformer, pipe.vae, None, None, None, None, pipe.scheduler_config)
-    return FlowMatchingObjective(pipe.family, sigmas, conditions.encode_condition, config.seed, base_dtype)
+    vae = pipe.vae.config
+    return FlowMatchingObjective(pipe.family, sigmas, conditions.encode_condition, config.seed, base_dtype,
+                                 shift_factor=vae.shift_factor or 0.0, scaling_factor=vae.scaling_factor)
 
 
 class FlowValidator(Validator):

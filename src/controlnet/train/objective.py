@@ -110,7 +110,9 @@ class FlowMatchingObjective:
     Flux packs them (and the noise) 2x2 into tokens with their position ids and, when it embeds the distilled
     guidance scale, gets :data:`FLUX_TRAINING_GUIDANCE`. The condition image is encoded by ``encode_condition``
     (:meth:`controlnet.transformer_pipeline.TransformerPipeline.encode_condition`: VAE latents, packed for Flux)
-    with a posterior sample seeded by (seed, stream position). The ControlNet's call is the sampler's
+    with a posterior sample seeded by (seed, stream position); a batch holding the conditions' cached VAE
+    posteriors (``condition_params``) gets the same sample, shift, scale and packing from them
+    (:meth:`sample_condition`). The ControlNet's call is the sampler's
     (:func:`controlnet.flow_sampling.control_residuals`): SD3 ControlNets with ``force_zeros_for_pooled_projection``
     get zero pooled projections here too.
     """
@@ -120,6 +122,8 @@ class FlowMatchingObjective:
     encode_condition: Callable[..., torch.Tensor]
     seed: int
     base_dtype: torch.dtype
+    shift_factor: float  # the VAE's config (`shift_factor or 0.0`, `scaling_factor`), for cached conditions
+    scaling_factor: float
 
     @property
     def num_timesteps(self) -> int:
@@ -149,14 +153,31 @@ class FlowMatchingObjective:
         return F.mse_loss(pred.float(), target.float())
 
     def condition(self, batch: dict[str, torch.Tensor], controlnet: Any) -> torch.Tensor:
-        """What the ControlNet takes for each sample's condition image, a posterior sample per stream position."""
+        """What the ControlNet takes for each sample's condition image (``condition``, (B, 3, R, R) in [0, 1]) or
+        cached VAE posterior (``condition_params``, (B, 2C, h, w)), a posterior sample per stream position."""
         from controlnet.data.cache import entry_key
 
+        cached = "condition_params" in batch
+        conditions = batch["condition_params" if cached else "condition"]
         rows = []
-        for image, position in zip(batch["condition"], batch["position"].tolist()):  # (3, R, R) in [0, 1]
+        for i, position in enumerate(batch["position"].tolist()):
             g = torch.Generator().manual_seed(int(entry_key("condition-latents", self.seed, position)[:15], 16))
-            rows.append(self.encode_condition(image[None], controlnet, g))
+            encode = self.sample_condition if cached else self.encode_condition
+            rows.append(encode(conditions[i : i + 1], controlnet, g))
         return torch.cat(rows).clone()  # a plain tensor: the VAE ran under inference_mode
+
+    def sample_condition(self, params: torch.Tensor, controlnet: Any, generator: torch.Generator) -> torch.Tensor:
+        """``encode_condition`` from the condition's VAE posterior ``params`` (B, 2C, h, w): its sample (drawn from
+        ``generator``), less the shift factor (not for SD3 ControlNets with ``force_zeros_for_pooled_projection``),
+        times the scaling factor, packed for Flux."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        from controlnet.transformer_controlnet import FLUX, pack_latents
+
+        z = DiagonalGaussianDistribution(params).sample(generator).float()  # (B, C, h, w)
+        shift = self.family == FLUX or not controlnet.config.force_zeros_for_pooled_projection
+        z = (z - (self.shift_factor if shift else 0.0)) * self.scaling_factor
+        return pack_latents(z) if self.family == FLUX else z
 
     def controlnet_inputs(self, cn: Any, x: torch.Tensor, t: torch.Tensor, text: Any, condition: torch.Tensor,
                           img_ids: torch.Tensor | None) -> dict[str, Any]:

@@ -29,8 +29,8 @@ from controlnet.fileio import atomic_path, atomic_write_text
 from controlnet.devices import DTYPES
 from controlnet.model import ControlNet
 from controlnet.train.config import CONTROL_LORA, DEFAULT_CONTROL_LORA_RANK, TrainConfig
-from controlnet.train.flow import (FlowValidator, check_unet_options, flow_encoders, flow_family, flow_objective,
-                                   is_flow_pipeline, read_flow_base)
+from controlnet.train.flow import (FlowValidator, caches_condition_latents, check_unet_options, flow_encoders,
+                                   flow_family, flow_objective, is_flow_pipeline, read_flow_base)
 from controlnet.train.log import RunLog
 from controlnet.train.objective import (DenoisingObjective, constant_after_warmup, enable_gradient_checkpointing,
                                         make_adamw)
@@ -110,7 +110,8 @@ def set_up(config: TrainConfig, accelerator: Any, out: Path, inputs: Inputs) -> 
 
     main, device = accelerator.is_main_process, accelerator.device
     base, resolution, controlnet, resume_dir = inputs.base, inputs.resolution, inputs.controlnet, inputs.resume_dir
-    prep, skipped, store = prepare_data(config, inputs.manifest, base, resolution, accelerator, out)
+    prep, skipped, store = prepare_data(config, inputs.manifest, base, resolution, accelerator, out,
+                                        condition_latents=caches_condition_latents(base, controlnet))
     unet, decoder, unet_dtype = lock_base(config, base, controlnet)
     validator = None
     if config.validate_every and main:
@@ -202,8 +203,9 @@ def make_controlnet(config: TrainConfig, unet: torch.nn.Module, vae_scale_factor
 
 
 def prepare_data(config: TrainConfig, manifest: Manifest, base: Any, resolution: int, accelerator: Any,
-                 out: Path) -> tuple[Preparation, list[SkippedRow], CacheStore]:
-    """Fill the caches for the manifest's examples (only what is missing); bad rows are skipped and listed."""
+                 out: Path, condition_latents: bool = False) -> tuple[Preparation, list[SkippedRow], CacheStore]:
+    """Fill the caches for the manifest's examples (only what is missing; with ``condition_latents``, the
+    conditions' VAE posteriors too); bad rows are skipped and listed."""
     from accelerate.utils import gather_object
 
     main = accelerator.is_main_process
@@ -213,7 +215,7 @@ def prepare_data(config: TrainConfig, manifest: Manifest, base: Any, resolution:
         prep = prepare_examples(
             manifest, store, make_encoders(base, config), resolution, hflip=config.hflip,
             rank=accelerator.process_index, world_size=accelerator.num_processes, gather=gather_object,
-            progress=main and not config.quiet,
+            progress=main and not config.quiet, condition_latents=condition_latents,
         )
     skipped = manifest.skipped + prep.skipped
     if skipped and config.strict:
