@@ -137,15 +137,18 @@ def diffusers_components(components: dict[str, Any]) -> dict[str, Any]:
 
 def build_qwen_tokenizer(words: tuple[str, ...] = WORDS):
     """A Qwen2Tokenizer (byte-level BPE, Qwen2's pre-tokenizer) over the 256 byte symbols, with merges that make
-    each of ``words`` one token, and the chat template's special tokens (:data:`QWEN_SPECIAL_TOKENS`)."""
+    each of ``words`` after a space one token ("Ġred", as Qwen's vocabulary has them; the merges grow from the space
+    symbol, so no word's merges break another's), and the chat template's special tokens
+    (:data:`QWEN_SPECIAL_TOKENS`)."""
     from tokenizers import pre_tokenizers
     from transformers import Qwen2Tokenizer
 
+    space = "\u0120"  # byte-level BPE's symbol for " "
     vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     merges: list[tuple[str, str]] = []
     for word in words:
-        merged = word[0]
-        for ch in word[1:]:
+        merged = space
+        for ch in word:
             if (merged, ch) not in merges:
                 merges.append((merged, ch))
             merged += ch
@@ -169,8 +172,10 @@ def build_qwen_text_encoder(tokenizer: Any, seed: int):
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def qwen_components(seed: int = 0) -> dict[str, Any]:
-    """The components of diffusers' QwenImagePipeline (scheduler as its config)."""
+def qwen_components(seed: int = 0, posterior_std: float | None = None) -> dict[str, Any]:
+    """The components of diffusers' QwenImagePipeline (scheduler as its config). ``posterior_std``: the VAE's
+    log-variance made constant, as :func:`build_flow_vae` 's (diffusers' ControlNet pipeline encodes a condition
+    once per prompt, each row a posterior sample of its own)."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
     tok = build_qwen_tokenizer()
@@ -178,5 +183,10 @@ def qwen_components(seed: int = 0) -> dict[str, Any]:
     transformer = QwenImageTransformer2DModel(**TINY_QWEN).eval()
     torch.manual_seed(seed + 3)
     vae = AutoencoderKLQwenImage(**TINY_QWEN_VAE, **TINY_QWEN_LATENTS).eval()
+    if posterior_std is not None:
+        conv = vae.quant_conv  # (mean, logvar) channels
+        with torch.no_grad():
+            conv.weight[QWEN_LATENT_CHANNELS:] = 0
+            conv.bias[QWEN_LATENT_CHANNELS:] = 2 * torch.log(torch.tensor(posterior_std))
     return dict(transformer=transformer, vae=vae, text_encoder=build_qwen_text_encoder(tok, seed + 4),
                 tokenizer=tok, scheduler_config=dict(QWEN_SCHEDULER))
