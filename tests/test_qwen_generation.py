@@ -154,11 +154,20 @@ def test_latents_unpack_and_normalisation_invert_diffusers(qwen):
     assert latents.shape == (1, QWEN_LATENT_CHANNELS, 16, 16) and (latents * std + mean - raw).abs().max() < 1e-5
 
 
-def test_flux_controlnet_on_a_qwen_base_is_refused_in_one_line(qwen):
+def test_bad_input_is_refused_in_one_line(qwen):
+    """A Flux ControlNet, an inpainting Qwen-Image ControlNet (its condition carries a mask), no scheduler."""
+    pipe = TransformerPipeline(**qwen)
     flux = FluxControlNet.from_transformer(flux_components()["transformer"], num_layers=1, num_single_layers=0)
     with pytest.raises(UserError) as err:
-        TransformerPipeline(**qwen)(PROMPT, [TransformerUnit(flux, condition())], **COMMON)
+        pipe(PROMPT, [TransformerUnit(flux, condition())], **COMMON)
     assert "Flux" in one_line(err) and "Qwen-Image" in one_line(err)
+    inpainting = QwenImageControlNet.from_transformer(qwen["transformer"], num_layers=1, extra_condition_channels=4)
+    with pytest.raises(UserError) as err:
+        pipe(PROMPT, [TransformerUnit(inpainting, condition())], **COMMON)
+    assert "inpainting" in one_line(err)
+    with pytest.raises(UserError) as err:
+        pipe(PROMPT, **{**COMMON, "height": SIZE + 4})
+    assert "divisible by 8" in one_line(err) and "Qwen-Image" in one_line(err)
     with pytest.raises(UserError) as err:
         TransformerPipeline(**{**qwen, "scheduler_config": None})
     assert "scheduler config" in one_line(err)
@@ -224,3 +233,45 @@ def test_generate_with_a_flux_controlnet_on_a_qwen_base_exits_2(assets, tmp_path
     assert len(err.splitlines()) == 1 and "Flux" in err and "Qwen-Image" in err
     assert not out.exists() or not any(out.iterdir())
 
+
+
+def test_image_to_image_matches_diffusers():
+    """diffusers' QwenImageImg2ImgPipeline encodes the picture before drawing its noise: with a VAE whose posterior
+    std is exp(-15) the encoding does not depend on the generator, and ours is given its noise (the second draw)."""
+    from diffusers import QwenImageImg2ImgPipeline
+
+    components = qwen_components(posterior_std=1e-7)
+    picture = condition(seed=9)
+    g = torch.Generator().manual_seed(SEED)
+    shape = (1, QWEN_LATENT_CHANNELS, SIZE // 4, SIZE // 4)
+    noise = [randn_tensor(shape, generator=g) for _ in range(2)][-1]
+    ours = TransformerPipeline(**components)(PROMPT, init_image=picture, denoise=0.5, latents=noise, guidance=3.0,
+                                             negative_prompt=NEGATIVE, **{**COMMON, "steps": 6, "seed": None})
+    theirs = QwenImageImg2ImgPipeline(**diffusers_components(components))(
+        PROMPT, negative_prompt=NEGATIVE, true_cfg_scale=3.0, image=picture, strength=0.5,
+        generator=torch.Generator().manual_seed(SEED), **{**THEIRS, "num_inference_steps": 6}).images
+    assert (ours - theirs).abs().max() < TOL
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_inpainting_matches_diffusers(cfg):
+    """QwenImageInpaintPipeline: the known region reset to the picture's latents noised to each next sigma; the
+    mask is aligned to the 4 px latent grid, where its nearest-neighbour downsampling and our max-pooling agree."""
+    from diffusers import QwenImageInpaintPipeline
+
+    components = qwen_components(posterior_std=1e-7)
+    picture = condition(seed=9)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[16:40, 8:40] = 255
+    g = torch.Generator().manual_seed(SEED)
+    shape = (1, QWEN_LATENT_CHANNELS, SIZE // 4, SIZE // 4)
+    noise = [randn_tensor(shape, generator=g) for _ in range(2)][-1]  # theirs: the picture's posterior, then noise
+    ours = TransformerPipeline(**components)(PROMPT, init_image=picture, mask=Image.fromarray(mask), denoise=0.75,
+                                             latents=noise, guidance=cfg, negative_prompt=NEGATIVE, **COMMON)
+    theirs = QwenImageInpaintPipeline(**diffusers_components(components))(
+        PROMPT, negative_prompt=NEGATIVE if cfg > 1 else None, true_cfg_scale=cfg, image=picture,
+        mask_image=Image.fromarray(mask), strength=0.75, generator=torch.Generator().manual_seed(SEED), **THEIRS).images
+    assert (ours - theirs).abs().max() < TOL
+    plain = TransformerPipeline(**components)(PROMPT, init_image=picture, denoise=0.75, latents=noise, guidance=cfg,
+                                              negative_prompt=NEGATIVE, **COMMON)
+    assert (ours - plain).abs().max() > 1e-2  # the mask acts

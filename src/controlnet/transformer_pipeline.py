@@ -312,6 +312,9 @@ class TransformerPipeline:
         were trained without the shift, as diffusers' pipeline encodes for them), packed for Flux."""
         if isinstance(controlnet, FluxControlNet) and controlnet.input_hint_block is not None:
             return image
+        if self.family == QWEN and controlnet.config.extra_condition_channels:
+            raise UserError("this Qwen-Image ControlNet is an inpainting one (its condition carries a mask); "
+                            "generation takes control ControlNets (e.g. Qwen-Image-ControlNet-Union) only so far")
         if self.family in (FLUX, QWEN):
             return pack_latents(self.encode_latents(image, generator))
         return self.encode_latents(image, generator, shift=not controlnet.config.force_zeros_for_pooled_projection)
