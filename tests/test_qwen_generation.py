@@ -145,7 +145,8 @@ def test_latents_unpack_and_normalisation_invert_diffusers(qwen):
     the VAE config's mean and std, which decoding undoes."""
     pipe = TransformerPipeline(**qwen)
     tokens = torch.randn(2, 8 * 8, 4 * QWEN_LATENT_CHANNELS)
-    assert torch.equal(unpack_latents(tokens, 16, 16), QwenImagePipeline._unpack_latents(tokens, SIZE, SIZE, 4)[:, :, 0])
+    theirs = QwenImagePipeline._unpack_latents(tokens, SIZE, SIZE, 4)[:, :, 0]  # (B, C, 1, h, w) without the frame
+    assert torch.equal(unpack_latents(tokens, 16, 16), theirs)
     image = condition()
     latents = pipe.encode_latents(image, torch.Generator().manual_seed(0))
     raw = qwen["vae"].encode(image[:, :, None] * 2 - 1).latent_dist.sample(torch.Generator().manual_seed(0))[:, :, 0]

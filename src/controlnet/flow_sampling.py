@@ -233,13 +233,13 @@ def qwen_velocity(transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text
     """Qwen-Image's velocity: the prompt's pass and, with ``text.negative`` and ``guidance`` > 1, diffusers'
     QwenImagePipeline "true CFG": the negative prompt's pass with the same ControlNet residuals ``added``, combined
     as v_neg + w (v_cond - v_neg) and rescaled to v_cond's norm along the last dim."""
-    shapes = qwen_img_shapes(img_ids, x.shape[0])
+    shapes, where = qwen_img_shapes(img_ids, x.shape[0]), placement(transformer)
 
     def velocity(branch: FlowText) -> torch.Tensor:
-        where = placement(transformer)
         mask = None if branch.mask is None else branch.mask.to(where["device"])
-        return transformer(hidden_states=x, timestep=t / NUM_TRAIN_TIMESTEPS, encoder_hidden_states=branch.embeds.to(**where),
-                           encoder_hidden_states_mask=mask, img_shapes=shapes, return_dict=False, **added)[0]
+        return transformer(hidden_states=x, timestep=t / NUM_TRAIN_TIMESTEPS,
+                           encoder_hidden_states=branch.embeds.to(**where), encoder_hidden_states_mask=mask,
+                           img_shapes=shapes, return_dict=False, **added)[0]
 
     v = velocity(text)
     if text.negative is None or guidance <= 1.0:

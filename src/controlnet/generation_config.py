@@ -215,19 +215,19 @@ class GenerationConfig:
     negative_prompt: str = option("", help="what to avoid (the unconditional branch of guidance; not on Flux, "
                                   "which has no CFG)", group=SAMPLING)
     steps: int = option(FamilyDefault(DEFAULT_STEPS), help=f"denoising steps (default: {DEFAULT_STEPS}), "
-                        f"{_flow_defaults_text('steps')}", group=SAMPLING)
+                        f"on flow-matching bases {_flow_defaults_text('steps')}", group=SAMPLING)
     guidance: float | None = option(None, help="classifier-free guidance scale, <= 1 turns it off; on Flux the "
                                     "distilled guidance (default: "
                                     f"{describe_family_defaults('guidance')}, {_flow_defaults_text('guidance')})",
                                     group=SAMPLING)
     scheduler: str | None = option(None, help=f"sampler: {', '.join(SCHEDULERS)}, or A1111's name ('DPM++ 2M Karras'); "
                                    "lcm/tcd: 4-8 steps with an LCM/TCD LoRA (default: "
-                                   f"{describe_family_defaults('scheduler')}; Flux, SD3, Qwen-Image: flow-matching Euler "
-                                   "only)", group=SAMPLING, metavar="NAME")
+                                   f"{describe_family_defaults('scheduler')}; Flux, SD3, Qwen-Image: "
+                                   "flow-matching Euler only)", group=SAMPLING, metavar="NAME")
     seed: int | None = option(0, help="image k uses seed + k; -1 picks a random seed (0..2**63-1)", group=SAMPLING)
-    size: tuple[int, int] | None = option(None, help="output size, multiples of 8 (16 on Flux, SD3, Qwen-Image; default: "
-                                          "the first control image's aspect ratio at the base's resolution)", group=SAMPLING,
-                                          metavar="WxH")
+    size: tuple[int, int] | None = option(None, help="output size, multiples of 8 (16 on Flux, SD3, Qwen-Image; "
+                                          "default: the first control image's aspect ratio at the base's resolution)",
+                                          group=SAMPLING, metavar="WxH")
     num_images: int = option(1, help=f"images to generate, one batch, 1..{MAX_NUM_IMAGES}", group=SAMPLING, metavar="N")
     eta: float = option(0.0, help="DDIM eta, 0 = deterministic sampling (UNet bases)", group=SAMPLING)
     guess_mode: bool = option(False, help="control on the conditional branch only, residual scales 0.825**(N-1-i) "
@@ -241,8 +241,8 @@ class GenerationConfig:
     def check(self, family: str | None = None) -> "GenerationConfig":
         """Every rule of the settings, once (types too: settings read from a file are untrusted); returns self with
         the scheduler under our name. Rules that need the model (the scheduler's schedule length, an inpainting
-        UNet, the device's pixel budget) are the pipeline's. ``family`` "flux", "sd3" or "qwenimage" (:data:`FLOW_DEFAULTS`):
-        also that base's rules, and its defaults where the config leaves them to the base."""
+        UNet, the device's pixel budget) are the pipeline's. ``family`` "flux", "sd3" or "qwenimage"
+        (:data:`FLOW_DEFAULTS`): also that base's rules, and its defaults where the config leaves them to the base."""
         _need("negative prompt", self.negative_prompt, "text")
         _need("steps", self.steps, "int")
         if not 1 <= self.steps <= MAX_STEPS:

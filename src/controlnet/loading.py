@@ -287,8 +287,8 @@ FLOW_TRANSFORMERS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": 
 
 def base_folder_family(base: str | None, revision: str | None = None) -> str:
     """"flux", "sd3" or "qwenimage" for a diffusers folder or hub repository whose model_index.json names a Flux,
-    SD3 or Qwen-Image transformer; "unet" for anything else (the embedded base, single files, SD folders: the UNet loader reads and
-    checks them). A hub base's model_index.json is fetched alone (the rest when the base is loaded)."""
+    SD3 or Qwen-Image transformer; "unet" for anything else (the embedded base, single files, SD folders: the UNet
+    loader reads and checks them). A hub base's model_index.json is fetched alone (the rest when the base is loaded)."""
     if base is None:
         return UNET
     from controlnet.embedded import local_base

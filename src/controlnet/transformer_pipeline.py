@@ -3,8 +3,8 @@ ControlNets.
 
 :class:`TransformerPipeline` holds the diffusers transformer, the VAE, the text encoders (CLIP + T5, or Qwen2.5-VL,
 from transformers) and the base's FlowMatchEulerDiscreteScheduler config. It encodes prompts as diffusers'
-FluxPipeline / StableDiffusion3Pipeline / QwenImagePipeline do, turns each unit's condition image into what its ControlNet takes
-(:meth:`TransformerPipeline.encode_condition`) and runs :func:`controlnet.flow_sampling.sample`::
+FluxPipeline / StableDiffusion3Pipeline / QwenImagePipeline do, turns each unit's condition image into what its
+ControlNet takes (:meth:`TransformerPipeline.encode_condition`) and runs :func:`controlnet.flow_sampling.sample`::
 
     pipe = TransformerPipeline.from_pretrained("FLUX.1-dev")              # a diffusers folder or hub id
     cn = load_transformer_controlnet("FLUX.1-dev-Controlnet-Union", base=pipe.transformer)
@@ -54,8 +54,9 @@ from controlnet.flow_sampling import FlowControl, FlowInpaint, FlowText, acts, f
 from controlnet.devices import placement
 from controlnet.generation_config import FLOW_DEFAULTS, FLOW_SIZE_MULTIPLE, GenerationConfig
 from controlnet.pipeline import GenerationResult
-from controlnet.transformer_controlnet import (FLUX, FLUX_LATENT_PATCH, QWEN, SD3, FluxControlNet, TransformerControlNet,
-                                               check_fits, base_family, latent_image_ids, pack_latents)
+from controlnet.transformer_controlnet import (FLUX, FLUX_LATENT_PATCH, QWEN, SD3, FluxControlNet,
+                                               TransformerControlNet, check_fits, base_family, latent_image_ids,
+                                               pack_latents)
 
 
 # Flux's and Qwen-Image's default size: 128 latents (diffusers FluxPipeline / QwenImagePipeline
@@ -74,9 +75,9 @@ REQUIRED = {FLUX: _CLIP_T5_REQUIRED, SD3: _CLIP_T5_REQUIRED, QWEN: ("transformer
 # Qwen-Image's prompt: Qwen's chat template, whose first 34 tokens (the system part) are dropped from the encoder's
 # hidden states; at most 1024 tokens past them (diffusers QwenImagePipeline prompt_template_encode,
 # prompt_template_encode_start_idx, tokenizer_max_length).
-QWEN_PROMPT_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
-                        "text, spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}"
-                        "<|im_end|>\n<|im_start|>assistant\n")
+QWEN_PROMPT_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, "
+                        "quantity, text, spatial relationships of the objects and background:<|im_end|>\n"
+                        "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
 QWEN_TEMPLATE_TOKENS = 34
 QWEN_TOKENIZER_MAX_LENGTH = 1024
 OUTPUT_TYPES = ("pil", "pt", "latent")
@@ -198,8 +199,8 @@ class TransformerPipeline:
         return pipe
 
     def load_controlnet(self, name_or_path: str | os.PathLike) -> TransformerControlNet:
-        """A Flux, SD3 or Qwen-Image ControlNet by path or hub id (:func:`controlnet.loading.resolve_controlnet_source`; any
-        layout :func:`controlnet.transformer_formats.load_transformer_controlnet` reads), checked against the base
+        """A Flux, SD3 or Qwen-Image ControlNet by path or hub id (:func:`controlnet.loading.resolve_controlnet_source`;
+        any layout :func:`controlnet.transformer_formats.load_transformer_controlnet` reads), checked against the base
         and placed like the transformer; cached by path."""
         from controlnet.hub import quiet_loading
         from controlnet.loading import resolve_controlnet_source
@@ -348,8 +349,8 @@ class TransformerPipeline:
         patch = FLUX_LATENT_PATCH if self.family == FLUX else self.transformer.config.patch_size
         step = self.vae_scale_factor * patch
         if height <= 0 or width <= 0 or height % step or width % step:
-            raise UserError(f"image size {width}x{height} does not fit this {self.defaults.label} base; use a width and "
-                            f"height divisible by {step}")
+            raise UserError(f"image size {width}x{height} does not fit this {self.defaults.label} base; use a width "
+                            f"and height divisible by {step}")
 
     def __call__(self, prompt: str | Sequence[str], controls: Sequence[TransformerUnit] = (), *,
                  height: int | None = None, width: int | None = None, steps: int | None = None,
@@ -363,8 +364,8 @@ class TransformerPipeline:
         ``output_type="latent"``).
 
         ``guidance``: Flux's distilled guidance scale (default 3.5), SD3's CFG weight (default 7.0) or Qwen-Image's
-        true CFG weight (default 4.0; the negative prompt's pass, :func:`controlnet.flow_sampling.qwen_velocity`). The size
-        defaults to the first condition image's (or ``init_image``'s), else the base's default. ``latents``: the
+        true CFG weight (default 4.0; the negative prompt's pass, :func:`controlnet.flow_sampling.qwen_velocity`).
+        The size defaults to the first condition image's (or ``init_image``'s), else the base's default. ``latents``: the
         noise (B, C, h, w) instead of drawing it from ``generator`` / ``seed``. ``denoise``: with ``init_image``,
         the last round(denoise * steps) steps run, from the image's latents noised to their first sigma
         (diffusers' ``scale_noise``); the units' step ranges are fractions of the steps that run. ``mask``: inpaint
@@ -489,8 +490,8 @@ class TransformerPipeline:
 
         As on UNet bases: the conditions are resized by "cover, then centre-crop" (and annotated), image k uses
         seed + k, the init image is fitted to the output size, and the result carries the settings that reproduce
-        it; ``latents`` are (B, C, h, w) (Flux's and Qwen-Image's tokens unpacked). With a mask: inpainting (the unmasked pixels
-        pasted back through the feathered mask; ``inpaint_full_res``: the mask's box, generated at the given size or
+        it; ``latents`` are (B, C, h, w) (Flux's and Qwen-Image's tokens unpacked). With a mask: inpainting (the
+        unmasked pixels pasted back through the feathered mask; ``inpaint_full_res``: the mask's box, generated at the given size or
         with its short side at the base's native size, then pasted into the picture). ``callback(i, t, latents)``
         runs after every step, ``i`` counting on across the images (one sampling run per image)."""
         from PIL import Image
