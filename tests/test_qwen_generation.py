@@ -117,27 +117,39 @@ def test_plain_base_matches_diffusers(qwen, cfg):
     assert (ours - other).abs().max() > 1e-3
 
 
-# (prompts, true CFG scale): CFG's negative pass takes the residuals of the ControlNet run on the prompt's text.
-CONTROL_CASES = {"no cfg": ([PROMPT], 1.0), "cfg": ([PROMPT], 4.0), "cfg, two prompts": (PROMPTS, 3.0)}
+# (prompts, true CFG scale, (strength, start, end) per unit): CFG's negative pass takes the residuals of the
+# ControlNets run on the prompt's text; two units share one union ControlNet (diffusers' QwenImageMultiControlNetModel:
+# one model, several conditions, their residuals summed).
+CONTROL_CASES = {"no cfg": ([PROMPT], 1.0, [(0.8, 0.0, 0.75)]), "cfg": ([PROMPT], 4.0, [(0.8, 0.0, 0.75)]),
+                 "cfg, two prompts": (PROMPTS, 3.0, [(0.8, 0.0, 0.75)]),
+                 "cfg, two conditions": ([PROMPT], 4.0, [(0.8, 0.0, 0.75), (0.5, 0.25, 1.0)])}
 
 
 @pytest.mark.parametrize("case", sorted(CONTROL_CASES))
 def test_controlnet_generation_matches_diffusers(qwen, qwen_mean_posterior, case):
-    prompts, cfg = CONTROL_CASES[case]
+    from diffusers import QwenImageMultiControlNetModel
+
+    prompts, cfg, settings = CONTROL_CASES[case]
     qwen = qwen if len(prompts) == 1 else qwen_mean_posterior
-    cn, cond = qwen_controlnet(qwen["transformer"]), condition()
+    cn = qwen_controlnet(qwen["transformer"])
+    conds = [condition(seed=5 + k) for k in range(len(settings))]
     pipe = TransformerPipeline(**qwen)
-    ours = pipe(prompts, [TransformerUnit(cn, cond, 0.8, 0.0, 0.75)], guidance=cfg, negative_prompt=NEGATIVE,
-                **COMMON)
+    units = [TransformerUnit(cn, c, s, a, b) for c, (s, a, b) in zip(conds, settings)]
+    ours = pipe(prompts, units, guidance=cfg, negative_prompt=NEGATIVE, **COMMON)
 
     noise, g = after_noise(len(prompts))
-    theirs = QwenImageControlNetPipeline(**diffusers_components(qwen), controlnet=as_diffusers(cn))(
+    multi = len(settings) > 1
+    ref = QwenImageMultiControlNetModel([as_diffusers(cn)]) if multi else as_diffusers(cn)
+    theirs = QwenImageControlNetPipeline(**diffusers_components(qwen), controlnet=ref)(
         prompts, negative_prompt=[NEGATIVE] * len(prompts) if cfg > 1 else None, true_cfg_scale=cfg,
-        control_image=cond * 2 - 1, controlnet_conditioning_scale=0.8, control_guidance_start=0.0,
-        control_guidance_end=0.75, generator=g, latents=noise, **THEIRS).images
+        control_image=[c * 2 - 1 for c in conds] if multi else conds[0] * 2 - 1,
+        controlnet_conditioning_scale=[s for s, _, _ in settings] if multi else settings[0][0],
+        control_guidance_start=[a for _, a, _ in settings] if multi else settings[0][1],
+        control_guidance_end=[b for _, _, b in settings] if multi else settings[0][2],
+        generator=g, latents=noise, **THEIRS).images
     assert (ours - theirs).abs().max() < TOL
     plain = pipe(prompts, guidance=cfg, negative_prompt=NEGATIVE, **COMMON)
-    assert (ours - plain).abs().max() > 1e-3  # the ControlNet does act
+    assert (ours - plain).abs().max() > 1e-3  # the ControlNets do act
 
 
 def test_latents_unpack_and_normalisation_invert_diffusers(qwen):
