@@ -1,6 +1,7 @@
-"""Flow-matching sampling of a locked Flux or SD3 transformer under the residuals of transformer ControlNets.
+"""Flow-matching sampling of a locked Flux, SD3 or Qwen-Image transformer under the residuals of transformer
+ControlNets.
 
-Rectified-flow bases (FLUX.1, SD3/SD3.5) predict a velocity v = dx/dσ along the straight path
+Rectified-flow bases (FLUX.1, SD3/SD3.5, Qwen-Image) predict a velocity v = dx/dσ along the straight path
 x_σ = (1 - σ) x_0 + σ ε, and generation integrates it from σ = 1 (noise) to σ = 0 with Euler steps, as diffusers'
 FlowMatchEulerDiscreteScheduler does. :func:`sample`, top to bottom::
 
@@ -10,6 +11,7 @@ FlowMatchEulerDiscreteScheduler does. :func:`sample`, top to bottom::
         r    = Σ_{units u active at i} ControlNet_u(x_in, t_i, text, condition_u, mode_u) * strength_u
         v    = transformer(x_in, t_i, text, + r)       Flux: + the distilled guidance scale as an input
         v    = v_uncond + w (v_cond - v_uncond)        SD3 only (classifier-free guidance, one batch)
+                                                       Qwen-Image: a second pass, rescaled (base_velocity)
         x    = x + (σ_{i+1} - σ_i) v                   Euler step of the flow ODE
         x    = (1 - m) x_known(σ_{i+1}) + m x          inpainting only: FlowInpaint.blend
 
@@ -25,6 +27,11 @@ Families:
   ControlNets with ``guidance_embeds``.
 * SD3: latents stay (B, C, h, w); timesteps in [0, 1000]; CFG batches [uncond, cond]. ControlNets with
   ``force_zeros_for_pooled_projection`` (InstantX SD3) get zeros for the pooled projections, as they were trained.
+* Qwen-Image: tokens packed 2x2 as Flux's, t / 1000, no pooled text but a text mask; the token grid for its rotary
+  embedding comes from the position ids (``latent_image_ids``, as Flux's). "True CFG" (diffusers QwenImagePipeline):
+  the negative prompt's text (its own length and mask) in a second pass, v = v_neg + w (v_cond - v_neg) rescaled
+  to the norm of v_cond along the features; the ControlNets run once, on the prompt's text, and both passes take
+  their residuals (diffusers QwenImageControlNetPipeline).
 
 Latents stay float32 through the Euler steps; the models run in their own dtype.
 """
@@ -42,7 +49,7 @@ from controlnet.errors import UserError
 from controlnet.devices import placement
 from controlnet.residuals import Residuals
 from controlnet.sampling import in_step_range
-from controlnet.transformer_controlnet import FLUX, SD3, TransformerControlNet, base_family, transformer_kwargs
+from controlnet.transformer_controlnet import FLUX, QWEN, SD3, TransformerControlNet, base_family, transformer_kwargs
 
 # Flux's distilled models take t and the guidance scale in [0, 1]-units; diffusers' schedule counts 1000 steps.
 NUM_TRAIN_TIMESTEPS = 1000
@@ -51,19 +58,23 @@ NUM_TRAIN_TIMESTEPS = 1000
 @dataclass
 class FlowText:
     """Text conditioning as the base takes it: ``embeds`` (B, T, D) and ``pooled`` (B, P); under SD3's CFG the
-    rows are [unconditional, conditional] (2B). Flux also takes ``ids`` (T, 3), its text position ids."""
+    rows are [unconditional, conditional] (2B). Flux also takes ``ids`` (T, 3), its text position ids. Qwen-Image
+    has no pooled text (None) but a ``mask`` (B, T), 1 for tokens, 0 for padding (None: no padding), and under its
+    true CFG the ``negative`` prompt's text, of its own length."""
 
     embeds: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None
     ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    negative: "FlowText | None" = None
 
 
 @dataclass
 class FlowControl:
     """A transformer ControlNet ready for :func:`sample`: its model, its prepared condition, when and how strongly.
 
-    ``condition`` is what the ControlNet takes: Flux, VAE latents packed like the image tokens (B, L, C) or, with
-    XLabs' hint encoder, pixels (B, 3, H, W) in [0, 1]; SD3, VAE latents (B, C, h, w).
+    ``condition`` is what the ControlNet takes: Flux and Qwen-Image, VAE latents packed like the image tokens
+    (B, L, C) or, with XLabs' hint encoder, pixels (B, 3, H, W) in [0, 1]; SD3, VAE latents (B, C, h, w).
     ``mode``: a union ControlNet's control mode (name or index).
     """
 
@@ -155,13 +166,14 @@ def sample(transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, 
     residuals: the loop of the module docstring.
 
     Args:
-        transformer: a diffusers ``FluxTransformer2DModel`` or ``SD3Transformer2DModel`` (locked).
-        latents: float32; Flux packed tokens (B, L, 4C), SD3 (B, C, h, w); noised to ``sigmas[0]``.
+        transformer: a diffusers ``FluxTransformer2DModel``, ``SD3Transformer2DModel`` or
+            ``QwenImageTransformer2DModel`` (locked).
+        latents: float32; Flux and Qwen-Image packed tokens (B, L, 4C), SD3 (B, C, h, w); noised to ``sigmas[0]``.
         sigmas, timesteps: from :func:`flow_schedule` (or their tail, to start part-way: image-to-image).
-        text: the prompt's embeddings (SD3 under CFG: [uncond, cond] rows).
-        controls: the ControlNet units; guidance: Flux's distilled guidance scale, or SD3's CFG weight
-            (<= 1: one branch, no guidance).
-        img_ids: Flux's image position ids (L, 3).
+        text: the prompt's embeddings (SD3 under CFG: [uncond, cond] rows; Qwen-Image: ``text.negative``).
+        controls: the ControlNet units; guidance: Flux's distilled guidance scale, or SD3's and Qwen-Image's CFG
+            weight (<= 1: one branch, no guidance).
+        img_ids: Flux's and Qwen-Image's image position ids (L, 3) (``latent_image_ids``).
         inpaint: the known region, blended in after every step (:class:`FlowInpaint`); None: no inpainting.
         progress: a tqdm bar over the steps; callback: called as ``callback(i, t, latents)`` after every step.
 
@@ -170,8 +182,9 @@ def sample(transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, 
     from tqdm.auto import tqdm
 
     family = base_family(transformer)
-    if family not in (FLUX, SD3):
-        raise UserError(f"flow-matching sampling needs a Flux or SD3 transformer, got {type(transformer).__name__}")
+    if family not in (FLUX, SD3, QWEN):
+        raise UserError("flow-matching sampling needs a Flux, SD3 or Qwen-Image transformer, got "
+                        f"{type(transformer).__name__}")
     if len(sigmas) != len(timesteps) + 1:
         raise ValueError(f"{len(sigmas)} sigmas for {len(timesteps)} timesteps; give one more sigma than timesteps")
     cfg = family == SD3 and guidance > 1.0
@@ -200,9 +213,12 @@ def sample(transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, 
 
 def base_velocity(transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text: FlowText, residuals: Residuals,
                   guidance: float, img_ids: torch.Tensor | None) -> torch.Tensor:
-    """The locked base's velocity for the batch ``x`` at timesteps ``t`` (B,) in [0, 1000], residuals added."""
+    """The locked base's velocity for the batch ``x`` at timesteps ``t`` (B,) in [0, 1000], residuals added
+    (Qwen-Image with ``text.negative`` and ``guidance`` > 1: its true CFG, :func:`qwen_velocity`)."""
     where = placement(transformer)
     added = transformer_kwargs(residuals, transformer)
+    if base_family(transformer) == QWEN:
+        return qwen_velocity(transformer, x, t, text, added, guidance, img_ids)
     if base_family(transformer) == FLUX:
         return transformer(hidden_states=x, timestep=t / NUM_TRAIN_TIMESTEPS,
                            guidance=_guidance(transformer.config, guidance, x),
@@ -212,10 +228,39 @@ def base_velocity(transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text
                        pooled_projections=text.pooled.to(**where), return_dict=False, **added)[0]
 
 
+def qwen_velocity(transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text: FlowText, added: Mapping[str, Any],
+                  guidance: float, img_ids: torch.Tensor) -> torch.Tensor:
+    """Qwen-Image's velocity: the prompt's pass and, with ``text.negative`` and ``guidance`` > 1, diffusers'
+    QwenImagePipeline "true CFG": the negative prompt's pass with the same ControlNet residuals ``added``, combined
+    as v_neg + w (v_cond - v_neg) and rescaled to v_cond's norm along the last dim."""
+    shapes, where = qwen_img_shapes(img_ids, x.shape[0]), placement(transformer)
+
+    def velocity(branch: FlowText) -> torch.Tensor:
+        mask = None if branch.mask is None else branch.mask.to(where["device"])
+        return transformer(hidden_states=x, timestep=t / NUM_TRAIN_TIMESTEPS,
+                           encoder_hidden_states=branch.embeds.to(**where), encoder_hidden_states_mask=mask,
+                           img_shapes=shapes, return_dict=False, **added)[0]
+
+    v = velocity(text)
+    if text.negative is None or guidance <= 1.0:
+        return v
+    v_neg = velocity(text.negative)
+    combined = v_neg + guidance * (v - v_neg)
+    return combined * (torch.norm(v, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+
+
+def qwen_img_shapes(img_ids: torch.Tensor, batch: int) -> list[tuple[int, int, int]]:
+    """Qwen-Image's ``img_shapes`` (frames, rows, columns) of each of ``batch`` samples, from the tokens' position
+    ids (L, 3) = (0, row, column) (``latent_image_ids``)."""
+    rows, columns = (int(img_ids[:, k].max().item()) + 1 for k in (1, 2))
+    return [(1, rows, columns)] * batch
+
+
 def control_residuals(control: FlowControl, x: torch.Tensor, t: torch.Tensor, text: FlowText, guidance: float,
                       img_ids: torch.Tensor | None, out: Mapping[str, Any]) -> Residuals:
     """One unit's residuals (times its strength) for the batch ``x``, placed like ``out`` (``Tensor.to`` keyword
-    arguments). The condition's rows repeat to the batch (SD3's CFG batch: both halves controlled)."""
+    arguments). The condition's rows repeat to the batch (SD3's CFG batch: both halves controlled); Qwen-Image's
+    ControlNets see the prompt's text, not ``text.negative`` (whose pass takes the same residuals)."""
     cn = control.controlnet
     where = placement(cn)
     cond = control.condition.to(**where)
@@ -223,8 +268,14 @@ def control_residuals(control: FlowControl, x: torch.Tensor, t: torch.Tensor, te
         if x.shape[0] % cond.shape[0]:
             raise UserError(f"a condition of batch {cond.shape[0]} cannot be repeated to the batch of {x.shape[0]}")
         cond = cond.repeat(x.shape[0] // cond.shape[0], *[1] * (cond.ndim - 1))
-    hidden, pooled = x.to(**where), text.pooled.to(**where)
-    if cn.family == FLUX:
+    hidden = x.to(**where)
+    pooled = None if text.pooled is None else text.pooled.to(**where)
+    if cn.family == QWEN:
+        mask = None if text.mask is None else text.mask.to(where["device"])
+        res = cn(hidden_states=hidden, timestep=t.to(where["device"]) / NUM_TRAIN_TIMESTEPS,
+                 encoder_hidden_states=text.embeds.to(**where), img_shapes=qwen_img_shapes(img_ids, x.shape[0]),
+                 condition=cond, encoder_hidden_states_mask=mask, conditioning_scale=control.strength)
+    elif cn.family == FLUX:
         res = cn(hidden_states=hidden, timestep=t.to(where["device"]) / NUM_TRAIN_TIMESTEPS,
                  encoder_hidden_states=text.embeds.to(**where), pooled_projections=pooled,
                  img_ids=img_ids.to(**where), txt_ids=text.ids.to(**where), condition=cond, mode=control.mode,

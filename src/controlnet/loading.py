@@ -281,13 +281,14 @@ def resolve_controlnet_source(name: str | os.PathLike, revision: str | None = No
 
 UNET = "unet"
 # model_index.json's transformer class → the flow-matching family (controlnet.generation_config.FLOW_DEFAULTS).
-FLOW_TRANSFORMERS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
+FLOW_TRANSFORMERS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3",
+                     "QwenImageTransformer2DModel": "qwenimage"}
 
 
 def base_folder_family(base: str | None, revision: str | None = None) -> str:
-    """"flux" or "sd3" for a diffusers folder or hub repository whose model_index.json names a Flux or SD3
-    transformer; "unet" for anything else (the embedded base, single files, SD folders: the UNet loader reads and
-    checks them). A hub base's model_index.json is fetched alone (the rest when the base is loaded)."""
+    """"flux", "sd3" or "qwenimage" for a diffusers folder or hub repository whose model_index.json names a Flux,
+    SD3 or Qwen-Image transformer; "unet" for anything else (the embedded base, single files, SD folders: the UNet
+    loader reads and checks them). A hub base's model_index.json is fetched alone (the rest when the base is loaded)."""
     if base is None:
         return UNET
     from controlnet.embedded import local_base
