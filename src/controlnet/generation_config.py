@@ -294,9 +294,6 @@ class GenerationConfig:
         if defaults.label == "Flux" and self.negative_prompt:
             raise UserError("--negative-prompt: Flux is guidance-distilled and runs no CFG, so a negative prompt "
                             "has no effect; drop it (SD3 takes one)")
-        if self.hires is not None:
-            raise UserError(f"--hires-scale: the hires fix on {base} is not supported yet; use text-to-image, "
-                            "img2img (--init-image, --denoise) or inpainting (--mask)")
         if self.size is not None and any(side % FLOW_SIZE_MULTIPLE for side in self.size):
             width, height = (max(1, math.floor(side / FLOW_SIZE_MULTIPLE + 0.5)) * FLOW_SIZE_MULTIPLE  # halves up
                              for side in self.size)
@@ -304,6 +301,11 @@ class GenerationConfig:
                             f"divisible by {FLOW_SIZE_MULTIPLE}, e.g. {width}x{height}")
         if isinstance(self.steps, FamilyDefault):
             self.steps = defaults.steps
+        if self.hires is not None:  # flow-matching img2img has no VAE round trip for a pass of no step
+            steps = self.hires.steps or self.steps
+            if math.floor(self.hires.denoise * steps + 0.5) == 0:
+                raise UserError(f"--hires-denoise {self.hires.denoise} runs no step of {steps} on {base}; raise "
+                                "--hires-denoise or --hires-steps")
         if self.guidance is None:
             self.guidance = defaults.guidance
 

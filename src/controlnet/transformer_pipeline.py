@@ -356,8 +356,8 @@ class TransformerPipeline:
                  height: int | None = None, width: int | None = None, steps: int | None = None,
                  guidance: float | None = None, negative_prompt: str | Sequence[str] = "", seed: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
-                 init_image: Any = None, denoise: float = 1.0, mask: Any = None, mask_blur: float = 0.0,
-                 max_sequence_length: int | None = None, output_type: str = "pil", progress: bool = False,
+                 init_image: Any = None, image_latents: torch.Tensor | None = None, denoise: float = 1.0,
+                 mask: Any = None, mask_blur: float = 0.0, max_sequence_length: int | None = None, output_type: str = "pil", progress: bool = False,
                  callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> Any:
         """Text-to-image (or image-to-image from ``init_image``) under ``controls``; returns PIL images ("pil"), a
         (B, 3, H, W) tensor in [0, 1] ("pt") or the final latents ("latent"; Flux: packed tokens, as diffusers'
@@ -368,7 +368,9 @@ class TransformerPipeline:
         The size defaults to the first condition image's (or ``init_image``'s), else the base's default. ``latents``: the
         noise (B, C, h, w) instead of drawing it from ``generator`` / ``seed``. ``denoise``: with ``init_image``,
         the last round(denoise * steps) steps run, from the image's latents noised to their first sigma
-        (diffusers' ``scale_noise``); the units' step ranges are fractions of the steps that run. ``mask``: inpaint
+        (diffusers' ``scale_noise``); the units' step ranges are fractions of the steps that run. ``image_latents``:
+        the picture as the base's latents (B, C, h, w) (Flux's and Qwen-Image's unpacked) instead of ``init_image``
+        (the hires pass's upscaled latents), noised the same way; the size defaults to theirs. ``mask``: inpaint
         ``init_image`` where the mask (of the output size: a PIL image, an (H, W) array, white / True / > 0.5 =
         repaint, or a (1, 1, H, W) tensor) is set (:class:`controlnet.flow_sampling.FlowInpaint`); images (not
         latents) come back with the unmasked pixels pasted back through the mask feathered over ``mask_blur`` px
@@ -378,6 +380,11 @@ class TransformerPipeline:
             raise UserError(f"unknown output type {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
         if mask is not None and init_image is None:
             raise UserError("a mask needs an init image to inpaint; pass init_image (--init-image IMG)")
+        if image_latents is not None:
+            if init_image is not None:
+                raise UserError("give init_image or image_latents, not both")
+            height = height or image_latents.shape[-2] * self.vae_scale_factor
+            width = width or image_latents.shape[-1] * self.vae_scale_factor
         if not 0.0 < denoise <= 1.0:
             raise UserError(f"denoise must be in (0, 1], got {denoise}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -400,9 +407,9 @@ class TransformerPipeline:
             noise = self._noise(len(prompts), height, width, generator, latents)
             schedule, timesteps = self.schedule(steps, height, width)
             inpaint = None
-            if init_image is not None:
+            if init_image is not None or image_latents is not None:
                 noise, schedule, timesteps, inpaint = self._image_start(init_image, mask, noise, schedule, timesteps,
-                                                                        denoise, generator)
+                                                                        denoise, generator, image_latents)
             n = len(timesteps)
             # A unit that never acts (strength 0, or no step in its range) is not encoded, nor run.
             flow_controls = [self._flow_control(u, height, width, generator) for u in controls
@@ -425,10 +432,11 @@ class TransformerPipeline:
             runtime.release(self._offload_hooks)  # offloaded models back to the CPU
 
     def _image_start(self, init_image: Any, mask: Any, noise: torch.Tensor, schedule: torch.Tensor,
-                     timesteps: torch.Tensor, denoise: float, generator: torch.Generator | None
+                     timesteps: torch.Tensor, denoise: float, generator: torch.Generator | None,
+                     image_latents: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, FlowInpaint | None]:
-        """Image-to-image: the starting latents (the picture's latents noised to the first sigma that runs, a
-        posterior sample drawn after the noise), the sigmas and timesteps that run, and with a mask the known
+        """Image-to-image: the starting latents (the picture's latents, ``image_latents`` or a posterior sample of
+        ``init_image`` drawn after the noise, noised to the first sigma that runs), the sigmas and timesteps that run, and with a mask the known
         region (for Flux and Qwen-Image packed like the image tokens; the starting latents are returned unpacked)."""
         from controlnet.img2img import latent_mask
 
@@ -438,7 +446,12 @@ class TransformerPipeline:
         if first == steps:
             raise UserError(f"denoise {denoise} runs no step of {steps}; raise --denoise or --steps")
         masked = None if mask is None else _mask_array(mask, height, width)
-        image = self.encode_latents(condition_tensor(init_image, height, width), generator).expand_as(noise)
+        if image_latents is None:
+            image = self.encode_latents(condition_tensor(init_image, height, width), generator).expand_as(noise)
+        elif tuple(image_latents.shape) != tuple(noise.shape):
+            raise UserError(f"the image latents are {list(image_latents.shape)}; this size needs {list(noise.shape)}")
+        else:
+            image = image_latents.to(noise)
         start = schedule[first] * noise + (1 - schedule[first]) * image  # the forward flow to sigma_first
         inpaint = None
         if masked is not None:
@@ -493,7 +506,9 @@ class TransformerPipeline:
         it; ``latents`` are (B, C, h, w) (Flux's and Qwen-Image's tokens unpacked). With a mask: inpainting (the
         unmasked pixels pasted back through the feathered mask; ``inpaint_full_res``: the mask's box, generated at the given size or
         with its short side at the base's native size, then pasted into the picture). ``callback(i, t, latents)``
-        runs after every step, ``i`` counting on across the images (one sampling run per image)."""
+        runs after every step, ``i`` counting on across the images (one sampling run per image). With ``hires``:
+        the hires fix (:meth:`_hires_pass`), the settings' size the first pass's and their hires block the
+        output's."""
         from PIL import Image
 
         from controlnet.conditions import condition_to_pil, prepare_condition
@@ -523,11 +538,16 @@ class TransformerPipeline:
         init = None if source is None else torch.from_numpy(source.image).permute(2, 0, 1)[None] / 255.0
         counter = itertools.count()
         step_callback = None if callback is None else (lambda i, t, x: callback(next(counter), t, x))
+        generators = [torch.Generator().manual_seed(seed + k) for k in range(config.num_images)]
         outputs = [self(prompt, units, height=height, width=width, steps=config.steps, guidance=config.guidance,
-                        negative_prompt=config.negative_prompt, seed=seed + k, init_image=init,
+                        negative_prompt=config.negative_prompt, generator=generator, init_image=init,
                         mask=None if source is None else source.mask, denoise=image.strength, output_type="latent",
                         progress=progress, callback=step_callback)
-                   for k in range(config.num_images)]  # one at a time: image k alone is seed + k's
+                   for generator in generators]  # one at a time: image k alone is seed + k's
+        first_pass = (width, height)
+        if config.hires is not None:
+            outputs, (width, height), conditions = self._hires_pass(prompt, controls, config, outputs, first_pass,
+                                                                    generators, progress, step_callback)
         arrays = [np.asarray(_to_pil(self.decode(out, height, width)[0])) for out in outputs]
         if source is not None and source.mask is not None:  # the unmasked pixels pasted back
             arrays = paste_back_all(arrays, source, image.mask_blur, whole, box)
@@ -535,12 +555,60 @@ class TransformerPipeline:
         latents = torch.cat(outputs)
         if self.family in (FLUX, QWEN):
             latents = unpack_latents(latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        used = dataclasses.replace(config, seed=seed, size=(width, height),
+        hires = None if config.hires is None else dataclasses.replace(config.hires,
+                                                                      steps=config.hires.steps or config.steps)
+        used = dataclasses.replace(config, seed=seed, size=first_pass, hires=hires,
                                    image=dataclasses.replace(image, denoise=image.strength) if source else image)
         settings = {"prompt": prompt, **used.to_settings(), "seeds": [seed + k for k in range(used.num_images)],
                     "dtype": DTYPE_NAMES.get(placement(self.transformer)["dtype"], ""), "base": self.base,
                     "controlnets": unit_settings(controls)}
+        if hires is not None:
+            settings["hires"]["size"] = f"{width}x{height}"  # the output's; "size" is the first pass's
         return GenerationResult(images, latents.cpu(), [condition_to_pil(c) for c in conditions], seed, settings)
+
+    def _hires_pass(self, prompt: str, controls: Sequence[Any], config: GenerationConfig,
+                    first: Sequence[torch.Tensor], first_size: tuple[int, int], generators: Sequence[torch.Generator],
+                    progress: bool, callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None
+                    ) -> tuple[list[torch.Tensor], tuple[int, int], list[np.ndarray]]:
+        """The hires fix's second pass (A1111's, as on UNet bases): each first-pass result (sampler latents of
+        ``first_size``) upscaled by ``config.hires.scale`` (sides rounded to multiples of 16) with its upscaler, then
+        image-to-image of ``hires.denoise`` over ``hires.steps`` (default: the generation's) from it, its noise
+        drawn from the image's generator as it stands, the units' conditions prepared again at the larger size.
+        Returns the final latents, the size (width, height) and the conditions."""
+        from controlnet.conditions import prepare_condition, round_size
+        from controlnet.limits import check_output_size
+
+        hires, (width, height) = config.hires, first_size
+        new_width, new_height = round_size(width * hires.scale, height * hires.scale, FLOW_SIZE_MULTIPLE)
+        check_output_size(new_width, new_height, self.max_pixels, device=str(placement(self.transformer)["device"]),
+                          what="hires size")
+        self.check_size(new_height, new_width)
+        conditions = [prepare_condition(u.image, new_width, new_height, u.annotator, u.annotator_params)
+                      for u in controls]
+        units = [self._unit(u, condition, j) for j, (u, condition) in enumerate(zip(controls, conditions))]
+        outputs = [self(prompt, units, height=new_height, width=new_width, steps=hires.steps or config.steps,
+                        guidance=config.guidance, negative_prompt=config.negative_prompt, generator=generator,
+                        denoise=hires.denoise, output_type="latent", progress=progress, callback=callback,
+                        **self.hires_start(latents, hires.upscaler, first_size, (new_width, new_height)))
+                   for latents, generator in zip(first, generators)]
+        return outputs, (new_width, new_height), conditions
+
+    def hires_start(self, latents: torch.Tensor, upscaler: str, size: tuple[int, int],
+                    new_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The picture the hires pass starts from, as :meth:`__call__` 's keyword: the sampler's ``latents`` of
+        ``size`` (width, height) upscaled to ``new_size``. "latent": the latents (B, C, h, w) interpolated
+        (``image_latents``); "lanczos": the decoded pictures resized (``init_image``, encoded by the pass)."""
+        from controlnet.img2img import interpolate_latents, resize_pictures
+
+        (width, height), (new_width, new_height) = size, new_size
+        if upscaler == "latent":
+            grid = latents
+            if self.family in (FLUX, QWEN):
+                grid = unpack_latents(latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
+            return {"image_latents": interpolate_latents(grid, new_width, new_height, self.vae_scale_factor)}
+        pictures = resize_pictures([np.asarray(_to_pil(im)) for im in self.decode(latents, height, width)],
+                                   new_width, new_height)
+        return {"init_image": torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2) / 255.0}
 
     def output_size(self, size: tuple[int, int] | None, controls: Sequence[Any] = (),
                     source: Any = None) -> tuple[int, int]:
