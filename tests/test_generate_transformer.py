@@ -248,7 +248,7 @@ def test_family_defaults_replace_only_what_is_left_to_the_base():
     ("sd3", ["--reuse-residuals", "2"], "--reuse-residuals is for UNet bases"),
     ("flux", ["--negative-prompt", "blur"], "Flux is guidance-distilled"),
     ("flux", ["--mask", "{a}/init.png"], "--mask needs --init-image IMG"),
-    ("sd3", ["--hires-scale", "2"], "--hires-scale: the hires fix on SD3 bases is not"),
+    ("sd3", ["--hires-scale", "2", "--hires-denoise", "0.2"], "--hires-denoise 0.2 runs no step of 2 on SD3 bases"),
     ("flux", ["--lora", "{a}/style.safetensors"], "--lora is not supported on Flux bases"),
     ("sd3", ["--clip-skip", "2"], "--clip-skip is not supported on SD3 bases"),
 ])

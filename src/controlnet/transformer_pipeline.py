@@ -608,7 +608,7 @@ class TransformerPipeline:
             return {"image_latents": interpolate_latents(grid, new_width, new_height, self.vae_scale_factor)}
         pictures = resize_pictures([np.asarray(_to_pil(im)) for im in self.decode(latents, height, width)],
                                    new_width, new_height)
-        return {"init_image": torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2) / 255.0}
+        return {"init_image": torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).contiguous() / 255.0}
 
     def output_size(self, size: tuple[int, int] | None, controls: Sequence[Any] = (),
                     source: Any = None) -> tuple[int, int]:
