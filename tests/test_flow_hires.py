@@ -1,4 +1,4 @@
-"""The hires fix on transformer bases (Flux, SD3): the generation is its two passes run by hand through
+"""The hires fix on transformer bases (Flux, SD3, Qwen-Image): the generation is its two passes run by hand through
 :class:`TransformerPipeline` (text-to-image, the upscale, image-to-image from the upscaled picture with the same
 generator), bit for bit; denoise 1 forgets the first pass and a small denoise keeps it; the output and its
 settings on the command line, and --from-png re-running them on the embedded tiny-flux; refusals in one line."""
@@ -19,29 +19,30 @@ from controlnet.errors import EXIT_BAD_INPUT
 from controlnet.generation_config import GenerationConfig, HiresFix
 from controlnet.pipeline import ControlUnit
 from controlnet.testing import trained_like
-from controlnet.testing_flow import flux_components, sd3_components
-from controlnet.transformer_controlnet import FluxControlNet, SD3ControlNet
+from controlnet.testing_flow import flux_components, qwen_components, sd3_components
+from controlnet.transformer_controlnet import FluxControlNet, QwenImageControlNet, SD3ControlNet
 from controlnet.transformer_formats import save_transformer_controlnet
 from controlnet.transformer_pipeline import TransformerPipeline, TransformerUnit, unpack_latents
 
 PROMPT = "a red circle on blue"
-SIZE = 32  # pixels: 4x4 latents, 2x2 Flux tokens / SD3 patches
-FACTOR = 8  # the tiny VAEs' downsampling
+SIZE = 32  # pixels: 4x4 latents (Qwen-Image's tiny VAE: 8x8), 2x2 Flux tokens / SD3 patches
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     """Each family's pipeline and the folder of a ControlNet for it, and a condition image."""
     root = tmp_path_factory.mktemp("flow-hires")
-    flux, sd3 = flux_components(), sd3_components()
+    flux, sd3, qwen = flux_components(), sd3_components(), qwen_components()
     save_transformer_controlnet(trained_like(FluxControlNet.from_transformer(flux["transformer"], num_layers=1,
                                                                              num_single_layers=1), 11), root / "flux")
     save_transformer_controlnet(trained_like(SD3ControlNet.from_transformer(sd3["transformer"], 1), 13), root / "sd3")
+    save_transformer_controlnet(trained_like(QwenImageControlNet.from_transformer(qwen["transformer"], num_layers=1),
+                                             14), root / "qwenimage")
     rng = np.random.default_rng(0)
     condition = root / "cond.png"
     Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(condition)
-    return {"flux": TransformerPipeline(**flux), "sd3": TransformerPipeline(**sd3), "root": root,
-            "condition": condition}
+    return {"flux": TransformerPipeline(**flux), "sd3": TransformerPipeline(**sd3),
+            "qwenimage": TransformerPipeline(**qwen), "root": root, "condition": condition}
 
 
 def _unit(pipe, bases, family: str, size: int) -> TransformerUnit:
@@ -51,8 +52,8 @@ def _unit(pipe, bases, family: str, size: int) -> TransformerUnit:
 
 
 def _grid(pipe, latents: torch.Tensor, size: int) -> torch.Tensor:
-    side = size // FACTOR
-    return unpack_latents(latents, side, side) if pipe.family == "flux" else latents
+    side = size // pipe.vae_scale_factor
+    return latents if pipe.family == "sd3" else unpack_latents(latents, side, side)  # Flux, Qwen-Image: tokens
 
 
 def _uint8(images: torch.Tensor) -> np.ndarray:
@@ -61,7 +62,7 @@ def _uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @pytest.mark.parametrize("upscaler", ["latent", "lanczos"])
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "qwenimage"])
 def test_hires_is_its_two_passes_by_hand(bases, family, upscaler):
     """Known answer: generate with the hires fix = text-to-image at the size, the latents interpolated
     bilinearly (or the decoded picture resized by Lanczos), then image-to-image at the larger size over the hires
@@ -76,7 +77,7 @@ def test_hires_is_its_two_passes_by_hand(bases, family, upscaler):
     first = pipe(PROMPT, [_unit(pipe, bases, family, SIZE)], height=SIZE, width=SIZE, steps=steps,
                  generator=generator, output_type="latent")
     if upscaler == "latent":
-        side = big // FACTOR
+        side = big // pipe.vae_scale_factor
         start = {"image_latents": torch.nn.functional.interpolate(_grid(pipe, first, SIZE), size=(side, side),
                                                                   mode="bilinear", align_corners=False)}
     else:
