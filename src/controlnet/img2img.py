@@ -322,6 +322,6 @@ def img2img_timesteps(sampler: Any, steps: int, denoise: float) -> torch.Tensor:
 
 
 __all__ = ["Box", "HiresFix", "Source", "check_unet", "crop_condition", "encode", "feather", "full_res_box",
-           "image_start", "img2img_timesteps", "is_inpainting_unet", "latent_mask", "load_source", "mask_box",
-           "only_masked", "paste_back", "paste_back_all", "resize_exact", "to_vae_input", "uncrop", "upscale_latents",
-           "interpolate_latents", "resize_pictures"]
+           "image_start", "img2img_timesteps", "interpolate_latents", "is_inpainting_unet", "latent_mask",
+           "load_source", "mask_box", "only_masked", "paste_back", "paste_back_all", "resize_exact", "resize_pictures",
+           "to_vae_input", "uncrop", "upscale_latents"]

@@ -357,7 +357,8 @@ class TransformerPipeline:
                  guidance: float | None = None, negative_prompt: str | Sequence[str] = "", seed: int | None = None,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  init_image: Any = None, image_latents: torch.Tensor | None = None, denoise: float = 1.0,
-                 mask: Any = None, mask_blur: float = 0.0, max_sequence_length: int | None = None, output_type: str = "pil", progress: bool = False,
+                 mask: Any = None, mask_blur: float = 0.0, max_sequence_length: int | None = None,
+                 output_type: str = "pil", progress: bool = False,
                  callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> Any:
         """Text-to-image (or image-to-image from ``init_image``) under ``controls``; returns PIL images ("pil"), a
         (B, 3, H, W) tensor in [0, 1] ("pt") or the final latents ("latent"; Flux: packed tokens, as diffusers'
@@ -436,8 +437,8 @@ class TransformerPipeline:
                      image_latents: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, FlowInpaint | None]:
         """Image-to-image: the starting latents (the picture's latents, ``image_latents`` or a posterior sample of
-        ``init_image`` drawn after the noise, noised to the first sigma that runs), the sigmas and timesteps that run, and with a mask the known
-        region (for Flux and Qwen-Image packed like the image tokens; the starting latents are returned unpacked)."""
+        ``init_image`` drawn after the noise, noised to the first sigma that runs), the sigmas and timesteps that
+        run, and with a mask the known region (for Flux and Qwen-Image packed like the image tokens; the starting latents are returned unpacked)."""
         from controlnet.img2img import latent_mask
 
         steps = len(timesteps)
