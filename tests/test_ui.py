@@ -504,3 +504,17 @@ def test_flux_page_generation_equals_the_pipeline_and_drives_progress(flux_backe
 def test_flux_page_refuses_unet_settings_in_one_line(flux_backend, overrides, message):
     outcome = flux_backend.generate(request(**{**dict(steps=1, width=FLUX_SIZE, height=FLUX_SIZE), **overrides}))
     assert not outcome.ok and message in outcome.status and "\n" not in outcome.status
+
+
+def test_flux_page_progress_counts_every_image_and_hires_step(flux_backend):
+    unit = ui.UnitInput(True, "fill", "", circle_image(FLUX_SIZE), ui.NO_ANNOTATOR, "", 1.0, 0.0, 1.0)
+    fractions = []
+    page = request(steps=2, guidance=3.5, scheduler=ui.FLOW_SCHEDULER, seed=1, width=64, height=64, num_images=2,
+                   units=[unit])
+    page.hires = ui.HiresInput(enabled=True, scale=1.5, denoise=0.5, steps=4, upscaler="latent")
+    outcome = flux_backend.generate(page, progress=lambda frac, desc: fractions.append(frac))
+    assert outcome.ok, outcome.status
+    # Each image: 2 steps, then its hires pass runs the last 0.5 x 4 = 2 of 4 steps.
+    assert fractions == [0.0, *[k / 8 for k in range(1, 9)]]
+    with Image.open(outcome.files[0]) as img:
+        assert img.size == (96, 96)

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import secrets
 import socket
@@ -377,8 +378,9 @@ class UiBackend:
             self._check_time_budget(kwargs)
             if progress is not None:
                 progress(0.0, "starting")
-            # A Flux or SD3 base samples the images one after another: the callback counts all their steps.
-            steps = config.steps * config.num_images if self.is_flow else config.steps
+            # A Flux or SD3 base samples the images (and their hires passes) one after another: the callback
+            # counts all their steps.
+            steps = flow_steps(config) if self.is_flow else config.steps
             with self._lock, self._bounded_prompt_loras() as used_loras:
                 pace_of = dict(kwargs, steps=steps, num_images=1) if self.is_flow else kwargs  # one image a step
                 callback = self._with_deadline(self._step_callback(progress, steps), pace_of)
@@ -616,6 +618,14 @@ def _as_number(value: Any, name: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise UserError(f"{name} must be a number, got {str(value)[:40]!r}") from None
+
+
+def flow_steps(config: Any) -> int:
+    """The sampling steps a Flux or SD3 generation of ``config`` runs in all: each image's, then its hires pass's
+    (the last denoise x steps of its steps, halves rounded up, as image-to-image runs them)."""
+    hires = config.hires
+    second = 0 if hires is None else math.floor(hires.denoise * (hires.steps or config.steps) + 0.5)
+    return (config.steps + second) * config.num_images
 
 
 def sampling_work(kwargs: dict[str, Any]) -> float:
