@@ -50,6 +50,7 @@ from torch import nn
 
 from controlnet import runtime
 from controlnet.errors import UserError
+from controlnet.flow_lora import FlowLoras
 from controlnet.flow_sampling import FlowControl, FlowInpaint, FlowText, acts, flow_schedule, flux_sigmas, sample
 from controlnet.devices import placement
 from controlnet.generation_config import FLOW_DEFAULTS, FLOW_SIZE_MULTIPLE, GenerationConfig
@@ -132,6 +133,8 @@ class TransformerPipeline:
         self.variant: str | None = None  # weights variant for hub ControlNets, as from_pretrained got it
         self.max_pixels: int | None = None  # largest output, pixels per image (controlnet.limits)
         self._controlnets: dict[str, TransformerControlNet] = {}
+        self.loras = FlowLoras(self.family, {"transformer": transformer, "text_encoder": text_encoder,
+                                             "text_encoder_2": text_encoder_2})  # controlnet.flow_lora
 
     # ------------------------------------------------------------------------------------------- runtime
 
@@ -215,6 +218,12 @@ class TransformerPipeline:
                 self._controlnets[key] = load_transformer_controlnet(path, base=self.transformer,
                                                                      **placement(self.transformer)).eval()
         return self._controlnets[key]
+
+    def load_lora(self, source: str | os.PathLike, weight: float = 1.0, revision: str | None = None) -> str:
+        """Apply a LoRA made for this base's family (a file, a hub id, or a name under ``self.loras.lora_dir``; the
+        kohya, XLabs, ai-toolkit or diffusers layout, read by diffusers' loader) with ``weight`` (its scale), to
+        every generation from now on. Returns its name (:class:`controlnet.flow_lora.FlowLoras`)."""
+        return self.loras.load(source, weight, revision)
 
     # ------------------------------------------------------------------------------------------- encoders
 
@@ -521,9 +530,10 @@ class TransformerPipeline:
         units = [self._unit(u, condition, j) for j, (u, condition) in enumerate(zip(cropped, conditions))]
         source = None if source is None else source.fit(width, height)
         init = None if source is None else torch.from_numpy(source.image).permute(2, 0, 1)[None] / 255.0
+        text, active_loras = self.loras.apply_prompt(prompt)  # <lora:name:w> tags out of the text, their LoRAs on
         counter = itertools.count()
         step_callback = None if callback is None else (lambda i, t, x: callback(next(counter), t, x))
-        outputs = [self(prompt, units, height=height, width=width, steps=config.steps, guidance=config.guidance,
+        outputs = [self(text, units, height=height, width=width, steps=config.steps, guidance=config.guidance,
                         negative_prompt=config.negative_prompt, seed=seed + k, init_image=init,
                         mask=None if source is None else source.mask, denoise=image.strength, output_type="latent",
                         progress=progress, callback=step_callback)
@@ -539,7 +549,8 @@ class TransformerPipeline:
                                    image=dataclasses.replace(image, denoise=image.strength) if source else image)
         settings = {"prompt": prompt, **used.to_settings(), "seeds": [seed + k for k in range(used.num_images)],
                     "dtype": DTYPE_NAMES.get(placement(self.transformer)["dtype"], ""), "base": self.base,
-                    "controlnets": unit_settings(controls)}
+                    "controlnets": unit_settings(controls), **self.loras.settings(active_loras)}
+        self.loras.activate({})  # only the loaded LoRAs act again (the prompt's off)
         return GenerationResult(images, latents.cpu(), [condition_to_pil(c) for c in conditions], seed, settings)
 
     def output_size(self, size: tuple[int, int] | None, controls: Sequence[Any] = (),

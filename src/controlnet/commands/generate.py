@@ -268,6 +268,9 @@ def _load_transformer_base(args: argparse.Namespace, config: GenerationConfig, o
                                                revision=args.revision, variant=args.variant)
     pipe.max_pixels = max_pixels
     pipe.vae_tiling = options["vae_tiling"]
+    pipe.loras.lora_dir = Path(options["lora_dir"]).expanduser() if options["lora_dir"] else None
+    for spec in options["loras"]:
+        pipe.load_lora(spec.source, spec.weight)
     if options["offload"]:
         pipe.enable_offload(options["offload"], device)
     return pipe.generate
@@ -376,8 +379,7 @@ def check_model_options(args: argparse.Namespace, family: str = "unet") -> dict[
     from controlnet.defaults import scheduler_name
 
     if family in FLOW_DEFAULTS:
-        unet_only = (("--lora", args.lora), ("--lora-dir", args.lora_dir), ("--embedding", args.embedding),
-                     ("--vae", args.vae), ("--clip-skip", args.clip_skip != 1), ("--compile", args.compile),
+        unet_only = (("--embedding", args.embedding), ("--vae", args.vae), ("--clip-skip", args.clip_skip != 1), ("--compile", args.compile),
                      ("--channels-last", args.channels_last), ("--base-config", args.base_config))
         for flag, given in unet_only:
             if given:
