@@ -6,6 +6,7 @@ was made from; a LoRA of another family is refused in one line; the command line
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,9 +54,22 @@ def make_lora(transformer: torch.nn.Module, target_modules, seed: int) -> tuple[
     return state, config.to_dict()
 
 
-def save_lora(loader, folder, state: dict[str, torch.Tensor], config: dict) -> str:
+def make_text_lora(encoder: torch.nn.Module, seed: int) -> dict[str, Any]:
+    """save_lora_weights' arguments of a peft LoRA on a CLIP text encoder's attention query and value projections
+    (random A and B)."""
+    from peft import inject_adapter_in_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=RANK, lora_alpha=2 * ALPHA, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    inject_adapter_in_model(config, encoder)
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(encoder).items()}
+    return dict(text_encoder_lora_layers=state, text_encoder_lora_adapter_metadata=config.to_dict())
+
+
+def save_lora(loader, folder, state: dict[str, torch.Tensor], config: dict, **text_layers) -> str:
     """The LoRA saved with diffusers' save_lora_weights (the peft config as the adapter metadata)."""
-    loader.save_lora_weights(folder, transformer_lora_layers=state, transformer_lora_adapter_metadata=config)
+    loader.save_lora_weights(folder, transformer_lora_layers=state, transformer_lora_adapter_metadata=config,
+                             **text_layers)
     return str(folder / "pytorch_lora_weights.safetensors")
 
 
@@ -79,11 +93,13 @@ def condition(seed: int = 5) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def flux_lora(tmp_path_factory):
-    """A Flux LoRA on every attention projection (diffusers' file), and a ControlNet of the tiny base."""
+    """A Flux LoRA on every attention projection and on CLIP's (diffusers' file), and a ControlNet of the tiny base."""
     folder = tmp_path_factory.mktemp("flux-lora")
-    base = flux_components()["transformer"]
+    components = flux_components()
+    base = components["transformer"]
     cn = trained_like(FluxControlNet.from_transformer(base, num_layers=2, num_single_layers=2), 13)
-    return save_lora(FluxPipeline, folder, *make_lora(base, ATTENTION, 7)), cn
+    text = make_text_lora(components["text_encoder"], 6)
+    return save_lora(FluxPipeline, folder, *make_lora(base, ATTENTION, 7), **text), cn
 
 
 def flux_ours(lora: str | None, weight: float, cn) -> torch.Tensor:
@@ -120,9 +136,56 @@ def test_weight_zero_is_no_lora_and_the_settings_name_the_lora(flux_lora):
     pipe = TransformerPipeline(**flux_components())
     name = pipe.load_lora(path, 0.5)
     assert pipe.load_lora(path, 0.7) == name  # the same file again: only its weight changes
+    assert adapters_in(pipe.transformer) == adapters_in(pipe.text_encoder) == [name]  # CLIP's part in CLIP
     result = pipe.generate(PROMPT, [], GenerationConfig(steps=2, size=(SIZE, SIZE), seed=SEED), progress=False)
     assert result.settings["loras"] == {name: [0.7, 0.7]}
     assert result.settings["lora_files"] == {name: [path, 0.7, 0.7]}
+
+
+def test_prompt_tags_load_from_the_lora_folder_for_one_generation(flux_lora, tmp_path):
+    from controlnet.generation_config import GenerationConfig
+
+    path, _ = flux_lora
+    (tmp_path / "style.safetensors").write_bytes(open(path, "rb").read())
+    config = GenerationConfig(steps=2, size=(SIZE, SIZE), seed=SEED)
+    tagged = TransformerPipeline(**flux_components())
+    tagged.loras.lora_dir = tmp_path
+    by_tag = tagged.generate("<lora:style:0.6>" + PROMPT, [], config, progress=False)
+    assert by_tag.settings["loras"] == {"style": [0.6, 0.6]} and "lora_files" not in by_tag.settings
+    after = tagged.generate(PROMPT, [], config, progress=False)  # the tag's LoRA acts for its generation only
+    loaded = TransformerPipeline(**flux_components())
+    loaded.load_lora(tmp_path / "style.safetensors", 0.6)
+    assert np.array_equal(np.asarray(by_tag.images[0]), np.asarray(loaded.generate(PROMPT, [], config,
+                                                                                    progress=False).images[0]))
+    plain = TransformerPipeline(**flux_components()).generate(PROMPT, [], config, progress=False)
+    assert np.array_equal(np.asarray(after.images[0]), np.asarray(plain.images[0]))
+    assert not np.array_equal(np.asarray(by_tag.images[0]), np.asarray(plain.images[0]))
+
+
+def test_a_lora_loads_into_an_offloaded_base(flux_lora):
+    path, cn = flux_lora
+    pipe = TransformerPipeline(**flux_components())
+    pipe.enable_offload("sequential", "cpu")
+    pipe.load_lora(path, 0.6)
+    ours = pipe(PROMPT, [TransformerUnit(cn, condition(), 0.8, 0.0, 0.75)], **COMMON)
+    assert (ours - flux_ours(path, 0.6, cn)).abs().max() < TOL
+
+
+def test_text_encoder_parts_a_base_does_not_take_are_ignored_with_a_warning(flux_lora, tmp_path):
+    from safetensors import safe_open
+
+    path, cn = flux_lora
+    with safe_open(path, framework="pt") as f:  # the layers and the adapter metadata (the alphas)
+        state, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    t5 = {"text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": torch.randn(RANK, 32),
+          "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight": torch.randn(32, RANK)}
+    save_file({**state, **t5}, str(tmp_path / "with-t5.safetensors"), metadata=metadata)
+    pipe = TransformerPipeline(**flux_components())
+    with pytest.warns(UserWarning, match="layers for text_encoder_2 are ignored"):
+        pipe.load_lora(tmp_path / "with-t5.safetensors", 0.6)
+    assert not adapters_in(pipe.text_encoder_2)
+    ours = pipe(PROMPT, [TransformerUnit(cn, condition(), 0.8, 0.0, 0.75)], **COMMON)
+    assert (ours - flux_ours(path, 0.6, cn)).abs().max() < TOL
 
 
 def to_kohya(state: dict[str, torch.Tensor], blocks: int) -> dict[str, torch.Tensor]:

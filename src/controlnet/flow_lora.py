@@ -20,11 +20,12 @@ on UNet bases (:func:`controlnet.lora.split_prompt_loras`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
@@ -110,9 +111,10 @@ def check_flow_lora_fits(state: Mapping[str, torch.Tensor], models: Mapping[str,
     if unknown:
         raise UserError(f"LoRA {name} has layers for {', '.join(unknown)}, which a {label} base does not have; it is "
                         f"for another kind of model: use a LoRA made for {label}")
-    if "transformer" not in prefixes:
-        raise UserError(f"LoRA {name} has no layers for the {label} transformer (only {', '.join(prefixes)}); use a "
-                        f"LoRA made for {label}")
+    loaded = [p for p in prefixes if p in LOADABLE[family] and models.get(p) is not None]
+    if not loaded:
+        raise UserError(f"LoRA {name} has layers only for {', '.join(prefixes)}, none of which a {label} base takes "
+                        f"LoRA layers into ({', '.join(LOADABLE[family])}); use a LoRA made for {label}")
     ignored = []
     for component in prefixes:
         model = models.get(component)
@@ -150,11 +152,13 @@ class FlowLoras:
     """The LoRAs of a transformer base: loaded once each (by file), acting with their weights per generation.
 
     ``models``: the base's transformer and text encoders by diffusers' component name (``transformer``,
-    ``text_encoder``, ``text_encoder_2``; None where the base has none).
+    ``text_encoder``, ``text_encoder_2``; None where the base has none); ``paused``: a context in which they carry no
+    offload hooks (LoRA layers are added inside it).
     """
 
-    def __init__(self, family: str, models: Mapping[str, nn.Module | None]):
-        self.family, self.models = family, dict(models)
+    def __init__(self, family: str, models: Mapping[str, nn.Module | None],
+                 paused: Callable[[], ContextManager[None]] = contextlib.nullcontext):
+        self.family, self.models, self._paused = family, dict(models), paused
         self.lora_dir: Path | None = None  # where --lora NAME and <lora:NAME> prompt tags are looked for
         self.specs: dict[str, lora_lib.LoraSpec] = {}  # loaded with load: adapter name → its spec
         self._files: dict[str, str] = {}  # resolved file → adapter name (prompt-tag LoRAs stay loaded)
@@ -186,7 +190,7 @@ class FlowLoras:
         components = [c for c in LOADABLE[self.family] if self.models.get(c) is not None
                       and any(k.startswith(c + ".") for k in state)]
         name = lora_lib.adapter_name(path, {n: None for n in self._files.values()})
-        with torch.inference_mode(False):  # new parameters must be ordinary tensors even inside a generation
+        with torch.inference_mode(False), self._paused():  # ordinary tensors even inside a generation
             inject_flow_lora(state, alphas, metadata, self.models, components, name)
         self._files[key] = name
         return name

@@ -33,13 +33,14 @@ Flux and Qwen-Image pack them 2x2 into tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,7 +135,7 @@ class TransformerPipeline:
         self.max_pixels: int | None = None  # largest output, pixels per image (controlnet.limits)
         self._controlnets: dict[str, TransformerControlNet] = {}
         self.loras = FlowLoras(self.family, {"transformer": transformer, "text_encoder": text_encoder,
-                                             "text_encoder_2": text_encoder_2})  # controlnet.flow_lora
+                                             "text_encoder_2": text_encoder_2}, self._offload_paused)
 
     # ------------------------------------------------------------------------------------------- runtime
 
@@ -224,6 +225,18 @@ class TransformerPipeline:
         kohya, XLabs, ai-toolkit or diffusers layout, read by diffusers' loader) with ``weight`` (its scale), to
         every generation from now on. Returns its name (:class:`controlnet.flow_lora.FlowLoras`)."""
         return self.loras.load(source, weight, revision)
+
+    @contextlib.contextmanager
+    def _offload_paused(self) -> Iterator[None]:
+        """The models without offload hooks (on the offload device) while LoRA layers are added to them."""
+        mode, device = self.offload, self._offload_device
+        if mode:
+            self.enable_offload(None, device)
+        try:
+            yield
+        finally:
+            if mode:
+                self.enable_offload(mode, device)
 
     # ------------------------------------------------------------------------------------------- encoders
 
