@@ -268,6 +268,32 @@ def test_sd3_generation_with_a_lora_matches_diffusers(tmp_path):
     assert (ours - plain).abs().max() > 1e-2
 
 
+# --------------------------------------------------------------------------------------------- Qwen-Image
+
+
+def test_qwen_image_generation_with_a_lora_matches_diffusers(tmp_path):
+    from diffusers import QwenImagePipeline
+
+    from controlnet.testing_flow import QWEN_LATENT_CHANNELS, qwen_components
+
+    path = save_lora(QwenImagePipeline, tmp_path, *make_lora(qwen_components()["transformer"], ATTENTION, 12))
+    pipe = TransformerPipeline(**qwen_components())
+    pipe.load_lora(path, 0.7)
+    common = dict(steps=STEPS, seed=SEED, height=SIZE, width=SIZE, output_type="latent")
+    ours = pipe(PROMPT, guidance=1.0, **common)
+
+    g = torch.Generator().manual_seed(SEED)
+    noise = pack_latents(randn_tensor((1, QWEN_LATENT_CHANNELS, SIZE // 4, SIZE // 4), generator=g))
+    ref = QwenImagePipeline(**diffusers_components(qwen_components()))
+    ref.load_lora_weights(path, adapter_name="style")
+    ref.set_adapters(["style"], [0.7])
+    theirs = ref(PROMPT, true_cfg_scale=1.0, latents=noise, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                 output_type="latent").images
+    assert (ours - theirs).abs().max() < TOL
+    pipe.load_lora(path, 0.0)
+    assert (ours - pipe(PROMPT, guidance=1.0, **common)).abs().max() > 1e-3
+
+
 # --------------------------------------------------------------------------------------------- command line
 
 

@@ -353,8 +353,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--variant", default=None, metavar="NAME",
                    help="weights variant of hub/diffusers models, e.g. fp16 (*.fp16.safetensors), where they have it")
     g.add_argument("--lora", action="append", default=[], metavar="FILE_OR_ID[:WEIGHT]",
-                   help="a LoRA (kohya/A1111 or diffusers/peft layout) on the UNet and text encoder, weight 1 unless "
-                   "given; repeatable. <lora:NAME:WEIGHT> in the prompt works too, with --lora-dir")
+                   help="a LoRA (kohya/A1111 or diffusers/peft layout; Flux also XLabs, ai-toolkit) on the UNet or "
+                   "Flux/SD3/Qwen-Image transformer and the text encoder, weight 1 unless given; repeatable. "
+                   "<lora:NAME:WEIGHT> in the prompt works too, with --lora-dir")
     g.add_argument("--lora-dir", default=None, metavar="DIR", help="where <lora:NAME> and --lora NAME are looked for")
     g.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers); its token is TOKEN, "
