@@ -1,7 +1,9 @@
-"""LoRAs on transformer bases (controlnet.flow_lora): a Flux or SD3 generation with a LoRA gives diffusers'
-FluxControlNetPipeline / StableDiffusion3ControlNetPipeline (oracles) after their load_lora_weights + set_adapters,
-on the same tiny seeded components and noise; weight 0 is no LoRA; a kohya-layout Flux LoRA is the diffusers one it
-was made from; a LoRA of another family is refused in one line; the command line records the LoRA in the PNG."""
+"""LoRAs on transformer bases (controlnet.flow_lora): a Flux, SD3 or Qwen-Image generation with a LoRA gives
+diffusers' FluxControlNetPipeline / StableDiffusion3ControlNetPipeline / QwenImagePipeline (oracles) after their
+load_lora_weights + set_adapters, on the same tiny seeded components and noise (the setup of test_flow_sampling);
+weight 0 is no LoRA; a kohya-layout Flux LoRA is the diffusers one it was made from; prompt tags act for their
+generation; a LoRA of another family is refused in one line; the command line records the LoRA in the PNG and
+``--from-png`` repeats it."""
 
 from __future__ import annotations
 
@@ -26,13 +28,8 @@ from controlnet.testing import trained_like
 from controlnet.testing_flow import diffusers_components, flux_components, sd3_components
 from controlnet.transformer_controlnet import FluxControlNet, SD3ControlNet, pack_latents
 from controlnet.transformer_pipeline import TransformerPipeline, TransformerUnit
+from test_flow_sampling import COMMON, PROMPT, SEED, SIZE, STEPS, TOL, after_noise, as_diffusers
 
-TOL = 1e-4
-SIZE = 64  # pixels: 8x8 latents, 4x4 Flux tokens / SD3 patches
-STEPS = 4
-PROMPT = "a red circle on blue"
-SEED = 3
-COMMON = dict(steps=STEPS, seed=SEED, output_type="latent", max_sequence_length=16)
 # The attention projections of Flux's double blocks (image and text streams) and single blocks, and of SD3's blocks.
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 # Only the image stream of Flux's double blocks: what a kohya file's img_attn_qkv / img_attn_proj hold.
@@ -71,20 +68,6 @@ def save_lora(loader, folder, state: dict[str, torch.Tensor], config: dict, **te
     loader.save_lora_weights(folder, transformer_lora_layers=state, transformer_lora_adapter_metadata=config,
                              **text_layers)
     return str(folder / "pytorch_lora_weights.safetensors")
-
-
-def after_noise(batch: int = 1, seed: int = SEED) -> tuple[torch.Tensor, torch.Generator]:
-    """The starting noise ours draws from ``seed``, and the generator in the state ours leaves it in."""
-    g = torch.Generator().manual_seed(seed)
-    return randn_tensor((batch, 16, SIZE // 8, SIZE // 8), generator=g), g
-
-
-def as_diffusers(cn):
-    from diffusers import FluxControlNetModel, SD3ControlNetModel
-
-    ref = (FluxControlNetModel if isinstance(cn, FluxControlNet) else SD3ControlNetModel).from_config(cn.config.to_dict())
-    ref.load_state_dict(cn.state_dict(), strict=True)
-    return ref.eval()
 
 
 def condition(seed: int = 5) -> torch.Tensor:
