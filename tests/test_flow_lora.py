@@ -220,6 +220,12 @@ def test_a_lora_of_another_family_is_refused_in_one_line(flux_lora, tmp_path):
     with pytest.raises(UserError, match="does not fit this Flux base .*takes 32 inputs, the LoRA 3072"):
         flux.load_lora(wide)
     assert not flux.loras.specs and not adapters_in(flux.transformer)  # nothing was loaded
+    control = tmp_path / "control.safetensors"  # BFL's control-LoRA layout: norm scales beside the LoRA layers
+    layer = "double_blocks.0.img_attn"
+    save_file({f"{layer}.qkv.lora_A.weight": torch.randn(4, 32), f"{layer}.qkv.lora_B.weight": torch.randn(96, 4),
+               f"{layer}.norm.query_norm.scale": torch.ones(16)}, str(control))
+    with pytest.raises(UserError, match="is a control LoRA for diffusers' FluxControlPipeline, not a style LoRA"):
+        flux.load_lora(control)
 
 
 # --------------------------------------------------------------------------------------------- SD3

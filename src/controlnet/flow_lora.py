@@ -86,6 +86,10 @@ def read_flow_lora(path: Path, family: str) -> tuple[dict[str, torch.Tensor], di
     made_for = lora_family(raw)
     if made_for is not None and made_for != label:
         raise UserError(f"LoRA {path} is made for {made_for}, not {label}: use a LoRA made for {label}")
+    replaced = sorted(k for k in raw if "lora" not in k and not k.endswith(".alpha"))
+    if replaced:  # BFL's FLUX.1 Canny/Depth LoRAs: new norm scales (and a wider input layer) beside the LoRA layers
+        raise UserError(f"LoRA {path} also replaces base weights ({replaced[0]}): it is a control LoRA for diffusers' "
+                        "FluxControlPipeline, not a style LoRA; give a ControlNet for the control instead")
     lora_lib.check_lora_layers(raw, path)
     metadata = lora_lib.adapter_metadata(path)
     loader = getattr(diffusers.loaders, LOADERS[family])
