@@ -249,7 +249,7 @@ def test_family_defaults_replace_only_what_is_left_to_the_base():
     ("flux", ["--negative-prompt", "blur"], "Flux is guidance-distilled"),
     ("flux", ["--mask", "{a}/init.png"], "--mask needs --init-image IMG"),
     ("sd3", ["--hires-scale", "2", "--hires-denoise", "0.2"], "--hires-denoise 0.2 runs no step of 2 on SD3 bases"),
-    ("flux", ["--lora", "{a}/style.safetensors"], "--lora is not supported on Flux bases"),
+    ("flux", ["--embedding", "{a}/style.safetensors"], "--embedding is not supported on Flux bases"),
     ("sd3", ["--clip-skip", "2"], "--clip-skip is not supported on SD3 bases"),
 ])
 def test_what_a_transformer_base_cannot_do_exits_2_in_one_line(assets, tmp_path, capsys, family, extra, message):

@@ -33,13 +33,14 @@ Flux and Qwen-Image pack them 2x2 into tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from torch import nn
 
 from controlnet import runtime
 from controlnet.errors import UserError
+from controlnet.flow_lora import FlowLoras
 from controlnet.flow_sampling import FlowControl, FlowInpaint, FlowText, acts, flow_schedule, flux_sigmas, sample
 from controlnet.devices import placement
 from controlnet.generation_config import FLOW_DEFAULTS, FLOW_SIZE_MULTIPLE, GenerationConfig
@@ -132,6 +134,8 @@ class TransformerPipeline:
         self.variant: str | None = None  # weights variant for hub ControlNets, as from_pretrained got it
         self.max_pixels: int | None = None  # largest output, pixels per image (controlnet.limits)
         self._controlnets: dict[str, TransformerControlNet] = {}
+        self.loras = FlowLoras(self.family, {"transformer": transformer, "text_encoder": text_encoder,
+                                             "text_encoder_2": text_encoder_2}, self._offload_paused)
 
     # ------------------------------------------------------------------------------------------- runtime
 
@@ -215,6 +219,24 @@ class TransformerPipeline:
                 self._controlnets[key] = load_transformer_controlnet(path, base=self.transformer,
                                                                      **placement(self.transformer)).eval()
         return self._controlnets[key]
+
+    def load_lora(self, source: str | os.PathLike, weight: float = 1.0, revision: str | None = None) -> str:
+        """Apply a LoRA made for this base's family (a file, a hub id, or a name under ``self.loras.lora_dir``; the
+        kohya, XLabs, ai-toolkit or diffusers layout, read by diffusers' loader) with ``weight`` (its scale), to
+        every generation from now on. Returns its name (:class:`controlnet.flow_lora.FlowLoras`)."""
+        return self.loras.load(source, weight, revision)
+
+    @contextlib.contextmanager
+    def _offload_paused(self) -> Iterator[None]:
+        """The models without offload hooks (on the offload device) while LoRA layers are added to them."""
+        mode, device = self.offload, self._offload_device
+        if mode:
+            self.enable_offload(None, device)
+        try:
+            yield
+        finally:
+            if mode:
+                self.enable_offload(mode, device)
 
     # ------------------------------------------------------------------------------------------- encoders
 
@@ -537,17 +559,18 @@ class TransformerPipeline:
         units = [self._unit(u, condition, j) for j, (u, condition) in enumerate(zip(cropped, conditions))]
         source = None if source is None else source.fit(width, height)
         init = None if source is None else torch.from_numpy(source.image).permute(2, 0, 1)[None] / 255.0
+        text, active_loras = self.loras.apply_prompt(prompt)  # <lora:name:w> tags out of the text, their LoRAs on
         counter = itertools.count()
         step_callback = None if callback is None else (lambda i, t, x: callback(next(counter), t, x))
         generators = [torch.Generator().manual_seed(seed + k) for k in range(config.num_images)]
-        outputs = [self(prompt, units, height=height, width=width, steps=config.steps, guidance=config.guidance,
+        outputs = [self(text, units, height=height, width=width, steps=config.steps, guidance=config.guidance,
                         negative_prompt=config.negative_prompt, generator=generator, init_image=init,
                         mask=None if source is None else source.mask, denoise=image.strength, output_type="latent",
                         progress=progress, callback=step_callback)
                    for generator in generators]  # one at a time: image k alone is seed + k's
         first_pass = (width, height)
         if config.hires is not None:
-            outputs, (width, height), conditions = self._hires_pass(prompt, controls, config, outputs, first_pass,
+            outputs, (width, height), conditions = self._hires_pass(text, controls, config, outputs, first_pass,
                                                                     generators, progress, step_callback)
         arrays = [np.asarray(_to_pil(self.decode(out, height, width)[0])) for out in outputs]
         if source is not None and source.mask is not None:  # the unmasked pixels pasted back
@@ -562,9 +585,10 @@ class TransformerPipeline:
                                    image=dataclasses.replace(image, denoise=image.strength) if source else image)
         settings = {"prompt": prompt, **used.to_settings(), "seeds": [seed + k for k in range(used.num_images)],
                     "dtype": DTYPE_NAMES.get(placement(self.transformer)["dtype"], ""), "base": self.base,
-                    "controlnets": unit_settings(controls)}
+                    "controlnets": unit_settings(controls), **self.loras.settings(active_loras)}
         if hires is not None:
             settings["hires"]["size"] = f"{width}x{height}"  # the output's; "size" is the first pass's
+        self.loras.activate({})  # only the loaded LoRAs act again (the prompt's off)
         return GenerationResult(images, latents.cpu(), [condition_to_pil(c) for c in conditions], seed, settings)
 
     def _hires_pass(self, prompt: str, controls: Sequence[Any], config: GenerationConfig,

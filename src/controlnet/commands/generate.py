@@ -268,6 +268,9 @@ def _load_transformer_base(args: argparse.Namespace, config: GenerationConfig, o
                                                revision=args.revision, variant=args.variant)
     pipe.max_pixels = max_pixels
     pipe.vae_tiling = options["vae_tiling"]
+    pipe.loras.lora_dir = Path(options["lora_dir"]).expanduser() if options["lora_dir"] else None
+    for spec in options["loras"]:
+        pipe.load_lora(spec.source, spec.weight)
     if options["offload"]:
         pipe.enable_offload(options["offload"], device)
     return pipe.generate
@@ -350,8 +353,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--variant", default=None, metavar="NAME",
                    help="weights variant of hub/diffusers models, e.g. fp16 (*.fp16.safetensors), where they have it")
     g.add_argument("--lora", action="append", default=[], metavar="FILE_OR_ID[:WEIGHT]",
-                   help="a LoRA (kohya/A1111 or diffusers/peft layout) on the UNet and text encoder, weight 1 unless "
-                   "given; repeatable. <lora:NAME:WEIGHT> in the prompt works too, with --lora-dir")
+                   help="a LoRA (kohya/A1111 or diffusers/peft layout; Flux also XLabs, ai-toolkit) on the UNet or "
+                   "Flux/SD3/Qwen-Image transformer and the text encoder, weight 1 unless given; repeatable. "
+                   "<lora:NAME:WEIGHT> in the prompt works too, with --lora-dir")
     g.add_argument("--lora-dir", default=None, metavar="DIR", help="where <lora:NAME> and --lora NAME are looked for")
     g.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers); its token is TOKEN, "
@@ -376,8 +380,7 @@ def check_model_options(args: argparse.Namespace, family: str = "unet") -> dict[
     from controlnet.defaults import scheduler_name
 
     if family in FLOW_DEFAULTS:
-        unet_only = (("--lora", args.lora), ("--lora-dir", args.lora_dir), ("--embedding", args.embedding),
-                     ("--vae", args.vae), ("--clip-skip", args.clip_skip != 1), ("--compile", args.compile),
+        unet_only = (("--embedding", args.embedding), ("--vae", args.vae), ("--clip-skip", args.clip_skip != 1), ("--compile", args.compile),
                      ("--channels-last", args.channels_last), ("--base-config", args.base_config))
         for flag, given in unet_only:
             if given:
