@@ -518,3 +518,34 @@ def test_flux_page_progress_counts_every_image_and_hires_step(flux_backend):
     assert fractions == [0.0, *[k / 8 for k in range(1, 9)]]
     with Image.open(outcome.files[0]) as img:
         assert img.size == (96, 96)
+
+
+def test_flux_page_prompt_tag_loras_load_from_the_models_folder_and_stay_bounded(tmp_path, monkeypatch):
+    from diffusers import FluxPipeline
+
+    from controlnet.lora import adapters_in
+    from test_flow_lora import ATTENTION, make_lora, save_lora
+
+    models = tmp_path / "models"
+    models.mkdir()
+    backend = ui.create_backend(ui.UiConfig(base="tiny-flux", output_dir=str(tmp_path / "out"),
+                                            models_dirs=(str(models),)))
+    for k, name in enumerate(("first", "second")):
+        (tmp_path / name).mkdir()
+        made = save_lora(FluxPipeline, tmp_path / name, *make_lora(backend.pipeline.transformer, ATTENTION, 10 + k))
+        Path(made).rename(models / f"{name}.safetensors")
+    monkeypatch.setattr(ui, "MAX_PROMPT_LORAS", 1)
+    page = dict(steps=1, guidance=3.5, scheduler=ui.FLOW_SCHEDULER, seed=2, width=64, height=64)
+    plain = backend.generate(request(prompt="a red circle", **page))
+    tagged = backend.generate(request(prompt="a red circle <lora:first:0.8>", **page))
+    assert plain.ok and tagged.ok, (plain.status, tagged.status)
+    with Image.open(plain.files[0]) as a, Image.open(tagged.files[0]) as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
+        settings = json.loads(b.text["settings"])
+        assert settings["loras"] == {"first": [0.8, 0.8]} and settings["prompt"] == "a red circle <lora:first:0.8>"
+    assert adapters_in(backend.pipeline.transformer) == ["first"]
+    assert backend.generate(request(prompt="a red circle <lora:second:0.8>", **page)).ok
+    assert adapters_in(backend.pipeline.transformer) == ["second"]  # the least recently used one unloaded
+    again = backend.generate(request(prompt="a red circle", **page))
+    with Image.open(plain.files[0]) as a, Image.open(again.files[0]) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # a tag acts for its own generation only

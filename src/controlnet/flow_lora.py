@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ContextManager
 
@@ -152,8 +152,9 @@ def inject_flow_lora(state: dict[str, torch.Tensor], alphas: dict[str, float] | 
             lora_lib.inject_text_encoder(state, alphas, metadata, model, component, adapter)
 
 
-class FlowLoras:
-    """The LoRAs of a transformer base: loaded once each (by file), acting with their weights per generation.
+class FlowLoras(Mapping[str, tuple[float, float]]):
+    """The LoRAs of a transformer base: loaded once each (by file), acting with their weights per generation. As a
+    mapping, like :attr:`controlnet.pipeline.Pipeline.loras`: those loaded with :meth:`load`, name → (weight, weight).
 
     ``models``: the base's transformer and text encoders by diffusers' component name (``transformer``,
     ``text_encoder``, ``text_encoder_2``; None where the base has none); ``paused``: a context in which they carry no
@@ -171,6 +172,22 @@ class FlowLoras:
     def weights(self) -> dict[str, tuple[float, float]]:
         """The LoRAs loaded with :meth:`load`: name → (weight, weight)."""
         return {name: (spec.weight, spec.weight) for name, spec in self.specs.items()}
+
+    def __getitem__(self, name: str) -> tuple[float, float]:
+        return self.weights[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def unload(self, name: str) -> None:
+        """Remove the LoRA (adapter) ``name`` from the models, whether loaded by :meth:`load` or by a prompt tag."""
+        with torch.inference_mode(False), self._paused():
+            lora_lib.remove(self.models, name)
+        self.specs.pop(name, None)
+        self._files = {key: n for key, n in self._files.items() if n != name}
 
     def load(self, source: str | os.PathLike, weight: float = 1.0, revision: str | None = None) -> str:
         """Load the LoRA ``source`` (a file, a hub id, or a name under :attr:`lora_dir`) with ``weight`` (its

@@ -226,6 +226,19 @@ class TransformerPipeline:
         every generation from now on. Returns its name (:class:`controlnet.flow_lora.FlowLoras`)."""
         return self.loras.load(source, weight, revision)
 
+    def unload_lora(self, name: str) -> None:
+        """Remove the LoRA ``name`` (:meth:`load_lora` 's, or a prompt tag's) from the base."""
+        self.loras.unload(name)
+
+    @property
+    def lora_dir(self) -> Path | None:
+        """Where ``--lora NAME`` and ``<lora:NAME>`` prompt tags are looked for (None: nowhere)."""
+        return self.loras.lora_dir
+
+    @lora_dir.setter
+    def lora_dir(self, folder: str | os.PathLike | None) -> None:
+        self.loras.lora_dir = None if folder is None else Path(folder).expanduser()
+
     @contextlib.contextmanager
     def _offload_paused(self) -> Iterator[None]:
         """The models without offload hooks (on the offload device) while LoRA layers are added to them."""

@@ -517,7 +517,7 @@ class UiBackend:
         finally:
             from controlnet.lora import adapters_in
 
-            parts = ("unet", "text_encoder", "text_encoder_2")
+            parts = ("unet", "transformer", "text_encoder", "text_encoder_2")
             loaded = {n for part in parts for n in adapters_in(getattr(self.pipeline, part, None))}
             loaded -= set(getattr(self.pipeline, "loras", {}))  # loaded by the server's own configuration: kept
             for name in [n for n in self._prompt_loras if n not in loaded]:
@@ -1018,12 +1018,16 @@ def create_backend(config: UiConfig) -> UiBackend:
 
     config.check()
     if base_folder_family(config.base) == "unet":
-        pipeline = _unet_pipeline(config)
+        from controlnet.pipeline import Pipeline
+
+        pipeline = Pipeline.from_pretrained(base=config.base)
     else:
         from controlnet.transformer_pipeline import TransformerPipeline
 
         pipeline = TransformerPipeline.from_pretrained(config.base)
     pipeline.max_pixels = config.max_pixels
+    # <lora:NAME> tags name files in the first --models-dir (controlnet.lora.find_tag_lora); none without one.
+    pipeline.lora_dir = Path(config.models_dirs[0]).expanduser() if config.models_dirs else None
     output_dir = own_output_folder(config.output_dir)
     limits = dict(model_roots=config.model_roots(), timeout=config.timeout, controlnets=base_controlnets(config.base))
     if config.base is None:
@@ -1035,16 +1039,6 @@ def create_backend(config: UiConfig) -> UiBackend:
     no_negative = getattr(pipeline, "family", None) == "flux" or base_controlnets(config.base) is not None
     return UiBackend(pipeline, output_dir, base_label=str(config.base), **limits,
                      **(dict(negative_prompt="") if no_negative else {}))
-
-
-def _unet_pipeline(config: UiConfig) -> Any:
-    """An SD1.x/SD2.x/SDXL (or the embedded) base, with ``<lora:NAME>`` tags naming files in the first
-    --models-dir (:func:`controlnet.lora.find_tag_lora`; none without one)."""
-    from controlnet.pipeline import Pipeline
-
-    pipeline = Pipeline.from_pretrained(base=config.base)
-    pipeline.lora_dir = Path(config.models_dirs[0]).expanduser() if config.models_dirs else None
-    return pipeline
 
 
 def launch(config: UiConfig, block: bool = True, quiet: bool = False) -> Any:

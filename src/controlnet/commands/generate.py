@@ -268,7 +268,7 @@ def _load_transformer_base(args: argparse.Namespace, config: GenerationConfig, o
                                                revision=args.revision, variant=args.variant)
     pipe.max_pixels = max_pixels
     pipe.vae_tiling = options["vae_tiling"]
-    pipe.loras.lora_dir = Path(options["lora_dir"]).expanduser() if options["lora_dir"] else None
+    pipe.lora_dir = options["lora_dir"]
     for spec in options["loras"]:
         pipe.load_lora(spec.source, spec.weight)
     if options["offload"]:
