@@ -314,7 +314,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(assets, 
     from controlnet.train.flow import make_flow_controlnet
 
     common = ["--base", str(assets / "qwen"), "--data", str(assets / "data"), "--resolution", str(R), "--max-steps",
-              "3", "--lr", "1e-3", "--seed", "1", "--quiet", "--no-plot", "--no-tensorboard", "--controlnet-layers",
+              "3", "--lr", "1e-3", "--seed", "2", "--quiet", "--no-plot", "--no-tensorboard", "--controlnet-layers",
               "2"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
@@ -332,7 +332,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(assets, 
     assert any(r["empty_prompts"] == 1 for r in one)  # a batch of two lengths
     np.testing.assert_allclose([r["loss"] for r in ddp], [r["loss"] for r in one], rtol=1e-5)
     pipe = _pipe(assets)
-    torch.manual_seed(1)
+    torch.manual_seed(2)
     init = make_flow_controlnet(_config(assets, tmp_path, controlnet_layers=2), pipe.transformer).state_dict()
     a = load_file(tmp_path / "ddp" / "controlnet" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "one" / "controlnet" / "diffusion_pytorch_model.safetensors")
