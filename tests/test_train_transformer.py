@@ -374,11 +374,6 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(assets, 
     """As for UNet bases (tests/test_train_ddp.py, whose tolerance this takes): the same samples, per-step losses
     within 1e-5 relative, the weight updates within 1e-2 relative L2 norm. Every ControlNet parameter the loss does
     not reach (the last copied block's text-stream output) is left out of the gradient reduction."""
-    import os
-    import subprocess
-    import sys
-
-    from controlnet.cli import main
     from controlnet.train.flow import make_flow_controlnet
 
     layers = [f"--controlnet-layers={LAYERS[family]['controlnet_layers']}"]
@@ -386,6 +381,22 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(assets, 
         layers.append("--controlnet-single-layers=0")  # the last double block's text stream reaches nothing
     common = ["--base", str(assets / family), "--data", str(assets / "data"), "--resolution", str(R), "--max-steps",
               "3", "--lr", "1e-3", "--seed", "1", "--quiet", "--no-plot", "--no-tensorboard", *layers]
+    pipe = _pipe(assets, family)
+    torch.manual_seed(1)
+    config = _config(assets, family, tmp_path, controlnet_single_layers=0 if family == "flux" else None)
+    ddp_matches_one_process(tmp_path, common, make_flow_controlnet(config, pipe.transformer).state_dict())
+
+
+def ddp_matches_one_process(tmp_path: Path, common: list[str], init: dict[str, torch.Tensor]) -> list[dict]:
+    """``controlnet train *common`` in two processes of batch 1 (``accelerate launch``) and in one of batch 2: the
+    same empty-prompt draws, per-step losses within 1e-5 relative, the updates from ``init`` within 1e-2 relative
+    L2 norm. Returns the one process's train records."""
+    import os
+    import subprocess
+    import sys
+
+    from controlnet.cli import main
+
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
               "-m", "controlnet", "train", "--out", str(tmp_path / "ddp"), "--batch-size", "1", *common]
@@ -400,16 +411,13 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(assets, 
     ddp, one = records(tmp_path / "ddp"), records(tmp_path / "one")
     assert [r["empty_prompts"] for r in ddp] == [r["empty_prompts"] for r in one]
     np.testing.assert_allclose([r["loss"] for r in ddp], [r["loss"] for r in one], rtol=1e-5)
-    pipe = _pipe(assets, family)
-    torch.manual_seed(1)
-    config = _config(assets, family, tmp_path, controlnet_single_layers=0 if family == "flux" else None)
-    init = make_flow_controlnet(config, pipe.transformer).state_dict()
     a = load_file(tmp_path / "ddp" / "controlnet" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "one" / "controlnet" / "diffusion_pytorch_model.safetensors")
     update_a = torch.cat([(a[k] - init[k]).flatten() for k in init])
     update_b = torch.cat([(b[k] - init[k]).flatten() for k in init])
     assert update_b.abs().max() > 1e-4
     assert (update_a - update_b).norm() <= 1e-2 * update_b.norm()
+    return one
 
 
 @pytest.mark.slow  # three training runs in subprocesses, one killed
