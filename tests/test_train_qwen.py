@@ -87,8 +87,8 @@ def _reference_sigmas(scheduler_config: dict, timesteps: list[int]) -> torch.Ten
 
 
 def test_loss_equals_the_flow_matching_loss_computed_with_diffusers_qwen_image_models(assets, tmp_path):
-    """On a fixed batch (two samples, two σ, text of two lengths masked): x_σ = (1 − σ) x0 + σ ε, target ε − x0,
-    t = σ, the condition's latents (z − mean) / std packed 2x2, diffusers' QwenImageControlNetModel (our saved
+    """On a fixed batch (two samples, two σ, text of two lengths masked): x_σ = (1 − σ) x0 + σ ε, target
+    ε − x0, t = σ, the condition's latents (z − mean) / std packed 2x2, diffusers' QwenImageControlNetModel (our saved
     weights) feeding QwenImageTransformer2DModel's controlnet_block_samples; the MSE within 1e-5."""
     from controlnet.testing import trained_like
     from controlnet.train.flow import make_flow_controlnet
@@ -197,18 +197,14 @@ def test_training_lowers_the_loss_and_generate_loads_the_result(assets, tmp_path
     """Twelve steps on one example lower the loss of a fixed batch of it and move the zero linears from zero;
     OUT/controlnet loads with load_transformer_controlnet and ``controlnet generate --base <the same folder>`` uses
     it."""
+    from test_train_transformer import one_example_data
+
     from controlnet.cli import main
     from controlnet.train import train
     from controlnet.train.flow import make_flow_controlnet
     from controlnet.transformer_formats import load_transformer_controlnet
 
-    data = tmp_path / "one"
-    data.mkdir()
-    row = json.loads((assets / "data" / "prompt.json").read_text().splitlines()[0])
-    for key in ("source", "target"):
-        (data / key).mkdir()
-        Image.open(assets / "data" / row[key]).save(data / row[key])
-    (data / "prompt.json").write_text(json.dumps(row) + "\n")
+    data, row = one_example_data(assets / "data", tmp_path / "one")
     result = train(_config(assets, tmp_path / "run", data=data, max_steps=12, checkpoint_every=0, lr=1e-3,
                            empty_prompt_prob=0.0))
     assert result.step == 12 and all(np.isfinite(result.losses))

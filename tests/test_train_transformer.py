@@ -197,6 +197,17 @@ def test_sigma_follows_the_logit_normal_law_on_the_training_schedules_levels():
 # --------------------------------------------------------------------------------------------- training runs
 
 
+def one_example_data(source: Path, data: Path) -> tuple[Path, dict]:
+    """A data set at ``data`` holding the first example of the fill data set ``source``, and its manifest row."""
+    data.mkdir()
+    row = json.loads((source / "prompt.json").read_text().splitlines()[0])
+    for key in ("source", "target"):
+        (data / key).mkdir()
+        Image.open(source / row[key]).save(data / row[key])
+    (data / "prompt.json").write_text(json.dumps(row) + "\n")
+    return data, row
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_lowers_the_loss_on_a_tiny_overfit_set_and_generate_loads_the_result(assets, tmp_path, family):
     """Twelve steps on one example lower the loss of a fixed batch of it; OUT/controlnet is diffusers' layout and
@@ -206,13 +217,7 @@ def test_training_lowers_the_loss_on_a_tiny_overfit_set_and_generate_loads_the_r
     from controlnet.train.flow import make_flow_controlnet
     from controlnet.transformer_formats import load_transformer_controlnet
 
-    data = tmp_path / "one"
-    data.mkdir()
-    row = json.loads((assets / "data" / "prompt.json").read_text().splitlines()[0])
-    for key in ("source", "target"):
-        (data / key).mkdir()
-        Image.open(assets / "data" / row[key]).save(data / row[key])
-    (data / "prompt.json").write_text(json.dumps(row) + "\n")
+    data, row = one_example_data(assets / "data", tmp_path / "one")
     result = train(_config(assets, family, tmp_path / "run", data=data, max_steps=12, checkpoint_every=0, lr=1e-3,
                            empty_prompt_prob=0.0))
     assert result.step == 12 and all(np.isfinite(result.losses))

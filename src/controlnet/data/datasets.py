@@ -464,10 +464,11 @@ class TrainDataset(torch.utils.data.Dataset):
     """Training samples by position in the stream (module docstring), read from the caches.
 
     ``dataset[p]`` is a dict of tensors: ``latents`` (C, h, w) sampled from the cached distribution, less
-    ``shift_factor``, times the VAE's ``scaling_factor`` (with ``latent_std``: over it, per channel; Qwen-Image); ``noise`` (C, h, w); ``timesteps`` (); ``hidden`` (L, D) (and ``pooled``
-    (D2,) for SDXL) — the empty prompt's when ``empty``; ``condition`` (3, R, R) in [0, 1], or, for an example
-    with cached condition latents, ``condition_params`` (2C, h, w), the condition's VAE posterior (the objective
-    samples it); ``empty`` (); and ``position`` ().
+    ``shift_factor``, times the VAE's ``scaling_factor`` (with ``latent_std``: over it, per channel; Qwen-Image);
+    ``noise`` (C, h, w); ``timesteps`` (); ``hidden`` (L, D) (and ``pooled`` (D2,) for SDXL, Flux, SD3; Qwen-Image:
+    the prompt's own L tokens) — the empty prompt's when ``empty``; ``condition`` (3, R, R) in [0, 1], or, for an
+    example with cached condition latents, ``condition_params`` (2C, h, w), the condition's VAE posterior (the
+    objective samples it); ``empty`` (); and ``position`` ().
     """
 
     def __init__(self, examples: Sequence[PreparedExample], store: CacheStore, seed: int, empty_prompt_prob: float,

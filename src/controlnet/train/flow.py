@@ -1,6 +1,6 @@
-"""Training on a flow-matching transformer base (FLUX.1, SD3/SD3.5, Qwen-Image): what differs from a UNet base, chosen once
-when the run is set up (:mod:`controlnet.train.setup`). The loop, the data stream, the caches, checkpoints, exact
-resume and data parallelism are the UNet trainer's.
+"""Training on a flow-matching transformer base (FLUX.1, SD3/SD3.5, Qwen-Image): what differs from a UNet base,
+chosen once when the run is set up (:mod:`controlnet.train.setup`). The loop, the data stream, the caches,
+checkpoints, exact resume and data parallelism are the UNet trainer's.
 
 * **Base**: :meth:`controlnet.transformer_pipeline.TransformerPipeline.from_pretrained`, every model locked.
 * **ControlNet**: a trainable copy of the base's embedders and first blocks,
@@ -82,8 +82,8 @@ def check_unet_options(config: TrainConfig) -> None:
     Qwen-Image ControlNet, on a UNet base."""
     for name in ("controlnet_layers", "controlnet_single_layers"):
         if getattr(config, name) is not None:
-            raise UserError(f"--{name.replace('_', '-')} is for Flux, SD3 and Qwen-Image bases; drop it for this UNet base "
-                            "(its ControlNet copies the whole encoder)")
+            raise UserError(f"--{name.replace('_', '-')} is for Flux, SD3 and Qwen-Image bases; drop it for this "
+                            "UNet base (its ControlNet copies the whole encoder)")
     family = init_family(config.init)
     if family is not None:
         raise UserError(f"--init {config.init} is a {FAMILY_NAMES[family]} ControlNet but the base is "
@@ -229,8 +229,8 @@ def flow_encoders(pipe: Any, config: TrainConfig) -> Encoders:
 
 
 def caches_condition_latents(base: Any, controlnet: torch.nn.Module) -> bool:
-    """Whether training caches the conditions' VAE posteriors: on a Flux, SD3 or Qwen-Image base, for a ControlNet that takes
-    the condition's latents (InstantX / diffusers layout); XLabs' hint encoder takes the pixels
+    """Whether training caches the conditions' VAE posteriors: on a Flux, SD3 or Qwen-Image base, for a ControlNet
+    that takes the condition's latents (InstantX / diffusers layout); XLabs' hint encoder takes the pixels
     (:meth:`~controlnet.transformer_pipeline.TransformerPipeline.encode_condition`)."""
     return is_flow_pipeline(base) and getattr(controlnet, "input_hint_block", None) is None
 
