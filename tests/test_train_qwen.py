@@ -25,14 +25,17 @@ LAYERS = 1  # of the tiny base's 2 blocks
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny Qwen-Image diffusers folder (VAE posterior std 1e-7: its samples are its mean, as a hand computation
-    takes them), a fill data set of 4 examples and a Flux ControlNet."""
+    takes them), a fill data set of 4 examples, a Flux ControlNet and a Qwen-Image inpainting one."""
     from controlnet.data.fill import make_fill_dataset
     from controlnet.testing_flow import diffusers_components, flux_components, qwen_components
-    from controlnet.transformer_controlnet import FluxControlNet
+    from controlnet.transformer_controlnet import FluxControlNet, QwenImageControlNet
     from controlnet.transformer_formats import save_transformer_controlnet
 
     root = tmp_path_factory.mktemp("train-qwen")
-    QwenImagePipeline(**diffusers_components(qwen_components(posterior_std=1e-7))).save_pretrained(root / "qwen")
+    qwen = qwen_components(posterior_std=1e-7)
+    QwenImagePipeline(**diffusers_components(qwen)).save_pretrained(root / "qwen")
+    inpaint = QwenImageControlNet.from_transformer(qwen["transformer"], num_layers=1, extra_condition_channels=4)
+    save_transformer_controlnet(inpaint, root / "cn-inpaint")
     flux = flux_components()["transformer"]
     save_transformer_controlnet(FluxControlNet.from_transformer(flux, num_layers=1, num_single_layers=0),
                                 root / "cn-flux")
@@ -282,7 +285,8 @@ def _train_argv(assets, out: Path, *extra: str) -> list[str]:
             "--resolution", str(R), "--max-steps", "1", "--quiet", "--no-plot", "--no-tensorboard", *extra]
 
 
-def test_single_layers_a_flux_init_and_too_many_blocks_are_refused_in_one_line(assets, tmp_path, capsys):
+def test_single_layers_a_flux_or_inpainting_init_and_too_many_blocks_are_refused_in_one_line(assets, tmp_path,
+                                                                                            capsys):
     err = _one_line_error(capsys, _train_argv(assets, tmp_path / "a", "--controlnet-single-layers", "2"))
     assert "--controlnet-single-layers" in err and "Qwen-Image" in err
     err = _one_line_error(capsys, _train_argv(assets, tmp_path / "b", "--init", str(assets / "cn-flux")))
@@ -291,7 +295,21 @@ def test_single_layers_a_flux_init_and_too_many_blocks_are_refused_in_one_line(a
     assert "9" in err
     err = _one_line_error(capsys, _train_argv(assets, tmp_path / "d", "--resolution", "36"))
     assert "multiple of 8" in err
-    assert not any((tmp_path / name / "checkpoints").exists() for name in "abcd")
+    err = _one_line_error(capsys, _train_argv(assets, tmp_path / "e", "--init", str(assets / "cn-inpaint")))
+    assert "--init" in err and "inpainting" in err
+    assert not any((tmp_path / name / "checkpoints").exists() for name in "abcde")
+
+
+def test_an_init_qwen_image_controlnet_continues_from_its_weights(assets, tmp_path):
+    from controlnet.train import train
+    from controlnet.train.flow import read_flow_base
+
+    first = train(_config(assets, tmp_path / "first", max_steps=1, lr=1e-3)).controlnet
+    _, _, cn = read_flow_base(_config(assets, tmp_path / "x", init=str(first), controlnet_layers=None), "qwenimage",
+                              torch.device("cpu"))
+    saved = load_file(first / "diffusion_pytorch_model.safetensors")
+    assert cn.state_dict().keys() == saved.keys() and all(torch.equal(v, saved[k]) for k, v in cn.state_dict().items())
+    assert any(saved[k].abs().sum() > 0 for k in saved if k.startswith("controlnet_blocks."))
 
 
 # --------------------------------------------------------------------------------------------- data parallel

@@ -179,7 +179,8 @@ def lock_unreached(cn: TransformerControlNet) -> TransformerControlNet:
 
 def load_init(init: str | Path, transformer: torch.nn.Module) -> TransformerControlNet:
     """The ControlNet ``--init`` names, refused in one line when it does not fit the base or cannot be trained
-    here (a union ControlNet needs a mode per sample; an SD3.5-layout one shares the base's patch embedding)."""
+    here (a union ControlNet needs a mode per sample; an SD3.5-layout one shares the base's patch embedding; a
+    Qwen-Image inpainting one takes a mask with its condition)."""
     from controlnet.loading import resolve_controlnet_source
     from controlnet.transformer_formats import load_transformer_controlnet
 
@@ -191,6 +192,9 @@ def load_init(init: str | Path, transformer: torch.nn.Module) -> TransformerCont
     if getattr(cn.config, "num_mode", None):
         raise UserError(f"--init {init} is a union ControlNet; training one (a control mode per sample) is not "
                         "supported: start from a single-condition ControlNet or a new one")
+    if getattr(cn.config, "extra_condition_channels", 0):
+        raise UserError(f"--init {init} is an inpainting Qwen-Image ControlNet (its condition carries a mask); "
+                        "training one is not supported: start from a control ControlNet or a new one")
     if cn.from_base:
         raise UserError(f"--init {init} has the SD3.5 layout (it shares the base's patch embedding); training it is "
                         "not supported: start from an InstantX-layout ControlNet or a new one")
