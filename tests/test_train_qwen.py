@@ -239,13 +239,14 @@ def test_training_lowers_the_loss_and_generate_loads_the_result(assets, tmp_path
 
 def test_an_interrupted_run_resumed_ends_bit_identical_to_an_uninterrupted_one(assets, tmp_path):
     """Stopped after its step-2 checkpoint and resumed with --resume latest (gradient accumulation, flips, empty
-    prompts in half the samples: padded batches), a run ends with the weights and losses of an uninterrupted one."""
+    prompts in half the samples: padded batches; data-loader workers after the resume), a run ends with the weights
+    and losses of an uninterrupted one."""
     from controlnet.train import train
 
     common = dict(grad_accum=2, batch_size=2, hflip=True, lr=1e-3)
     whole = train(_config(assets, tmp_path / "whole", max_steps=4, **common))
     train(_config(assets, tmp_path / "cut", max_steps=2, **common))
-    resumed = train(_config(assets, tmp_path / "cut", max_steps=4, resume="latest", **common))
+    resumed = train(_config(assets, tmp_path / "cut", max_steps=4, resume="latest", num_workers=2, **common))
     assert resumed.resumed_from.name == "step-000002" and resumed.losses == whole.losses[2:]
     a = load_file(tmp_path / "whole" / "controlnet" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "cut" / "controlnet" / "diffusion_pytorch_model.safetensors")
