@@ -22,8 +22,9 @@ killed run leaves no half-written entry and the processes of a distributed run m
     CACHE/latents/xx/KEY.safetensors     {"params": (2C, h, w)} the VAE's latent distribution (mean and
                                          log-variance: diffusers' DiagonalGaussianDistribution.parameters);
                                          a training step samples it, as the original's encode_first_stage does;
-                                         for Flux and SD3 ControlNets, the conditions' too
-    CACHE/text/xx/KEY.safetensors        {"hidden": (L, D)} and, for SDXL, {"pooled": (D2,)}
+                                         for Flux, SD3 and Qwen-Image ControlNets, the conditions' too
+    CACHE/text/xx/KEY.safetensors        {"hidden": (L, D)} and, for SDXL, Flux, SD3, {"pooled": (D2,)};
+                                         Qwen-Image: the prompt's own L tokens, unpadded
     CACHE/conditions/xx/KEY.png          the condition at the training resolution, RGB uint8
 """
 

@@ -243,12 +243,13 @@ class Encoders:
     """What preparation needs from the locked models, and their identities (cache keys).
 
     ``encode_images``: ``(B, 3, R, R)`` in [-1, 1] → the VAE's latent distribution parameters ``(B, 2C, h, w)``.
-    ``encode_prompts``: prompts → ``(hidden (N, L, D), pooled (N, D2) or None)``.
+    ``encode_prompts``: prompts → ``(hidden (N, L, D), pooled (N, D2) or None)``; ``hidden`` may be a list of
+    each prompt's own ``(L_i, D)`` (Qwen-Image: the valid tokens, padded per batch by :func:`collate_samples`).
     ``annotate``: optional, ``(R, R, 3)`` uint8 image → ``(R, R, 3)`` uint8 condition.
     """
 
     encode_images: Callable[[torch.Tensor], torch.Tensor]
-    encode_prompts: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]]
+    encode_prompts: Callable[[list[str]], tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | None]]
     vae_id: str
     text_id: str
     annotate: Callable[[np.ndarray], np.ndarray] | None = None
@@ -416,7 +417,7 @@ def _cache_prompts(prompts: set[str], store: CacheStore, encoders: Encoders, sta
     for start in range(0, len(missing), batch_size):
         chunk = missing[start : start + batch_size]
         with torch.no_grad():
-            hidden, pooled = encoders.encode_prompts(chunk)  # (N, L, D), (N, D2) | None
+            hidden, pooled = encoders.encode_prompts(chunk)  # (N, L, D) or N x (L_i, D), (N, D2) | None
         for i, prompt in enumerate(chunk):
             entry = {"hidden": hidden[i].float()}
             if pooled is not None:
@@ -462,16 +463,17 @@ def sample_draws(seed: int, position: int, empty_prompt_prob: float, hflip: bool
 class TrainDataset(torch.utils.data.Dataset):
     """Training samples by position in the stream (module docstring), read from the caches.
 
-    ``dataset[p]`` is a dict of tensors: ``latents`` (C, h, w) sampled from the cached distribution and scaled by
-    the VAE's ``scaling_factor``; ``noise`` (C, h, w); ``timesteps`` (); ``hidden`` (L, D) (and ``pooled``
-    (D2,) for SDXL) — the empty prompt's when ``empty``; ``condition`` (3, R, R) in [0, 1], or, for an example
-    with cached condition latents, ``condition_params`` (2C, h, w), the condition's VAE posterior (the objective
-    samples it); ``empty`` (); and ``position`` ().
+    ``dataset[p]`` is a dict of tensors: ``latents`` (C, h, w) sampled from the cached distribution, less
+    ``shift_factor``, times the VAE's ``scaling_factor`` (with ``latent_std``: over it, per channel; Qwen-Image);
+    ``noise`` (C, h, w); ``timesteps`` (); ``hidden`` (L, D) (and ``pooled`` (D2,) for SDXL, Flux, SD3; Qwen-Image:
+    the prompt's own L tokens) — the empty prompt's when ``empty``; ``condition`` (3, R, R) in [0, 1], or, for an
+    example with cached condition latents, ``condition_params`` (2C, h, w), the condition's VAE posterior (the
+    objective samples it); ``empty`` (); and ``position`` ().
     """
 
     def __init__(self, examples: Sequence[PreparedExample], store: CacheStore, seed: int, empty_prompt_prob: float,
                  hflip: bool, num_timesteps: int, scaling_factor: float, empty_text_key: str,
-                 shift_factor: float = 0.0):
+                 shift_factor: float | torch.Tensor = 0.0, latent_std: torch.Tensor | None = None):
         if not examples:
             raise UserError("the dataset is empty after skipping bad rows; fix the manifest")
         self.examples = list(examples)
@@ -482,6 +484,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.num_timesteps = num_timesteps
         self.scaling_factor = scaling_factor
         self.shift_factor = shift_factor
+        self.latent_std = latent_std
         self.empty_text_key = empty_text_key
         self._orders: dict[int, torch.Tensor] = {}
 
@@ -504,7 +507,10 @@ class TrainDataset(torch.utils.data.Dataset):
         ex = self.example_at(position)
         params = self.store.load_tensors("latents", ex.latent_keys[1 if draws.flip else 0])["params"]  # (2C, h, w)
         z = DiagonalGaussianDistribution(params[None]).sample(generator=draws.generator)[0]  # (C, h, w)
-        latents = (z - self.shift_factor) * self.scaling_factor
+        if self.latent_std is not None:
+            latents = (z - self.shift_factor) / self.latent_std
+        else:
+            latents = (z - self.shift_factor) * self.scaling_factor
         noise = torch.randn(latents.shape, generator=draws.generator)
         text = self.store.load_tensors("text", self.empty_text_key if draws.empty_prompt else ex.text_key)
         item = {
@@ -524,6 +530,19 @@ class TrainDataset(torch.utils.data.Dataset):
         if "pooled" in text:
             item["pooled"] = text["pooled"]
         return item
+
+
+def collate_samples(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The DataLoader's batch of :class:`TrainDataset` samples: ``default_collate``, except that text embeddings of
+    different lengths (Qwen-Image's, cached unpadded) are zero-padded at the end to the longest, with
+    ``hidden_mask`` (B, T), 1 for tokens, 0 for padding (as Qwen-Image's pipeline pads a batch of prompts)."""
+    lengths = [item["hidden"].shape[0] for item in items]
+    if len(set(lengths)) == 1:
+        return torch.utils.data.default_collate(items)
+    longest = max(lengths)
+    padded = [{**item, "hidden": torch.nn.functional.pad(item["hidden"], (0, 0, 0, longest - n)),
+               "hidden_mask": (torch.arange(longest) < n).long()} for item, n in zip(items, lengths)]
+    return torch.utils.data.default_collate(padded)
 
 
 class StreamBatches(torch.utils.data.Sampler):

@@ -21,8 +21,8 @@ import torch
 
 from controlnet.data.cache import CacheStats, CacheStore, bound_annotator, entry_key, module_digest, tokenizer_digest
 from controlnet.data.datasets import (
-    Encoders, Manifest, Preparation, SkippedRow, StreamBatches, TrainDataset, describe_skipped, prepare_examples,
-    read_manifest, warn_resized,
+    Encoders, Manifest, Preparation, SkippedRow, StreamBatches, TrainDataset, collate_samples, describe_skipped,
+    prepare_examples, read_manifest, warn_resized,
 )
 from controlnet.errors import UserError
 from controlnet.fileio import atomic_path, atomic_write_text
@@ -30,7 +30,8 @@ from controlnet.devices import DTYPES
 from controlnet.model import ControlNet
 from controlnet.train.config import CONTROL_LORA, DEFAULT_CONTROL_LORA_RANK, TrainConfig
 from controlnet.train.flow import (FlowValidator, caches_condition_latents, check_unet_options, flow_encoders,
-                                   flow_family, flow_objective, is_flow_pipeline, read_flow_base)
+                                   flow_family, flow_objective, is_flow_pipeline, latent_normalisation,
+                                   read_flow_base)
 from controlnet.train.log import RunLog
 from controlnet.train.objective import (DenoisingObjective, constant_after_warmup, enable_gradient_checkpointing,
                                         make_adamw)
@@ -93,7 +94,7 @@ def read_inputs(config: TrainConfig, accelerator: Any, out: Path) -> Inputs:
     if resume_dir is None:
         check_fresh(out)  # on every process: an error must stop them all
     family = flow_family(config.base)
-    if family is not None:  # Flux / SD3: controlnet.train.flow
+    if family is not None:  # Flux / SD3 / Qwen-Image: controlnet.train.flow
         base, resolution, controlnet = read_flow_base(config, family, device)
         return Inputs(base, resolution, controlnet, manifest, resume_dir)
     check_unet_options(config)
@@ -119,7 +120,7 @@ def set_up(config: TrainConfig, accelerator: Any, out: Path, inputs: Inputs) -> 
                                                                               resolution, unet_dtype, out)
     objective = (flow_objective(config, base, unet_dtype) if is_flow_pipeline(base)
                  else DenoisingObjective(DDPMScheduler.from_config(base.scheduler_config), unet_dtype, resolution))
-    vae_config = base.vae.config
+    normalisation = latent_normalisation(base)  # latents scaled to unit variance (SD1.x: 0.18215)
     del base  # the caches hold what the VAE and the text encoders computed (the validator keeps its own refs)
 
     # (a Control-LoRA's copied base weights are frozen: only its deltas and whole tensors train)
@@ -136,14 +137,12 @@ def set_up(config: TrainConfig, accelerator: Any, out: Path, inputs: Inputs) -> 
             print(f"resuming from {resume_dir} at step {step}", file=sys.stderr)
 
     dataset = TrainDataset(prep.examples, store, config.seed, config.empty_prompt_prob, config.hflip,
-                           objective.num_timesteps,
-                           float(vae_config.scaling_factor),  # latents scaled to unit variance (SD1.x: 0.18215)
-                           prep.empty_text_key, shift_factor=float(getattr(vae_config, "shift_factor", None) or 0.0))
+                           objective.num_timesteps, empty_text_key=prep.empty_text_key, **normalisation)
     micro_steps = max(0, config.max_steps - step) * config.grad_accum
     sampler = StreamBatches(config.batch_size, position, micro_steps, accelerator.process_index,
                             accelerator.num_processes)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
-                                         pin_memory=device.type == "cuda")
+                                         collate_fn=collate_samples, pin_memory=device.type == "cuda")
     log = RunLog(out / LOG_FILE, enabled=main, keep_until=step if resume_dir is not None else None,
                  tensorboard=config.tensorboard)
     return Run(
