@@ -238,3 +238,21 @@ def test_dataset_items_follow_the_draws_flip_together_and_use_the_empty_embeddin
     assert seen_flip and seen_plain and 0 < seen_empty < 40
     # Epochs visit every example once.
     assert sorted(ds.example_at(p).index for p in range(4, 8)) == [0, 1, 2, 3]
+
+
+def test_annotator_identity_follows_its_output_not_only_its_name():
+    """A changed annotator (same name and parameters, other output) gets another cache identity."""
+    from controlnet.data.cache import behaviour_digest, bound_annotator, probe_image
+
+    annotate, identity = bound_annotator("canny", {"low_threshold": 50})
+    assert bound_annotator("canny", {"low_threshold": 50})[1] == identity  # deterministic
+    assert bound_annotator("canny", {"low_threshold": 60})[1] != identity
+    same, inverted = behaviour_digest(annotate), behaviour_digest(lambda image: 255 - annotate(image))
+    assert same == behaviour_digest(annotate) and inverted != same
+    probe = probe_image()
+    assert probe.shape == (128, 128, 3) and probe.dtype == np.uint8 and annotate(probe).any()  # the probe has edges
+
+    def broken(image):
+        raise ValueError("needs a larger picture")
+
+    assert behaviour_digest(broken) == "unprobed"

@@ -285,6 +285,6 @@ def test_a_transformer_controlnet_on_a_unet_base_is_refused(sd1, tmp_path):
                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                          pooled_projection_dim=16, axes_dims_rope=[2, 2, 4])
     flux.save_pretrained(tmp_path / "flux_cn")
-    with pytest.raises(UserError, match="transformer base \\(Flux/SD3\\), but the base model is sd1") as err:
+    with pytest.raises(UserError, match="transformer base \\(Flux, SD3 or Qwen-Image\\), but the base model is sd1") as err:
         pipe.load_controlnet(tmp_path / "flux_cn")
     assert "\n" not in str(err.value)

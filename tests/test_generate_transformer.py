@@ -247,9 +247,9 @@ def test_family_defaults_replace_only_what_is_left_to_the_base():
     ("flux", ["--guess-mode"], "--guess-mode is for UNet bases"),
     ("sd3", ["--reuse-residuals", "2"], "--reuse-residuals is for UNet bases"),
     ("flux", ["--negative-prompt", "blur"], "Flux is guidance-distilled"),
-    ("flux", ["--init-image", "{a}/init.png", "--mask", "{a}/init.png"], "--mask: inpainting on Flux bases is not"),
-    ("sd3", ["--hires-scale", "2"], "--hires-scale: the hires fix on SD3 bases is not"),
-    ("flux", ["--lora", "{a}/style.safetensors"], "--lora is not supported on Flux bases"),
+    ("flux", ["--mask", "{a}/init.png"], "--mask needs --init-image IMG"),
+    ("sd3", ["--hires-scale", "2", "--hires-denoise", "0.2"], "--hires-denoise 0.2 runs no step of 2 on SD3 bases"),
+    ("flux", ["--embedding", "{a}/style.safetensors"], "--embedding is not supported on Flux bases"),
     ("sd3", ["--clip-skip", "2"], "--clip-skip is not supported on SD3 bases"),
 ])
 def test_what_a_transformer_base_cannot_do_exits_2_in_one_line(assets, tmp_path, capsys, family, extra, message):

@@ -197,6 +197,17 @@ def test_sigma_follows_the_logit_normal_law_on_the_training_schedules_levels():
 # --------------------------------------------------------------------------------------------- training runs
 
 
+def one_example_data(source: Path, data: Path) -> tuple[Path, dict]:
+    """A data set at ``data`` holding the first example of the fill data set ``source``, and its manifest row."""
+    data.mkdir()
+    row = json.loads((source / "prompt.json").read_text().splitlines()[0])
+    for key in ("source", "target"):
+        (data / key).mkdir()
+        Image.open(source / row[key]).save(data / row[key])
+    (data / "prompt.json").write_text(json.dumps(row) + "\n")
+    return data, row
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_lowers_the_loss_on_a_tiny_overfit_set_and_generate_loads_the_result(assets, tmp_path, family):
     """Twelve steps on one example lower the loss of a fixed batch of it; OUT/controlnet is diffusers' layout and
@@ -206,13 +217,7 @@ def test_training_lowers_the_loss_on_a_tiny_overfit_set_and_generate_loads_the_r
     from controlnet.train.flow import make_flow_controlnet
     from controlnet.transformer_formats import load_transformer_controlnet
 
-    data = tmp_path / "one"
-    data.mkdir()
-    row = json.loads((assets / "data" / "prompt.json").read_text().splitlines()[0])
-    for key in ("source", "target"):
-        (data / key).mkdir()
-        Image.open(assets / "data" / row[key]).save(data / row[key])
-    (data / "prompt.json").write_text(json.dumps(row) + "\n")
+    data, row = one_example_data(assets / "data", tmp_path / "one")
     result = train(_config(assets, family, tmp_path / "run", data=data, max_steps=12, checkpoint_every=0, lr=1e-3,
                            empty_prompt_prob=0.0))
     assert result.step == 12 and all(np.isfinite(result.losses))
@@ -374,11 +379,6 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(assets, 
     """As for UNet bases (tests/test_train_ddp.py, whose tolerance this takes): the same samples, per-step losses
     within 1e-5 relative, the weight updates within 1e-2 relative L2 norm. Every ControlNet parameter the loss does
     not reach (the last copied block's text-stream output) is left out of the gradient reduction."""
-    import os
-    import subprocess
-    import sys
-
-    from controlnet.cli import main
     from controlnet.train.flow import make_flow_controlnet
 
     layers = [f"--controlnet-layers={LAYERS[family]['controlnet_layers']}"]
@@ -386,6 +386,22 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(assets, 
         layers.append("--controlnet-single-layers=0")  # the last double block's text stream reaches nothing
     common = ["--base", str(assets / family), "--data", str(assets / "data"), "--resolution", str(R), "--max-steps",
               "3", "--lr", "1e-3", "--seed", "1", "--quiet", "--no-plot", "--no-tensorboard", *layers]
+    pipe = _pipe(assets, family)
+    torch.manual_seed(1)
+    config = _config(assets, family, tmp_path, controlnet_single_layers=0 if family == "flux" else None)
+    ddp_matches_one_process(tmp_path, common, make_flow_controlnet(config, pipe.transformer).state_dict())
+
+
+def ddp_matches_one_process(tmp_path: Path, common: list[str], init: dict[str, torch.Tensor]) -> list[dict]:
+    """``controlnet train *common`` in two processes of batch 1 (``accelerate launch``) and in one of batch 2: the
+    same empty-prompt draws, per-step losses within 1e-5 relative, the updates from ``init`` within 1e-2 relative
+    L2 norm. Returns the one process's train records."""
+    import os
+    import subprocess
+    import sys
+
+    from controlnet.cli import main
+
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
               "-m", "controlnet", "train", "--out", str(tmp_path / "ddp"), "--batch-size", "1", *common]
@@ -400,16 +416,13 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(assets, 
     ddp, one = records(tmp_path / "ddp"), records(tmp_path / "one")
     assert [r["empty_prompts"] for r in ddp] == [r["empty_prompts"] for r in one]
     np.testing.assert_allclose([r["loss"] for r in ddp], [r["loss"] for r in one], rtol=1e-5)
-    pipe = _pipe(assets, family)
-    torch.manual_seed(1)
-    config = _config(assets, family, tmp_path, controlnet_single_layers=0 if family == "flux" else None)
-    init = make_flow_controlnet(config, pipe.transformer).state_dict()
     a = load_file(tmp_path / "ddp" / "controlnet" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "one" / "controlnet" / "diffusion_pytorch_model.safetensors")
     update_a = torch.cat([(a[k] - init[k]).flatten() for k in init])
     update_b = torch.cat([(b[k] - init[k]).flatten() for k in init])
     assert update_b.abs().max() > 1e-4
     assert (update_a - update_b).norm() <= 1e-2 * update_b.norm()
+    return one
 
 
 @pytest.mark.slow  # three training runs in subprocesses, one killed

@@ -451,3 +451,101 @@ def save_docs_screenshot(path: Path) -> None:
 
 if __name__ == "__main__":
     save_docs_screenshot(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/ui.png"))
+
+
+# --------------------------------------------------------------------------- a Flux base (the embedded tiny-flux)
+
+
+FLUX_SIZE = 128  # tiny-flux's native size
+
+
+@pytest.fixture(scope="module")
+def flux_backend(tmp_path_factory) -> ui.UiBackend:
+    return ui.create_backend(ui.UiConfig(base="tiny-flux", output_dir=str(tmp_path_factory.mktemp("ui-flux"))))
+
+
+def test_flux_base_gets_its_own_controlnets_sampler_and_no_negative_prompt(flux_backend):
+    from controlnet.embedded import embedded_base
+
+    assert flux_backend.is_flow and flux_backend.pipeline.family == "flux"
+    assert flux_backend.controlnet_choices() == ["fill"]  # tiny-flux's own, not the SD-layout bundled ones
+    assert flux_backend.controlnets["fill"] == embedded_base("tiny-flux") / "controlnets" / "fill"
+    assert flux_backend.scheduler_choices() == [ui.FLOW_SCHEDULER]
+    assert flux_backend.default_sampler() == (3.5, ui.FLOW_SCHEDULER) and flux_backend.default_size() == FLUX_SIZE
+    assert flux_backend.negative_prompt == ""
+
+
+def test_flux_page_generation_equals_the_pipeline_and_drives_progress(flux_backend):
+    from controlnet.generation_config import GenerationConfig
+    from controlnet.pipeline import ControlUnit
+
+    condition = circle_image(FLUX_SIZE)
+    unit = ui.UnitInput(True, "fill", "", condition, ui.NO_ANNOTATOR, "", 1.0, 0.0, 1.0)
+    fractions = []
+    outcome = flux_backend.generate(request(prompt="a red circle", steps=2, guidance=3.5, scheduler=ui.FLOW_SCHEDULER,
+                                            seed=5, width=FLUX_SIZE, height=FLUX_SIZE, units=[unit]),
+                                    progress=lambda frac, desc: fractions.append(frac))
+    assert outcome.ok, outcome.status
+    assert fractions == [0.0, 0.5, 1.0]
+    fill = str(flux_backend.controlnets["fill"])
+    direct = flux_backend.pipeline.generate("a red circle", [ControlUnit(fill, condition)],
+                                            GenerationConfig(steps=2, seed=5, size=(FLUX_SIZE, FLUX_SIZE)),
+                                            progress=False)
+    with Image.open(outcome.files[0]) as img:
+        assert img.size == (FLUX_SIZE, FLUX_SIZE)
+        assert np.array_equal(np.asarray(img.convert("RGB")), np.asarray(direct.images[0]))
+        assert json.loads(img.text["controlnets"])[0]["controlnet"] == fill
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(guess_mode=True), "--guess-mode is for UNet bases"),
+    (dict(negative_prompt="blurry"), "Flux is guidance-distilled"),
+])
+def test_flux_page_refuses_unet_settings_in_one_line(flux_backend, overrides, message):
+    outcome = flux_backend.generate(request(**{**dict(steps=1, width=FLUX_SIZE, height=FLUX_SIZE), **overrides}))
+    assert not outcome.ok and message in outcome.status and "\n" not in outcome.status
+
+
+def test_flux_page_progress_counts_every_image_and_hires_step(flux_backend):
+    unit = ui.UnitInput(True, "fill", "", circle_image(FLUX_SIZE), ui.NO_ANNOTATOR, "", 1.0, 0.0, 1.0)
+    fractions = []
+    page = request(steps=2, guidance=3.5, scheduler=ui.FLOW_SCHEDULER, seed=1, width=64, height=64, num_images=2,
+                   units=[unit])
+    page.hires = ui.HiresInput(enabled=True, scale=1.5, denoise=0.5, steps=4, upscaler="latent")
+    outcome = flux_backend.generate(page, progress=lambda frac, desc: fractions.append(frac))
+    assert outcome.ok, outcome.status
+    # Each image: 2 steps, then its hires pass runs the last 0.5 x 4 = 2 of 4 steps.
+    assert fractions == [0.0, *[k / 8 for k in range(1, 9)]]
+    with Image.open(outcome.files[0]) as img:
+        assert img.size == (96, 96)
+
+
+def test_flux_page_prompt_tag_loras_load_from_the_models_folder_and_stay_bounded(tmp_path, monkeypatch):
+    from diffusers import FluxPipeline
+
+    from controlnet.lora import adapters_in
+    from test_flow_lora import ATTENTION, make_lora, save_lora
+
+    models = tmp_path / "models"
+    models.mkdir()
+    backend = ui.create_backend(ui.UiConfig(base="tiny-flux", output_dir=str(tmp_path / "out"),
+                                            models_dirs=(str(models),)))
+    for k, name in enumerate(("first", "second")):
+        (tmp_path / name).mkdir()
+        made = save_lora(FluxPipeline, tmp_path / name, *make_lora(backend.pipeline.transformer, ATTENTION, 10 + k))
+        Path(made).rename(models / f"{name}.safetensors")
+    monkeypatch.setattr(ui, "MAX_PROMPT_LORAS", 1)
+    page = dict(steps=1, guidance=3.5, scheduler=ui.FLOW_SCHEDULER, seed=2, width=64, height=64)
+    plain = backend.generate(request(prompt="a red circle", **page))
+    tagged = backend.generate(request(prompt="a red circle <lora:first:0.8>", **page))
+    assert plain.ok and tagged.ok, (plain.status, tagged.status)
+    with Image.open(plain.files[0]) as a, Image.open(tagged.files[0]) as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
+        settings = json.loads(b.text["settings"])
+        assert settings["loras"] == {"first": [0.8, 0.8]} and settings["prompt"] == "a red circle <lora:first:0.8>"
+    assert adapters_in(backend.pipeline.transformer) == ["first"]
+    assert backend.generate(request(prompt="a red circle <lora:second:0.8>", **page)).ok
+    assert adapters_in(backend.pipeline.transformer) == ["second"]  # the least recently used one unloaded
+    again = backend.generate(request(prompt="a red circle", **page))
+    with Image.open(plain.files[0]) as a, Image.open(again.files[0]) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # a tag acts for its own generation only

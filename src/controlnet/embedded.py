@@ -63,12 +63,25 @@ def is_embedded(base: str | None) -> bool:
     return path.exists() and path.resolve().parent == assets_dir().resolve()
 
 
-def bundled_controlnets() -> dict[str, Path]:
-    """Names of the bundled ControlNets and their folders."""
-    root = assets_dir() / "controlnets"
+def controlnets_in(root: Path) -> dict[str, Path]:
+    """The ControlNet folders (each with a config.json) directly inside ``root``, by name."""
     if not root.is_dir():
         return {}
     return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file()}
+
+
+def bundled_controlnets() -> dict[str, Path]:
+    """Names of the bundled ControlNets (for the embedded SD-layout bases) and their folders."""
+    return controlnets_in(assets_dir() / "controlnets")
+
+
+def base_controlnets(base: str | os.PathLike | None) -> dict[str, Path] | None:
+    """The ControlNets an embedded base ships inside its own folder (tiny-flux's ``controlnets/``), by name; None
+    for any other base (the bundled names then serve)."""
+    if base is None or not is_embedded(str(base)):
+        return None
+    path = local_base(base)
+    return controlnets_in(path / "controlnets") if path is not None and (path / "controlnets").is_dir() else None
 
 
 def resolve_controlnet(name_or_path: str) -> Path:

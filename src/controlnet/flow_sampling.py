@@ -1,6 +1,7 @@
-"""Flow-matching sampling of a locked Flux or SD3 transformer under the residuals of transformer ControlNets.
+"""Flow-matching sampling of a locked Flux, SD3 or Qwen-Image transformer under the residuals of transformer
+ControlNets.
 
-Rectified-flow bases (FLUX.1, SD3/SD3.5) predict a velocity v = dx/dσ along the straight path
+Rectified-flow bases (FLUX.1, SD3/SD3.5, Qwen-Image) predict a velocity v = dx/dσ along the straight path
 x_σ = (1 - σ) x_0 + σ ε, and generation integrates it from σ = 1 (noise) to σ = 0 with Euler steps, as diffusers'
 FlowMatchEulerDiscreteScheduler does. :func:`sample`, top to bottom::
 
@@ -10,7 +11,9 @@ FlowMatchEulerDiscreteScheduler does. :func:`sample`, top to bottom::
         r    = Σ_{units u active at i} ControlNet_u(x_in, t_i, text, condition_u, mode_u) * strength_u
         v    = transformer(x_in, t_i, text, + r)       Flux: + the distilled guidance scale as an input
         v    = v_uncond + w (v_cond - v_uncond)        SD3 only (classifier-free guidance, one batch)
+                                                       Qwen-Image: a second pass, rescaled (base_velocity)
         x    = x + (σ_{i+1} - σ_i) v                   Euler step of the flow ODE
+        x    = (1 - m) x_known(σ_{i+1}) + m x          inpainting only: FlowInpaint.blend
 
 The unit semantics are the UNet sampler's (:mod:`controlnet.sampling`): a unit acts at step i of n iff
 ``in_step_range(start, end, i, n)`` and its strength is not zero; otherwise it is not run at all. Several units
@@ -24,6 +27,11 @@ Families:
   ControlNets with ``guidance_embeds``.
 * SD3: latents stay (B, C, h, w); timesteps in [0, 1000]; CFG batches [uncond, cond]. ControlNets with
   ``force_zeros_for_pooled_projection`` (InstantX SD3) get zeros for the pooled projections, as they were trained.
+* Qwen-Image: tokens packed 2x2 as Flux's, t / 1000, no pooled text but a text mask; the token grid for its rotary
+  embedding comes from the position ids (``latent_image_ids``, as Flux's). "True CFG" (diffusers QwenImagePipeline):
+  the negative prompt's text (its own length and mask) in a second pass, v = v_neg + w (v_cond - v_neg) rescaled
+  to the norm of v_cond along the features; the ControlNets run once, on the prompt's text, and both passes take
+  their residuals (diffusers QwenImageControlNetPipeline).
 
 Latents stay float32 through the Euler steps; the models run in their own dtype.
 """
@@ -41,7 +49,7 @@ from controlnet.errors import UserError
 from controlnet.devices import placement
 from controlnet.residuals import Residuals
 from controlnet.sampling import in_step_range
-from controlnet.transformer_controlnet import (FLUX, SD3, TransformerControlNet, base_family, transformer_kwargs,
+from controlnet.transformer_controlnet import (FLUX, QWEN, SD3, TransformerControlNet, base_family, transformer_kwargs,
                                                union_mode_index)
 
 # Flux's distilled models take t and the guidance scale in [0, 1]-units; diffusers' schedule counts 1000 steps.
@@ -51,19 +59,23 @@ NUM_TRAIN_TIMESTEPS = 1000
 @dataclass
 class FlowText:
     """Text conditioning as the base takes it: ``embeds`` (B, T, D) and ``pooled`` (B, P); under SD3's CFG the
-    rows are [unconditional, conditional] (2B). Flux also takes ``ids`` (T, 3), its text position ids."""
+    rows are [unconditional, conditional] (2B). Flux also takes ``ids`` (T, 3), its text position ids. Qwen-Image
+    has no pooled text (None) but a ``mask`` (B, T), 1 for tokens, 0 for padding (None: no padding), and under its
+    true CFG the ``negative`` prompt's text, of its own length."""
 
     embeds: torch.Tensor
-    pooled: torch.Tensor
+    pooled: torch.Tensor | None
     ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    negative: "FlowText | None" = None
 
 
 @dataclass
 class FlowControl:
     """A transformer ControlNet ready for :func:`sample`: its model, its prepared condition, when and how strongly.
 
-    ``condition`` is what the ControlNet takes: Flux, VAE latents packed like the image tokens (B, L, C) or, with
-    XLabs' hint encoder, pixels (B, 3, H, W) in [0, 1]; SD3, VAE latents (B, C, h, w).
+    ``condition`` is what the ControlNet takes: Flux and Qwen-Image, VAE latents packed like the image tokens
+    (B, L, C) or, with XLabs' hint encoder, pixels (B, 3, H, W) in [0, 1]; SD3, VAE latents (B, C, h, w).
     ``mode``: a union ControlNet's control mode (name or index).
     """
 
@@ -76,6 +88,28 @@ class FlowControl:
 
     def active(self, step: int, num_steps: int) -> bool:
         return acts(self.strength, self.start, self.end, step, num_steps)
+
+
+@dataclass
+class FlowInpaint:
+    """The known region of an inpainting (diffusers' FluxInpaintPipeline / StableDiffusion3InpaintPipeline): after
+    every Euler step, where ``mask`` is 0 the latents are reset to the init image's latents noised to the step's
+    next sigma with the starting ``noise`` (``scale_noise``: σ ε + (1 - σ) x_0), so only the masked region is
+    generated, in keeping with the rest.
+
+    ``image_latents`` and ``noise`` are shaped as the sampler's latents (Flux: packed tokens); ``mask`` (1 = repaint,
+    at latent resolution, packed like the tokens for Flux) broadcasts to them.
+    """
+
+    image_latents: torch.Tensor
+    noise: torch.Tensor
+    mask: torch.Tensor
+
+    def blend(self, latents: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``latents`` in the mask, the known latents at noise level ``sigma`` outside it."""
+        x0, noise, m = (t.to(latents.device, torch.float32) for t in (self.image_latents, self.noise, self.mask))
+        known = sigma * noise + (1 - sigma) * x0
+        return (1 - m) * known + m * latents
 
 
 def acts(strength: float, start: float, end: float, step: int, num_steps: int) -> bool:
@@ -127,30 +161,33 @@ def flux_sigmas(num_steps: int) -> list[float]:
 @torch.inference_mode()
 def sample(transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, timesteps: torch.Tensor,
            text: FlowText, controls: Sequence[FlowControl] = (), guidance: float = 3.5, *,
-           img_ids: torch.Tensor | None = None, progress: bool = False,
+           img_ids: torch.Tensor | None = None, inpaint: FlowInpaint | None = None, progress: bool = False,
            callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
            batch_units: bool = True) -> torch.Tensor:
     """Euler integration of a flow-matching base from ``sigmas[0]`` to ``sigmas[-1]`` under summed ControlNet
     residuals: the loop of the module docstring.
 
     Args:
-        transformer: a diffusers ``FluxTransformer2DModel`` or ``SD3Transformer2DModel`` (locked).
-        latents: float32; Flux packed tokens (B, L, 4C), SD3 (B, C, h, w); noised to ``sigmas[0]``.
+        transformer: a diffusers ``FluxTransformer2DModel``, ``SD3Transformer2DModel`` or
+            ``QwenImageTransformer2DModel`` (locked).
+        latents: float32; Flux and Qwen-Image packed tokens (B, L, 4C), SD3 (B, C, h, w); noised to ``sigmas[0]``.
         sigmas, timesteps: from :func:`flow_schedule` (or their tail, to start part-way: image-to-image).
-        text: the prompt's embeddings (SD3 under CFG: [uncond, cond] rows).
-        controls: the ControlNet units; guidance: Flux's distilled guidance scale, or SD3's CFG weight
-            (<= 1: one branch, no guidance).
-        img_ids: Flux's image position ids (L, 3).
+        text: the prompt's embeddings (SD3 under CFG: [uncond, cond] rows; Qwen-Image: ``text.negative``).
+        controls: the ControlNet units; guidance: Flux's distilled guidance scale, or SD3's and Qwen-Image's CFG
+            weight (<= 1: one branch, no guidance).
+        img_ids: Flux's and Qwen-Image's image position ids (L, 3) (``latent_image_ids``).
+        inpaint: the known region, blended in after every step (:class:`FlowInpaint`); None: no inpainting.
         progress: a tqdm bar over the steps; callback: called as ``callback(i, t, latents)`` after every step.
-        batch_units: run the active units that share a ControlNet as one forward (:func:`unit_residuals`).
+        batch_units: run the active units that share a Flux or SD3 ControlNet as one forward (:func:`unit_residuals`).
 
     Returns the final latents, float32, shaped as ``latents``.
     """
     from tqdm.auto import tqdm
 
     family = base_family(transformer)
-    if family not in (FLUX, SD3):
-        raise UserError(f"flow-matching sampling needs a Flux or SD3 transformer, got {type(transformer).__name__}")
+    if family not in (FLUX, SD3, QWEN):
+        raise UserError("flow-matching sampling needs a Flux, SD3 or Qwen-Image transformer, got "
+                        f"{type(transformer).__name__}")
     if len(sigmas) != len(timesteps) + 1:
         raise ValueError(f"{len(sigmas)} sigmas for {len(timesteps)} timesteps; give one more sigma than timesteps")
     cfg = family == SD3 and guidance > 1.0
@@ -168,6 +205,8 @@ def sample(transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, 
             v_uncond, v_cond = v.chunk(2)
             v = v_uncond + guidance * (v_cond - v_uncond)
         latents = latents + (sigmas[i + 1] - sigmas[i]) * v  # Euler
+        if inpaint is not None:
+            latents = inpaint.blend(latents, sigmas[i + 1])
         if callback is not None:
             callback(i, t, latents)
     return latents
@@ -175,9 +214,12 @@ def sample(transformer: nn.Module, latents: torch.Tensor, sigmas: torch.Tensor, 
 
 def base_velocity(transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text: FlowText, residuals: Residuals,
                   guidance: float, img_ids: torch.Tensor | None) -> torch.Tensor:
-    """The locked base's velocity for the batch ``x`` at timesteps ``t`` (B,) in [0, 1000], residuals added."""
+    """The locked base's velocity for the batch ``x`` at timesteps ``t`` (B,) in [0, 1000], residuals added
+    (Qwen-Image with ``text.negative`` and ``guidance`` > 1: its true CFG, :func:`qwen_velocity`)."""
     where = placement(transformer)
     added = transformer_kwargs(residuals, transformer)
+    if base_family(transformer) == QWEN:
+        return qwen_velocity(transformer, x, t, text, added, guidance, img_ids)
     if base_family(transformer) == FLUX:
         return transformer(hidden_states=x, timestep=t / NUM_TRAIN_TIMESTEPS,
                            guidance=_guidance(transformer.config, guidance, x),
@@ -187,18 +229,47 @@ def base_velocity(transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text
                        pooled_projections=text.pooled.to(**where), return_dict=False, **added)[0]
 
 
+def qwen_velocity(transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, text: FlowText, added: Mapping[str, Any],
+                  guidance: float, img_ids: torch.Tensor) -> torch.Tensor:
+    """Qwen-Image's velocity: the prompt's pass and, with ``text.negative`` and ``guidance`` > 1, diffusers'
+    QwenImagePipeline "true CFG": the negative prompt's pass with the same ControlNet residuals ``added``, combined
+    as v_neg + w (v_cond - v_neg) and rescaled to v_cond's norm along the last dim."""
+    shapes, where = qwen_img_shapes(img_ids, x.shape[0]), placement(transformer)
+
+    def velocity(branch: FlowText) -> torch.Tensor:
+        mask = None if branch.mask is None else branch.mask.to(where["device"])
+        return transformer(hidden_states=x, timestep=t / NUM_TRAIN_TIMESTEPS,
+                           encoder_hidden_states=branch.embeds.to(**where), encoder_hidden_states_mask=mask,
+                           img_shapes=shapes, return_dict=False, **added)[0]
+
+    v = velocity(text)
+    if text.negative is None or guidance <= 1.0:
+        return v
+    v_neg = velocity(text.negative)
+    combined = v_neg + guidance * (v - v_neg)
+    return combined * (torch.norm(v, dim=-1, keepdim=True) / torch.norm(combined, dim=-1, keepdim=True))
+
+
+def qwen_img_shapes(img_ids: torch.Tensor, batch: int) -> list[tuple[int, int, int]]:
+    """Qwen-Image's ``img_shapes`` (frames, rows, columns) of each of ``batch`` samples, from the tokens' position
+    ids (L, 3) = (0, row, column) (``latent_image_ids``)."""
+    rows, columns = (int(img_ids[:, k].max().item()) + 1 for k in (1, 2))
+    return [(1, rows, columns)] * batch
+
+
 def unit_residuals(active: Sequence[FlowControl], x: torch.Tensor, t: torch.Tensor, text: FlowText, guidance: float,
                    img_ids: torch.Tensor | None, out: Mapping[str, Any], batch_units: bool = True) -> Residuals:
     """The summed residuals of the ``active`` units for the batch ``x`` (B, ...), placed like ``out``.
 
-    With ``batch_units``, units sharing one ControlNet (a union ControlNet's (condition, mode) pairs) run as one
-    forward of K * B rows, [unit 1's B rows, unit 2's, ...], each row with its unit's condition, mode and strength;
-    the K chunks of each residual are then summed. Otherwise one forward per unit, as diffusers'
-    FluxMultiControlNetModel loops. The two agree to float rounding.
+    With ``batch_units``, units sharing one Flux or SD3 ControlNet (a union ControlNet's (condition, mode) pairs) run
+    as one forward of K * B rows, [unit 1's B rows, unit 2's, ...], each row with its unit's condition, mode and
+    strength; the K chunks of each residual are then summed. Otherwise (and for Qwen-Image) one forward per unit, as
+    diffusers' FluxMultiControlNetModel loops. The two agree to float rounding.
     """
     groups: dict[tuple[int, bool], list[FlowControl]] = {}  # same model and (for a union) all with a mode
     for k, c in enumerate(active):
-        key = (id(c.controlnet), c.mode is None) if batch_units else (k, False)
+        batched = batch_units and c.controlnet.family in (FLUX, SD3)
+        key = (id(c.controlnet), c.mode is None) if batched else (k, False)
         groups.setdefault(key, []).append(c)
     residuals = Residuals()  # nothing added: the plain base
     for group in groups.values():
@@ -209,9 +280,10 @@ def unit_residuals(active: Sequence[FlowControl], x: torch.Tensor, t: torch.Tens
 def control_residuals(controls: FlowControl | Sequence[FlowControl], x: torch.Tensor, t: torch.Tensor,
                       text: FlowText, guidance: float, img_ids: torch.Tensor | None,
                       out: Mapping[str, Any]) -> Residuals:
-    """The residuals (times the strengths) of one unit, or the sum of several units of one ControlNet run as one
-    forward, for the batch ``x``, placed like ``out`` (``Tensor.to`` keyword arguments). Each condition's rows repeat
-    to the batch (SD3's CFG batch: both halves controlled)."""
+    """The residuals (times the strengths) of one unit, or the sum of several units of one Flux or SD3 ControlNet run
+    as one forward, for the batch ``x``, placed like ``out`` (``Tensor.to`` keyword arguments). Each condition's rows
+    repeat to the batch (SD3's CFG batch: both halves controlled); Qwen-Image's ControlNets see the prompt's text,
+    not ``text.negative`` (whose pass takes the same residuals)."""
     controls = [controls] if isinstance(controls, FlowControl) else list(controls)
     cn, k = controls[0].controlnet, len(controls)
     where = placement(cn)
@@ -224,9 +296,16 @@ def control_residuals(controls: FlowControl | Sequence[FlowControl], x: torch.Te
         if mode is not None:
             indices = [union_mode_index(c.mode, cn.config.num_mode or 0) for c in controls]
             mode = torch.tensor(indices).repeat_interleave(x.shape[0])
-    hidden, pooled = _rows(x.to(**where), k * x.shape[0]), _rows(text.pooled.to(**where), k * x.shape[0])
-    embeds, t = _rows(text.embeds.to(**where), k * x.shape[0]), _rows(t.to(where["device"]), k * x.shape[0])
-    if cn.family == FLUX:
+    rows = k * x.shape[0]
+    hidden, t = _rows(x.to(**where), rows), _rows(t.to(where["device"]), rows)
+    pooled = None if text.pooled is None else _rows(text.pooled.to(**where), rows)
+    embeds = _rows(text.embeds.to(**where), rows)
+    if cn.family == QWEN:
+        mask = None if text.mask is None else text.mask.to(where["device"])
+        res = cn(hidden_states=hidden, timestep=t / NUM_TRAIN_TIMESTEPS, encoder_hidden_states=embeds,
+                 img_shapes=qwen_img_shapes(img_ids, rows), condition=cond, encoder_hidden_states_mask=mask,
+                 conditioning_scale=scale)
+    elif cn.family == FLUX:
         res = cn(hidden_states=hidden, timestep=t / NUM_TRAIN_TIMESTEPS, encoder_hidden_states=embeds,
                  pooled_projections=pooled, img_ids=img_ids.to(**where), txt_ids=text.ids.to(**where), condition=cond,
                  mode=mode, guidance=_guidance(cn.config, guidance, hidden), conditioning_scale=scale)

@@ -5,7 +5,7 @@ The list of generation settings exists here once. ``controlnet generate`` builds
 flag ``--mask-blur`` is the field ``mask_blur``, ``--hires-scale`` the hires field ``scale``; help text, group and
 choices from the field's metadata), the web UI and the batches build a config, :meth:`GenerationConfig.check`
 applies every rule (before any model is loaded: this module imports nothing heavy; ``check(family)`` adds a
-Flux or SD3 base's defaults and rules, :data:`FLOW_DEFAULTS`), the PNG settings are
+Flux, SD3 or Qwen-Image base's defaults and rules, :data:`FLOW_DEFAULTS`), the PNG settings are
 :meth:`GenerationConfig.to_settings` and ``--from-png`` is :meth:`GenerationConfig.from_settings`.
 :class:`controlnet.pipeline.Pipeline` takes one: ``pipe(prompt, controls, config)``.
 
@@ -42,8 +42,9 @@ MAX_SIDE = 16384
 
 @dataclass(frozen=True)
 class FlowDefaults:
-    """A flow-matching base family's generation defaults (diffusers' FluxPipeline and StableDiffusion3Pipeline
-    ``__call__`` defaults): Flux's guidance is its distilled guidance embedding (no CFG), SD3's a CFG weight."""
+    """A flow-matching base family's generation defaults (diffusers' FluxPipeline, StableDiffusion3Pipeline and
+    QwenImagePipeline ``__call__`` defaults): Flux's guidance is its distilled guidance embedding (no CFG), SD3's a
+    CFG weight, Qwen-Image's its "true CFG" weight (``true_cfg_scale``)."""
 
     label: str
     steps: int
@@ -53,18 +54,20 @@ class FlowDefaults:
 
 # Flow-matching (transformer) base families, by controlnet.transformer_controlnet's family names.
 FLOW_DEFAULTS = {"flux": FlowDefaults("Flux", steps=28, guidance=3.5, max_sequence_length=512),
-                 "sd3": FlowDefaults("SD3", steps=28, guidance=7.0, max_sequence_length=256)}
-# Output sides of Flux and SD3 bases are multiples of 16: the VAE's 8x times Flux's 2x2 packing / SD3's 2x2 patches.
+                 "sd3": FlowDefaults("SD3", steps=28, guidance=7.0, max_sequence_length=256),
+                 "qwenimage": FlowDefaults("Qwen-Image", steps=50, guidance=4.0, max_sequence_length=512)}
+# Output sides of flow-matching bases are multiples of 16: the VAE's 8x times Flux's and Qwen-Image's 2x2 packing /
+# SD3's 2x2 patches.
 FLOW_SIZE_MULTIPLE = 16
 
 
 class FamilyDefault(int):
     """A steps value left to the base family (:meth:`GenerationConfig.check`): it equals DEFAULT_STEPS, the UNet
-    bases' default, and a Flux or SD3 base replaces it with its own; a value given explicitly is a plain int."""
+    bases' default, and a flow-matching base replaces it with its own; a value given explicitly is a plain int."""
 
 
 def _flow_defaults_text(name: str) -> str:
-    """``name`` ("guidance", "steps") of the Flux and SD3 bases, for --help: "3.5 for Flux, 7.0 for SD3"."""
+    """``name`` ("guidance", "steps") of the flow-matching bases, for --help: "3.5 for Flux, 7.0 for SD3, ..."."""
     return ", ".join(f"{getattr(d, name)} for {d.label}" for d in FLOW_DEFAULTS.values())
 
 
@@ -212,19 +215,19 @@ class GenerationConfig:
     negative_prompt: str = option("", help="what to avoid (the unconditional branch of guidance; not on Flux, "
                                   "which has no CFG)", group=SAMPLING)
     steps: int = option(FamilyDefault(DEFAULT_STEPS), help=f"denoising steps (default: {DEFAULT_STEPS}), "
-                        f"{FLOW_DEFAULTS['flux'].steps} on Flux and SD3 bases", group=SAMPLING)
+                        f"on flow-matching bases {_flow_defaults_text('steps')}", group=SAMPLING)
     guidance: float | None = option(None, help="classifier-free guidance scale, <= 1 turns it off; on Flux the "
                                     "distilled guidance (default: "
                                     f"{describe_family_defaults('guidance')}, {_flow_defaults_text('guidance')})",
                                     group=SAMPLING)
     scheduler: str | None = option(None, help=f"sampler: {', '.join(SCHEDULERS)}, or A1111's name ('DPM++ 2M Karras'); "
                                    "lcm/tcd: 4-8 steps with an LCM/TCD LoRA (default: "
-                                   f"{describe_family_defaults('scheduler')}; Flux and SD3: flow-matching Euler "
-                                   "only)", group=SAMPLING, metavar="NAME")
+                                   f"{describe_family_defaults('scheduler')}; Flux, SD3, Qwen-Image: "
+                                   "flow-matching Euler only)", group=SAMPLING, metavar="NAME")
     seed: int | None = option(0, help="image k uses seed + k; -1 picks a random seed (0..2**63-1)", group=SAMPLING)
-    size: tuple[int, int] | None = option(None, help="output size, multiples of 8 (16 on Flux and SD3; default: "
-                                          "the first control image's aspect ratio at the base's resolution)", group=SAMPLING,
-                                          metavar="WxH")
+    size: tuple[int, int] | None = option(None, help="output size, multiples of 8 (16 on Flux, SD3, Qwen-Image; "
+                                          "default: the first control image's aspect ratio at the base's resolution)",
+                                          group=SAMPLING, metavar="WxH")
     num_images: int = option(1, help=f"images to generate, one batch, 1..{MAX_NUM_IMAGES}", group=SAMPLING, metavar="N")
     eta: float = option(0.0, help="DDIM eta, 0 = deterministic sampling (UNet bases)", group=SAMPLING)
     guess_mode: bool = option(False, help="control on the conditional branch only, residual scales 0.825**(N-1-i) "
@@ -238,8 +241,8 @@ class GenerationConfig:
     def check(self, family: str | None = None) -> "GenerationConfig":
         """Every rule of the settings, once (types too: settings read from a file are untrusted); returns self with
         the scheduler under our name. Rules that need the model (the scheduler's schedule length, an inpainting
-        UNet, the device's pixel budget) are the pipeline's. ``family`` "flux" or "sd3" (:data:`FLOW_DEFAULTS`):
-        also that base's rules, and its defaults where the config leaves them to the base."""
+        UNet, the device's pixel budget) are the pipeline's. ``family`` "flux", "sd3" or "qwenimage"
+        (:data:`FLOW_DEFAULTS`): also that base's rules, and its defaults where the config leaves them to the base."""
         _need("negative prompt", self.negative_prompt, "text")
         _need("steps", self.steps, "int")
         if not 1 <= self.steps <= MAX_STEPS:
@@ -280,7 +283,7 @@ class GenerationConfig:
         return self
 
     def _check_flow(self, defaults: FlowDefaults) -> None:
-        """A Flux or SD3 base's rules (one-line :class:`UserError` for what it has no use for) and defaults."""
+        """A flow-matching base's rules (one-line :class:`UserError` for what it has no use for) and defaults."""
         base = f"{defaults.label} bases"
         unet_only = (("--scheduler", self.scheduler is not None), ("--eta", self.eta != 0.0),
                      ("--guess-mode", self.guess_mode), ("--reuse-residuals", self.reuse_residuals != 1))
@@ -291,10 +294,6 @@ class GenerationConfig:
         if defaults.label == "Flux" and self.negative_prompt:
             raise UserError("--negative-prompt: Flux is guidance-distilled and runs no CFG, so a negative prompt "
                             "has no effect; drop it (SD3 takes one)")
-        for flag, given in (("--mask", self.image.mask is not None), ("--hires-scale", self.hires is not None)):
-            if given:
-                raise UserError(f"{flag}: {'inpainting' if flag == '--mask' else 'the hires fix'} on {base} is not "
-                                "supported yet; use text-to-image or img2img (--init-image, --denoise)")
         if self.size is not None and any(side % FLOW_SIZE_MULTIPLE for side in self.size):
             width, height = (max(1, math.floor(side / FLOW_SIZE_MULTIPLE + 0.5)) * FLOW_SIZE_MULTIPLE  # halves up
                              for side in self.size)
@@ -302,6 +301,11 @@ class GenerationConfig:
                             f"divisible by {FLOW_SIZE_MULTIPLE}, e.g. {width}x{height}")
         if isinstance(self.steps, FamilyDefault):
             self.steps = defaults.steps
+        if self.hires is not None:  # flow-matching img2img has no VAE round trip for a pass of no step
+            steps = self.hires.steps or self.steps
+            if math.floor(self.hires.denoise * steps + 0.5) == 0:
+                raise UserError(f"--hires-denoise {self.hires.denoise} runs no step of {steps} on {base}; raise "
+                                "--hires-denoise or --hires-steps")
         if self.guidance is None:
             self.guidance = defaults.guidance
 

@@ -45,7 +45,7 @@ Decisions:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -282,12 +282,23 @@ def upscale_latents(vae: Any, latents: torch.Tensor, hires: HiresFix, width: int
                     device: torch.device) -> torch.Tensor:
     """The hires pass's picture: ``latents`` upscaled to ``width`` x ``height`` by the hires upscaler (``decode``:
     latents → uint8 pictures, for the "lanczos" upscaler)."""
-    if hires.upscaler == "latent":  # A1111's "Latent": bilinear, no antialiasing
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        size = (height // factor, width // factor)
-        return torch.nn.functional.interpolate(latents, size=size, mode="bilinear", align_corners=False)
-    pictures = [Image.fromarray(a).resize((width, height), Image.LANCZOS) for a in decode(latents)]
-    return torch.cat([encode(vae, np.asarray(p), [g], device) for p, g in zip(pictures, generators)])
+    if hires.upscaler == "latent":
+        return interpolate_latents(latents, width, height, 2 ** (len(vae.config.block_out_channels) - 1))
+    pictures = resize_pictures(decode(latents), width, height)
+    return torch.cat([encode(vae, p, [g], device) for p, g in zip(pictures, generators)])
+
+
+def interpolate_latents(latents: torch.Tensor, width: int, height: int, factor: int) -> torch.Tensor:
+    """Latents ``(B, C, h, w)`` resized to those of a ``width`` x ``height`` picture (``factor``: the VAE's):
+    A1111's "Latent" hires upscaler, bilinear without antialiasing."""
+    size = (height // factor, width // factor)
+    return torch.nn.functional.interpolate(latents, size=size, mode="bilinear", align_corners=False)
+
+
+def resize_pictures(arrays: Sequence[np.ndarray], width: int, height: int) -> list[np.ndarray]:
+    """Decoded pictures (uint8 ``(H, W, 3)``) resized to ``width`` x ``height``: the "lanczos" hires upscaler
+    (PIL's Lanczos)."""
+    return [np.asarray(Image.fromarray(a).resize((width, height), Image.LANCZOS)) for a in arrays]
 
 
 def paste_back_all(arrays: list[np.ndarray], source: Source, blur: float, whole: Source | None = None,
@@ -311,5 +322,6 @@ def img2img_timesteps(sampler: Any, steps: int, denoise: float) -> torch.Tensor:
 
 
 __all__ = ["Box", "HiresFix", "Source", "check_unet", "crop_condition", "encode", "feather", "full_res_box",
-           "image_start", "img2img_timesteps", "is_inpainting_unet", "latent_mask", "load_source", "mask_box",
-           "only_masked", "paste_back", "paste_back_all", "resize_exact", "to_vae_input", "uncrop", "upscale_latents"]
+           "image_start", "img2img_timesteps", "interpolate_latents", "is_inpainting_unet", "latent_mask",
+           "load_source", "mask_box", "only_masked", "paste_back", "paste_back_all", "resize_exact", "resize_pictures",
+           "to_vae_input", "uncrop", "upscale_latents"]

@@ -277,3 +277,36 @@ def resolve_controlnet_source(name: str | os.PathLike, revision: str | None = No
     if ref is not None:
         return hub.model_file(ref.repo_id, DIFFUSERS_WEIGHTS, ref.revision, variant)
     return resolve_controlnet(text)  # its one-line error
+
+
+UNET = "unet"
+# model_index.json's transformer class → the flow-matching family (controlnet.generation_config.FLOW_DEFAULTS).
+FLOW_TRANSFORMERS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3",
+                     "QwenImageTransformer2DModel": "qwenimage"}
+
+
+def base_folder_family(base: str | None, revision: str | None = None) -> str:
+    """"flux", "sd3" or "qwenimage" for a diffusers folder or hub repository whose model_index.json names a Flux,
+    SD3 or Qwen-Image transformer; "unet" for anything else (the embedded base, single files, SD folders: the UNet
+    loader reads and checks them). A hub base's model_index.json is fetched alone (the rest when the base is loaded)."""
+    if base is None:
+        return UNET
+    from controlnet.embedded import local_base
+
+    path = local_base(base)  # a path, or an embedded base's name ("tiny-flux", "tiny-shapes")
+    if path is not None and path.is_dir():
+        index_file = path / "model_index.json"
+    elif path is not None:
+        return UNET
+    else:
+        from controlnet import hub
+
+        ref = hub.hub_ref(base, revision)
+        if ref is None or ref.filename is not None:
+            return UNET
+        index_file = hub.hub_file(ref.repo_id, "model_index.json", revision=ref.revision)
+    try:
+        entry = json.loads(index_file.read_text()).get("transformer")
+    except (OSError, ValueError, AttributeError):
+        return UNET  # no or no readable model_index.json: the UNet loader says what is wrong with it
+    return FLOW_TRANSFORMERS.get(entry[-1] if isinstance(entry, list) and entry else None, UNET)

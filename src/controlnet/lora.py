@@ -188,7 +188,7 @@ def read_lora(path: Path, unet: nn.Module) -> tuple[dict[str, torch.Tensor], dic
     if not any("lora" in k for k in raw):
         raise UserError(f"LoRA {path}: no LoRA layers in it (no key names 'lora'); is it a full model or an embedding?")
     check_lora_layers(raw, path)
-    metadata = _adapter_metadata(path)
+    metadata = adapter_metadata(path)
     try:
         state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(raw, unet_config=unet.config)
     except Exception as err:  # noqa: BLE001 - diffusers raises many types for layouts it cannot convert
@@ -234,7 +234,7 @@ def check_lora_layers(raw: Mapping[str, torch.Tensor], path: Path) -> None:
                                 "agree")
 
 
-def _adapter_metadata(path: Path) -> dict | None:
+def adapter_metadata(path: Path) -> dict | None:
     """diffusers' LoRA adapter metadata (the peft LoraConfig) stored in a .safetensors header, if any, checked:
     a JSON object whose ranks and alphas are positive numbers and whose target modules are names."""
     if path.suffix != ".safetensors":
@@ -305,7 +305,7 @@ def check_lora_fits(state: Mapping[str, torch.Tensor], models: Mapping[str, nn.M
                             f"a LoRA for {made_for}; use one made for {family}")
         layers = component_state_dict(state, component, model)
         for key, tensor in layers.items():
-            problem = _misfit(model, key, tensor)
+            problem = misfit(model, key, tensor)
             if problem:
                 hint = _made_for(layers) if component == "unet" else None
                 made_for = f"it looks made for {hint}" if hint else "it is for another model or family"
@@ -313,7 +313,7 @@ def check_lora_fits(state: Mapping[str, torch.Tensor], models: Mapping[str, nn.M
                                 f"use a LoRA made for {family}")
 
 
-def _misfit(model: nn.Module, key: str, tensor: torch.Tensor) -> str:
+def misfit(model: nn.Module, key: str, tensor: torch.Tensor) -> str:
     """Why LoRA tensor ``key`` (``path.lora_A.weight``) cannot apply to ``model`` ("" when it can)."""
     if ".lora_A." not in key and ".lora_B." not in key:
         return f"layer {key} is in a layout diffusers' converter does not map to peft"
@@ -361,14 +361,14 @@ def inject_lora(state: dict[str, torch.Tensor], alphas: dict[str, float] | None,
             # diffusers takes the "unet." part of the state dict and of the metadata itself.
             StableDiffusionLoraLoaderMixin.load_lora_into_unet(state, alphas, model, adapter_name=adapter,
                                                                metadata=metadata)
-        elif not _inject_text_encoder(state, alphas, metadata, model, component, adapter):
+        elif not inject_text_encoder(state, alphas, metadata, model, component, adapter):
             continue
         changed.append(component)
     activate(models, {})
     return changed
 
 
-def _inject_text_encoder(state: dict[str, torch.Tensor], alphas: dict[str, float] | None, metadata: dict | None,
+def inject_text_encoder(state: dict[str, torch.Tensor], alphas: dict[str, float] | None, metadata: dict | None,
                          encoder: nn.Module, component: str, adapter: str) -> bool:
     """The text-encoder half of diffusers' ``_load_lora_into_text_encoder``, with peft's functions."""
     from diffusers.utils.peft_utils import get_peft_kwargs

@@ -276,7 +276,7 @@ class Pipeline:
 
         The family is told from the file (:func:`controlnet.families.detect_family`): a ControlNet (original or
         diffusers layout), a Union/ProMax ControlNet, a Control-LoRA (built on this pipeline's base UNet as it is
-        at its first load) or a T2I-Adapter. A model for another base (family or block widths), or a Flux/SD3
+        at its first load) or a T2I-Adapter. A model for another base (family or block widths), or a transformer-base
         ControlNet on this UNet base, is refused in one line naming both."""
         if isinstance(name_or_path, nn.Module):
             cn = name_or_path
@@ -312,8 +312,8 @@ class Pipeline:
         if is_transformer_controlnet(path):
             from controlnet.checkpoints import detect_family as base_family
 
-            raise UserError(f"{path} is a ControlNet for a transformer base (Flux/SD3), but the base model is "
-                            f"{base_family(self.unet)} (a UNet); use it with a Flux or SD3 base, or a ControlNet "
+            raise UserError(f"{path} is a ControlNet for a transformer base (Flux, SD3 or Qwen-Image), but the base model is "
+                            f"{base_family(self.unet)} (a UNet); use it with the transformer base it was made for, or a ControlNet "
                             f"made for {base_family(self.unet)}")
         family = detect_family(path)
         if family == "t2i-adapter":

@@ -1,9 +1,11 @@
-"""Tiny seeded Flux and SD3 bases for tests and benchmarks: transformer, 16-channel VAE, CLIP and T5 text encoders
-with tokenizers built in code (no download), and the released scheduler configs.
+"""Tiny seeded Flux, SD3 and Qwen-Image bases for tests and benchmarks: transformer, VAE, text encoders (CLIP and
+T5; Qwen2.5-VL) with tokenizers built in code (no download), and the released scheduler configs.
 
 The layouts are the released ones at a size a CPU runs in milliseconds: FLUX.1's 16 latent channels packed 2x2
 into 64 token features, guidance embedding, CLIP pooled + T5 text; SD3's two CLIPs with projections + T5,
-2x2 patches. The VAE downsamples 8x like the real ones.
+2x2 patches. The VAE downsamples 8x like the real ones. Qwen-Image's are diffusers' own test components
+(tests/pipelines/qwenimage): a 4-channel AutoencoderKLQwenImage that downsamples 4x, a two-layer Qwen2.5-VL, with
+a byte-level BPE tokenizer that knows the chat template's special tokens.
 """
 
 from __future__ import annotations
@@ -49,6 +51,27 @@ REAL_SD3_DEPTH = 24
 REAL_SD3_CLIPS = (768, 1280)
 TINY_SD3_CLIPS = (32, 32)
 SHAPES = ("tiny", "real")
+
+# Qwen/Qwen-Image scheduler/scheduler_config.json
+QWEN_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192,
+                      max_shift=0.9, num_train_timesteps=1000, shift=1.0, shift_terminal=0.02,
+                      stochastic_sampling=False, time_shift_type="exponential", use_beta_sigmas=False,
+                      use_dynamic_shifting=True, use_exponential_sigmas=False, use_karras_sigmas=False)
+# diffusers tests/pipelines/qwenimage/test_qwenimage.py get_dummy_components: transformer, VAE, Qwen2.5-VL.
+QWEN_LATENT_CHANNELS = 4
+TINY_QWEN = dict(patch_size=2, in_channels=4 * QWEN_LATENT_CHANNELS, out_channels=QWEN_LATENT_CHANNELS, num_layers=2,
+                 attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False,
+                 axes_dims_rope=(8, 4, 4))
+TINY_QWEN_VAE = dict(base_dim=6 * QWEN_LATENT_CHANNELS, z_dim=QWEN_LATENT_CHANNELS, dim_mult=[1, 2, 4],
+                     num_res_blocks=1, temperal_downsample=[False, True])
+# Per-channel latent statistics away from (0, 1), so that the normalisation is exercised (the real VAE's are 16 wide).
+TINY_QWEN_LATENTS = dict(latents_mean=[0.1, -0.2, 0.3, -0.1], latents_std=[1.5, 0.8, 1.2, 2.0])
+TINY_QWEN_TEXT = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, rope_theta=1000000.0,
+                      rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"})
+TINY_QWEN_VISION = dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16)
+# The chat-template tokens QwenImagePipeline's prompt template uses, and Qwen2's end-of-text (its pad token).
+QWEN_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
 def build_t5_tokenizer(words: tuple[str, ...] = WORDS):
@@ -162,3 +185,60 @@ def diffusers_components(components: dict[str, Any]) -> dict[str, Any]:
 
     parts = {k: v for k, v in components.items() if k != "scheduler_config"}
     return {**parts, "scheduler": FlowMatchEulerDiscreteScheduler.from_config(components["scheduler_config"])}
+
+
+def build_qwen_tokenizer(words: tuple[str, ...] = WORDS):
+    """A Qwen2Tokenizer (byte-level BPE, Qwen2's pre-tokenizer) over the 256 byte symbols, with merges that make
+    each of ``words`` after a space one token ("Ġred", as Qwen's vocabulary has them; the merges grow from the space
+    symbol, so no word's merges break another's), and the chat template's special tokens
+    (:data:`QWEN_SPECIAL_TOKENS`)."""
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    space = "\u0120"  # byte-level BPE's symbol for " "
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        merged = space
+        for ch in word:
+            if (merged, ch) not in merges:
+                merges.append((merged, ch))
+            merged += ch
+            vocab.setdefault(merged, len(vocab))
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
+    return tok
+
+
+def build_qwen_text_encoder(tokenizer: Any, seed: int):
+    """A two-layer Qwen2_5_VLForConditionalGeneration 16 wide (diffusers' test config) for ``tokenizer`` 's
+    vocabulary, its end-of-text token as begin, end and padding."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    config = Qwen2_5_VLConfig(text_config={**TINY_QWEN_TEXT, **ids}, vision_config=TINY_QWEN_VISION, hidden_size=16,
+                              **ids)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def qwen_components(seed: int = 0, posterior_std: float | None = None) -> dict[str, Any]:
+    """The components of diffusers' QwenImagePipeline (scheduler as its config). ``posterior_std``: the VAE's
+    log-variance made constant, as :func:`build_flow_vae` 's (diffusers' ControlNet pipeline encodes a condition
+    once per prompt, each row a posterior sample of its own)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    tok = build_qwen_tokenizer()
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(**TINY_QWEN).eval()
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKLQwenImage(**TINY_QWEN_VAE, **TINY_QWEN_LATENTS).eval()
+    if posterior_std is not None:
+        conv = vae.quant_conv  # (mean, logvar) channels
+        with torch.no_grad():
+            conv.weight[QWEN_LATENT_CHANNELS:] = 0
+            conv.bias[QWEN_LATENT_CHANNELS:] = 2 * torch.log(torch.tensor(posterior_std))
+    return dict(transformer=transformer, vae=vae, text_encoder=build_qwen_text_encoder(tok, seed + 4),
+                tokenizer=tok, scheduler_config=dict(QWEN_SCHEDULER))

@@ -15,8 +15,10 @@ Two models, one per backbone, with the module names of diffusers' ``FluxControlN
 * :class:`SD3ControlNet`: copies of ``JointTransformerBlock`` blocks (InstantX SD3), or, for Stability's SD3.5
   ControlNets, ``SD3SingleTransformerBlock`` blocks over the image tokens alone, which share the base's patch
   embedding.
+* :class:`QwenImageControlNet` (at the end): copies of ``QwenImageTransformerBlock`` blocks (InstantX Qwen-Image
+  ControlNet-Union and -Inpainting); the condition is packed VAE latents, placed by Flux's "interval" rule.
 
-Both return :class:`~controlnet.residuals.Residuals` keyed by the base block each residual is added to:
+All return :class:`~controlnet.residuals.Residuals` keyed by the base block each residual is added to:
 ``("block", i)`` for Flux's double-stream and SD3's joint block i, ``("single", i)`` for Flux's single-stream
 block i, placed by the family's rule (:func:`residual_index`); :func:`transformer_kwargs` hands them to a diffusers
 transformer.
@@ -36,7 +38,10 @@ import torch
 from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.embeddings import (CombinedTimestepGuidanceTextProjEmbeddings, CombinedTimestepTextProjEmbeddings,
                                          PatchEmbed)
+from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed, FluxSingleTransformerBlock, FluxTransformerBlock
+from diffusers.models.transformers.transformer_qwenimage import (QwenEmbedRope, QwenImageTransformerBlock,
+                                                                 QwenTimestepProjEmbeddings, compute_text_seq_len_from_mask)
 from diffusers.models.transformers.transformer_sd3 import SD3SingleTransformerBlock
 from torch import nn
 
@@ -47,9 +52,10 @@ from controlnet.residuals import BLOCK, SINGLE, Residuals
 
 FLUX = "flux"
 SD3 = "sd3"
+QWEN = "qwenimage"
 # diffusers' class names, written into config.json so that diffusers' from_pretrained reads our folders.
-CLASS_NAMES = {FLUX: "FluxControlNetModel", SD3: "SD3ControlNetModel"}
-FAMILY_TITLES = {FLUX: "Flux", SD3: "SD3"}
+CLASS_NAMES = {FLUX: "FluxControlNetModel", SD3: "SD3ControlNetModel", QWEN: "QwenImageControlNetModel"}
+FAMILY_TITLES = {FLUX: "Flux", SD3: "SD3", QWEN: "Qwen-Image"}
 
 # Where residual i of a ControlNet with n blocks goes among the N blocks of the base:
 #   "interval" (InstantX/Shakker Flux, diffusers FluxTransformer2DModel): base block b gets b // ceil(N / n);
@@ -109,6 +115,8 @@ def transformer_kwargs(residuals: Residuals, base: nn.Module) -> dict[str, Any]:
     if base_family(base) == FLUX:
         return {"controlnet_block_samples": per_block(BLOCK, config.num_layers),
                 "controlnet_single_block_samples": per_block(SINGLE, config.num_single_layers)}
+    if base_family(base) == QWEN:
+        return {"controlnet_block_samples": per_block(BLOCK, config.num_layers)}
     return {"block_controlnet_hidden_states": per_block(BLOCK, config.num_layers)}
 
 
@@ -119,8 +127,12 @@ def base_family(base: Any) -> str:
         return FLUX
     if name == "SD3Transformer2DModel":
         return SD3
+    if name == "QwenImageTransformer2DModel":
+        return QWEN
     config = getattr(base, "config", base)
     keys = set(config.keys()) if isinstance(config, Mapping) else set(vars(config)) if hasattr(config, "__dict__") else set()
+    if "axes_dims_rope" in keys and "num_single_layers" not in keys:  # Qwen-Image: double-stream blocks only
+        return QWEN
     if "axes_dims_rope" in keys:
         return FLUX
     if "caption_projection_dim" in keys:
@@ -130,7 +142,7 @@ def base_family(base: Any) -> str:
     return name
 
 
-FAMILY_NAMES = {FLUX: "Flux", SD3: "SD3/SD3.5", "sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL",
+FAMILY_NAMES = {FLUX: "Flux", SD3: "SD3/SD3.5", QWEN: "Qwen-Image", "sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL",
                 "unet": "a UNet model (SD1.x/SD2.x/SDXL)"}
 
 
@@ -698,5 +710,174 @@ class SD3ControlNet(TransformerControlNet):
 
 
 def build_transformer_controlnet(config: TransformerControlNetConfig) -> TransformerControlNet:
-    """The model of a config (Flux or SD3)."""
+    """The model of a config (Flux, SD3 or Qwen-Image)."""
+    if isinstance(config, QwenImageControlNetConfig):
+        return QwenImageControlNet(config)
     return FluxControlNet(config) if isinstance(config, FluxControlNetConfig) else SD3ControlNet(config)
+
+
+# --------------------------------------------------------------------------------------------- Qwen-Image
+
+# Qwen-Image's rotary frequency base and norm epsilon (diffusers QwenImageTransformer2DModel:
+# QwenEmbedRope(theta=10000), RMSNorm(joint_attention_dim, eps=1e-6)).
+QWEN_ROPE_THETA = 10000
+QWEN_NORM_EPS = 1e-6
+# Qwen-Image's rotary axes for its 128-wide heads (Qwen/Qwen-Image transformer/config.json `axes_dims_rope`).
+QWEN_AXES_DIMS_ROPE = (16, 56, 56)
+QWEN_HEAD_DIM = 128
+# Qwen-Image packs 2x2 latent patches into one token (diffusers QwenImagePipeline._pack_latents, config patch_size 2).
+QWEN_PATCH_SIZE = 2
+# Base options of Qwen-Image variants (Edit-2511's zero_cond_t, Layered's extra timestep and 3-D rotary) whose blocks
+# or embedders take other inputs than the text-to-image model's, which the released ControlNets were trained on.
+QWEN_UNSUPPORTED_OPTIONS = ("zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
+
+
+@dataclass
+class QwenImageControlNetConfig(_TransformerConfig):
+    """A Qwen-Image ControlNet; field names and defaults are diffusers' ``QwenImageControlNetModel`` config.json's.
+
+    ``extra_condition_channels``: condition features beyond the image tokens' ``in_channels`` (InstantX's inpainting
+    ControlNet: masked-image latents and the mask, 16 + 1 channels packed 2x2, so 4 more than 64). No mode embedding:
+    InstantX's Qwen-Image ControlNet-Union takes every condition kind through the same embedder.
+    ``base_num_layers`` (ours): the base's depth, for the residuals' placement.
+    """
+
+    patch_size: int = QWEN_PATCH_SIZE
+    in_channels: int = 64
+    out_channels: int | None = 16
+    num_layers: int = 60
+    attention_head_dim: int = QWEN_HEAD_DIM
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 3584
+    axes_dims_rope: tuple[int, ...] = QWEN_AXES_DIMS_ROPE
+    extra_condition_channels: int = 0
+    base_num_layers: int | None = None
+
+    family = QWEN
+    integers = ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+                "joint_attention_dim", "extra_condition_channels", "base_num_layers")
+    # diffusers QwenImageTransformer2DModel: `controlnet_block_samples[index_block // ceil(N / n)]`, Flux's rule.
+    placement = "interval"
+    pooled_projection_dim = None  # Qwen-Image has no pooled text embedding (what check_fits compares)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise UserError(f"invalid Qwen-Image ControlNet config: axes_dims_rope {list(self.axes_dims_rope)} must add "
+                            f"up to attention_head_dim {self.attention_head_dim}")
+
+
+class QwenImageControlNet(TransformerControlNet):
+    """A ControlNet for Qwen-Image (InstantX Qwen-Image-ControlNet-Union and -Inpainting layouts).
+
+    What is configuration of the shared core: the trainable copy (:meth:`TransformerControlNet._adopt` of the
+    embedders and first ``num_layers`` blocks), the zero linears and zero condition embedder, the residual placement
+    (Flux's "interval" rule, :func:`residual_index`), attaching the base's depth, saving, loading and the family
+    checks. What is new code: this class's module list (Qwen-Image's own embedders: ``img_in``, ``txt_norm`` +
+    ``txt_in``, a timestep-only ``time_text_embed``, 3-axis rotary ``pos_embed`` built from the token grid) and its
+    :meth:`forward`, since Qwen-Image's blocks take a text mask and rotary tables computed from ``img_shapes``
+    instead of Flux's position ids and pooled text. Unlike diffusers' ``from_transformer``, :meth:`from_transformer`
+    also copies the base's ``txt_norm`` weight (diffusers leaves it at ones).
+
+    ``cn(tokens, t, text, img_shapes, condition=cond_tokens)`` → residuals for the locked
+    ``QwenImageTransformer2DModel``; ``transformer(..., **transformer_kwargs(res, transformer))`` adds them.
+    """
+
+    def __init__(self, config: QwenImageControlNetConfig):
+        super().__init__()
+        self.config = c = config
+        d = c.inner_dim
+        # QwenEmbedRope's frequency tables are plain tensors, not buffers: built here even inside a meta-device
+        # context, since no checkpoint holds them.
+        with torch.device("cpu"):
+            self.pos_embed = QwenEmbedRope(theta=QWEN_ROPE_THETA, axes_dim=list(c.axes_dims_rope), scale_rope=True)
+        self.time_text_embed = QwenTimestepProjEmbeddings(embedding_dim=d)
+        self.txt_norm = RMSNorm(c.joint_attention_dim, eps=QWEN_NORM_EPS)
+        self.img_in = nn.Linear(c.in_channels, d)
+        self.txt_in = nn.Linear(c.joint_attention_dim, d)
+        self.transformer_blocks = nn.ModuleList(
+            QwenImageTransformerBlock(dim=d, num_attention_heads=c.num_attention_heads,
+                                      attention_head_dim=c.attention_head_dim)
+            for _ in range(c.num_layers))
+        for name, module in self._new().items():
+            setattr(self, name, module)
+
+    def _new(self) -> dict[str, nn.Module]:
+        c = self.config
+        d = c.inner_dim
+        return {"controlnet_blocks": nn.ModuleList(_zero_linear(d, d) for _ in range(c.num_layers)),
+                "controlnet_x_embedder": _zero_linear(c.in_channels + c.extra_condition_channels, d)}
+
+    @classmethod
+    def from_transformer(cls, base: nn.Module, num_layers: int = 5,
+                         extra_condition_channels: int = 0) -> "QwenImageControlNet":
+        """A new ControlNet copying, with weights, the embedders and first ``num_layers`` blocks of a diffusers
+        ``QwenImageTransformer2DModel``; its zero linears and condition embedder start at zero, so the base's
+        output is unchanged bit for bit. ``extra_condition_channels``: condition features beyond the image
+        tokens' (4 for inpainting: a mask channel packed 2x2)."""
+        b = base.config
+        if base_family(base) != QWEN:
+            raise UserError("QwenImageControlNet.from_transformer needs a QwenImageTransformer2DModel, got "
+                            f"{type(base).__name__}")
+        options = [name for name in QWEN_UNSUPPORTED_OPTIONS if b.get(name)]
+        if options:
+            raise UserError(f"the base sets {', '.join(options)} (a Qwen-Image edit or layered variant); a Qwen-Image "
+                            "ControlNet copies the text-to-image transformer (Qwen/Qwen-Image)")
+        if not 1 <= num_layers <= b.num_layers:
+            raise UserError(f"the base has {b.num_layers} blocks; copy 1..{b.num_layers} of them, not {num_layers}")
+        config = QwenImageControlNetConfig(
+            patch_size=b.patch_size, in_channels=b.in_channels, out_channels=b.out_channels, num_layers=num_layers,
+            attention_head_dim=b.attention_head_dim, num_attention_heads=b.num_attention_heads,
+            joint_attention_dim=b.joint_attention_dim, axes_dims_rope=tuple(b.axes_dims_rope),
+            extra_condition_channels=extra_condition_channels, base_num_layers=b.num_layers,
+        )
+        with torch.device("meta"):
+            cn = cls(config)
+        cn._adopt(base, ("pos_embed", "time_text_embed", "txt_norm", "img_in", "txt_in"),
+                  {"transformer_blocks": num_layers})
+        for name, module in cn._new().items():
+            setattr(cn, name, module)
+        parameter = next(base.parameters())
+        return cn.requires_grad_(True).to(device=parameter.device, dtype=parameter.dtype)
+
+    _base_depths = SD3ControlNet._base_depths  # one list of blocks, as SD3's
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        img_shapes: Sequence[tuple[int, int, int]],
+        condition: torch.Tensor,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        conditioning_scale: float = 1.0,
+    ) -> Residuals:
+        """Residuals for the locked Qwen-Image base.
+
+        Args:
+            hidden_states: packed image tokens (B, L, in_channels), as the base takes them.
+            timestep: (B,) in [0, 1], as the base takes it (both scale it by 1000).
+            encoder_hidden_states: Qwen2.5-VL embeddings (B, T, joint_attention_dim); encoder_hidden_states_mask:
+                (B, T), 1 for real tokens, 0 for padding.
+            img_shapes: (frames, rows, columns) of each sample's token grid, as the base takes them.
+            condition: packed condition latents (B, L, in_channels + extra_condition_channels), or unpacked
+                (B, C, h, w) latents, packed 2x2 here.
+        """
+        c = self.config
+        tokens = pack_latents(condition, c.patch_size) if condition.ndim == 4 else condition
+        if tokens.shape != (*hidden_states.shape[:2], c.in_channels + c.extra_condition_channels):
+            raise UserError(f"the condition gives tokens {list(tokens.shape)} but this ControlNet needs "
+                            f"{[*hidden_states.shape[:2], c.in_channels + c.extra_condition_channels]} for the image's "
+                            f"{list(hidden_states.shape)}; give a condition of the image's size and channels")
+        h = self.img_in(hidden_states) + self.controlnet_x_embedder(tokens)  # x + Z(c)
+        temb = self.time_text_embed(timestep, h)
+        text_len, _, mask = compute_text_seq_len_from_mask(encoder_hidden_states, encoder_hidden_states_mask)
+        rotary = self.pos_embed(list(img_shapes), max_txt_seq_len=text_len, device=h.device)
+        context = self.txt_in(self.txt_norm(encoder_hidden_states))
+        samples = []
+        for block in self.transformer_blocks:
+            context, h = block(hidden_states=h, encoder_hidden_states=context, encoder_hidden_states_mask=mask,
+                               temb=temb, image_rotary_emb=rotary)
+            samples.append(h)
+        residuals = [z(s) * conditioning_scale for z, s in zip(self.controlnet_blocks, samples)]
+        return Residuals(self.place(BLOCK, residuals))

@@ -11,7 +11,9 @@ Layouts a user may have (all converted to diffusers' module names, our native la
 * Stability's SD3.5 ControlNets (sd3.5_large_controlnet_{canny,depth,blur}.safetensors): ``transformer_blocks.*``
   with fused ``attn.qkv``, ``attn.proj``, ``mlp.fc1/fc2``, ``adaLN_modulation.1``, and a ``control_type`` scalar
   (read the same way as diffusers' scripts/convert_sd3_controlnet_to_diffusers.py and ComfyUI's
-  load_controlnet_sd35).
+  load_controlnet_sd35);
+* diffusers ``QwenImageControlNetModel`` (InstantX Qwen-Image-ControlNet-Union, -Inpainting): folders with
+  config.json, or single ``.safetensors`` files with the same keys.
 
 Files without a config get one inferred from the tensor shapes, plus the base's config (or FLUX.1/SD3's
 values) for what shapes cannot tell (rotary axes, head width). A file made for another base is refused in one
@@ -49,9 +51,14 @@ from controlnet.transformer_controlnet import (
     FLUX,
     FLUX1_AXES_DIMS_ROPE,
     FLUX1_HEAD_DIM,
+    QWEN,
+    QWEN_AXES_DIMS_ROPE,
+    QWEN_HEAD_DIM,
+    QWEN_PATCH_SIZE,
     SD3,
     SD35_CONTROL_TYPES,
     FluxControlNetConfig,
+    QwenImageControlNetConfig,
     SD3ControlNetConfig,
     TransformerControlNet,
     TransformerControlNetConfig,
@@ -137,7 +144,8 @@ def _unet_family(sd: Mapping[str, Any]) -> str | None:
 
 
 def detect_layout(sd: Mapping[str, Any], name: str = "state dict", base: Any = None) -> tuple[str, str]:
-    """(family, layout) of a transformer ControlNet state dict: ("flux" | "sd3", "diffusers" | "xlabs" | "stability").
+    """(family, layout) of a transformer ControlNet state dict: ("flux" | "sd3" | "qwenimage", "diffusers" |
+    "xlabs" | "stability").
 
     Anything else (a UNet ControlNet, a layout we do not read) is a one-line :class:`UserError`.
     """
@@ -149,18 +157,18 @@ def detect_layout(sd: Mapping[str, Any], name: str = "state dict", base: Any = N
         return SD3, "diffusers"
     if "controlnet_x_embedder.weight" in sd and "x_embedder.weight" in sd:
         return FLUX, "diffusers"
+    if "controlnet_x_embedder.weight" in sd and "img_in.weight" in sd:
+        return QWEN, "diffusers"
     unet = _unet_family(sd)
     if unet is not None:
-        target = "a Flux or SD3 transformer" if base is None else f"the base, {describe_base(base)}"
+        target = "a Flux, SD3 or Qwen-Image transformer" if base is None else f"the base, {describe_base(base)}"
         raise UserError(f"{name} is a ControlNet for {FAMILY_NAMES.get(unet, unet)} (a UNet ControlNet), not for "
                         f"{target}; use it with a UNet base, or a ControlNet made for the transformer")
     if "controlnet_blocks.0.linear.weight" in sd:
         raise UserError(f"{name} is a Mistoline Flux ControlNet, a layout this version does not read; convert it to "
                         "diffusers' FluxControlNetModel layout first")
-    if any(".img_mlp." in k for k in sd):
-        raise UserError(f"{name} looks like a Qwen-Image ControlNet, which this version does not read")
     shown = ", ".join(sorted(sd)[:3])
-    raise UserError(f"{name} is not a Flux or SD3 ControlNet we know (expected controlnet_x_embedder.*, "
+    raise UserError(f"{name} is not a Flux, SD3 or Qwen-Image ControlNet we know (expected controlnet_x_embedder.*, "
                     f"double_blocks.* or pos_embed_input.* keys; found e.g. {shown})")
 
 
@@ -247,6 +255,18 @@ def _shape(sd: Mapping[str, torch.Tensor], key: str, name: str) -> tuple[int, ..
     return tuple(sd[key].shape)
 
 
+def _rope_axes(base: Any, head: int, released_head: int, released_axes: tuple[int, ...], name: str) -> tuple[int, ...]:
+    """The rotary axes of ``head``-wide attention heads: the base's, else the released model's when its heads are
+    ``released_head`` wide; shapes cannot tell them."""
+    axes = config_get(base_config(base), "axes_dims_rope")
+    if axes is not None:
+        return tuple(axes)
+    if head != released_head:
+        raise UserError(f"{name}: cannot tell the rotary axes of {head}-wide heads from the file; load it with its "
+                        "base (base=...) or pass its config")
+    return released_axes
+
+
 def infer_flux_config(sd: Mapping[str, torch.Tensor], name: str = "state dict", base: Any = None) -> FluxControlNetConfig:
     """The config of a diffusers-layout Flux ControlNet state dict, from its shapes; the rotary axes (which
     shapes cannot tell) from ``base`` (a FluxTransformer2DModel or its config), else FLUX.1's."""
@@ -254,13 +274,7 @@ def infer_flux_config(sd: Mapping[str, torch.Tensor], name: str = "state dict", 
     layers, singles = _indices(sd, "transformer_blocks."), _indices(sd, "single_transformer_blocks.")
     norm = "transformer_blocks.0.attn.norm_q.weight" if layers else "single_transformer_blocks.0.attn.norm_q.weight"
     head = _shape(sd, norm, name)[0]
-    b = base_config(base)
-    axes = config_get(b, "axes_dims_rope")
-    if axes is None:
-        if head != FLUX1_HEAD_DIM:
-            raise UserError(f"{name}: cannot tell the rotary axes of {head}-wide heads from the file; load it with its "
-                            "base (base=...) or pass its config")
-        axes = FLUX1_AXES_DIMS_ROPE
+    axes = _rope_axes(base, head, FLUX1_HEAD_DIM, FLUX1_AXES_DIMS_ROPE, name)
     hint = sd.get("input_hint_block.conv_out.weight")
     hint_channels = None if hint is None else hint.shape[0]
     patch = math.isqrt(in_channels // hint_channels) if hint_channels else 1
@@ -315,18 +329,46 @@ def infer_sd3_config(sd: Mapping[str, torch.Tensor], name: str = "state dict", b
         raise UserError(f"{name}: {err} (inferred from the tensor shapes); pass its config") from None
 
 
+def infer_qwen_config(sd: Mapping[str, torch.Tensor], name: str = "state dict",
+                      base: Any = None) -> QwenImageControlNetConfig:
+    """The config of a diffusers-layout Qwen-Image ControlNet state dict, from its shapes; the rotary axes, patch size
+    and output channels (which shapes cannot tell) from ``base`` (a QwenImageTransformer2DModel or its config),
+    else Qwen-Image's."""
+    inner, in_channels = _shape(sd, "img_in.weight", name)
+    cond_channels = _shape(sd, "controlnet_x_embedder.weight", name)[1]
+    layers = _indices(sd, "transformer_blocks.")
+    head = _shape(sd, "transformer_blocks.0.attn.norm_q.weight", name)[0]
+    axes = _rope_axes(base, head, QWEN_HEAD_DIM, QWEN_AXES_DIMS_ROPE, name)
+    b = base_config(base)
+    patch = config_get(b, "patch_size", QWEN_PATCH_SIZE)
+    try:
+        return QwenImageControlNetConfig(
+            patch_size=patch, in_channels=in_channels,
+            out_channels=config_get(b, "out_channels", in_channels // patch ** 2),
+            num_layers=len(layers), attention_head_dim=head, num_attention_heads=inner // head,
+            joint_attention_dim=_shape(sd, "txt_in.weight", name)[1], axes_dims_rope=tuple(axes),
+            extra_condition_channels=cond_channels - in_channels,
+        )
+    except UserError as err:
+        raise UserError(f"{name}: {err} (inferred from the tensor shapes); pass its config") from None
+
+
 def config_from_dict(config: Mapping[str, Any], source: str = "config",
                      family: str | None = None) -> TransformerControlNetConfig:
-    """A Flux or SD3 ControlNet config from a config.json dict, by its ``_class_name`` (``family`` where it has
-    none, as a diffusers model's ``.config``)."""
+    """A Flux, SD3 or Qwen-Image ControlNet config from a config.json dict, by its ``_class_name`` (``family``
+    where it has none, as a diffusers model's ``.config``)."""
     class_name = config.get("_class_name") or (CLASS_NAMES[family] if family else None)
     if class_name == CLASS_NAMES[FLUX]:
         return FluxControlNetConfig.from_dict(config)
     if class_name in (CLASS_NAMES[SD3], OLD_SD3_CLASS_NAME):
         return SD3ControlNetConfig.from_dict(config)
+    if class_name == CLASS_NAMES[QWEN]:
+        return QwenImageControlNetConfig.from_dict(config)
     if class_name in ("ControlNetModel", "ControlNetLiteModel", "ControlNetUnionModel", "ControlNetXSAdapter"):
-        raise UserError(f"{source} describes a {class_name}, a UNet ControlNet, not one for a Flux or SD3 transformer")
-    raise UserError(f"{source} describes a {class_name}, not a FluxControlNetModel or SD3ControlNetModel")
+        raise UserError(f"{source} describes a {class_name}, a UNet ControlNet, not one for a Flux, SD3 or "
+                        "Qwen-Image transformer")
+    raise UserError(f"{source} describes a {class_name}, not a FluxControlNetModel, SD3ControlNetModel or "
+                    "QwenImageControlNetModel")
 
 
 # --------------------------------------------------------------------------------------------- fit to the base
@@ -341,7 +383,7 @@ def transformer_controlnet_from_state_dict(
     base: nn.Module | Any = None,
     name: str = "state dict",
 ) -> TransformerControlNet:
-    """A Flux or SD3 ControlNet holding the tensors of ``state_dict`` (any layout of :data:`LAYOUTS`).
+    """A Flux, SD3 or Qwen-Image ControlNet holding the tensors of ``state_dict`` (any layout of :data:`LAYOUTS`).
 
     Without ``config`` it is inferred from the shapes (and ``base``); with ``base`` (a diffusers transformer)
     the ControlNet is checked to fit it and attached (:meth:`TransformerControlNet.attach_base`). Missing,
@@ -367,6 +409,8 @@ def transformer_controlnet_from_state_dict(
         cfg = config
     elif family == FLUX:
         cfg = infer_flux_config(sd, name, base)
+    elif family == QWEN:
+        cfg = infer_qwen_config(sd, name, base)
     else:
         cfg = infer_sd3_config(sd, name, base, layout, control_type)
     if layout == "stability" and cfg.family == SD3 and cfg.control_type is None:
@@ -405,8 +449,9 @@ def _read_folder(path: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def is_transformer_controlnet(path: str | Path) -> bool:
-    """Whether ``path`` holds a Flux or SD3 ControlNet: a folder whose config.json names one, or a .safetensors
-    file with their keys (read from the header only). False for anything else, including what does not exist."""
+    """Whether ``path`` holds a Flux, SD3 or Qwen-Image ControlNet: a folder whose config.json names one, or a
+    .safetensors file with their keys (read from the header only). False for anything else, including what does not
+    exist."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path).expanduser()
@@ -449,7 +494,7 @@ def load_transformer_controlnet(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> TransformerControlNet:
-    """Load a Flux or SD3 ControlNet, in eval mode, from a diffusers folder or a single file of any layout.
+    """Load a Flux, SD3 or Qwen-Image ControlNet, in eval mode, from a diffusers folder or a single file of any layout.
 
     ``base``: the diffusers transformer it will control (or its config): the file must fit it, and it supplies
     the residuals' placement (and SD3.5's patch embedding). ``config``: overrides the folder's config.json or the

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import secrets
 import socket
@@ -38,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from controlnet.defaults import (
     CONTROL_MODES, DEFAULT_DENOISE, DEFAULT_GUIDANCE, DEFAULT_HIRES_DENOISE, DEFAULT_HIRES_SCALE,
@@ -57,6 +58,7 @@ MAX_UNITS = 3  # ControlNet units on the page (the A1111 extension's default "mu
 NO_ANNOTATOR = "none"
 SEED_RANDOM = -1
 SEED_MAX = 2**31 - 1  # seeds drawn for SEED_RANDOM lie in [0, SEED_MAX]; any seed in 0..2**63-1 is allowed
+FLOW_SCHEDULER = "flow-matching Euler"  # a Flux or SD3 base's one sampler, as the scheduler dropdown shows it
 DEFAULT_TIMEOUT = 600.0  # seconds a generation may run before it is stopped (--timeout)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_UPLOAD = "50mb"  # largest upload gradio accepts (a condition image; 50 MB holds any photo)
@@ -284,8 +286,11 @@ class UiBackend:
 
     def __init__(self, pipeline: Any, output_dir: str | os.PathLike, base_label: str = "embedded tiny-sd",
                  examples: Sequence[Example] = (), negative_prompt: str = DEFAULT_NEGATIVE,
-                 model_roots: Sequence[str | os.PathLike] | None = None, timeout: float | None = None):
+                 model_roots: Sequence[str | os.PathLike] | None = None, timeout: float | None = None,
+                 controlnets: Mapping[str, Path] | None = None):
         self.pipeline = pipeline
+        # The model dropdown's names → folders (an embedded base's own ControlNets); None: the bundled names.
+        self.controlnets = None if controlnets is None else dict(controlnets)
         # Folders a model path may lie in (None: any path; the library's default, not the server's).
         self.model_roots = None if model_roots is None else [Path(os.path.realpath(r)) for r in model_roots]
         self.timeout = timeout  # seconds a generation may take (None: no limit)
@@ -301,12 +306,16 @@ class UiBackend:
 
     # -- choices shown in the page
 
-    @staticmethod
-    def controlnet_choices() -> list[str]:
-        """Names of the bundled ControlNets (the model dropdown)."""
+    def controlnet_choices(self) -> list[str]:
+        """Names of the ControlNets the model dropdown offers: the base's own, else the bundled ones."""
         from controlnet.embedded import bundled_controlnets
 
-        return list(bundled_controlnets())
+        return list(bundled_controlnets() if self.controlnets is None else self.controlnets)
+
+    @property
+    def is_flow(self) -> bool:
+        """Whether the base is a Flux or SD3 transformer (flow-matching Euler: no scheduler choice)."""
+        return hasattr(self.pipeline, "transformer")
 
     @staticmethod
     def annotator_choices() -> list[str]:
@@ -335,8 +344,11 @@ class UiBackend:
         return defaults, f"{name}: {annotator.description}"
 
     def scheduler_choices(self) -> list[str]:
-        """Schedulers the pipeline accepts, the base family's default first (DDIM, the original's, for SD1.x)."""
+        """Schedulers the pipeline accepts, the base family's default first (DDIM, the original's, for SD1.x); a
+        Flux or SD3 base's one sampler alone."""
         first = self.default_sampler()[1]
+        if self.is_flow:
+            return [first]
         return [first, *[name for name in SCHEDULERS if name != first]]
 
     def default_sampler(self) -> tuple[float, str]:
@@ -345,7 +357,7 @@ class UiBackend:
         defaults = getattr(self.pipeline, "defaults", None)
         if defaults is None:  # a stand-in pipeline without a family
             return DEFAULT_GUIDANCE, DEFAULT_SCHEDULER
-        return defaults.guidance, defaults.scheduler
+        return defaults.guidance, getattr(defaults, "scheduler", FLOW_SCHEDULER)
 
     def default_size(self) -> int:
         """The base model's native resolution (UNet sample size x VAE factor: 512 for SD1.5, 128 embedded)."""
@@ -366,10 +378,18 @@ class UiBackend:
             self._check_time_budget(kwargs)
             if progress is not None:
                 progress(0.0, "starting")
+            # A Flux or SD3 base samples the images (and their hires passes) one after another: the callback
+            # counts all their steps.
+            steps = flow_steps(config) if self.is_flow else config.steps
             with self._lock, self._bounded_prompt_loras() as used_loras:
-                callback = self._with_deadline(self._step_callback(progress, config.steps), kwargs)
-                result = self.pipeline(prompt=request.prompt or "", controls=controls, callback=callback,
-                                       progress=False, output_type="pil", **kwargs)
+                pace_of = dict(kwargs, steps=steps, num_images=1) if self.is_flow else kwargs  # one image a step
+                callback = self._with_deadline(self._step_callback(progress, steps), pace_of)
+                if self.is_flow:  # TransformerPipeline.generate: the config as it is (checked for its family)
+                    result = self.pipeline.generate(request.prompt or "", controls, config, progress=False,
+                                                    callback=callback)
+                else:
+                    result = self.pipeline(prompt=request.prompt or "", controls=controls, callback=callback,
+                                           progress=False, output_type="pil", **kwargs)
                 used_loras.update(result.settings.get("loras", {}))
             used_seed = int(result.seed)
             paths = self._save(result)
@@ -497,7 +517,7 @@ class UiBackend:
         finally:
             from controlnet.lora import adapters_in
 
-            parts = ("unet", "text_encoder", "text_encoder_2")
+            parts = ("unet", "transformer", "text_encoder", "text_encoder_2")
             loaded = {n for part in parts for n in adapters_in(getattr(self.pipeline, part, None))}
             loaded -= set(getattr(self.pipeline, "loras", {}))  # loaded by the server's own configuration: kept
             for name in [n for n in self._prompt_loras if n not in loaded]:
@@ -508,10 +528,11 @@ class UiBackend:
             while len(self._prompt_loras) > MAX_PROMPT_LORAS:
                 self.pipeline.unload_lora(self._prompt_loras.popitem(last=False)[0])
 
-    @staticmethod
-    def _control_unit(index: int, unit: UnitInput) -> Any:
+    def _control_unit(self, index: int, unit: UnitInput) -> Any:
         name = f"ControlNet unit {index + 1}"
         model = (unit.model_path or "").strip() or (unit.model or "").strip()
+        if not (unit.model_path or "").strip() and self.controlnets is not None and model in self.controlnets:
+            model = str(self.controlnets[model])  # the base's own ControlNet, by its folder
         if not model:
             raise UserError(f"{name}: choose a ControlNet model or give a path, or untick 'enable'")
         if unit.image is None:
@@ -529,16 +550,17 @@ class UiBackend:
         except UserError as err:
             raise UserError(f"{name}: {err}") from None
 
-    @staticmethod
-    def _config(request: GenerateRequest, seed: int) -> Any:
-        """The page's settings as a checked :class:`~controlnet.generation_config.GenerationConfig`."""
+    def _config(self, request: GenerateRequest, seed: int) -> Any:
+        """The page's settings as a checked :class:`~controlnet.generation_config.GenerationConfig` (on a Flux or
+        SD3 base without a scheduler: it has one sampler)."""
         from controlnet.generation_config import GenerationConfig
 
         width, height = _checked_size(request.width, request.height)
         image, hires = _image_settings(request)
         return GenerationConfig(
             negative_prompt=request.negative_prompt or "", steps=_as_int(request.steps, "steps"),
-            guidance=_as_number(request.guidance, "guidance"), scheduler=request.scheduler, seed=seed,
+            guidance=_as_number(request.guidance, "guidance"), scheduler=None if self.is_flow else request.scheduler,
+            seed=seed,
             size=None if image.init_image is not None else (width, height),  # an init image's own size wins
             num_images=_as_int(request.num_images, "number of images"), guess_mode=bool(request.guess_mode),
             image=image, hires=hires,
@@ -596,6 +618,14 @@ def _as_number(value: Any, name: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise UserError(f"{name} must be a number, got {str(value)[:40]!r}") from None
+
+
+def flow_steps(config: Any) -> int:
+    """The sampling steps a Flux or SD3 generation of ``config`` runs in all: each image's, then its hires pass's
+    (the last denoise x steps of its steps, halves rounded up, as image-to-image runs them)."""
+    hires = config.hires
+    second = 0 if hires is None else math.floor(hires.denoise * (hires.steps or config.steps) + 0.5)
+    return (config.steps + second) * config.num_images
 
 
 def sampling_work(kwargs: dict[str, Any]) -> float:
@@ -980,22 +1010,35 @@ def embedded_examples(folder: Path, count: int = 3) -> list[Example]:
 
 
 def create_backend(config: UiConfig) -> UiBackend:
-    """Load the pipeline for ``config.base`` (a one-line UserError if it cannot) and make the backend."""
-    from controlnet.pipeline import Pipeline
+    """Load the pipeline for ``config.base`` (a one-line UserError if it cannot) and make the backend: a Flux or
+    SD3 folder gets :class:`controlnet.transformer_pipeline.TransformerPipeline`, anything else
+    :class:`controlnet.pipeline.Pipeline`."""
+    from controlnet.embedded import base_controlnets
+    from controlnet.loading import base_folder_family
 
     config.check()
-    pipeline = Pipeline.from_pretrained(base=config.base)
+    if base_folder_family(config.base) == "unet":
+        from controlnet.pipeline import Pipeline
+
+        pipeline = Pipeline.from_pretrained(base=config.base)
+    else:
+        from controlnet.transformer_pipeline import TransformerPipeline
+
+        pipeline = TransformerPipeline.from_pretrained(config.base)
     pipeline.max_pixels = config.max_pixels
     # <lora:NAME> tags name files in the first --models-dir (controlnet.lora.find_tag_lora); none without one.
     pipeline.lora_dir = Path(config.models_dirs[0]).expanduser() if config.models_dirs else None
     output_dir = own_output_folder(config.output_dir)
-    limits = dict(model_roots=config.model_roots(), timeout=config.timeout)
+    limits = dict(model_roots=config.model_roots(), timeout=config.timeout, controlnets=base_controlnets(config.base))
     if config.base is None:
         size = pipeline.native_size
         # The tiny model knows only its fill prompts: no negative prompt, as controlnet.demo generates.
         return UiBackend(pipeline, output_dir, base_label=f"embedded tiny-sd ({size}x{size})",
                          examples=embedded_examples(output_dir / "examples"), negative_prompt="", **limits)
-    return UiBackend(pipeline, output_dir, base_label=str(config.base), **limits)
+    # Flux runs no CFG (a negative prompt is refused), nor does an embedded base know negative words.
+    no_negative = getattr(pipeline, "family", None) == "flux" or base_controlnets(config.base) is not None
+    return UiBackend(pipeline, output_dir, base_label=str(config.base), **limits,
+                     **(dict(negative_prompt="") if no_negative else {}))
 
 
 def launch(config: UiConfig, block: bool = True, quiet: bool = False) -> Any:

@@ -4,7 +4,7 @@ SRC is anything :func:`controlnet.checkpoints.load_controlnet` reads (a diffuser
 ``control_*.pth`` / ``.safetensors``, a whole ControlLDM checkpoint, a bundled name); DST is a folder
 (``--to diffusers``) or a ``.safetensors`` / ``.pth`` file (``--to original``). The other families, told from
 SRC: a T2I-Adapter goes both ways (TencentARC's original file, diffusers' folder); a Union/ProMax ControlNet and a
-Flux/SD3 ControlNet are written as diffusers folders only; a Control-LoRA has one layout, and is refused.
+Flux/SD3/Qwen-Image ControlNet are written as diffusers folders only; a Control-LoRA has one layout, and is refused.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
 
     check_destination(args.dst, args.to)  # before loading: a bad DST is refused at once
     family = _family(args.src)
-    if is_transformer_controlnet(args.src):  # Flux / SD3 (diffusers, XLabs, Stability files) → a diffusers folder
+    if is_transformer_controlnet(args.src):  # Flux / SD3 / Qwen-Image (diffusers, XLabs, Stability files) → a diffusers folder
         if args.to != "diffusers":
-            raise UserError(f"{args.src} is a Flux/SD3 ControlNet; it is written in the diffusers layout only (--to diffusers)")
+            raise UserError(f"{args.src} is a ControlNet for a transformer base (Flux, SD3, Qwen-Image); it is written in the diffusers layout only (--to diffusers)")
         cn = load_transformer_controlnet(args.src, config=args.config)
         out = save_transformer_controlnet(cn, args.dst, dtype=args.dtype)
     elif family in ("t2i-adapter", "union"):
@@ -75,7 +75,7 @@ def _family(src: str) -> str:
     try:
         family = detect_family(src)
     except UserError:
-        return "controlnet"  # a whole checkpoint or a Flux/SD3 file: their loaders tell what is wrong
+        return "controlnet"  # a whole checkpoint or a transformer-base file: their loaders tell what is wrong
     if family == "control-lora":
         raise UserError(f"{src} is {describe(family)}: low-rank deltas on a base model in Stability's one layout, with "
                         "no other layout to convert to (it loads as it is with --controlnet)")

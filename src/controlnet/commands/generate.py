@@ -18,7 +18,7 @@ Image to image, inpainting and hires fix (see :mod:`controlnet.img2img`)::
 
 Flux and SD3/SD3.5 bases (diffusers folders or hub ids) run :class:`controlnet.transformer_pipeline.TransformerPipeline`
 with their ControlNets (diffusers folders, single files, XLabs and Stability layouts; a union ControlNet's mode by
-``--control-type``); :func:`base_family` makes the choice, the options and outputs are the same::
+``--control-type``); :func:`controlnet.loading.base_folder_family` makes the choice, the options and outputs are the same::
 
     controlnet generate --base black-forest-labs/FLUX.1-dev --prompt "..." \\
         --controlnet InstantX/FLUX.1-dev-Controlnet-Union --control edges.png --control-type canny
@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import json
 import re
 import sys
 from pathlib import Path
@@ -203,7 +202,9 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is None and not args.prompts:
         raise UserError("give --prompt TEXT (or --prompts FILE, or --from-png IMG); see `controlnet generate --help`")
     config = config_from_args(args)
-    family = base_family(args.base, args.revision)  # a hub base: its model_index.json is fetched
+    from controlnet.loading import base_folder_family
+
+    family = base_folder_family(args.base, args.revision)  # a hub base: its model_index.json is fetched
     config.check(family)  # a Flux or SD3 base's rules and defaults
     model_options = check_model_options(args, family)
     max_pixels = check_max_pixels(args.max_pixels)
@@ -241,38 +242,6 @@ def run(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- the base: UNet or Flux/SD3 transformer
 
-UNET = "unet"
-# model_index.json's transformer class → the flow-matching family (controlnet.generation_config.FLOW_DEFAULTS).
-FLOW_TRANSFORMERS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}
-
-
-def base_family(base: str | None, revision: str | None = None) -> str:
-    """"flux" or "sd3" for a diffusers folder or hub repository whose model_index.json names a Flux or SD3
-    transformer; "unet" for anything else (the embedded base, single files, SD folders: the UNet loader reads and
-    checks them). A hub base's model_index.json is fetched alone (the rest when the base is loaded)."""
-    if base is None:
-        return UNET
-    from controlnet.embedded import local_base
-
-    path = local_base(base)  # a path, or an embedded base's name ("tiny-flux", "tiny-shapes")
-    if path is not None and path.is_dir():
-        index_file = path / "model_index.json"
-    elif path is not None:
-        return UNET
-    else:
-        from controlnet import hub
-
-        ref = hub.hub_ref(base, revision)
-        if ref is None or ref.filename is not None:
-            return UNET
-        index_file = hub.hub_file(ref.repo_id, "model_index.json", revision=ref.revision)
-    try:
-        entry = json.loads(index_file.read_text()).get("transformer")
-    except (OSError, ValueError, AttributeError):
-        return UNET  # no or no readable model_index.json: the UNet loader says what is wrong with it
-    return FLOW_TRANSFORMERS.get(entry[-1] if isinstance(entry, list) and entry else None, UNET)
-
-
 def _load_unet_base(args: argparse.Namespace, config: GenerationConfig, options: dict[str, Any],
                     max_pixels: int | None) -> Any:
     """An SD1.x/SD2.x/SDXL (or the embedded) base, as :class:`controlnet.pipeline.Pipeline` (its ``__call__``
@@ -299,6 +268,9 @@ def _load_transformer_base(args: argparse.Namespace, config: GenerationConfig, o
                                                revision=args.revision, variant=args.variant)
     pipe.max_pixels = max_pixels
     pipe.vae_tiling = options["vae_tiling"]
+    pipe.lora_dir = options["lora_dir"]
+    for spec in options["loras"]:
+        pipe.load_lora(spec.source, spec.weight)
     if options["offload"]:
         pipe.enable_offload(options["offload"], device)
     return pipe.generate
@@ -381,8 +353,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--variant", default=None, metavar="NAME",
                    help="weights variant of hub/diffusers models, e.g. fp16 (*.fp16.safetensors), where they have it")
     g.add_argument("--lora", action="append", default=[], metavar="FILE_OR_ID[:WEIGHT]",
-                   help="a LoRA (kohya/A1111 or diffusers/peft layout) on the UNet and text encoder, weight 1 unless "
-                   "given; repeatable. <lora:NAME:WEIGHT> in the prompt works too, with --lora-dir")
+                   help="a LoRA (kohya/A1111 or diffusers/peft layout; Flux also XLabs, ai-toolkit) on the UNet or "
+                   "Flux/SD3/Qwen-Image transformer and the text encoder, weight 1 unless given; repeatable. "
+                   "<lora:NAME:WEIGHT> in the prompt works too, with --lora-dir")
     g.add_argument("--lora-dir", default=None, metavar="DIR", help="where <lora:NAME> and --lora NAME are looked for")
     g.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="a textual-inversion embedding (A1111 .pt/.safetensors or diffusers); its token is TOKEN, "
@@ -401,14 +374,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format for the conv models")
 
 
-def check_model_options(args: argparse.Namespace, family: str = UNET) -> dict[str, Any]:
+def check_model_options(args: argparse.Namespace, family: str = "unet") -> dict[str, Any]:
     """The model options parsed and checked before any model is loaded (on a Flux or SD3 base: only those it
     takes; the others are refused in one line)."""
     from controlnet.defaults import scheduler_name
 
     if family in FLOW_DEFAULTS:
-        unet_only = (("--lora", args.lora), ("--lora-dir", args.lora_dir), ("--embedding", args.embedding),
-                     ("--vae", args.vae), ("--clip-skip", args.clip_skip != 1), ("--compile", args.compile),
+        unet_only = (("--embedding", args.embedding), ("--vae", args.vae), ("--clip-skip", args.clip_skip != 1), ("--compile", args.compile),
                      ("--channels-last", args.channels_last), ("--base-config", args.base_config))
         for flag, given in unet_only:
             if given:

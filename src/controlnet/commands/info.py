@@ -151,7 +151,7 @@ def _describe_transformer(sd: Mapping[str, Any], config: Mapping[str, Any], name
     from controlnet.transformer_formats import LAYOUT_NAMES, SD35_CONTROL_TYPES, detect_layout, stability_to_diffusers
 
     layout = detect_layout(sd)[1] if not config else "diffusers"
-    title = "an SD3 ControlNet" if family == "sd3" else "a Flux ControlNet"
+    title = {"sd3": "an SD3 ControlNet", "qwenimage": "a Qwen-Image ControlNet"}.get(family, "a Flux ControlNet")
     lines = {"family": f"{family}-controlnet, {title} ({LAYOUT_NAMES[layout]})", "base": family}
     if family == "flux":
         double, single = ("double_blocks.", "single_blocks.") if layout == "xlabs" else \
@@ -163,7 +163,8 @@ def _describe_transformer(sd: Mapping[str, Any], config: Mapping[str, Any], name
                                else "one condition image")
     else:
         native, control_type = stability_to_diffusers(sd, name) if layout == "stability" else (sd, None)
-        lines["layers"] = f"{_blocks(native, 'transformer_blocks.')} joint blocks"
+        block_kind = "double-stream" if family == "qwenimage" else "joint"
+        lines["layers"] = f"{_blocks(native, 'transformer_blocks.')} {block_kind} blocks"
         control_type = config.get("control_type", control_type)
         kind = SD35_CONTROL_TYPES.get(control_type) if control_type is not None else None
         lines["conditions"] = f"one condition image{f' ({kind})' if kind else ''}"

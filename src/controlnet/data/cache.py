@@ -10,8 +10,8 @@ change during training. Computing them once lets a training step run only the UN
 * the *content*: the bytes of the image file (never its path or modification time), or the prompt's text;
 * the *model identity*: a digest of the VAE's (or the text encoders' and tokenizers') weights and configs,
   :func:`module_digest` / :func:`tokenizer_digest`;
-* the *preprocessing*: the resolution, the horizontal flip, the annotator's name and parameters, and
-  :data:`CACHE_VERSION`.
+* the *preprocessing*: the resolution, the horizontal flip, the annotator's name, parameters and output on a
+  fixed probe picture (:func:`behaviour_digest`), and :data:`CACHE_VERSION`.
 
 Change any of these and the key changes, so the entry is recomputed; a stale entry is simply never read again
 (delete the cache folder to reclaim its space). Entries are written atomically (temporary file + rename), so a
@@ -21,8 +21,10 @@ killed run leaves no half-written entry and the processes of a distributed run m
 
     CACHE/latents/xx/KEY.safetensors     {"params": (2C, h, w)} the VAE's latent distribution (mean and
                                          log-variance: diffusers' DiagonalGaussianDistribution.parameters);
-                                         a training step samples it, as the original's encode_first_stage does
-    CACHE/text/xx/KEY.safetensors        {"hidden": (L, D)} and, for SDXL, {"pooled": (D2,)}
+                                         a training step samples it, as the original's encode_first_stage does;
+                                         for Flux, SD3 and Qwen-Image ControlNets, the conditions' too
+    CACHE/text/xx/KEY.safetensors        {"hidden": (L, D)} and, for SDXL, Flux, SD3, {"pooled": (D2,)};
+                                         Qwen-Image: the prompt's own L tokens, unpadded
     CACHE/conditions/xx/KEY.png          the condition at the training resolution, RGB uint8
 """
 
@@ -117,6 +119,8 @@ class CacheStats:
     prompts_cached: int = 0
     conditions_made: int = 0  # conditions resized (or annotated) and stored
     conditions_cached: int = 0
+    condition_latents_encoded: int = 0  # VAE encodings of conditions (Flux, SD3: one per condition and flip)
+    condition_latents_cached: int = 0
 
     def __add__(self, other: "CacheStats") -> "CacheStats":
         return CacheStats(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
@@ -175,7 +179,8 @@ class CacheStore:
 
 
 def bound_annotator(name: str, params: dict[str, Any]) -> tuple[Callable[[np.ndarray], np.ndarray], str]:
-    """The annotator ``name`` bound to ``params`` (completed with its defaults), and its identity for the cache."""
+    """The annotator ``name`` bound to ``params`` (completed with its defaults), and its identity for the cache:
+    the name, the parameters and :func:`behaviour_digest` (so a changed annotator never reads stale conditions)."""
     from controlnet import annotators
 
     annotator = annotators.get(name)
@@ -184,4 +189,30 @@ def bound_annotator(name: str, params: dict[str, Any]) -> tuple[Callable[[np.nda
     def annotate(image: np.ndarray) -> np.ndarray:
         return annotator(image, **resolved)
 
-    return annotate, entry_key("annotator", name, resolved)
+    return annotate, entry_key("annotator", name, resolved, behaviour_digest(annotate))
+
+
+# The probe of behaviour_digest: a 128 px picture with flat regions, edges, a gradient and a textured patch.
+PROBE_SIZE = 128
+
+
+def probe_image(size: int = PROBE_SIZE) -> np.ndarray:
+    """A fixed (size, size, 3) uint8 picture: a gradient background, a bright disk, a dark square, a noise patch."""
+    y, x = np.mgrid[0:size, 0:size]
+    image = np.stack([x, y, (x + y) // 2], axis=-1).astype(np.float64) * (255.0 / (2 * size))
+    image[(x - size * 0.35) ** 2 + (y - size * 0.4) ** 2 < (size * 0.2) ** 2] = (230, 60, 40)
+    image[size // 2: size * 7 // 8, size // 2: size * 7 // 8] = (20, 40, 160)
+    rng = np.random.default_rng(0)
+    image[size // 8: size // 4, size * 5 // 8: size * 7 // 8] = rng.integers(0, 256, (size // 8, size // 4, 3))
+    return image.round().astype(np.uint8)
+
+
+def behaviour_digest(annotate: Callable[[np.ndarray], np.ndarray]) -> str:
+    """A digest of what ``annotate`` makes of :func:`probe_image`: a change to the annotator's code (or to the
+    weights it loads) that changes its output changes the cached conditions' keys, where its name and parameters
+    alone would not. An annotator that cannot annotate the probe gets "unprobed" (its name and parameters key it)."""
+    try:
+        out = np.ascontiguousarray(annotate(probe_image()))
+    except Exception:  # noqa: BLE001 - e.g. a detector that needs larger pictures; the data itself will tell
+        return "unprobed"
+    return hashlib.sha256(str((out.shape, out.dtype.str)).encode() + out.tobytes()).hexdigest()[:16]

@@ -18,7 +18,8 @@ pipeline's conditions, :func:`controlnet.conditions.resize_cover`), then mapped 
 the same transform and is mapped to ``[0, 1]``. A condition whose size differs from its image's is first resized
 to the image's size, with a warning. ``hflip``: a sample is mirrored with probability 1/2, the image and its
 condition together; the cache holds the latents of both orientations (a flipped latent is not the latent of the
-flipped image) and the condition once (mirroring a condition is exact).
+flipped image) and the condition once (mirroring a condition is exact). For a ControlNet that takes the
+condition's VAE latents (Flux, SD3) the cache also holds the condition's VAE posterior in both orientations.
 
 Randomness is a function of (seed, position in the sample stream), never of a global RNG: sample ``p`` of the
 stream is example ``order[p]`` of epoch ``p // N`` (a seeded permutation per epoch), and its empty-prompt draw,
@@ -234,6 +235,7 @@ class PreparedExample:
     condition_key: str
     image: Path
     line: int
+    condition_latent_keys: tuple[str, ...] = ()  # the condition's VAE posterior, as latent_keys; () when not cached
 
 
 @dataclass
@@ -241,12 +243,13 @@ class Encoders:
     """What preparation needs from the locked models, and their identities (cache keys).
 
     ``encode_images``: ``(B, 3, R, R)`` in [-1, 1] → the VAE's latent distribution parameters ``(B, 2C, h, w)``.
-    ``encode_prompts``: prompts → ``(hidden (N, L, D), pooled (N, D2) or None)``.
+    ``encode_prompts``: prompts → ``(hidden (N, L, D), pooled (N, D2) or None)``; ``hidden`` may be a list of
+    each prompt's own ``(L_i, D)`` (Qwen-Image: the valid tokens, padded per batch by :func:`collate_samples`).
     ``annotate``: optional, ``(R, R, 3)`` uint8 image → ``(R, R, 3)`` uint8 condition.
     """
 
     encode_images: Callable[[torch.Tensor], torch.Tensor]
-    encode_prompts: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]]
+    encode_prompts: Callable[[list[str]], tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | None]]
     vae_id: str
     text_id: str
     annotate: Callable[[np.ndarray], np.ndarray] | None = None
@@ -279,9 +282,11 @@ def prepare_examples(
     gather: Callable[[list[Any]], list[Any]] | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    condition_latents: bool = False,
 ) -> Preparation:
-    """Make sure every example's latents (both orientations with ``hflip``), text embedding and condition are in
-    ``store``; compute only what is missing. Rows whose files cannot be decoded are skipped.
+    """Make sure every example's latents (both orientations with ``hflip``), text embedding and condition (with
+    ``condition_latents``, its VAE posteriors too: :func:`cache_condition_latents`) are in ``store``; compute only
+    what is missing. Rows whose files cannot be decoded are skipped.
 
     With several processes, each prepares every ``world_size``-th example (starting at ``rank``) and ``gather``
     (e.g. ``accelerate.utils.gather_object``) collects the results, so all processes return the same lists.
@@ -330,9 +335,10 @@ def prepare_examples(
                 stats.conditions_made += 1
             if len(pending) >= batch_size:
                 _encode_latents(pending, store, encoders, stats)
+        cond_latent_keys = cache_condition_latents(store, encoders, cond_key, flips, stats) if condition_latents else ()
         prompts_needed.add(ex.prompt)
         records.append((index, PreparedExample(index, ex.prompt, latent_keys, text_key(encoders.text_id, ex.prompt),
-                                               cond_key, ex.image, ex.line)))
+                                               cond_key, ex.image, ex.line, cond_latent_keys)))
     _encode_latents(pending, store, encoders, stats)
 
     if rank == 0:
@@ -340,14 +346,19 @@ def prepare_examples(
     _cache_prompts(prompts_needed, store, encoders, stats, batch_size)
 
     if gather is not None and world_size > 1:
-        gathered = gather([(records, stats, resized)])
-        records = [r for part, _, _ in gathered for r in part]
-        stats = CacheStats.total(s for _, s, _ in gathered)
-        resized = [r for _, _, part in gathered for r in part]
+        records, stats, resized = _gathered(gather, records, stats, resized)
     records.sort(key=lambda r: r[0])
     prepared = [r for _, r in records if isinstance(r, PreparedExample)]
     skipped = [r for _, r in records if isinstance(r, SkippedRow)]
     return Preparation(prepared, skipped, stats, resized, text_key(encoders.text_id, EMPTY_PROMPT))
+
+
+def _gathered(gather: Callable[[list[Any]], list[Any]], records: list[tuple[int, Any]], stats: CacheStats,
+              resized: list[str]) -> tuple[list[tuple[int, Any]], CacheStats, list[str]]:
+    """Every process's records, stats and resized conditions, collected by ``gather``."""
+    gathered = gather([(records, stats, resized)])
+    return ([r for part, _, _ in gathered for r in part], CacheStats.total(s for _, s, _ in gathered),
+            [r for _, _, part in gathered for r in part])
 
 
 def _encode_latents(pending: list[tuple[str, torch.Tensor]], store: CacheStore, encoders: Encoders,
@@ -362,6 +373,31 @@ def _encode_latents(pending: list[tuple[str, torch.Tensor]], store: CacheStore, 
         store.save_tensors("latents", key, {"params": p.float()})
     stats.latents_encoded += len(pending)
     pending.clear()
+
+
+def condition_latents_key(vae_id: str, condition_key: str, flip: bool) -> str:
+    """The cache key of a stored condition's VAE posterior: the VAE, the condition's own key (its content, image,
+    annotator and resolution) and the orientation."""
+    return entry_key("condition-latents", vae_id, condition_key, flip)
+
+
+def cache_condition_latents(store: CacheStore, encoders: Encoders, condition_key: str, flips: Sequence[bool],
+                            stats: CacheStats) -> tuple[str, ...]:
+    """The keys of the VAE posteriors ``(2C, h, w)`` of the stored condition ``condition_key``, one per orientation
+    in ``flips``, encoded where missing. The VAE gets the condition as the uncached training path gives it
+    (``condition_to_tensor(c) * 2 - 1``), one image per call: a batched encode differs in the last bits."""
+    keys = tuple(condition_latents_key(encoders.vae_id, condition_key, flip) for flip in flips)
+    missing = [(key, flip) for key, flip in zip(keys, flips) if not store.has("latents", key)]
+    stats.condition_latents_cached += len(keys) - len(missing)
+    if missing:
+        condition = store.load_condition(condition_key)  # (R, R, 3) uint8, what the training step reads
+        for key, flip in missing:
+            pixels = condition_to_tensor(condition[:, ::-1] if flip else condition)[None] * 2 - 1  # (1, 3, R, R)
+            with torch.no_grad():
+                params = encoders.encode_images(pixels)  # (1, 2C, h, w)
+            store.save_tensors("latents", key, {"params": params[0].float()})
+            stats.condition_latents_encoded += 1
+    return keys
 
 
 def _make_condition(condition: np.ndarray | None, image: np.ndarray, target: np.ndarray, encoders: Encoders,
@@ -381,7 +417,7 @@ def _cache_prompts(prompts: set[str], store: CacheStore, encoders: Encoders, sta
     for start in range(0, len(missing), batch_size):
         chunk = missing[start : start + batch_size]
         with torch.no_grad():
-            hidden, pooled = encoders.encode_prompts(chunk)  # (N, L, D), (N, D2) | None
+            hidden, pooled = encoders.encode_prompts(chunk)  # (N, L, D) or N x (L_i, D), (N, D2) | None
         for i, prompt in enumerate(chunk):
             entry = {"hidden": hidden[i].float()}
             if pooled is not None:
@@ -427,15 +463,17 @@ def sample_draws(seed: int, position: int, empty_prompt_prob: float, hflip: bool
 class TrainDataset(torch.utils.data.Dataset):
     """Training samples by position in the stream (module docstring), read from the caches.
 
-    ``dataset[p]`` is a dict of tensors: ``latents`` (C, h, w) sampled from the cached distribution and scaled by
-    the VAE's ``scaling_factor``; ``noise`` (C, h, w); ``timesteps`` (); ``hidden`` (L, D) (and ``pooled``
-    (D2,) for SDXL) — the empty prompt's when ``empty``; ``condition`` (3, R, R) in [0, 1]; ``empty`` (); and
-    ``position`` ().
+    ``dataset[p]`` is a dict of tensors: ``latents`` (C, h, w) sampled from the cached distribution, less
+    ``shift_factor``, times the VAE's ``scaling_factor`` (with ``latent_std``: over it, per channel; Qwen-Image);
+    ``noise`` (C, h, w); ``timesteps`` (); ``hidden`` (L, D) (and ``pooled`` (D2,) for SDXL, Flux, SD3; Qwen-Image:
+    the prompt's own L tokens) — the empty prompt's when ``empty``; ``condition`` (3, R, R) in [0, 1], or, for an
+    example with cached condition latents, ``condition_params`` (2C, h, w), the condition's VAE posterior (the
+    objective samples it); ``empty`` (); and ``position`` ().
     """
 
     def __init__(self, examples: Sequence[PreparedExample], store: CacheStore, seed: int, empty_prompt_prob: float,
                  hflip: bool, num_timesteps: int, scaling_factor: float, empty_text_key: str,
-                 shift_factor: float = 0.0):
+                 shift_factor: float | torch.Tensor = 0.0, latent_std: torch.Tensor | None = None):
         if not examples:
             raise UserError("the dataset is empty after skipping bad rows; fix the manifest")
         self.examples = list(examples)
@@ -446,6 +484,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.num_timesteps = num_timesteps
         self.scaling_factor = scaling_factor
         self.shift_factor = shift_factor
+        self.latent_std = latent_std
         self.empty_text_key = empty_text_key
         self._orders: dict[int, torch.Tensor] = {}
 
@@ -468,24 +507,42 @@ class TrainDataset(torch.utils.data.Dataset):
         ex = self.example_at(position)
         params = self.store.load_tensors("latents", ex.latent_keys[1 if draws.flip else 0])["params"]  # (2C, h, w)
         z = DiagonalGaussianDistribution(params[None]).sample(generator=draws.generator)[0]  # (C, h, w)
-        latents = (z - self.shift_factor) * self.scaling_factor
+        if self.latent_std is not None:
+            latents = (z - self.shift_factor) / self.latent_std
+        else:
+            latents = (z - self.shift_factor) * self.scaling_factor
         noise = torch.randn(latents.shape, generator=draws.generator)
         text = self.store.load_tensors("text", self.empty_text_key if draws.empty_prompt else ex.text_key)
-        condition = self.store.load_condition(ex.condition_key)  # (R, R, 3) uint8
-        if draws.flip:
-            condition = condition[:, ::-1]
         item = {
             "latents": latents,
             "noise": noise,
             "timesteps": torch.tensor(draws.timestep, dtype=torch.long),
             "hidden": text["hidden"],
-            "condition": condition_to_tensor(condition),
             "empty": torch.tensor(draws.empty_prompt),
             "position": torch.tensor(position, dtype=torch.long),
         }
+        if ex.condition_latent_keys:
+            key = ex.condition_latent_keys[1 if draws.flip else 0]
+            item["condition_params"] = self.store.load_tensors("latents", key)["params"]  # (2C, h, w)
+        else:
+            condition = self.store.load_condition(ex.condition_key)  # (R, R, 3) uint8
+            item["condition"] = condition_to_tensor(condition[:, ::-1] if draws.flip else condition)
         if "pooled" in text:
             item["pooled"] = text["pooled"]
         return item
+
+
+def collate_samples(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The DataLoader's batch of :class:`TrainDataset` samples: ``default_collate``, except that text embeddings of
+    different lengths (Qwen-Image's, cached unpadded) are zero-padded at the end to the longest, with
+    ``hidden_mask`` (B, T), 1 for tokens, 0 for padding (as Qwen-Image's pipeline pads a batch of prompts)."""
+    lengths = [item["hidden"].shape[0] for item in items]
+    if len(set(lengths)) == 1:
+        return torch.utils.data.default_collate(items)
+    longest = max(lengths)
+    padded = [{**item, "hidden": torch.nn.functional.pad(item["hidden"], (0, 0, 0, longest - n)),
+               "hidden_mask": (torch.arange(longest) < n).long()} for item, n in zip(items, lengths)]
+    return torch.utils.data.default_collate(padded)
 
 
 class StreamBatches(torch.utils.data.Sampler):

@@ -1,7 +1,7 @@
 """Training a ControlNet on a locked base: the paper's recipe, resumable, cached, data-parallel.
 
 Zhang, Rao, Agrawala, "Adding Conditional Control to Text-to-Image Diffusion Models" (ICCV 2023), Sec. 3.3:
-the base model is locked, a trainable copy of its encoder (:meth:`ControlNet.from_unet`; on Flux and SD3 bases,
+the base model is locked, a trainable copy of its encoder (:meth:`ControlNet.from_unet`; on Flux, SD3 and Qwen-Image bases,
 of its first blocks: :mod:`.flow`) learns from (image, condition, prompt) triples with the base's own objective
 (:mod:`.objective`), t uniform over the scheduler's training timesteps (flow matching: σ logit-normal), and 50% of
 the prompts replaced by the empty string.
@@ -15,8 +15,8 @@ The modules, in the order a run uses them:
     setup         the inputs, checked before anything is written (base, --init, manifest, --resume); then the
                   caches, the locked base, the optimizer, the resumed state and the sample stream
     folder        OUT/.lock and the temporaries a killed run left
-    objective     the denoising loss (UNet bases), the flow-matching loss (Flux, SD3), AdamW, gradient checkpointing
-    flow          Flux and SD3 bases: their ControlNet, text caches and objective
+    objective     the denoising loss (UNet bases), the flow-matching loss (Flux, SD3, Qwen-Image), AdamW, gradient checkpointing
+    flow          Flux, SD3 and Qwen-Image bases: their ControlNet, text caches and objective
     loop          train(): the optimizer steps, then the outputs
     distributed   several processes: accelerate + DistributedDataParallel
     state         checkpoints (optimizer state by parameter name) and RNG states

@@ -57,8 +57,8 @@ class TrainConfig:
     out: str | Path = option(
         help="output folder: controlnet/, checkpoints/, log.jsonl, validation/, training.png", group=DATA)
     base: str | Path | None = option(
-        None, help="base model: a diffusers Stable Diffusion, Flux or SD3 folder (default: the embedded model)",
-        group=DATA)
+        None, help="base model: a diffusers Stable Diffusion, Flux, SD3 or Qwen-Image folder (default: the "
+        "embedded model)", group=DATA)
     init: str | Path | None = option(
         None, help="start from this ControlNet (folder, file or bundled name) instead of a copy of the base's "
         "encoder", group=DATA)
@@ -106,8 +106,8 @@ class TrainConfig:
         None, help=f"rank of --architecture control-lora's deltas (default {DEFAULT_CONTROL_LORA_RANK})",
         group=RECIPE, metavar="R")
     controlnet_layers: int | None = option(
-        None, help="Flux and SD3 bases: the ControlNet copies the base's first N double (SD3: joint) blocks "
-        "(default: Flux 4, SD3 12, as diffusers' training examples)", group=RECIPE, metavar="N")
+        None, help="Flux, SD3 and Qwen-Image bases: the ControlNet copies the base's first N double (SD3: joint) "
+        "blocks (default: Flux 4, SD3 12, as diffusers' training examples; Qwen-Image 5)", group=RECIPE, metavar="N")
     controlnet_single_layers: int | None = option(
         None, help="Flux bases: the ControlNet copies the base's first N single blocks (default 4)", group=RECIPE,
         metavar="N")

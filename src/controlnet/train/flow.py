@@ -1,17 +1,22 @@
-"""Training on a flow-matching transformer base (FLUX.1, SD3/SD3.5): what differs from a UNet base, chosen once
-when the run is set up (:mod:`controlnet.train.setup`). The loop, the data stream, the caches, checkpoints, exact
-resume and data parallelism are the UNet trainer's.
+"""Training on a flow-matching transformer base (FLUX.1, SD3/SD3.5, Qwen-Image): what differs from a UNet base,
+chosen once when the run is set up (:mod:`controlnet.train.setup`). The loop, the data stream, the caches,
+checkpoints, exact resume and data parallelism are the UNet trainer's.
 
 * **Base**: :meth:`controlnet.transformer_pipeline.TransformerPipeline.from_pretrained`, every model locked.
 * **ControlNet**: a trainable copy of the base's embedders and first blocks,
   :meth:`~controlnet.transformer_controlnet.FluxControlNet.from_transformer` /
-  :meth:`~controlnet.transformer_controlnet.SD3ControlNet.from_transformer` (``--controlnet-layers``,
+  :meth:`~controlnet.transformer_controlnet.SD3ControlNet.from_transformer` /
+  :meth:`~controlnet.transformer_controlnet.QwenImageControlNet.from_transformer` (``--controlnet-layers``,
   ``--controlnet-single-layers``; defaults :data:`DEFAULT_LAYERS`), or ``--init`` checked against the base.
-* **Caches**: image latents as for UNets (the VAE's posterior); text embeddings as the family encodes them (Flux:
-  T5 + CLIP pooled; SD3: CLIP + T5 joint + both pooled), keyed by the family and the encoders.
-* **Objective**: :class:`controlnet.train.objective.FlowMatchingObjective`; the condition image is encoded by
-  the sampler's own :meth:`~controlnet.transformer_pipeline.TransformerPipeline.encode_condition`, so the VAE
-  stays loaded during training.
+* **Caches**: image latents as for UNets (the VAE's posterior; Qwen-Image's video VAE gets the image as one frame);
+  text embeddings as the family encodes them (Flux: T5 + CLIP pooled; SD3: CLIP + T5 joint + both pooled;
+  Qwen-Image: each prompt's own tokens, unpadded, padded per batch with a mask by
+  :func:`controlnet.data.datasets.collate_samples`), keyed by the family and the encoders; the conditions' VAE
+  posteriors, for ControlNets that take latents (:func:`caches_condition_latents`). Latents are normalised as the
+  sampler's: :func:`latent_normalisation`.
+* **Objective**: :class:`controlnet.train.objective.FlowMatchingObjective`; a cached condition posterior is sampled
+  and scaled as the sampler's own :meth:`~controlnet.transformer_pipeline.TransformerPipeline.encode_condition`
+  does; an XLabs ControlNet's condition pixels go through that method.
 * **Output**: OUT/controlnet in diffusers' layout (:func:`controlnet.transformer_formats.save_transformer_controlnet`),
   which ``controlnet generate --base <the same base> --controlnet OUT/controlnet`` loads.
 """
@@ -30,20 +35,21 @@ from controlnet.errors import UserError
 from controlnet.train.config import TrainConfig
 from controlnet.train.objective import FlowMatchingObjective
 from controlnet.train.validation import Validator
-from controlnet.transformer_controlnet import (FAMILY_NAMES, FLUX, SD3, FluxControlNet, SD3ControlNet,
-                                               TransformerControlNet)
+from controlnet.transformer_controlnet import (FAMILY_NAMES, FLUX, QWEN, SD3, FluxControlNet, QwenImageControlNet,
+                                               SD3ControlNet, TransformerControlNet)
 
-FLOW_FAMILIES = (FLUX, SD3)
+FLOW_FAMILIES = (FLUX, SD3, QWEN)
 # (double/joint blocks, single blocks) copied by default: diffusers' train_controlnet_flux.py `--num_double_layers 4`,
-# `--num_single_layers 4`; SD3ControlNetModel.from_transformer's `num_layers=12` (train_controlnet_sd3.py).
-DEFAULT_LAYERS = {FLUX: (4, 4), SD3: (12, 0)}
+# `--num_single_layers 4`; SD3ControlNetModel.from_transformer's `num_layers=12` (train_controlnet_sd3.py);
+# QwenImageControlNetModel.from_transformer's `num_layers=5` (InstantX's Qwen-Image-ControlNet-Union has 5 blocks).
+DEFAULT_LAYERS = {FLUX: (4, 4), SD3: (12, 0), QWEN: (5, 0)}
 
 
 def flow_family(base: str | Path | None) -> str | None:
-    """"flux" or "sd3" when ``base`` is a Flux or SD3 diffusers folder (or hub repository), else None."""
-    from controlnet.commands.generate import base_family
+    """"flux", "sd3" or "qwenimage" when ``base`` is such a diffusers folder (or hub repository), else None."""
+    from controlnet.loading import base_folder_family
 
-    family = base_family(None if base is None else str(base))
+    family = base_folder_family(None if base is None else str(base))
     return family if family in FLOW_FAMILIES else None
 
 
@@ -54,7 +60,7 @@ def is_flow_pipeline(base: Any) -> bool:
 
 
 def check_flow_options(config: TrainConfig, family: str) -> None:
-    """Refuse, in one line, what training on a Flux or SD3 base does not do."""
+    """Refuse, in one line, what training on a Flux, SD3 or Qwen-Image base does not do."""
     label = FAMILY_NAMES[family]
     unsupported = {"--export-original": bool(config.export_original),
                    "--unlock-decoder-after": config.unlock_decoder_after is not None,
@@ -67,17 +73,17 @@ def check_flow_options(config: TrainConfig, family: str) -> None:
               if getattr(config, n) is not None]
     if config.init and layers:
         raise UserError(f"{' and '.join(layers)}: the --init ControlNet has its own blocks; drop the option")
-    if family == SD3 and config.controlnet_single_layers:
-        raise UserError(f"--controlnet-single-layers: an {label} base has no single blocks; drop the option")
+    if family != FLUX and config.controlnet_single_layers:
+        raise UserError(f"--controlnet-single-layers: this {label} base has no single blocks; drop the option")
 
 
 def check_unet_options(config: TrainConfig) -> None:
-    """Refuse, in one line, the transformer ControlNet's options, and an ``--init`` folder holding a Flux or SD3
-    ControlNet, on a UNet base."""
+    """Refuse, in one line, the transformer ControlNet's options, and an ``--init`` folder holding a Flux, SD3 or
+    Qwen-Image ControlNet, on a UNet base."""
     for name in ("controlnet_layers", "controlnet_single_layers"):
         if getattr(config, name) is not None:
-            raise UserError(f"--{name.replace('_', '-')} is for Flux and SD3 bases; drop it for this UNet base "
-                            "(its ControlNet copies the whole encoder)")
+            raise UserError(f"--{name.replace('_', '-')} is for Flux, SD3 and Qwen-Image bases; drop it for this "
+                            "UNet base (its ControlNet copies the whole encoder)")
     family = init_family(config.init)
     if family is not None:
         raise UserError(f"--init {config.init} is a {FAMILY_NAMES[family]} ControlNet but the base is "
@@ -86,7 +92,7 @@ def check_unet_options(config: TrainConfig) -> None:
 
 
 def init_family(init: str | Path | None) -> str | None:
-    """"flux" or "sd3" when ``init`` is a diffusers folder whose config.json names a Flux or SD3 ControlNet."""
+    """"flux", "sd3" or "qwenimage" when ``init`` is a diffusers folder whose config.json names such a ControlNet."""
     import json
 
     from controlnet.transformer_controlnet import CLASS_NAMES
@@ -118,7 +124,8 @@ def read_flow_base(config: TrainConfig, family: str, device: torch.device) -> tu
 
 
 def check_flow_resolution(resolution: int, pipe: Any) -> int:
-    """``resolution`` if the VAE and the packing (Flux 2x2, SD3 the patch size) divide it; else a one-line error."""
+    """``resolution`` if the VAE and the packing (Flux 2x2, SD3 and Qwen-Image the patch size) divide it; else a
+    one-line error."""
     from controlnet.transformer_controlnet import FLUX_LATENT_PATCH
 
     patch = FLUX_LATENT_PATCH if pipe.family == FLUX else pipe.transformer.config.patch_size
@@ -143,23 +150,27 @@ def make_flow_controlnet(config: TrainConfig, transformer: torch.nn.Module) -> T
     if family == FLUX:
         single = single if config.controlnet_single_layers is None else config.controlnet_single_layers
         cn = FluxControlNet.from_transformer(transformer, num_layers=layers, num_single_layers=single)
+    elif family == QWEN:
+        cn = QwenImageControlNet.from_transformer(transformer, num_layers=layers)
     else:
         cn = SD3ControlNet.from_transformer(transformer, num_layers=layers)
     return lock_unreached(cn).train()
 
 
-# The parameters of a joint (double-stream) block that only compute its text-stream output (diffusers
-# FluxTransformerBlock / JointTransformerBlock: the text attention output and feed-forward).
-TEXT_OUTPUT_PARAMETERS = ("attn.to_add_out.", "ff_context.")
+# The parameters of a joint (double-stream) block that only compute its text-stream output: the text attention
+# output and feed-forward (diffusers FluxTransformerBlock / JointTransformerBlock: `ff_context`;
+# QwenImageTransformerBlock: `txt_mlp`).
+TEXT_OUTPUT_PARAMETERS = ("attn.to_add_out.", "ff_context.", "txt_mlp.")
 
 
 def lock_unreached(cn: TransformerControlNet) -> TransformerControlNet:
     """``cn`` with the parameters no residual depends on locked (``requires_grad=False``): the text-stream output
-    of its last joint block when no block reads it (SD3's last block; Flux's last double block without single
-    blocks). They would never get a gradient, which DistributedDataParallel's reduction refuses; locked, they stay
-    as copied, as they would unlocked."""
+    of its last joint block when no block reads it (SD3's and Qwen-Image's last block; Flux's last double block
+    without single blocks). They would never get a gradient, which DistributedDataParallel's reduction refuses;
+    locked, they stay as copied, as they would unlocked."""
     blocks = cn.transformer_blocks
-    if len(blocks) and not len(getattr(cn, "single_transformer_blocks", ())) and hasattr(blocks[-1], "ff_context"):
+    text_output = len(blocks) and (hasattr(blocks[-1], "ff_context") or hasattr(blocks[-1], "txt_mlp"))
+    if text_output and not len(getattr(cn, "single_transformer_blocks", ())):
         for name, p in blocks[-1].named_parameters():
             if name.startswith(TEXT_OUTPUT_PARAMETERS):
                 p.requires_grad_(False)
@@ -168,7 +179,8 @@ def lock_unreached(cn: TransformerControlNet) -> TransformerControlNet:
 
 def load_init(init: str | Path, transformer: torch.nn.Module) -> TransformerControlNet:
     """The ControlNet ``--init`` names, refused in one line when it does not fit the base or cannot be trained
-    here (a union ControlNet needs a mode per sample; an SD3.5-layout one shares the base's patch embedding)."""
+    here (a union ControlNet needs a mode per sample; an SD3.5-layout one shares the base's patch embedding; a
+    Qwen-Image inpainting one takes a mask with its condition)."""
     from controlnet.loading import resolve_controlnet_source
     from controlnet.transformer_formats import load_transformer_controlnet
 
@@ -180,6 +192,9 @@ def load_init(init: str | Path, transformer: torch.nn.Module) -> TransformerCont
     if getattr(cn.config, "num_mode", None):
         raise UserError(f"--init {init} is a union ControlNet; training one (a control mode per sample) is not "
                         "supported: start from a single-condition ControlNet or a new one")
+    if getattr(cn.config, "extra_condition_channels", 0):
+        raise UserError(f"--init {init} is an inpainting Qwen-Image ControlNet (its condition carries a mask); "
+                        "training one is not supported: start from a control ControlNet or a new one")
     if cn.from_base:
         raise UserError(f"--init {init} has the SD3.5 layout (it shares the base's patch embedding); training it is "
                         "not supported: start from an InstantX-layout ControlNet or a new one")
@@ -191,10 +206,16 @@ def flow_encoders(pipe: Any, config: TrainConfig) -> Encoders:
     vae, device = pipe.vae, next(pipe.vae.parameters()).device
 
     def encode_images(x: torch.Tensor) -> torch.Tensor:
+        if pipe.family == QWEN:  # a video VAE: the image as one frame (B, 3, 1, H, W) → (B, 2C, 1, h, w)
+            return vae.encode(x[:, :, None].to(device, vae.dtype)).latent_dist.parameters[:, :, 0].float().cpu()
         return vae.encode(x.to(device, vae.dtype)).latent_dist.parameters.float().cpu()  # (B, 2C, h, w)
 
-    def encode_prompts(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompts(prompts: list[str]) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | None]:
         text = pipe.encode_prompt(prompts)
+        if pipe.family == QWEN:  # each prompt's own tokens (T_i, D), no pooled embedding
+            embeds = text.embeds.float().cpu()
+            mask = torch.ones(embeds.shape[:2], dtype=torch.bool) if text.mask is None else text.mask.bool().cpu()
+            return [e[m] for e, m in zip(embeds, mask)], None
         return text.embeds.float().cpu(), text.pooled.float().cpu()  # (N, T, D), (N, P)
 
     annotate = annotator_id = None
@@ -211,23 +232,47 @@ def flow_encoders(pipe: Any, config: TrainConfig) -> Encoders:
     )
 
 
+def caches_condition_latents(base: Any, controlnet: torch.nn.Module) -> bool:
+    """Whether training caches the conditions' VAE posteriors: on a Flux, SD3 or Qwen-Image base, for a ControlNet
+    that takes the condition's latents (InstantX / diffusers layout); XLabs' hint encoder takes the pixels
+    (:meth:`~controlnet.transformer_pipeline.TransformerPipeline.encode_condition`)."""
+    return is_flow_pipeline(base) and getattr(controlnet, "input_hint_block", None) is None
+
+
 def flow_objective(config: TrainConfig, pipe: Any, base_dtype: torch.dtype) -> FlowMatchingObjective:
     """The flow-matching objective of ``pipe``'s base, with only the VAE kept for the conditions."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from controlnet.transformer_pipeline import TransformerPipeline
 
-    # The training scheduler's noise levels before any set_timesteps (diffusers' examples index these): Flux's
-    # (dynamic shifting) unshifted, SD3's shifted by its `shift`.
+    # The training scheduler's noise levels before any set_timesteps (diffusers' examples index these): Flux's and
+    # Qwen-Image's (dynamic shifting; Qwen-Image's shift_terminal acts in set_timesteps only) unshifted, SD3's
+    # shifted by its `shift`.
     sigmas = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler_config).sigmas.float()
     conditions = TransformerPipeline(pipe.transformer, pipe.vae, None, None, None, None, pipe.scheduler_config)
-    return FlowMatchingObjective(pipe.family, sigmas, conditions.encode_condition, config.seed, base_dtype)
+    norm = latent_normalisation(pipe)
+    return FlowMatchingObjective(pipe.family, sigmas, conditions.encode_condition, config.seed, base_dtype,
+                                 shift_factor=norm["shift_factor"], scaling_factor=norm["scaling_factor"],
+                                 latent_std=norm.get("latent_std"))
+
+
+def latent_normalisation(base: Any) -> dict[str, Any]:
+    """How a VAE posterior sample z becomes the base's latents, as :class:`~controlnet.data.datasets.TrainDataset`'s
+    keyword arguments: ``(z − shift_factor) · scaling_factor`` with the VAE config's numbers, or, on a Qwen-Image
+    base, per channel ``(z − latents_mean) / latents_std`` (``shift_factor`` and ``latent_std`` (C, 1, 1)), as
+    :meth:`~controlnet.transformer_pipeline.TransformerPipeline.encode_latents` normalises them."""
+    c = base.vae.config
+    if is_flow_pipeline(base) and base.family == QWEN:
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(c.z_dim, 1, 1) for v in (c.latents_mean, c.latents_std))
+        return dict(scaling_factor=1.0, shift_factor=mean, latent_std=std)
+    return dict(scaling_factor=float(c.scaling_factor), shift_factor=float(getattr(c, "shift_factor", None) or 0.0))
 
 
 class FlowValidator(Validator):
-    """Validation samples on a Flux or SD3 base: :class:`~controlnet.transformer_pipeline.TransformerPipeline`'s
-    flow-matching sampler, ``--validation-steps`` Euler steps at ``--validation-guidance`` (Flux: the distilled
-    guidance scale; SD3: the CFG weight), the ControlNet at strength 1."""
+    """Validation samples on a Flux, SD3 or Qwen-Image base:
+    :class:`~controlnet.transformer_pipeline.TransformerPipeline`'s flow-matching sampler, ``--validation-steps``
+    Euler steps at ``--validation-guidance`` (Flux: the distilled guidance scale; SD3: the CFG weight; Qwen-Image:
+    the true CFG weight, the empty negative prompt), the ControlNet at strength 1."""
 
     def components_of(self, base: Any) -> dict[str, Any]:
         names = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",

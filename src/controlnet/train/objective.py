@@ -9,12 +9,13 @@ UNet bases (:class:`DenoisingObjective`)::
 ControlNet's residuals added to its skip connections. The locked encoder builds no autograd graph (neither its
 weights nor its inputs need gradients): the graph starts where the residuals join the skip connections.
 
-Flow-matching bases, Flux and SD3 (:class:`FlowMatchingObjective`)::
+Flow-matching bases, Flux, SD3 and Qwen-Image (:class:`FlowMatchingObjective`)::
 
     x_σ = (1 − σ) z0 + σ ε,      L = E_{z0, σ, c_t, c_f, ε} || (ε − z0) − v_θ(x_σ, σ, c_t, c_f) ||²
 
 the rectified-flow velocity target of diffusers' examples/controlnet/train_controlnet_flux.py (and
-train_controlnet_sd3.py with ``--precondition_outputs 0``; its default, 1, weights this loss by σ²).
+train_controlnet_sd3.py with ``--precondition_outputs 0``; its default, 1, weights this loss by σ²). Qwen-Image
+has no ControlNet training script in diffusers; its loss is the same, with σ drawn alike.
 """
 
 from __future__ import annotations
@@ -104,22 +105,32 @@ def flow_sigmas(timesteps: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class FlowMatchingObjective:
-    """A Flux or SD3 base's loss (module docstring), the condition encoded as the sampler encodes it.
+    """A Flux, SD3 or Qwen-Image base's loss (module docstring), the condition encoded as the sampler encodes it.
 
-    Latents ``batch["latents"]`` are the VAE's, shifted and scaled, ``(z − shift_factor) · scaling_factor``;
-    Flux packs them (and the noise) 2x2 into tokens with their position ids and, when it embeds the distilled
-    guidance scale, gets :data:`FLUX_TRAINING_GUIDANCE`. The condition image is encoded by ``encode_condition``
+    Latents ``batch["latents"]`` are the VAE's, shifted and scaled, ``(z − shift_factor) · scaling_factor``
+    (Qwen-Image: per channel, ``(z − shift_factor) / latent_std``); Flux and Qwen-Image pack them (and the noise) 2x2
+    into tokens with their position ids (Qwen-Image: the token grid, ``img_shapes``); Flux, when it embeds the
+    distilled guidance scale, gets :data:`FLUX_TRAINING_GUIDANCE`. Qwen-Image's text is ``batch["hidden"]`` with,
+    when the batch's prompts differ in length, the mask ``batch["hidden_mask"]``
+    (:func:`controlnet.data.datasets.collate_samples`). The condition image is encoded by ``encode_condition``
     (:meth:`controlnet.transformer_pipeline.TransformerPipeline.encode_condition`: VAE latents, packed for Flux)
-    with a posterior sample seeded by (seed, stream position). The ControlNet's call is the sampler's
+    with a posterior sample seeded by (seed, stream position); a batch holding the conditions' cached VAE
+    posteriors (``condition_params``) gets the same sample, shift, scale and packing from them
+    (:meth:`sample_condition`). The ControlNet's call is the sampler's
     (:func:`controlnet.flow_sampling.control_residuals`): SD3 ControlNets with ``force_zeros_for_pooled_projection``
     get zero pooled projections here too.
     """
 
-    family: str  # "flux" | "sd3"
+    family: str  # "flux" | "sd3" | "qwenimage"
     sigmas: torch.Tensor  # the training scheduler's N noise levels, 1 → 1/N (N,)
     encode_condition: Callable[..., torch.Tensor]
     seed: int
     base_dtype: torch.dtype
+    # For cached conditions: the VAE config's `shift_factor or 0.0` and `scaling_factor`; Qwen-Image's
+    # `latents_mean` (C, 1, 1) and `latents_std` (C, 1, 1) (controlnet.train.flow.latent_normalisation).
+    shift_factor: float | torch.Tensor
+    scaling_factor: float
+    latent_std: torch.Tensor | None = None
 
     @property
     def num_timesteps(self) -> int:
@@ -127,7 +138,7 @@ class FlowMatchingObjective:
 
     def __call__(self, controlnet: Callable, transformer: Callable, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         from controlnet.flow_sampling import FlowText, base_velocity
-        from controlnet.transformer_controlnet import FLUX, latent_image_ids, pack_latents
+        from controlnet.transformer_controlnet import FLUX, QWEN, latent_image_ids, pack_latents
 
         x0, noise = batch["latents"], batch["noise"]  # (B, C, h, w) each
         sigma = flow_sigmas(batch["timesteps"], self.sigmas).to(x0.dtype)  # (B,)
@@ -135,12 +146,13 @@ class FlowMatchingObjective:
         noisy, target = (1 - s) * x0 + s * noise, noise - x0
         cn = getattr(controlnet, "module", controlnet)  # under DDP: the wrapped ControlNet's config
         condition = self.condition(batch, cn)
-        text = FlowText(batch["hidden"], batch["pooled"])  # (B, T, D), (B, P)
+        text = FlowText(batch["hidden"], batch.get("pooled"), mask=batch.get("hidden_mask"))  # (B, T, D), (B, P)
         img_ids = None
-        if self.family == FLUX:
+        if self.family in (FLUX, QWEN):
             h, w = x0.shape[-2:]
             noisy, target = pack_latents(noisy), pack_latents(target)  # (B, h/2 * w/2, 4C)
             img_ids = latent_image_ids(h // 2, w // 2, device=x0.device)
+        if self.family == FLUX:
             text.ids = torch.zeros(text.embeds.shape[1], 3, device=x0.device)  # Flux's text position ids
         t = sigma * 1000  # (B,) in [0, 1000], the sampler's timesteps
         residuals = controlnet(**self.controlnet_inputs(cn, noisy, t, text, condition, img_ids))
@@ -149,21 +161,45 @@ class FlowMatchingObjective:
         return F.mse_loss(pred.float(), target.float())
 
     def condition(self, batch: dict[str, torch.Tensor], controlnet: Any) -> torch.Tensor:
-        """What the ControlNet takes for each sample's condition image, a posterior sample per stream position."""
+        """What the ControlNet takes for each sample's condition image (``condition``, (B, 3, R, R) in [0, 1]) or
+        cached VAE posterior (``condition_params``, (B, 2C, h, w)), a posterior sample per stream position."""
         from controlnet.data.cache import entry_key
 
+        cached = "condition_params" in batch
+        conditions = batch["condition_params" if cached else "condition"]
         rows = []
-        for image, position in zip(batch["condition"], batch["position"].tolist()):  # (3, R, R) in [0, 1]
+        for i, position in enumerate(batch["position"].tolist()):
             g = torch.Generator().manual_seed(int(entry_key("condition-latents", self.seed, position)[:15], 16))
-            rows.append(self.encode_condition(image[None], controlnet, g))
+            encode = self.sample_condition if cached else self.encode_condition
+            rows.append(encode(conditions[i : i + 1], controlnet, g))
         return torch.cat(rows).clone()  # a plain tensor: the VAE ran under inference_mode
+
+    def sample_condition(self, params: torch.Tensor, controlnet: Any, generator: torch.Generator) -> torch.Tensor:
+        """``encode_condition`` from the condition's VAE posterior ``params`` (B, 2C, h, w): its sample (drawn from
+        ``generator``), less the shift factor (not for SD3 ControlNets with ``force_zeros_for_pooled_projection``),
+        times the scaling factor (Qwen-Image: less the per-channel mean, over the per-channel std), packed for Flux
+        and Qwen-Image."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        from controlnet.transformer_controlnet import FLUX, QWEN, SD3, pack_latents
+
+        z = DiagonalGaussianDistribution(params).sample(generator).float()  # (B, C, h, w)
+        if self.latent_std is not None:
+            return pack_latents((z - self.shift_factor) / self.latent_std)
+        shift = self.family != SD3 or not controlnet.config.force_zeros_for_pooled_projection
+        z = (z - (self.shift_factor if shift else 0.0)) * self.scaling_factor
+        return pack_latents(z) if self.family in (FLUX, QWEN) else z
 
     def controlnet_inputs(self, cn: Any, x: torch.Tensor, t: torch.Tensor, text: Any, condition: torch.Tensor,
                           img_ids: torch.Tensor | None) -> dict[str, Any]:
         """The ControlNet's keyword arguments, as :func:`controlnet.flow_sampling.control_residuals` gives them."""
-        from controlnet.flow_sampling import NUM_TRAIN_TIMESTEPS
-        from controlnet.transformer_controlnet import FLUX
+        from controlnet.flow_sampling import NUM_TRAIN_TIMESTEPS, qwen_img_shapes
+        from controlnet.transformer_controlnet import FLUX, QWEN
 
+        if self.family == QWEN:
+            return dict(hidden_states=x, timestep=t / NUM_TRAIN_TIMESTEPS, encoder_hidden_states=text.embeds,
+                        img_shapes=qwen_img_shapes(img_ids, x.shape[0]), condition=condition,
+                        encoder_hidden_states_mask=text.mask)
         if self.family == FLUX:
             guidance = (torch.full((x.shape[0],), FLUX_TRAINING_GUIDANCE, device=x.device)
                         if cn.config.guidance_embeds else None)

@@ -21,16 +21,17 @@ import torch
 
 from controlnet.data.cache import CacheStats, CacheStore, bound_annotator, entry_key, module_digest, tokenizer_digest
 from controlnet.data.datasets import (
-    Encoders, Manifest, Preparation, SkippedRow, StreamBatches, TrainDataset, describe_skipped, prepare_examples,
-    read_manifest, warn_resized,
+    Encoders, Manifest, Preparation, SkippedRow, StreamBatches, TrainDataset, collate_samples, describe_skipped,
+    prepare_examples, read_manifest, warn_resized,
 )
 from controlnet.errors import UserError
 from controlnet.fileio import atomic_path, atomic_write_text
 from controlnet.devices import DTYPES
 from controlnet.model import ControlNet
 from controlnet.train.config import CONTROL_LORA, DEFAULT_CONTROL_LORA_RANK, TrainConfig
-from controlnet.train.flow import (FlowValidator, check_unet_options, flow_encoders, flow_family, flow_objective,
-                                   is_flow_pipeline, read_flow_base)
+from controlnet.train.flow import (FlowValidator, caches_condition_latents, check_unet_options, flow_encoders,
+                                   flow_family, flow_objective, is_flow_pipeline, latent_normalisation,
+                                   read_flow_base)
 from controlnet.train.log import RunLog
 from controlnet.train.objective import (DenoisingObjective, constant_after_warmup, enable_gradient_checkpointing,
                                         make_adamw)
@@ -93,7 +94,7 @@ def read_inputs(config: TrainConfig, accelerator: Any, out: Path) -> Inputs:
     if resume_dir is None:
         check_fresh(out)  # on every process: an error must stop them all
     family = flow_family(config.base)
-    if family is not None:  # Flux / SD3: controlnet.train.flow
+    if family is not None:  # Flux / SD3 / Qwen-Image: controlnet.train.flow
         base, resolution, controlnet = read_flow_base(config, family, device)
         return Inputs(base, resolution, controlnet, manifest, resume_dir)
     check_unet_options(config)
@@ -110,7 +111,8 @@ def set_up(config: TrainConfig, accelerator: Any, out: Path, inputs: Inputs) -> 
 
     main, device = accelerator.is_main_process, accelerator.device
     base, resolution, controlnet, resume_dir = inputs.base, inputs.resolution, inputs.controlnet, inputs.resume_dir
-    prep, skipped, store = prepare_data(config, inputs.manifest, base, resolution, accelerator, out)
+    prep, skipped, store = prepare_data(config, inputs.manifest, base, resolution, accelerator, out,
+                                        condition_latents=caches_condition_latents(base, controlnet))
     unet, decoder, unet_dtype = lock_base(config, base, controlnet)
     validator = None
     if config.validate_every and main:
@@ -118,7 +120,7 @@ def set_up(config: TrainConfig, accelerator: Any, out: Path, inputs: Inputs) -> 
                                                                               resolution, unet_dtype, out)
     objective = (flow_objective(config, base, unet_dtype) if is_flow_pipeline(base)
                  else DenoisingObjective(DDPMScheduler.from_config(base.scheduler_config), unet_dtype, resolution))
-    vae_config = base.vae.config
+    normalisation = latent_normalisation(base)  # latents scaled to unit variance (SD1.x: 0.18215)
     del base  # the caches hold what the VAE and the text encoders computed (the validator keeps its own refs)
 
     # (a Control-LoRA's copied base weights are frozen: only its deltas and whole tensors train)
@@ -135,14 +137,12 @@ def set_up(config: TrainConfig, accelerator: Any, out: Path, inputs: Inputs) -> 
             print(f"resuming from {resume_dir} at step {step}", file=sys.stderr)
 
     dataset = TrainDataset(prep.examples, store, config.seed, config.empty_prompt_prob, config.hflip,
-                           objective.num_timesteps,
-                           float(vae_config.scaling_factor),  # latents scaled to unit variance (SD1.x: 0.18215)
-                           prep.empty_text_key, shift_factor=float(getattr(vae_config, "shift_factor", None) or 0.0))
+                           objective.num_timesteps, empty_text_key=prep.empty_text_key, **normalisation)
     micro_steps = max(0, config.max_steps - step) * config.grad_accum
     sampler = StreamBatches(config.batch_size, position, micro_steps, accelerator.process_index,
                             accelerator.num_processes)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
-                                         pin_memory=device.type == "cuda")
+                                         collate_fn=collate_samples, pin_memory=device.type == "cuda")
     log = RunLog(out / LOG_FILE, enabled=main, keep_until=step if resume_dir is not None else None,
                  tensorboard=config.tensorboard)
     return Run(
@@ -202,8 +202,9 @@ def make_controlnet(config: TrainConfig, unet: torch.nn.Module, vae_scale_factor
 
 
 def prepare_data(config: TrainConfig, manifest: Manifest, base: Any, resolution: int, accelerator: Any,
-                 out: Path) -> tuple[Preparation, list[SkippedRow], CacheStore]:
-    """Fill the caches for the manifest's examples (only what is missing); bad rows are skipped and listed."""
+                 out: Path, condition_latents: bool = False) -> tuple[Preparation, list[SkippedRow], CacheStore]:
+    """Fill the caches for the manifest's examples (only what is missing; with ``condition_latents``, the
+    conditions' VAE posteriors too); bad rows are skipped and listed."""
     from accelerate.utils import gather_object
 
     main = accelerator.is_main_process
@@ -213,7 +214,7 @@ def prepare_data(config: TrainConfig, manifest: Manifest, base: Any, resolution:
         prep = prepare_examples(
             manifest, store, make_encoders(base, config), resolution, hflip=config.hflip,
             rank=accelerator.process_index, world_size=accelerator.num_processes, gather=gather_object,
-            progress=main and not config.quiet,
+            progress=main and not config.quiet, condition_latents=condition_latents,
         )
     skipped = manifest.skipped + prep.skipped
     if skipped and config.strict:
