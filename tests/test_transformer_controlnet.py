@@ -538,3 +538,42 @@ def test_released_key_lists_at_full_size_infer_the_published_configs(repo):
             sd = to_stability(sd, spec["num_layers"], control_type=1)
     cn = transformer_controlnet_from_state_dict(sd, name=repo)
     assert cn.config == config
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_gradient_checkpointing_reruns_the_copied_blocks_and_keeps_the_gradients(family):
+    """Training's --gradient-checkpointing: each copied block runs again in the backward pass, and the gradients
+    are those of the plain pass, bit for bit."""
+    from controlnet.train.objective import enable_gradient_checkpointing
+
+    flux = family == "flux"
+    base = flux_base() if flux else sd3_base()
+    cn = trained_like(FluxControlNet.from_transformer(base, num_layers=2, num_single_layers=1) if flux
+                      else SD3ControlNet.from_transformer(base, num_layers=2), seed=3)
+    inputs = flux_inputs(base) if flux else sd3_inputs(base)
+    g = torch.Generator().manual_seed(5)
+    cond = (torch.randn(2, H * W, 16, generator=g) if flux
+            else torch.randn(2, base.config.in_channels, H, W, generator=g))
+    blocks = [*cn.transformer_blocks, *getattr(cn, "single_transformer_blocks", [])]
+    calls = []
+    for block in blocks:
+        block.register_forward_pre_hook(lambda *_: calls.append(1))  # (a recomputation may stop early)
+
+    def gradients() -> tuple[dict[str, torch.Tensor], int]:
+        cn.zero_grad(set_to_none=True)
+        calls.clear()
+        res = cn(**inputs, condition=cond, conditioning_scale=0.7)
+        sum(t.square().sum() for t in res.tensors.values()).backward()
+        return {n: p.grad.clone() for n, p in cn.named_parameters() if p.grad is not None}, len(calls)
+
+    plain, plain_calls = gradients()
+    enable_gradient_checkpointing(cn)
+    assert cn.gradient_checkpointing
+    checkpointed, checkpointed_calls = gradients()
+    assert plain_calls == len(blocks) and checkpointed_calls == 2 * len(blocks)  # recomputed in the backward pass
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    assert all(torch.equal(plain[n], checkpointed[n]) for n in plain)
+    with torch.no_grad():  # not training: no checkpointing
+        calls.clear()
+        cn(**inputs, condition=cond)
+        assert len(calls) == len(blocks)

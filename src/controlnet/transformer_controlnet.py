@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.utils.checkpoint
 from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.embeddings import (CombinedTimestepGuidanceTextProjEmbeddings, CombinedTimestepTextProjEmbeddings,
                                          PatchEmbed)
@@ -365,6 +366,15 @@ class TransformerControlNet(nn.Module):
     config: TransformerControlNetConfig
     # Modules the checkpoint does not hold (taken from the base by attach_base).
     from_base: tuple[str, ...] = ()
+    # Recompute each copied block's activations in the backward pass (training's --gradient-checkpointing).
+    gradient_checkpointing: bool = False
+
+    def run_block(self, block: nn.Module, *inputs: Any, **named: Any) -> Any:
+        """``block(*inputs, **named)``, checkpointed while gradients are taken with :attr:`gradient_checkpointing`
+        on (activations recomputed in the backward pass instead of kept)."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False, **named)
+        return block(*inputs, **named)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -562,10 +572,12 @@ class FluxControlNet(TransformerControlNet):
         rotary = self.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
         double, single = [], []
         for block in self.transformer_blocks:
-            context, h = block(hidden_states=h, encoder_hidden_states=context, temb=temb, image_rotary_emb=rotary)
+            context, h = self.run_block(block, hidden_states=h, encoder_hidden_states=context, temb=temb,
+                                        image_rotary_emb=rotary)
             double.append(h)
         for block in self.single_transformer_blocks:
-            context, h = block(hidden_states=h, encoder_hidden_states=context, temb=temb, image_rotary_emb=rotary)
+            context, h = self.run_block(block, hidden_states=h, encoder_hidden_states=context, temb=temb,
+                                        image_rotary_emb=rotary)
             single.append(h)
         double = [scale_rows(z(s), conditioning_scale) for z, s in zip(self.controlnet_blocks, double)]
         single = [scale_rows(z(s), conditioning_scale) for z, s in zip(self.controlnet_single_blocks, single)]
@@ -699,11 +711,11 @@ class SD3ControlNet(TransformerControlNet):
         if self.context_embedder is not None:
             context = self.context_embedder(encoder_hidden_states)
             for block in self.transformer_blocks:
-                context, h = block(hidden_states=h, encoder_hidden_states=context, temb=temb)
+                context, h = self.run_block(block, hidden_states=h, encoder_hidden_states=context, temb=temb)
                 samples.append(h)
         else:
             for block in self.transformer_blocks:
-                h = block(h, temb)
+                h = self.run_block(block, h, temb)
                 samples.append(h)
         residuals = [scale_rows(z(s), conditioning_scale) for z, s in zip(self.controlnet_blocks, samples)]
         return Residuals(self.place(BLOCK, residuals))
@@ -876,8 +888,8 @@ class QwenImageControlNet(TransformerControlNet):
         context = self.txt_in(self.txt_norm(encoder_hidden_states))
         samples = []
         for block in self.transformer_blocks:
-            context, h = block(hidden_states=h, encoder_hidden_states=context, encoder_hidden_states_mask=mask,
-                               temb=temb, image_rotary_emb=rotary)
+            context, h = self.run_block(block, hidden_states=h, encoder_hidden_states=context,
+                                        encoder_hidden_states_mask=mask, temb=temb, image_rotary_emb=rotary)
             samples.append(h)
         residuals = [z(s) * conditioning_scale for z, s in zip(self.controlnet_blocks, samples)]
         return Residuals(self.place(BLOCK, residuals))
