@@ -421,5 +421,5 @@ def test_help_shows_the_family_defaults(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 9.0 for SD1.x and SD2.x, 5.0 for SDXL and the embedded model, 3.5 for Flux, 7.0 for SD3)" in text
+    assert "(default: 9.0 for SD1.x and SD2.x, 5.0 for SDXL and the embedded model, 3.5 for Flux, 7.0 for SD3, 4.0 for Qwen-Image)" in text
     assert "euler for SDXL" in text and "--lora FILE_OR_ID[:WEIGHT]" in text and "--offload {model,sequential}" in text
