@@ -549,3 +549,19 @@ def test_flux_page_prompt_tag_loras_load_from_the_models_folder_and_stay_bounded
     again = backend.generate(request(prompt="a red circle", **page))
     with Image.open(plain.files[0]) as a, Image.open(again.files[0]) as b:
         assert np.array_equal(np.asarray(a), np.asarray(b))  # a tag acts for its own generation only
+
+
+def test_flux_page_builds_with_its_choices_and_generates_through_the_handler(flux_backend):
+    gr = pytest.importorskip("gradio", reason="the web UI's extra is not installed")
+    app = ui.build_app(flux_backend)
+    handler = next(f for f in app.fns.values() if any(isinstance(o, gr.Gallery) for o in f.outputs))
+    widgets = {c.elem_id: c for c in handler.inputs}
+    assert widgets["scheduler"].value == ui.FLOW_SCHEDULER and widgets["guidance"].value == 3.5
+    assert widgets["negative"].value == "" and widgets["width"].value == FLUX_SIZE
+    assert [choice[0] for choice in widgets["unit1-model"].choices] == ["fill"]
+    values = {"prompt": "a red circle", "steps": 2, "seed": 3, "unit1-enable": True, "unit1-model": "fill",
+              "unit1-image": circle_image(FLUX_SIZE)}
+    data = {c: values.get(c.elem_id, c.value) for c in handler.inputs}
+    images, files, seed, status, *conditions = handler.fn(data, progress=lambda *args, **kwargs: None)
+    assert status.startswith(f"Done: 1 image at {FLUX_SIZE}x{FLUX_SIZE}, seed 3"), status
+    assert len(files) == 1 and conditions[0] is not None
