@@ -473,6 +473,10 @@ def test_flux_base_gets_its_own_controlnets_sampler_and_no_negative_prompt(flux_
     assert flux_backend.scheduler_choices() == [ui.FLOW_SCHEDULER]
     assert flux_backend.default_sampler() == (3.5, ui.FLOW_SCHEDULER) and flux_backend.default_size() == FLUX_SIZE
     assert flux_backend.negative_prompt == ""
+    from controlnet import demo
+
+    assert [(ex.prompt, ex.controlnet, ex.guidance) for ex in flux_backend.examples] == [
+        (sample.prompt, "fill", 3.5) for sample in demo.DEMO_SAMPLES[:3]]  # the demo's circles, Flux's guidance
 
 
 def test_flux_page_generation_equals_the_pipeline_and_drives_progress(flux_backend):

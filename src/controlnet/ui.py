@@ -993,19 +993,22 @@ def _unit_widgets(gr: Any, i: int, controlnets: list[str], annotators: list[str]
     return w
 
 
-def embedded_examples(folder: Path, count: int = 3) -> list[Example]:
-    """Examples for the embedded model: the demo's first fill conditions (circle outlines) and prompts,
-    written as PNGs into ``folder``; none when the bundled ``fill`` ControlNet is missing."""
+def embedded_examples(folder: Path, count: int = 3, controlnets: Mapping[str, Path] | None = None,
+                      guidance: float | None = None) -> list[Example]:
+    """Examples for an embedded model: the demo's first fill conditions (circle outlines) and prompts, written as
+    PNGs into ``folder``, with ``guidance`` (default: the demo's); none when its ``fill`` ControlNet is missing from
+    ``controlnets`` (default: the bundled ones)."""
     from controlnet import demo
     from controlnet.embedded import bundled_controlnets
     from controlnet.images import save_png
 
-    if demo.FILL_CONTROLNET not in bundled_controlnets():
+    if demo.FILL_CONTROLNET not in (bundled_controlnets() if controlnets is None else controlnets):
         return []
     examples = []
     for k, sample in enumerate(demo.DEMO_SAMPLES[:count]):
         path = save_png(folder / f"fill-example-{k}.png", sample.condition)
-        examples.append(Example(sample.prompt, str(path), demo.FILL_CONTROLNET, demo.DEMO_GUIDANCE))
+        examples.append(Example(sample.prompt, str(path), demo.FILL_CONTROLNET,
+                                demo.DEMO_GUIDANCE if guidance is None else guidance))
     return examples
 
 
@@ -1035,8 +1038,13 @@ def create_backend(config: UiConfig) -> UiBackend:
         # The tiny model knows only its fill prompts: no negative prompt, as controlnet.demo generates.
         return UiBackend(pipeline, output_dir, base_label=f"embedded tiny-sd ({size}x{size})",
                          examples=embedded_examples(output_dir / "examples"), negative_prompt="", **limits)
-    # Flux runs no CFG (a negative prompt is refused), nor does an embedded base know negative words.
-    no_negative = getattr(pipeline, "family", None) == "flux" or base_controlnets(config.base) is not None
+    own = base_controlnets(config.base)  # an embedded base's own ControlNets (tiny-flux's fill): its examples
+    if own is not None:
+        examples = embedded_examples(output_dir / "examples", controlnets=own, guidance=pipeline.defaults.guidance)
+        return UiBackend(pipeline, output_dir, base_label=f"embedded {config.base}", examples=examples,
+                         negative_prompt="", **limits)
+    # Flux runs no CFG: a negative prompt is refused.
+    no_negative = getattr(pipeline, "family", None) == "flux"
     return UiBackend(pipeline, output_dir, base_label=str(config.base), **limits,
                      **(dict(negative_prompt="") if no_negative else {}))
 
