@@ -200,6 +200,26 @@ def test_offload_and_vae_tiling_are_mapped(assets, tmp_path):
     assert not np.array_equal(tiled, _pixels(tmp_path / "off" / "00000-3.png"))
 
 
+def test_compile_keeps_the_picture_and_reaches_the_controlnets(assets, tmp_path, monkeypatch):
+    """--compile: the transformer and the ControlNets a generation uses are compiled (here with torch.compile's
+    eager backend: the wiring; inductor's speed is the machine's) and the picture is the uncompiled one's."""
+    from controlnet import runtime
+
+    compiled = []
+
+    def eager(model, mode=None, backend="inductor"):
+        compiled.append(type(model).__name__)
+        return model.compile(backend="eager")
+
+    monkeypatch.setattr(runtime, "compile_model", eager)
+    unit = ["--controlnet", str(assets / "cn-flux"), "--control", str(assets / "cond.png")]
+    assert _main(_args(assets, "flux", tmp_path / "plain", *unit)) == 0
+    assert compiled == []
+    assert _main(_args(assets, "flux", tmp_path / "compiled", *unit, "--compile")) == 0
+    assert compiled == ["FluxTransformer2DModel", "FluxControlNet"]
+    assert np.array_equal(_pixels(tmp_path / "plain" / "00000-3.png"), _pixels(tmp_path / "compiled" / "00000-3.png"))
+
+
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_from_png_reproduces_the_picture(assets, tmp_path, monkeypatch, family):
     monkeypatch.chdir(assets)  # stored paths must lie under the current folder or the PNG's

@@ -137,6 +137,7 @@ class TransformerPipeline:
         self.loras = FlowLoras(self.family, {"transformer": transformer, "text_encoder": text_encoder,
                                              "text_encoder_2": text_encoder_2}, self._offload_paused)
         self.batch_units = True  # units sharing a ControlNet: one forward (controlnet.flow_sampling.unit_residuals)
+        self.compiled: dict[str, Any] | None = None  # torch.compile's arguments once compile() ran
 
     # ------------------------------------------------------------------------------------------- runtime
 
@@ -157,8 +158,20 @@ class TransformerPipeline:
         self.offload, self._offload_device = mode, torch.device(device)
         self._offload_hooks = runtime.add_offload_hooks(self.models(), [], mode, self._offload_device) if mode else []
 
-    def _offload_controlnets(self, controls: Sequence[TransformerUnit]) -> None:
-        """Offload hooks for the ControlNets of ``controls`` that have none yet (with :meth:`enable_offload`)."""
+    def compile(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """``torch.compile`` the transformer and the ControlNets (those loaded now and those a generation uses
+        later); the first generation compiles (:func:`controlnet.runtime.compile_model`)."""
+        self.compiled = {"mode": mode, "backend": backend}
+        for model in [self.transformer, *self._controlnets.values()]:
+            runtime.compile_model(model, mode, backend)
+
+    def _prepare_controlnets(self, controls: Sequence[TransformerUnit]) -> None:
+        """The runtime options for the ControlNets of ``controls`` that lack them: compiled (after :meth:`compile`),
+        offload hooks (with :meth:`enable_offload`)."""
+        if self.compiled:
+            for cn in dict.fromkeys(u.controlnet for u in controls):
+                if getattr(cn, "_compiled_call_impl", None) is None:  # nn.Module.compile's mark
+                    runtime.compile_model(cn, **self.compiled)
         if self.offload:
             fresh = [cn for cn in dict.fromkeys(u.controlnet for u in controls) if not runtime.is_offloaded(cn)]
             self._offloaded_controlnets += fresh
@@ -438,7 +451,7 @@ class TransformerPipeline:
         negatives = None
         if self.family in (SD3, QWEN) and guidance > 1.0:  # CFG: SD3's negative rows first, Qwen-Image's own text
             negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        self._offload_controlnets(controls)
+        self._prepare_controlnets(controls)
         try:
             text = self.encode_prompt(prompts, negatives, max_sequence_length)
             noise = self._noise(len(prompts), height, width, generator, latents)

@@ -271,6 +271,8 @@ def _load_transformer_base(args: argparse.Namespace, config: GenerationConfig, o
     pipe.lora_dir = options["lora_dir"]
     for spec in options["loras"]:
         pipe.load_lora(spec.source, spec.weight)
+    if options["compile"]:
+        pipe.compile()
     if options["offload"]:
         pipe.enable_offload(options["offload"], device)
     return pipe.generate
@@ -370,7 +372,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                    help="keep models on the CPU, each moved to the device only to run (model: whole models; "
                    "sequential: layer by layer, least memory, slowest)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet and ControlNets (the first generation compiles, later ones are faster)")
+                   help="torch.compile the UNet (or transformer) and ControlNets (the first generation compiles, later ones "
+                   "are faster)")
     g.add_argument("--channels-last", action="store_true", help="channels-last memory format for the conv models")
 
 
@@ -380,7 +383,7 @@ def check_model_options(args: argparse.Namespace, family: str = "unet") -> dict[
     from controlnet.defaults import scheduler_name
 
     if family in FLOW_DEFAULTS:
-        unet_only = (("--embedding", args.embedding), ("--vae", args.vae), ("--clip-skip", args.clip_skip != 1), ("--compile", args.compile),
+        unet_only = (("--embedding", args.embedding), ("--vae", args.vae), ("--clip-skip", args.clip_skip != 1),
                      ("--channels-last", args.channels_last), ("--base-config", args.base_config))
         for flag, given in unet_only:
             if given:
