@@ -73,17 +73,32 @@ def _current_rss_gb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
+def _locked_encoders(size: str, cross_dim: int, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The VAE and CLIP text encoder that the uncached ("diffusers way") case runs every step, locked, in ``dtype``."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from controlnet.testing import TINY_VAE
+
+    vae = AutoencoderKL(**(SD15_VAE if size == "full" else TINY_VAE)).requires_grad_(False).eval()
+    text_cfg = SD15_TEXT if size == "full" else dict(SD15_TEXT, hidden_size=cross_dim, intermediate_size=4 * cross_dim,
+                                                      num_hidden_layers=2, num_attention_heads=2, projection_dim=cross_dim)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg)).requires_grad_(False).eval()
+    for model in (vae, text_encoder):
+        torch.nn.Module.to(model, dtype=dtype)
+    return vae, text_encoder
+
+
 def run_case(case: str, resolution: int, batch: int, dtype: torch.dtype, steps: int, size: str = "full",
              threads: int | None = None) -> dict:
     """One case in this process (call it in a fresh process: the peak RSS is the process's)."""
     if threads:
         torch.set_num_threads(threads)
     import torch.nn.functional as F
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDPMScheduler
 
     from controlnet.model import ControlNet
-    from controlnet.testing import TINY_VAE, build_unet, unet_config
+    from controlnet.testing import build_unet, unet_config
     from controlnet.train.config import DEFAULT_LR, DEFAULT_MAX_GRAD_NORM
     from controlnet.train.objective import denoising_loss, make_adamw
 
@@ -103,15 +118,7 @@ def run_case(case: str, resolution: int, batch: int, dtype: torch.dtype, steps: 
         if reduced:
             torch.nn.Module.to(unet, dtype=dtype)  # the locked base in reduced precision
         trainable = list(controlnet.parameters())
-    vae = text_encoder = None
-    if case == "controlnet_diffusers_way":
-        vae = AutoencoderKL(**(SD15_VAE if size == "full" else TINY_VAE)).requires_grad_(False).eval()
-        text_cfg = SD15_TEXT if size == "full" else dict(SD15_TEXT, hidden_size=cross_dim, intermediate_size=4 * cross_dim,
-                                                          num_hidden_layers=2, num_attention_heads=2, projection_dim=cross_dim)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg)).requires_grad_(False).eval()
-        if reduced:
-            torch.nn.Module.to(vae, dtype=dtype)
-            torch.nn.Module.to(text_encoder, dtype=dtype)
+    vae, text_encoder = _locked_encoders(size, cross_dim, dtype) if case == "controlnet_diffusers_way" else (None, None)
     optimizer = make_adamw([{"params": trainable, "lr": DEFAULT_LR}])  # the trainer's optimizer
     scheduler = DDPMScheduler(**SD15_SCHEDULER)
     n_trainable = sum(p.numel() for p in trainable)
