@@ -20,6 +20,7 @@ from controlnet.defaults import DEMO_GUIDANCE
 from controlnet.demo import BACKBONES, EVAL_SEED, FILL_CONTROLNET, compare, comparison_grid, held_out_samples, load_pipeline
 from controlnet.fileio import atomic_write_text
 from controlnet.images import save_png
+from controlnet.options import shipped_or_out
 
 DEFAULT_OUT = Path("outputs/evaluation.json")
 SHIPPED_OUT = Path("docs/evaluation.json")  # tracked: the README's figures; written only with --ship
@@ -43,9 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grid", type=Path, default=None, help="also write a grid of the first 8 (PNG)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no line per sample")
     args = ap.parse_args(argv)
-    if args.ship and args.out is not None and args.out != SHIPPED_OUT:
-        ap.error(f"--ship writes {SHIPPED_OUT}; drop --out {args.out}")
-    args.out = SHIPPED_OUT if args.ship else (args.out or DEFAULT_OUT)
+    args.out = shipped_or_out(ap, args.ship, args.out, SHIPPED_OUT, DEFAULT_OUT)
     return args
 
 

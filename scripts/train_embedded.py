@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from controlnet.data import shapes
 from controlnet.data.fill import COLOURS, random_condition
 from controlnet.fileio import atomic_path, atomic_write_text
+from controlnet.options import shipped_or_out
 from controlnet.testing import build_text_encoder, build_tokenizer, build_vae
 
 IMAGE_SIZE = 128
@@ -386,12 +387,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-every", type=int, default=500)
     args = ap.parse_args(argv)
     shipped = SHIPPED_OUT[args.world]
-    if args.ship and args.out is not None and args.out != shipped:
-        ap.error(f"--ship writes {shipped}; drop --out {args.out}")
     assets = (Path(__file__).resolve().parents[1] / shipped.parent).resolve()
     if not args.ship and args.out is not None and args.out.resolve().is_relative_to(assets):
         ap.error(f"--out {args.out} is inside the package's tracked assets; pass --ship to replace them")
-    args.out = shipped if args.ship else (args.out or DEFAULT_OUT[args.world])
+    args.out = shipped_or_out(ap, args.ship, args.out, shipped, DEFAULT_OUT[args.world])
     return args
 
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from controlnet.data.fill import COLOURS, fill_iou, random_condition
 from controlnet.fileio import atomic_path, atomic_write_text
+from controlnet.options import shipped_or_out
 
 IMAGE_SIZE = 128
 SD_BASE = Path(__file__).resolve().parents[1] / "src/controlnet/assets/tiny-sd"
@@ -332,9 +333,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--controlnet-lr", type=float, default=1e-3)
     ap.add_argument("--eval-every", type=int, default=50)
     args = ap.parse_args(argv)
-    if args.ship and args.out is not None and args.out != SHIPPED_OUT:
-        ap.error(f"--ship writes {SHIPPED_OUT}; drop --out {args.out}")
-    args.out = SHIPPED_OUT if args.ship else (args.out or DEFAULT_OUT)
+    args.out = shipped_or_out(ap, args.ship, args.out, SHIPPED_OUT, DEFAULT_OUT)
     return args
 
 

@@ -71,3 +71,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text or action.default is None or action.default is False or action.default in ("", []):
             return action.help
         return super()._get_help_string(action)
+
+
+def shipped_or_out(parser: argparse.ArgumentParser, ship: bool, out: Any, shipped: Any, default: Any) -> Any:
+    """A script's output with a ``--ship`` switch: ``shipped`` (a tracked file or folder) with ``--ship``, which
+    refuses another ``--out`` (parser error); else ``out``, or ``default``."""
+    if ship and out is not None and out != shipped:
+        parser.error(f"--ship writes {shipped}; drop --out {out}")
+    return shipped if ship else (out or default)
