@@ -168,7 +168,7 @@ def test_latents_unpack_and_normalisation_invert_diffusers(qwen):
 
 
 def test_bad_input_is_refused_in_one_line(qwen):
-    """A Flux ControlNet, an inpainting Qwen-Image ControlNet (its condition carries a mask), no scheduler."""
+    """A Flux ControlNet, an inpainting Qwen-Image ControlNet with a condition without a mask, no scheduler."""
     pipe = TransformerPipeline(**qwen)
     flux = FluxControlNet.from_transformer(flux_components()["transformer"], num_layers=1, num_single_layers=0)
     with pytest.raises(UserError) as err:
@@ -177,7 +177,7 @@ def test_bad_input_is_refused_in_one_line(qwen):
     inpainting = QwenImageControlNet.from_transformer(qwen["transformer"], num_layers=1, extra_condition_channels=4)
     with pytest.raises(UserError) as err:
         pipe(PROMPT, [TransformerUnit(inpainting, condition())], **COMMON)
-    assert "inpainting" in one_line(err)
+    assert "inpainting" in one_line(err) and "--annotator inpaint --annotator-param mask=" in one_line(err)
     with pytest.raises(UserError) as err:
         pipe(PROMPT, **{**COMMON, "height": SIZE + 4})
     assert "divisible by 8" in one_line(err) and "Qwen-Image" in one_line(err)

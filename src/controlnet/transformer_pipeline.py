@@ -358,16 +358,37 @@ class TransformerPipeline:
     def encode_condition(self, image: torch.Tensor, controlnet: TransformerControlNet,
                          generator: torch.Generator | None = None) -> torch.Tensor:
         """What ``controlnet`` takes for the condition ``image`` (B, 3, H, W) in [0, 1]: pixels for XLabs' hint
-        encoder; otherwise :meth:`encode_latents` (InstantX SD3 ControlNets, ``force_zeros_for_pooled_projection``,
-        were trained without the shift, as diffusers' pipeline encodes for them), packed for Flux."""
+        encoder; an inpainting ControlNet's masked image and mask (:meth:`encode_inpaint_condition`; masked pixels
+        -1 in ``image``); otherwise :meth:`encode_latents` (InstantX SD3 ControlNets,
+        ``force_zeros_for_pooled_projection``, were trained without the shift, as diffusers' pipeline encodes for
+        them), packed for Flux and Qwen-Image."""
         if isinstance(controlnet, FluxControlNet) and controlnet.input_hint_block is not None:
             return image
-        if self.family == QWEN and controlnet.config.extra_condition_channels:
-            raise UserError("this Qwen-Image ControlNet is an inpainting one (its condition carries a mask); "
-                            "generation takes control ControlNets (e.g. Qwen-Image-ControlNet-Union) only so far")
+        if inpaint_channels(controlnet):
+            return self.encode_inpaint_condition(image, controlnet, generator)
         if self.family in (FLUX, QWEN):
             return pack_latents(self.encode_latents(image, generator))
         return self.encode_latents(image, generator, shift=not controlnet.config.force_zeros_for_pooled_projection)
+
+    def encode_inpaint_condition(self, image: torch.Tensor, controlnet: TransformerControlNet,
+                                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """An inpainting ControlNet's condition (alimama's SD3, InstantX's Qwen-Image) from ``image`` (B, 3, H, W),
+        [0, 1] with the masked pixels -1 (the ``inpaint`` annotator's condition), as diffusers'
+        ``prepare_image_with_mask`` builds it: the masked image (masked pixels -1 in [-1, 1]) as the base's latents
+        (:meth:`encode_latents`, SD3's with the shift), then 1 - mask at the latents' size (nearest) as one more
+        channel; packed 2x2 for Qwen-Image (16 + 1 channels -> 68 features)."""
+        expected = {SD3: 1, QWEN: FLUX_LATENT_PATCH**2}.get(self.family)  # one mask channel (Qwen: packed 2x2)
+        if inpaint_channels(controlnet) != expected:
+            raise UserError(f"this {self.defaults.label} ControlNet takes {inpaint_channels(controlnet)} extra "
+                            "condition channels, which no inpainting ControlNet format of this base has")
+        masked = (image < 0).any(dim=1, keepdim=True)  # (B, 1, H, W): the inpaint annotator's -1 pixels
+        if not masked.any():
+            raise UserError("this ControlNet is an inpainting one: its condition needs a mask; give --annotator "
+                            "inpaint --annotator-param mask=MASK.png (white = repaint)")
+        latents = self.encode_latents(torch.where(masked, 0.0, image.clamp(0, 1)), generator)  # masked: -1
+        keep = 1 - torch.nn.functional.interpolate(masked.float(), size=latents.shape[-2:])  # nearest, as diffusers
+        condition = torch.cat([latents, keep.to(latents)], dim=1)  # (B, C + 1, h, w)
+        return pack_latents(condition) if self.family == QWEN else condition
 
     def _latent_statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Qwen-Image's per-channel latent mean and std (1, C, 1, 1) from its VAE config, as ``like``."""
@@ -711,8 +732,10 @@ class TransformerPipeline:
         return int(latent) * self.vae_scale_factor
 
     def _unit(self, unit: Any, condition: Any, index: int) -> TransformerUnit:
-        """The :class:`TransformerUnit` of a ControlUnit and its prepared condition (H, W, 3) in [0, 1]: its
-        ControlNet loaded, a union ControlNet's mode checked (one line naming the modes)."""
+        """The :class:`TransformerUnit` of a ControlUnit and its prepared condition (H, W, 3) in [0, 1] (an
+        inpainting ControlNet's masked pixels kept at -1): its ControlNet loaded, a union ControlNet's mode checked
+        (one line naming the modes)."""
+        from controlnet.annotators.transforms import INPAINT_MASKED_VALUE
         from controlnet.transformer_controlnet import FLUX_UNION_MODES, union_mode_index
 
         if unit.control_mode != "balanced":
@@ -729,7 +752,11 @@ class TransformerPipeline:
                             f"{', '.join(FLUX_UNION_MODES)}")
         if num_mode:
             union_mode_index(mode, num_mode)  # an unknown name: one line naming the modes
-        hint = torch.from_numpy(condition).clamp(0, 1).permute(2, 0, 1)[None]  # (1, 3, H, W)
+        hint = torch.from_numpy(condition).permute(2, 0, 1)[None]  # (1, 3, H, W)
+        if inpaint_channels(cn):  # the inpaint annotator's masked pixels kept: they are the mask
+            hint = torch.where(hint == INPAINT_MASKED_VALUE, hint, hint.clamp(0, 1))
+        else:
+            hint = hint.clamp(0, 1)
         return TransformerUnit(cn, hint, unit.strength, unit.start, unit.end, mode)
 
     def _flow_control(self, unit: TransformerUnit, height: int, width: int,
@@ -737,6 +764,13 @@ class TransformerPipeline:
         image = condition_tensor(unit.image, height, width)
         return FlowControl(unit.controlnet, self.encode_condition(image, unit.controlnet, generator),
                            strength=unit.strength, start=unit.start, end=unit.end, mode=unit.mode)
+
+
+def inpaint_channels(controlnet: TransformerControlNet) -> int:
+    """The condition channels an inpainting ControlNet takes beyond the latents' (SD3's
+    ``extra_conditioning_channels``, Qwen-Image's ``extra_condition_channels``); 0 for the others."""
+    config = controlnet.config
+    return getattr(config, "extra_conditioning_channels", 0) or getattr(config, "extra_condition_channels", 0)
 
 
 def condition_tensor(image: Any, height: int, width: int) -> torch.Tensor:
