@@ -61,10 +61,12 @@ def mask(top: int = 13, left: int = 5, bottom: int = 41, right: int = 37) -> np.
     return m
 
 
-def condition(picture: np.ndarray, repaint: np.ndarray) -> torch.Tensor:
-    """The inpaint annotator's condition as a (1, 3, H, W) tensor: the picture in [0, 1], masked pixels -1."""
-    cond = torch.from_numpy(picture).permute(2, 0, 1)[None].float() / 255
-    return torch.where(torch.from_numpy(repaint)[None, None], -1.0, cond)
+def condition(picture: np.ndarray, repaint: np.ndarray, masked: float = -1.0) -> torch.Tensor:
+    """The inpaint annotator's condition as a (1, 3, H, W) tensor: the picture in [0, 1], masked pixels -1; a view
+    of the (H, W, 3) array, as generate passes it (the convolutions' float sums depend on the memory layout)."""
+    cond = picture.astype(np.float32) / 255
+    cond[repaint] = masked
+    return torch.from_numpy(cond).permute(2, 0, 1)[None]
 
 
 def theirs_inputs(picture: np.ndarray, repaint: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +213,7 @@ def test_a_plain_controlnet_takes_the_inpaint_annotators_condition_as_before(ass
     unit = ControlUnit(str(assets / "cn-sd3-plain"), Image.fromarray(photo()), annotator="inpaint",
                        annotator_params={"mask": Image.fromarray(mask())})
     result = pipe.generate(PROMPT, [unit], GenerationConfig(steps=2, size=(SIZE, SIZE), seed=SEED), progress=False)
-    black = condition(np.maximum(photo(), 1), mask()).clamp(0, 1)
+    black = condition(np.maximum(photo(), 1), mask(), masked=0.0)
     cn = pipe.load_controlnet(assets / "cn-sd3-plain")
     direct = pipe(PROMPT, [TransformerUnit(cn, black)], steps=2, seed=SEED, output_type="latent")
     assert torch.equal(result.latents, direct)

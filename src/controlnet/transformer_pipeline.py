@@ -752,11 +752,12 @@ class TransformerPipeline:
                             f"{', '.join(FLUX_UNION_MODES)}")
         if num_mode:
             union_mode_index(mode, num_mode)  # an unknown name: one line naming the modes
-        hint = torch.from_numpy(condition).permute(2, 0, 1)[None]  # (1, 3, H, W)
+        hint = torch.from_numpy(condition)  # (H, W, 3)
         if inpaint_channels(cn):  # the inpaint annotator's masked pixels kept: they are the mask
             hint = torch.where(hint == INPAINT_MASKED_VALUE, hint, hint.clamp(0, 1))
         else:
             hint = hint.clamp(0, 1)
+        hint = hint.permute(2, 0, 1)[None]  # (1, 3, H, W)
         return TransformerUnit(cn, hint, unit.strength, unit.start, unit.end, mode)
 
     def _flow_control(self, unit: TransformerUnit, height: int, width: int,
