@@ -219,6 +219,23 @@ def test_a_plain_controlnet_takes_the_inpaint_annotators_condition_as_before(ass
     assert torch.equal(result.latents, direct)
 
 
+def test_an_sd3_inpainting_folder_whose_config_omits_the_extra_channel_loads(assets, tmp_path, sd3):
+    """alimama's config.json has no extra_conditioning_channels (diffusers' docs pass it to from_pretrained): the
+    weights' shape gives it."""
+    import shutil
+
+    folder = tmp_path / "alimama-like"
+    shutil.copytree(assets / "cn-sd3", folder)
+    config = json.loads((folder / "config.json").read_text())
+    del config["extra_conditioning_channels"]
+    (folder / "config.json").write_text(json.dumps(config))
+    pipe = TransformerPipeline(**sd3)
+    loaded = pipe.load_controlnet(folder)
+    assert loaded.config.extra_conditioning_channels == 1
+    reference = pipe.load_controlnet(assets / "cn-sd3").state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items())
+
+
 def _main(argv: list[str]) -> int:
     from controlnet.cli import main
 

@@ -405,6 +405,10 @@ def transformer_controlnet_from_state_dict(
         sd = dict(state_dict)
     if isinstance(config, Mapping):
         cfg = config_from_dict(config, name, family)
+        if cfg.family == SD3 and "extra_conditioning_channels" not in config and "pos_embed_input.proj.weight" in sd:
+            # alimama's SD3-Controlnet-Inpainting config.json omits it (diffusers' docs pass it to from_pretrained)
+            extra = sd["pos_embed_input.proj.weight"].shape[1] - cfg.in_channels
+            cfg = dataclasses.replace(cfg, extra_conditioning_channels=max(extra, 0))
     elif config is not None:
         cfg = config
     elif family == FLUX:
@@ -507,7 +511,9 @@ def load_transformer_controlnet(
         raise UserError(f"ControlNet {path} does not exist")
     if path.is_dir():
         weights, folder_config = _read_folder(path)
-        config = config if config is not None else config_from_dict(folder_config, str(path))
+        if config is None:
+            config_from_dict(folder_config, str(path))  # a config of another kind refused, naming the folder
+            config = folder_config
         raw = read_safetensors(weights) if weights.suffix == ".safetensors" else _read_file(weights)
         name = str(weights)
     else:
