@@ -84,7 +84,8 @@ def inpaint(image: np.ndarray, mask: Any = None) -> np.ndarray:
     See the module docstring for the convention; :func:`inpaint_condition_from_uint8` gives the float condition.
     """
     if mask is None:
-        raise UserError("inpaint: a mask is required (white = area to repaint); pass --mask MASK.png")
+        raise UserError("inpaint: a mask is required (white = area to repaint); give the parameter mask=MASK.png "
+                        "(--annotator-param mask=MASK.png in generate and train)")
     masked = load_mask(mask, image.shape[:2])
     out = np.maximum(image, 1).astype(np.uint8)  # black now only means "masked"
     out[masked] = 0
