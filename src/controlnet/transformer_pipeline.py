@@ -391,9 +391,9 @@ class TransformerPipeline:
         return pack_latents(condition) if self.family == QWEN else condition
 
     def _latent_statistics(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Qwen-Image's per-channel latent mean and std (1, C, 1, 1) from its VAE config, as ``like``."""
-        c = self.vae.config
-        return tuple(torch.tensor(v).view(1, c.z_dim, 1, 1).to(like) for v in (c.latents_mean, c.latents_std))
+        """Qwen-Image's per-channel latent mean and std (:func:`qwen_latent_statistics`), as ``like``."""
+        mean, std = qwen_latent_statistics(self.vae.config)
+        return mean.to(like), std.to(like)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -765,6 +765,14 @@ class TransformerPipeline:
         image = condition_tensor(unit.image, height, width)
         return FlowControl(unit.controlnet, self.encode_condition(image, unit.controlnet, generator),
                            strength=unit.strength, start=unit.start, end=unit.end, mode=unit.mode)
+
+
+def qwen_latent_statistics(vae_config: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen-Image's per-channel latent mean and std (C, 1, 1), float32, from its VAE config (``latents_mean``,
+    ``latents_std``): its latents are (z - mean) / std."""
+    c = vae_config
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(c.z_dim, 1, 1) for v in (c.latents_mean, c.latents_std))
+    return mean, std
 
 
 def inpaint_channels(controlnet: TransformerControlNet) -> int:

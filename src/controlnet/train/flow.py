@@ -263,7 +263,9 @@ def latent_normalisation(base: Any) -> dict[str, Any]:
     :meth:`~controlnet.transformer_pipeline.TransformerPipeline.encode_latents` normalises them."""
     c = base.vae.config
     if is_flow_pipeline(base) and base.family == QWEN:
-        mean, std = (torch.tensor(v, dtype=torch.float32).view(c.z_dim, 1, 1) for v in (c.latents_mean, c.latents_std))
+        from controlnet.transformer_pipeline import qwen_latent_statistics
+
+        mean, std = qwen_latent_statistics(c)
         return dict(scaling_factor=1.0, shift_factor=mean, latent_std=std)
     return dict(scaling_factor=float(c.scaling_factor), shift_factor=float(getattr(c, "shift_factor", None) or 0.0))
 
